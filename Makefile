@@ -1,0 +1,39 @@
+# The few targets people use. `make run` and `make test` each install what they need first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .venv-installed.stamp
+
+.PHONY: install run test test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the INPO pipeline on the embedded default task (no download, no GPU).
+run: $(STAMP)
+	inpo run
+
+## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
+test: $(STAMP)
+	$(PYTHON) -m pytest -m "not gpu" -q
+
+## Unit tier only (seconds).
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+format: $(STAMP)
+	ruff format .
+	ruff check --fix .
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/game_nash.py
+
+clean:
+	rm -rf $(STAMP) build dist .pytest_cache inpo-run

@@ -1,0 +1,5 @@
+import sys
+
+from inpo.cli import main
+
+sys.exit(main())
