@@ -15,7 +15,6 @@ import difflib
 import hashlib
 import json
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
