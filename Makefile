@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-all lint format bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -12,15 +12,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: the INPO pipeline on the embedded default task (no download, no GPU).
+## The main job on the embedded default (no download, no GPU). Until the `inpo run` pipeline
+## lands, the default is the exact game testbed: INPO and its peers on the 3×3 cyclic game.
 run: $(STAMP)
-	inpo run
+	inpo game --game cyclic3 --iterations 200 --plot inpo-game.png
 
 ## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
 test: $(STAMP)
 	$(PYTHON) -m pytest -m "not gpu" -q
 
-## Unit tier only (seconds).
+## Unit tier only (the default pytest markers skip slow tests).
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q
 
@@ -36,4 +37,4 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/game_nash.py
 
 clean:
-	rm -rf $(STAMP) build dist .pytest_cache inpo-run
+	rm -rf $(STAMP) build dist .pytest_cache inpo-run inpo-game.png

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except InpoError as err:
         print(f"inpo {name}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `inpo game | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"inpo {name}: interrupted", file=sys.stderr)
         return 130

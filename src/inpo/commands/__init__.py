@@ -1,0 +1,1 @@
+"""Sub-commands of the ``inpo`` CLI; each module defines ``main(argv) -> int``."""

@@ -1,0 +1,331 @@
+"""A persistent, process-safe cache of oracle answers in SQLite.
+
+Every answer is stored under a SHA-256 of everything that affects it: the oracle's id (which
+includes its version), a prompt-template id, the prompt and the **ordered** pair ``(a, b)`` —
+``(a, b)`` and ``(b, a)`` are different queries, since a judge may have a position bias.
+
+Guarantees:
+
+* **Resumable**: each batch of fresh answers is committed before ``prob_prefers`` returns, so a
+  run killed (even by SIGKILL) and restarted asks the backend only the queries that had not
+  been answered.
+* **Concurrent writers**: the database is in WAL mode with a busy timeout; writes are short
+  ``BEGIN IMMEDIATE`` transactions of ``INSERT OR IGNORE`` (the first writer of a key wins and
+  every reader then sees that one answer — fresh answers are read back after the write).
+  Connections are per process (reopened after ``fork``) and guarded by a lock for threads.
+* **One backend call per batch**: only the misses, deduplicated, go to the backend, in one call.
+
+Building blocks for backends: :func:`query_key`, :class:`QueryCache` (the store) and
+:func:`cached_prob_prefers` (the lookup-forward-store step); :class:`CachedOracle` wraps any
+oracle with them. Only the standard library and NumPy are imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from inpo.errors import ConfigError, OracleError
+from inpo.oracles.base import OracleStats, PreferenceOracle
+
+__all__ = ["CACHE_SCHEMA", "CachedOracle", "QueryCache", "cached_prob_prefers", "query_key"]
+
+CACHE_SCHEMA = 1
+_SQL_CHUNK = 500  # keys per SELECT … IN (…), well under SQLite's variable limit
+
+Backend = Callable[[list[str], list[str], list[str]], np.ndarray]
+
+
+def query_key(oracle_id: str, template_id: str, prompt: str, a: str, b: str) -> str:
+    """SHA-256 (hex) of one ordered query; a JSON list, so no two inputs share an encoding."""
+    payload = json.dumps(
+        ["inpo-query", CACHE_SCHEMA, oracle_id, template_id, prompt, a, b],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class QueryCache:
+    """The SQLite store: ``key → P(a ≻ b)`` plus the oracle and template ids for inspection.
+
+    Args:
+        path: the database file (its folder is created).
+        timeout_s: how long a writer waits for the lock before failing (busy timeout).
+        synchronous: SQLite's ``synchronous`` pragma. ``"NORMAL"`` (default, with WAL) keeps
+            every committed batch through a process crash or SIGKILL; ``"FULL"`` also through
+            a power loss, at one fsync per batch.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout_s: float = 60.0, synchronous: str = "NORMAL"
+    ) -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ConfigError(f"synchronous={synchronous!r}; expected OFF, NORMAL, FULL or EXTRA")
+        self.path = Path(path)
+        self.timeout_s = float(timeout_s)
+        self.synchronous = synchronous.upper()
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
+        self._connection()  # fail early on an unusable path
+
+    # -- connection ------------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # A connection inherited through fork must not be used (nor closed) by the child.
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, p REAL NOT NULL, "
+                "oracle_id TEXT NOT NULL, template_id TEXT NOT NULL, created REAL NOT NULL) "
+                "WITHOUT ROWID"
+            )
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(CACHE_SCHEMA),))
+            (schema,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.Error as exc:
+            raise OracleError(f"cannot open the oracle cache {self.path}: {exc}") from None
+        if schema != str(CACHE_SCHEMA):
+            conn.close()
+            raise OracleError(
+                f"oracle cache {self.path} has schema {schema}; this inpo writes schema "
+                f"{CACHE_SCHEMA} (use another cache file)"
+            )
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> QueryCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, object]:  # picklable: reopened in the other process
+        return {"path": self.path, "timeout_s": self.timeout_s, "synchronous": self.synchronous}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        path, timeout_s, sync = state["path"], state["timeout_s"], state["synchronous"]
+        assert isinstance(path, Path) and isinstance(timeout_s, float) and isinstance(sync, str)
+        QueryCache.__init__(self, path, timeout_s=timeout_s, synchronous=sync)
+
+    # -- reads and writes ------------------------------------------------------------------
+    def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        """The stored answers among ``keys`` (missing keys are absent from the result)."""
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, float] = {}
+        with self._lock:
+            conn = self._connection()
+            try:
+                for i in range(0, len(keys), _SQL_CHUNK):
+                    chunk = keys[i : i + _SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    rows = conn.execute(
+                        f"SELECT key, p FROM answers WHERE key IN ({marks})", chunk
+                    ).fetchall()
+                    found.update(rows)
+            except sqlite3.Error as exc:
+                raise OracleError(f"reading the oracle cache {self.path} failed: {exc}") from None
+        return found
+
+    def put_many(
+        self, answers: Mapping[str, float], *, oracle_id: str = "", template_id: str = ""
+    ) -> None:
+        """Store answers in one short transaction; keys already stored keep their answer."""
+        if not answers:
+            return
+        now = time.time()
+        rows = [(k, float(p), oracle_id, template_id, now) for k, p in answers.items()]
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)", rows)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise OracleError(f"writing the oracle cache {self.path} failed: {exc}") from None
+
+    def __len__(self) -> int:
+        with self._lock:
+            (n,) = self._connection().execute("SELECT COUNT(*) FROM answers").fetchone()
+        return int(n)
+
+    def count(self, oracle_id: str | None = None, template_id: str | None = None) -> int:
+        """Number of stored answers, optionally for one oracle id and/or template id."""
+        where, args = [], []
+        for col, val in (("oracle_id", oracle_id), ("template_id", template_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "SELECT COUNT(*) FROM answers" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._lock:
+            (n,) = self._connection().execute(sql, args).fetchone()
+        return int(n)
+
+
+def cached_prob_prefers(
+    backend: Backend,
+    cache: QueryCache,
+    prompts: Sequence[str],
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    *,
+    oracle_id: str,
+    template_id: str = "",
+    stats: OracleStats | None = None,
+) -> np.ndarray:
+    """Answer ``P(a_i ≻ b_i | prompt_i)`` from ``cache``, asking ``backend`` only the misses.
+
+    The misses (deduplicated, in order of first appearance) go to ``backend(prompts, a, b)`` in
+    one call; its answers are validated (finite, in ``[0, 1]``), committed, and read back (so
+    that, with concurrent writers, every process returns the answer stored first). The answer
+    is the float64 array ``[n]``.
+
+    ``stats`` (if given): ``queries += n``; ``cache_hits +=`` queries answered without the
+    backend (stored, or a duplicate of an earlier query in the batch); ``backend_calls += 1``
+    when there were misses; ``extra["cache_misses"] +=`` distinct queries sent to the backend.
+    """
+    n = len(prompts)
+    if len(responses_a) != n or len(responses_b) != n:
+        raise OracleError(
+            f"prob_prefers got {n} prompts, {len(responses_a)} responses_a and "
+            f"{len(responses_b)} responses_b; they must have the same length"
+        )
+    keys = [
+        query_key(oracle_id, template_id, p, a, b)
+        for p, a, b in zip(prompts, responses_a, responses_b)
+    ]
+    answers = cache.get_many(keys)
+    miss_pos: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in answers and k not in miss_pos:
+            miss_pos[k] = i
+    if miss_pos:
+        idx = list(miss_pos.values())
+        try:
+            fresh = backend(
+                [prompts[i] for i in idx],
+                [responses_a[i] for i in idx],
+                [responses_b[i] for i in idx],
+            )
+        except OracleError:
+            if stats is not None:
+                stats.failures += 1
+            raise
+        fresh = np.asarray(fresh, dtype=np.float64)
+        if fresh.shape != (len(idx),):
+            raise OracleError(
+                f"oracle {oracle_id!r} returned shape {fresh.shape} for {len(idx)} queries"
+            )
+        bad = ~np.isfinite(fresh) | (fresh < 0) | (fresh > 1)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise OracleError(
+                f"oracle {oracle_id!r} returned P = {float(fresh[j])!r} for prompt {prompts[idx[j]]!r}; "
+                "expected a value in [0, 1] (nothing was cached)"
+            )
+        cache.put_many(dict(zip(miss_pos, fresh)), oracle_id=oracle_id, template_id=template_id)
+        answers.update(cache.get_many(miss_pos))
+    if stats is not None:
+        stats.queries += n
+        stats.cache_hits += n - len(miss_pos)
+        if miss_pos:
+            stats.backend_calls += 1
+            stats.extra["cache_misses"] = stats.extra.get("cache_misses", 0) + len(miss_pos)
+    return np.array([answers[k] for k in keys], dtype=np.float64)
+
+
+class CachedOracle:
+    """Any :class:`~inpo.oracles.base.PreferenceOracle` behind a persistent query cache.
+
+    Args:
+        oracle: the backend; its ``oracle_id`` (identity incl. version) is part of every key.
+        path: an SQLite file, or a shared :class:`QueryCache`.
+        template_id: the prompt template's id, part of every key (change it when the judge's
+            prompt changes).
+        oracle_id: overrides ``oracle.oracle_id`` (required if the oracle has none).
+
+    ``stats`` counts this wrapper's traffic (see :func:`cached_prob_prefers`); the backend's own
+    ``stats`` counts only what it was asked. ``oracle_id`` is the backend's: caching does not
+    change answers.
+    """
+
+    def __init__(
+        self,
+        oracle: PreferenceOracle,
+        path: str | os.PathLike[str] | QueryCache,
+        *,
+        template_id: str = "",
+        oracle_id: str | None = None,
+    ) -> None:
+        oid = oracle_id if oracle_id is not None else getattr(oracle, "oracle_id", None)
+        if not isinstance(oid, str) or not oid:
+            raise ConfigError(
+                f"{type(oracle).__name__} has no oracle_id; pass CachedOracle(..., oracle_id=...) "
+                "naming the backend and its version"
+            )
+        self.oracle = oracle
+        self.oracle_id = oid
+        self.template_id = template_id
+        self.cache = path if isinstance(path, QueryCache) else QueryCache(path)
+        self.stats = OracleStats()
+
+    @property
+    def hits(self) -> int:
+        return self.stats.cache_hits
+
+    @property
+    def misses(self) -> int:
+        return self.stats.extra.get("cache_misses", 0)
+
+    def prob_prefers(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> np.ndarray:
+        """``P(a_i ≻ b_i | prompt_i)``, float64 ``[n]``; misses go to the backend in one call."""
+        return cached_prob_prefers(
+            lambda p, a, b: self.oracle.prob_prefers(p, a, b),
+            self.cache,
+            prompts,
+            responses_a,
+            responses_b,
+            oracle_id=self.oracle_id,
+            template_id=self.template_id,
+            stats=self.stats,
+        )
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> CachedOracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
