@@ -77,3 +77,36 @@ def test_sampled_inpo_iterates_towards_regularised_nash():
     for _ in range(8):
         pi = sampled_iteration(p, pi, ref, eta=1.0, tau=0.1, num_pairs=20000, rng=rng)
     assert duality_gap(p, pi, ref, 0.1)[0] < 0.5 * g_start
+
+
+def test_tournament_pairs_on_a_transitive_table():
+    """With deterministic labels the tournament keeps (best, worst) of each draw of K samples."""
+    ranking = G.condorcet_panel([[3, 1, 0, 2]])  # one annotator: 3 ≻ 1 ≻ 0 ≻ 2, no noise
+    pi = np.full((1, 4), 0.25)
+    pairs = sampled_pairs(ranking, pi, 200, np.random.default_rng(0), selection="tournament", k=8)
+    assert len(pairs) > 150  # draws of 8 that are all one response make no pair
+    order = {3: 0, 1: 1, 0: 2, 2: 3}
+    assert all(order[c] < order[r] for c, r in zip(pairs.chosen, pairs.rejected))
+    # Best and worst of 8 uniform draws over 4 responses are almost always 3 and 2.
+    assert np.mean((pairs.chosen == 3) & (pairs.rejected == 2)) > 0.8
+
+
+def test_tournament_inpo_iteration_moves_towards_nash():
+    from inpo.game import duality_gap
+
+    p = G.cyclic3()
+    ref = np.full((1, 3), 1 / 3)
+    pi = np.array([[0.7, 0.2, 0.1]])
+    g_start = duality_gap(p, pi, ref, 0.1)[0]
+    nxt = sampled_iteration(
+        p,
+        pi,
+        ref,
+        eta=1.0,
+        tau=0.1,
+        num_pairs=3000,
+        rng=np.random.default_rng(1),
+        selection="tournament",
+        k=4,
+    )
+    assert duality_gap(p, nxt, ref, 0.1)[0] < g_start
