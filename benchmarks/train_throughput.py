@@ -1,0 +1,333 @@
+"""Training throughput of ``inpo train`` (INPO step) against TRL's ``DPOTrainer``, same run.
+
+A ~10M-parameter Llama-style model (word-level vocabulary of 4,000 tokens) is built with
+``inpo.tiny`` and saved; a synthetic preference dataset (prompts 16-64 words, completions 8-112
+words, so pairs are uneven as sampled answers are) is written as JSONL. Then, each in a fresh
+subprocess (so peak memory is per trainer):
+
+* ``inpo``: ``inpo.training.train`` with loss ``inpo`` on precomputed ``ref_*``/``prev_*``
+  log-probs (computed once before training, timed separately);
+* ``trl``: ``trl.DPOTrainer`` with its defaults for the reference (a frozen reference model run
+  every step);
+* ``trl-precompute``: ``DPOTrainer(precompute_ref_log_probs=True)`` (reference pass before
+  training, not timed in the steps).
+
+All in fp32 on CPU, no gradient checkpointing, dropout off, same global batch (per-device 8 ×
+accumulation 2), same learning rate, same number of optimizer steps (one pass over the data).
+Throughput is non-padding tokens (prompt + chosen and prompt + rejected, as each trainer feeds
+them) per second of optimizer steps, the first step excluded as warm-up. Model FLOPs utilisation
+is ``6 × N × tokens/s`` over the fp32 GEMM peak measured here with a large ``torch.matmul``
+(``N`` = parameters without the input embedding).
+
+Usage::
+
+    python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.md
+    python benchmarks/train_throughput.py --steps 4  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.md"
+VOCAB = [f"w{i}" for i in range(4000)]
+MICRO, ACCUM = 8, 2
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
+    """fp32 GEMM FLOP/s of ``torch.matmul`` on an ``n × n`` pair (best of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+
+def build(work: Path, pairs: int) -> dict:
+    import torch
+
+    from inpo.logprobs import completion_logps
+    from inpo.tiny import save_tiny_lm, word_tokenizer
+
+    tok = word_tokenizer(VOCAB)
+    model_dir = save_tiny_lm(
+        work / "model",
+        "llama",
+        tokenizer=tok,
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+    )
+    rng = random.Random(0)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(VOCAB) for _ in range(rng.randint(lo, hi)))
+
+    rows = [
+        {"prompt": text(16, 64), "chosen": " " + text(8, 112), "rejected": " " + text(8, 112)}
+        for _ in range(pairs)
+    ]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    non_embedding = params - model.get_input_embeddings().weight.numel()
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    prompts = [r["prompt"] for r in rows]
+    chosen = completion_logps(model, tok, prompts, [r["chosen"] for r in rows], batch_size=16)
+    rejected = completion_logps(model, tok, prompts, [r["rejected"] for r in rows], batch_size=16)
+    precompute_s = time.perf_counter() - t0
+    with (work / "pairs.jsonl").open("w") as fh:
+        for r, c, j in zip(rows, chosen.tolist(), rejected.tolist(), strict=True):
+            logps = {"ref_chosen_logps": c, "ref_rejected_logps": j}
+            logps |= {"prev_chosen_logps": c, "prev_rejected_logps": j}
+            fh.write(json.dumps({**r, **logps}) + "\n")
+    from inpo.data import encode_pair
+
+    tokens = 0
+    for r in rows:
+        for key in ("chosen", "rejected"):
+            enc = encode_pair(
+                tok, r["prompt"], r[key], max_prompt_length=None, max_completion_length=None
+            )
+            tokens += len(enc.prompt_ids) + len(enc.completion_ids)
+    return {
+        "model_dir": str(model_dir),
+        "data": str(work / "pairs.jsonl"),
+        "params": params,
+        "non_embedding_params": non_embedding,
+        "precompute_s": precompute_s,
+        "tokens_per_pair": tokens / pairs,
+        "pairs": pairs,
+    }
+
+
+# ---- workers (each in its own process) ---------------------------------------------------------
+
+
+def run_inpo(setup: dict, work: Path) -> dict:
+    from inpo.config import load_config
+    from inpo.training import TrainConfig, train
+
+    before = current_rss_mb()
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"output_dir={work / 'inpo_out'}",
+            f"model.path={setup['model_dir']}",
+            f"data.train_file={setup['data']}",
+            "loss.name=inpo",
+            f"optim.global_batch_size={MICRO * ACCUM}",
+            f"optim.per_device_batch_size={MICRO}",
+            "optim.learning_rate=0.000001",
+            "data.max_prompt_length=1024",
+            "data.max_completion_length=1024",
+            "bf16=false",
+            "save_steps=null",
+            "logging.progress_bar=false",
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (work / "inpo_out" / "metrics.jsonl").open()]
+    timed = rows[1:]  # first step is warm-up
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    return {
+        "steps": len(rows),
+        "tokens": sum(r["tokens"] for r in timed),
+        "seconds": seconds,
+        "peak_rss_mb": rss_mb(),
+        "rss_before_mb": before,
+    }
+
+
+def run_trl(setup: dict, work: Path, precompute: bool) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    before = current_rss_mb()
+    rows = [json.loads(line) for line in open(setup["data"])]
+    ds = datasets.Dataset.from_list(
+        [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    )
+    model = AutoModelForCausalLM.from_pretrained(setup["model_dir"])
+    tok = AutoTokenizer.from_pretrained(setup["model_dir"])
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.t0)
+
+    cfg = DPOConfig(
+        output_dir=str(work / "trl_out"),
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=ACCUM,
+        num_train_epochs=1,
+        learning_rate=1e-6,
+        lr_scheduler_type="cosine",
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=2048,
+        precompute_ref_log_probs=precompute,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+    trainer = DPOTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()]
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    steps = len(times)
+    pairs_timed = (steps - 1) * MICRO * ACCUM
+    return {
+        "steps": steps,
+        "tokens": pairs_timed * setup["tokens_per_pair"],
+        "seconds": sum(times[1:]),
+        "train_call_s": total,
+        "peak_rss_mb": rss_mb(),
+        "rss_before_mb": before,
+    }
+
+
+def worker(kind: str, setup_path: Path) -> None:
+    setup = json.loads(setup_path.read_text())
+    work = setup_path.parent
+    if kind == "inpo":
+        out = run_inpo(setup, work)
+    else:
+        out = run_trl(setup, work, precompute=kind == "trl-precompute")
+    print("RESULT " + json.dumps(out))
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps (one epoch)")
+    parser.add_argument("--worker", choices=["inpo", "trl", "trl-precompute"])
+    parser.add_argument("--setup")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, Path(args.setup))
+        return
+
+    import torch
+    import trl
+
+    work = Path(tempfile.mkdtemp(prefix="inpo-bench-"))
+    setup = build(work, pairs=args.steps * MICRO * ACCUM)
+    (work / "setup.json").write_text(json.dumps(setup))
+    peak = matmul_peak_flops()
+    print(f"params {setup['params'] / 1e6:.1f}M, GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    results = {}
+    for kind in ("inpo", "trl", "trl-precompute"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, "--setup", str(work / "setup.json")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"worker {kind} failed")
+        results[kind] = json.loads(line[len("RESULT ") :])
+        r = results[kind]
+        print(f"{kind}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True)
+    peak2 = matmul_peak_flops()
+
+    n = setup["non_embedding_params"]
+    gemm = max(peak, peak2)
+    lines = [
+        "# Training throughput: `inpo train` (INPO) vs TRL `DPOTrainer`",
+        "",
+        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible "
+        f"(torch threads: {torch.get_num_threads()}), {platform.platform()}; no GPU. "
+        "Cores are shared with other jobs, so absolute numbers are noisy; the ratios are "
+        "from the same run.",
+        f"- Versions: torch {torch.__version__}, trl {trl.__version__}, Python "
+        f"{platform.python_version()}",
+        f"- Command: `python benchmarks/train_throughput.py --steps {args.steps}`",
+        f"- Model: Llama-style, {setup['params'] / 1e6:.2f}M parameters "
+        f"({n / 1e6:.2f}M without the input embedding), hidden 256, 8 layers, vocab 4,004; fp32",
+        f"- Data: {setup['pairs']} synthetic pairs, {setup['tokens_per_pair']:.0f} tokens a pair "
+        "on average (prompt + chosen and prompt + rejected); per-device batch 8 × accumulation "
+        f"2 = 16 pairs a step, {args.steps} steps (first one excluded from timing)",
+        f"- fp32 GEMM peak (2048² `torch.matmul`, best of 8, before/after): "
+        f"{peak / 1e9:.1f} / {peak2 / 1e9:.1f} GFLOP/s",
+        f"- INPO reference/previous log-probs precomputed once before training in "
+        f"{setup['precompute_s']:.1f} s (no-grad forward of all pairs), not in the step times",
+        "",
+        "| trainer | tokens/s | × TRL default | MFU (6·N·tok/s ÷ GEMM peak) "
+        "| peak RSS (MiB) | RSS growth in training (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base = results["trl"]["tokens"] / results["trl"]["seconds"]
+    names = {
+        "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
+        "trl": "TRL DPOTrainer (reference model each step)",
+        "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
+    }
+    for kind, r in results.items():
+        tps = r["tokens"] / r["seconds"]
+        lines.append(
+            f"| {names[kind]} | {tps:,.0f} | {tps / base:.2f} | {6 * n * tps / gemm:.1%} "
+            f"| {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:,.0f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

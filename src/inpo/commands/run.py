@@ -1,0 +1,70 @@
+"""``inpo run [CONFIG.yaml] [key=value ...]``: the INPO iteration pipeline.
+
+With no arguments it runs the embedded default task into ``./inpo-run``. Precedence: the
+paper's defaults < the task's defaults < CONFIG.yaml < ``key=value`` overrides. The config is
+validated before any model loads; re-running the same command continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = """usage: inpo run [CONFIG.yaml] [key=value ...]
+
+Runs INPO (or algorithm=online_ipo|inpo_no_kl|dpo|ipo|sppo) for `iterations` rounds of
+generate → annotate → logps → train → evaluate, one folder per iteration and stage under
+run_dir (default ./inpo-run). Re-run the same command to continue an interrupted run.
+
+common keys: run_dir, task (default|prompts), algorithm, iterations, seed, eta, tau, beta,
+  policy, reference, prompts, generate.k, generate.temperature, generate.max_new_tokens,
+  annotate.oracle (task|task_bt|reward_model|pairwise|http), annotate.selection,
+  train.learning_rate, train.global_batch_size, train.per_device_batch_size
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[Path | None, list[str]]:
+    from inpo.errors import ConfigError
+
+    path = None
+    overrides = []
+    for arg in argv:
+        if "=" in arg:
+            overrides.append(arg)
+        elif path is None and arg.endswith((".yaml", ".yml")):
+            path = Path(arg)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}' (expected CONFIG.yaml or key=value)")
+    return path, overrides
+
+
+def load_run_config(path: Path | None, overrides: list[str]):
+    """Resolve the run config: task defaults first, then the YAML, then the overrides."""
+    import yaml
+
+    from inpo.config import load_config, parse_overrides
+    from inpo.pipeline.config import RunConfig
+    from inpo.pipeline.tasks import task_defaults
+
+    task = "default"
+    if path is not None and path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if isinstance(loaded, dict) and isinstance(loaded.get("task"), str):
+            task = loaded["task"]
+    task = parse_overrides(overrides).get("task", task)
+    return load_config(RunConfig, path, overrides, base=task_defaults(str(task)))
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    path, overrides = parse_args(argv)
+    cfg = load_run_config(path, overrides)
+    from inpo.pipeline.run import run_pipeline
+
+    run_dir = run_pipeline(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(
+        f"run folder: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\nreport: {run_dir / 'report.md'}"
+    )
+    return 0

@@ -1,0 +1,60 @@
+"""``inpo train CONFIG.yaml [key=value ...]``: train a causal LM on preference pairs.
+
+The config is :class:`inpo.training.TrainConfig` (see ``examples/train_inpo.yaml``); overrides
+use dotted keys (``optim.max_steps=100``, ``loss.name=dpo``, ``loss.beta=0.1``). Everything is
+validated before the model loads. Re-running the same command continues from the newest
+checkpoint in ``output_dir/checkpoints`` (``resume=auto``; ``resume=never`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["main"]
+
+_EPILOG = """\
+examples:
+  inpo train examples/train_inpo.yaml
+  inpo train examples/train_inpo.yaml output_dir=runs/it1 optim.max_steps=100
+  inpo train examples/train_inpo.yaml loss.name=dpo loss.beta=0.1 loss.eta=null loss.tau=null
+
+output_dir gets the trained model (safetensors + tokenizer; loads with
+AutoModelForCausalLM.from_pretrained), train_config.yaml, metrics.jsonl/.csv and checkpoints/.
+Losses: inpo (needs ref_* and prev_* log-prob columns: run `inpo precompute` first), ipo, dpo,
+todo (reads a `tie` column), sppo (needs prev_* and chosen_winrate/rejected_winrate).
+"""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="inpo train",
+        description="Train a causal LM on preference pairs with INPO, IPO, DPO, SPPO or TODO.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML config file (inpo.training.TrainConfig)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. optim.max_steps=10",
+    )
+    args = parser.parse_args(argv)
+
+    from inpo.config import load_config
+    from inpo.training import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    result = train(cfg)
+    where = result.output_dir.resolve()
+    if result.resumed_from is not None and result.resumed_from.name.endswith(
+        f"{result.total_steps:06d}"
+    ):
+        print(f"inpo train: already finished ({result.total_steps} steps); model in {where}")
+    else:
+        print(f"inpo train: trained {result.total_steps} steps; model written to {where}")
+    if result.last_metrics:
+        m = result.last_metrics
+        print(f"  last step: loss {m['loss']:.4g}, accuracy {m['accuracy']:.2f}, lr {m['lr']:.3g}")
+    print(f"  metrics: {where / 'metrics.jsonl'}  config: {where / 'train_config.yaml'}")
+    return 0

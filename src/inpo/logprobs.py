@@ -1,0 +1,439 @@
+"""Exact summed completion log-probs ``log π(y | x) = Σ_t log π(y_t | x, y_<t)`` (SPEC.md, Notation).
+
+The memory-hungry part of a causal LM's loss is the ``[N, L, V]`` logits tensor (and its
+log-softmax copy). :func:`sequence_logps` never builds it: it runs the model's *backbone* to get the
+final hidden states ``[N, L, H]``, keeps only the ``M`` positions that predict a completion token
+(``[M, H]``, ``M ≈`` completion tokens in the batch), and applies the LM head + ``logsumexp`` in
+chunks of ``chunk_size`` positions in float32.
+
+Two head paths compute the same numbers:
+
+* **fused** (a bare ``nn.Linear`` head, the usual case): an autograd function whose forward keeps
+  no logits and whose backward recomputes each ``[chunk_size, V]`` chunk and turns it in place
+  into ``∂L/∂logits = g · (onehot − softmax)``; about one such buffer is alive at a time.
+* **generic** (any other head module: a LoRA-wrapped ``lm_head``, offloading hooks, quantised
+  layers): each chunk runs under activation checkpointing; a few ``[chunk_size, V]`` temporaries
+  are alive in its backward.
+
+Either way the head's matmul runs once more in the backward. ``benchmarks/logprobs_memory.py``
+measures the peak memory and time of both against the full-logits computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["completion_logps", "naive_sequence_logps", "sequence_logps"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the backbone, the head and the logit post-processing of an architecture
+# ----------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers ``*ForCausalLM`` inside a PEFT / DDP wrapper (or the model itself)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        active = getattr(model, "active_peft_config", None)
+        if active is not None and getattr(active, "is_prompt_learning", False):
+            raise NotImplementedError(
+                "sequence_logps: prompt-learning PEFT adapters (prompt/prefix tuning) add virtual "
+                "tokens in PeftModel.forward and are not supported; use LoRA-style adapters"
+            )
+        model = model.get_base_model()
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module  # DistributedDataParallel and similar wrappers
+    return model
+
+
+def _parts(model: Any) -> tuple[Any, Any, Any]:
+    """Return ``(backbone, lm_head, config)`` of a causal LM (PEFT-wrapped or not)."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    backbone = getattr(inner, "base_model", None)
+    if head is None or backbone is None or backbone is inner:
+        raise NotImplementedError(
+            f"sequence_logps: cannot find the backbone and LM head of {type(inner).__name__}; "
+            "expected a transformers *ForCausalLM with get_output_embeddings() and a base model "
+            "(e.g. `model.model` for Llama, `model.transformer` for GPT-2)"
+        )
+    return backbone, head, getattr(inner, "config", None)
+
+
+def _logit_transform(config: Any) -> tuple[float | None, float | None]:
+    """``(scale, softcap)`` such that the architecture's logits are ``cap·tanh(scale·z / cap)``.
+
+    ``z`` is the raw LM-head output. Handles Cohere's ``logit_scale`` (multiply), Granite's
+    ``logits_scaling`` (divide) and Gemma 2/3's ``final_logit_softcapping``; ``None`` = absent.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text_config, "logit_scale", None)
+    divide = getattr(text_config, "logits_scaling", None)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if divide is not None:
+        scale = (scale if scale is not None else 1.0) / divide
+    if scale is not None and float(scale) == 1.0:
+        scale = None
+    return (
+        float(scale) if scale is not None else None,
+        float(softcap) if softcap is not None else None,
+    )
+
+
+def _postprocess(config: Any):
+    """A function applied to raw head outputs (fp32) that reproduces the architecture's logits."""
+    scale, softcap = _logit_transform(config)
+
+    def apply(logits: Tensor) -> Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            import torch
+
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """``[N, L]`` positions counting only real tokens (0 on left padding), as generation does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _targets(
+    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions predicting a completion token: ``(rows [M], positions [M], target ids [M])``.
+
+    The token at position ``t`` is predicted by the hidden state at ``t - 1``.
+    """
+    import torch
+
+    completion = completion_mask.bool() & attention_mask.bool()
+    if completion[:, 0].any():
+        raise ValueError(
+            "completion_mask is set on a sequence's first position: the first completion token "
+            "needs at least one prompt token before it"
+        )
+    rows, pos = torch.nonzero(completion[:, 1:], as_tuple=True)
+    if rows.numel():
+        prev_real = attention_mask.bool()[rows, pos]
+        if not bool(prev_real.all()):
+            raise ValueError("a completion token follows a padding position (masks disagree)")
+    return rows, pos, input_ids[:, 1:][rows, pos]
+
+
+def _chunk_logps(head: Any, post: Any, compute_dtype: Any, hidden: Tensor, target: Tensor):
+    """``log softmax(head(hidden))[target]`` for one chunk: ``[C, H], [C] -> [C]``."""
+    logits = post(head(hidden).to(compute_dtype))
+    picked = logits.gather(-1, target[:, None]).squeeze(-1)
+    return picked - logits.logsumexp(-1)
+
+
+def _is_plain_linear(head: Any) -> bool:
+    """A bare ``nn.Linear`` head (no LoRA wrapper, quantised subclass or offloading hooks)."""
+    import torch
+
+    return (
+        type(head) is torch.nn.Linear
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+        and not hasattr(head, "_hf_hook")
+    )
+
+
+def _fused_head_logps():
+    """Build the ``torch.autograd.Function`` lazily (``torch`` is imported inside functions)."""
+    import torch
+    import torch.nn.functional as F
+
+    def logits_of(h, weight, bias, scale, softcap, dtype):
+        """Raw head output → the architecture's logits, ``[C, V]`` in ``dtype`` (a fresh buffer).
+
+        Also returns ``tanh(·)`` of the soft-cap when there is one (for its derivative).
+        """
+        z = F.linear(h, weight, bias).to(dtype)  # a fresh buffer: safe to modify in place
+        if scale is not None:
+            z.mul_(scale)
+        tanh = None
+        if softcap is not None:
+            tanh = z.div_(softcap).tanh_()
+            z = tanh.mul(softcap)
+        return z, tanh
+
+    class FusedHeadLogps(torch.autograd.Function):
+        """``logp[m] = log softmax(post(h[m] @ Wᵀ + b))[target[m]]`` for ``M`` positions, chunked.
+
+        The forward keeps no logits; the backward recomputes one ``[C, V]`` chunk at a time and
+        turns it into ``∂L/∂z = g · (onehot − softmax)`` in place (one ``[C, V]`` buffer, two with
+        soft-capping), then ``∂L/∂h = (∂L/∂z) W`` and ``∂L/∂W += (∂L/∂z)ᵀ h``.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, target, chunk_size, scale, softcap, dtype):
+            out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+            for s in range(0, hidden.shape[0], chunk_size):
+                z, _ = logits_of(hidden[s : s + chunk_size], weight, bias, scale, softcap, dtype)
+                picked = z.gather(-1, target[s : s + chunk_size, None]).squeeze(-1)
+                zmax = z.amax(-1, keepdim=True)
+                lse = zmax.squeeze(-1) + z.sub_(zmax).exp_().sum(-1).log()
+                out[s : s + chunk_size] = picked - lse
+                del z
+            ctx.save_for_backward(hidden, weight, bias, target)
+            ctx.config = (chunk_size, scale, softcap, dtype)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            hidden, weight, bias, target = ctx.saved_tensors
+            chunk_size, scale, softcap, dtype = ctx.config
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            grad_h = torch.empty_like(hidden) if need_h else None
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            grad_b = (
+                torch.zeros(bias.shape, dtype=acc, device=bias.device)
+                if need_b and bias is not None
+                else None
+            )
+            for s in range(0, hidden.shape[0], chunk_size):
+                h = hidden[s : s + chunk_size]
+                z, tanh = logits_of(h, weight, bias, scale, softcap, dtype)
+                z.sub_(z.amax(-1, keepdim=True)).exp_()
+                z.div_(z.sum(-1, keepdim=True))  # softmax p
+                rows = torch.arange(z.shape[0], device=z.device)
+                z[rows, target[s : s + chunk_size]] -= 1.0  # p - onehot
+                z.mul_(-grad_out[s : s + chunk_size, None].to(dtype))  # ∂L/∂logits
+                if softcap is not None:
+                    z.mul_(1.0 - tanh.square_())  # d(cap·tanh(x/cap))/dx
+                    del tanh
+                if scale is not None:
+                    z.mul_(scale)
+                dz = z.to(weight.dtype)
+                del z
+                if need_h:
+                    grad_h[s : s + chunk_size] = dz @ weight
+                if need_w:
+                    grad_w.addmm_(dz.t().to(acc), h.to(acc))  # no copies unless half precision
+                if grad_b is not None:
+                    grad_b += dz.sum(0).to(acc)
+                del dz
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+            grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+            return grad_h, grad_w, grad_b, None, None, None, None, None
+
+    return FusedHeadLogps
+
+
+_FUSED = None
+
+
+def _fused_logps(
+    head: Any, hidden: Tensor, target: Tensor, chunk_size: int, config: Any, dtype: Any
+) -> Tensor:
+    """Per-position log-probs ``[M]`` through a plain ``nn.Linear`` head with the fused kernel."""
+    import torch
+
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = _fused_head_logps()
+    weight, bias = head.weight, head.bias
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # run the head in the autocast dtype, explicitly
+        low = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(low), weight.to(low)
+        bias = bias.to(low) if bias is not None else None
+    scale, softcap = _logit_transform(config)
+    with torch.autocast(device_type, enabled=False):
+        return _FUSED.apply(hidden, weight, bias, target, chunk_size, scale, softcap, dtype)
+
+
+def sequence_logps(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    fused: bool | None = None,
+) -> Tensor:
+    """Summed completion log-probs ``Σ_t log π(y_t | x, y_<t)`` of ``N`` sequences.
+
+    Args:
+        model: a transformers causal LM (Llama-, GPT-2-style, ...), possibly PEFT-wrapped (LoRA).
+            The LM head is ``get_output_embeddings()``; the final hidden states come from the
+            base model (``model.model`` / ``model.transformer``). Gemma-style
+            ``final_logit_softcapping``, Cohere ``logit_scale`` and Granite ``logits_scaling`` are
+            applied as the architecture does.
+        input_ids: ``[N, L]`` token ids, left or right padded.
+        attention_mask: ``[N, L]``, 1 on real tokens. Position ids are derived from it
+            (``cumsum - 1``), so left padding gives the same positions as no padding.
+        completion_mask: ``[N, L]``, 1 on completion tokens (the ones scored).
+        chunk_size: number of scored positions per LM-head chunk; peak logits memory is
+            ``chunk_size × V`` floats (forward and backward).
+        fused: ``None`` (default) picks the fused kernel when the head is a plain ``nn.Linear``
+            and the generic path otherwise; ``True`` / ``False`` force it (for tests).
+
+    Returns:
+        ``[N]`` float32: the **sum** (not mean) over completion tokens of the token log-probs,
+        accumulated in float32 (float64 for a float64 model). Differentiable w.r.t. the model's
+        parameters when grad is enabled. A sequence without completion tokens gets 0.
+
+    Never materialises ``[N, L, V]``: only the ``M`` positions that predict a completion token go
+    through the head. Two head paths give the same numbers: the *fused* one (a bare
+    ``nn.Linear`` head: an autograd function that keeps no logits and, in the backward,
+    recomputes each chunk and forms ``∂L/∂logits`` in place, so about one ``[chunk_size, V]``
+    buffer is alive at a time) and the *generic* one (any head module, e.g. a LoRA-wrapped
+    ``lm_head`` or one with offloading hooks: each chunk under activation checkpointing, a few
+    ``[chunk_size, V]`` temporaries alive in its backward). Under ``DistributedDataParallel`` call it on the DDP-wrapped model only if
+    your setup tolerates the backbone being called directly (it bypasses ``DDP.forward``).
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
+        raise ValueError(
+            f"shape mismatch: input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
+        )
+    backbone, head, config = _parts(model)
+    post = _postprocess(config)
+    rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
+
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        use_cache=False,
+    )
+    hidden_all = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    compute_dtype = torch.float64 if hidden_all.dtype == torch.float64 else torch.float32
+    hidden = hidden_all[rows, pos]  # [M, H]: only positions that predict completion tokens
+
+    total = torch.zeros(input_ids.shape[0], dtype=compute_dtype, device=hidden.device)
+    if fused is None:
+        fused = _is_plain_linear(head)
+    elif fused and not _is_plain_linear(head):
+        raise ValueError(f"fused=True needs a plain nn.Linear LM head, got {type(head).__name__}")
+    if fused:
+        logps = _fused_logps(head, hidden, target, chunk_size, config, compute_dtype)
+        return total.index_add(0, rows, logps).float()
+    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], target[start : start + chunk_size]
+        if use_ckpt:
+            lp = checkpoint(_chunk_logps, head, post, compute_dtype, h, t, use_reentrant=False)
+        else:
+            lp = _chunk_logps(head, post, compute_dtype, h, t)
+        total = total.index_add(0, rows[start : start + chunk_size], lp)
+    return total.float()
+
+
+def naive_sequence_logps(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> Tensor:
+    """Reference implementation: full ``[N, L, V]`` logits → log_softmax → gather → masked sum.
+
+    Same contract as :func:`sequence_logps`; kept for tests and the memory benchmark only.
+    """
+    import torch
+
+    _, _, config = _parts(model)
+    post = _postprocess(config)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        use_cache=False,
+    ).logits
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    # transformers already applies soft-capping / scaling inside forward(): do not re-apply.
+    del post
+    logps = logits[:, :-1].to(compute_dtype).log_softmax(-1)
+    picked = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = (completion_mask.bool() & attention_mask.bool())[:, 1:]
+    return (picked * mask).sum(-1).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Public convenience: score (prompt, completion) pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def completion_logps(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+) -> Tensor:
+    """Summed log-probs ``log π(completion | prompt)`` of ``n`` pairs, float32 ``[n]``, no grad.
+
+    Tokenisation is :func:`inpo.data.tokenize_pair`'s: text prompts as ``tokenizer(prompt)``
+    gives them, text completions without special tokens plus EOS; conversational prompts and
+    completions (message lists) through the chat template. Pairs are sorted by length and scored
+    ``batch_size`` at a time (right padding) on the model's device; the model is put in eval
+    mode for the call and restored afterwards.
+    """
+    import torch
+
+    from inpo.data import encode_pair
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(prompts)
+    result = torch.zeros(n, dtype=torch.float32)
+    if n == 0:
+        return result
+    encoded = [
+        encode_pair(
+            tokenizer,
+            p,
+            c,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+        )
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    for e in encoded:
+        if not e.prompt_ids:
+            raise ValueError("a prompt tokenises to no tokens; nothing conditions the completion")
+    order = sorted(
+        range(n), key=lambda i: len(encoded[i].prompt_ids) + len(encoded[i].completion_ids)
+    )
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = int(pad) if pad is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                seqs = [encoded[i] for i in idx]
+                length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+                ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                comp = torch.zeros_like(ids)
+                for r, s in enumerate(seqs):
+                    full = s.prompt_ids + s.completion_ids
+                    ids[r, : len(full)] = torch.tensor(full)
+                    attn[r, : len(full)] = 1
+                    comp[r, len(s.prompt_ids) : len(full)] = 1
+                lp = sequence_logps(model, ids.to(device), attn.to(device), comp.to(device))
+                result[torch.tensor(idx)] = lp.cpu()
+    finally:
+        model.train(was_training)
+    return result

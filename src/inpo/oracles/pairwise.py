@@ -1,0 +1,219 @@
+"""A pairwise preference model (a causal LM that reads two responses and names the better one).
+
+The RLHFlow pair-preference format (Dong et al. 2024, "RLHF Workflow", §2; model
+``RLHFlow/pair-preference-model-LLaMA3-8B``): the comparison text
+
+    ``[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \\n``
+
+is the user turn of the model's own chat template, followed by the generation prompt; the model's
+next-token distribution then puts mass on the tokens ``"A"`` and ``"B"``, and
+
+    ``P_A(a, b) = p_A / (p_A + p_B) = σ(logit_A − logit_B)``.
+
+Such a model has a position bias, so both orders are queried and combined
+(:func:`combine_orders`): ``P(a ≻ b) = ½[P_A(a, b) + 1 − P_A(b, a)]``, which makes
+``P(a ≻ b) + P(b ≻ a) = 1`` hold exactly (bit for bit) and ``P(a ≻ a) = ½``.
+
+Batches are left-padded with explicit ``position_ids``, so a batched query equals a one-by-one
+query up to float rounding. A tokenizer without a chat template gets the comparison text alone
+(plus its own special tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inpo.errors import ConfigError, OracleError
+from inpo.oracles.base import OracleStats
+from inpo.oracles.reward_model import (
+    _check_local,
+    length_batches,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+    sigmoid,
+)
+
+__all__ = ["RLHFLOW_TEMPLATE", "PairwisePreferenceOracle", "combine_orders"]
+
+#: The RLHFlow pair-preference comparison text (user turn). Placeholders: prompt, response_a/b.
+RLHFLOW_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
+
+
+def combine_orders(p_first: np.ndarray, p_swapped: np.ndarray) -> np.ndarray:
+    """Debias a positional judge: ``½[P_A(a, b) + 1 − P_A(b, a)]``, float64.
+
+    ``p_first[i] = P_A(a_i, b_i)`` (a shown first), ``p_swapped[i] = P_A(b_i, a_i)``. Computed as
+    ``g = ½ + ½|x − y|`` and its exact complement ``1 − g`` (Sterbenz: exact for ``g ∈ [½, 1]``),
+    so swapping a and b gives ``1 − P`` bit for bit.
+    """
+    x = np.asarray(p_first, dtype=np.float64)
+    y = np.asarray(p_swapped, dtype=np.float64)
+    g = 0.5 + 0.5 * np.abs(x - y)
+    return np.where(x >= y, g, 1.0 - g)
+
+
+class PairwisePreferenceOracle:
+    """Preference oracle on a causal LM that answers "A" or "B" (RLHFlow format).
+
+    Args:
+        path: local folder (or hub id) of a causal LM whose tokenizer has single tokens for
+            ``token_a`` and ``token_b``.
+        template: the comparison text with ``{prompt}``, ``{response_a}``, ``{response_b}``.
+        token_a, token_b: the verdict tokens.
+        batch_size: comparison prompts per forward pass (each pair costs two).
+        max_length: longest comparison prompt; longer ones raise :class:`OracleError` (cutting
+            a comparison would hide one of the responses).
+        device, dtype, max_padding: as for
+            :class:`inpo.oracles.reward_model.RewardModelOracle`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        template: str = RLHFLOW_TEMPLATE,
+        token_a: str = "A",
+        token_b: str = "B",
+        batch_size: int = 8,
+        max_length: int = 4096,
+        device: str | None = "auto",
+        dtype: Any = "auto",
+        max_padding: float = 0.25,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for field in ("{prompt}", "{response_a}", "{response_b}"):
+            if template.count(field) != 1:
+                raise ConfigError(f"pairwise template must contain '{field}' exactly once")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        _check_local(path, "pairwise preference model")
+        self.path = str(path)
+        self.template = template
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_padding = max_padding
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+        self.token_ids = (self._single_token(token_a), self._single_token(token_b))
+        if self.token_ids[0] == self.token_ids[1]:
+            raise ConfigError(f"token_a '{token_a}' and token_b '{token_b}' are the same token")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=self.dtype, trust_remote_code=False
+        )
+        self.model = model.to(self.device).eval()
+        self._torch = torch
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.stats = OracleStats(extra={"sequences_scored": 0})
+        self._lock = threading.Lock()
+        tmpl_sha = hashlib.sha256(f"{template}|{token_a}|{token_b}".encode()).hexdigest()[:8]
+        rendering = "chat" if self.has_chat_template else "plain"
+        self.oracle_id = (
+            f"pairwise:{Path(self.path).name}@{model_fingerprint(self.path)}"
+            f":{rendering}:t{tmpl_sha}"
+        )
+
+    def __repr__(self) -> str:
+        return f"PairwisePreferenceOracle({self.path!r}, device={self.device!r})"
+
+    def _single_token(self, token: str) -> int:
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ConfigError(
+                f"verdict token '{token}' is {len(ids)} tokens for the tokenizer of "
+                f"'{self.path}'; it must be exactly one"
+            )
+        return int(ids[0])
+
+    # ---- rendering ----
+    def render(self, prompt: str, response_a: str, response_b: str) -> list[int]:
+        """Token ids of the comparison prompt (A = ``response_a`` shown first)."""
+        tok = self.tokenizer
+        # Single-pass substitution: a response that contains "{response_b}" stays as it is.
+        values = {"{prompt}": prompt, "{response_a}": response_a, "{response_b}": response_b}
+        text = re.sub(
+            r"\{prompt\}|\{response_a\}|\{response_b\}",
+            lambda m: values[m.group(0)],
+            self.template,
+        )
+        if self.has_chat_template:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            bos = tok.bos_token
+            ids = tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+        if len(ids) > self.max_length:
+            raise OracleError(
+                f"pairwise comparison prompt of {len(ids)} tokens exceeds max_length "
+                f"{self.max_length} (prompt starts {prompt[:60]!r})"
+            )
+        return list(ids)
+
+    # ---- scoring ----
+    def prob_first(self, texts: list[list[int]]) -> np.ndarray:
+        """``P_A = σ(logit_A − logit_B)`` at the last position of each comparison, float64."""
+        torch = self._torch
+        out = np.zeros(len(texts), dtype=np.float64)
+        pad = self.tokenizer.pad_token_id
+        id_a, id_b = self.token_ids
+        lengths = [len(t) for t in texts]
+        batches = length_batches(lengths, self.batch_size, self.max_padding, lambda i: texts[i])
+        for idx in batches:
+            width = max(len(texts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: the last position is the answer slot
+                ids[row, width - len(texts[i]) :] = torch.tensor(texts[i])
+                mask[row, width - len(texts[i]) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                ).logits[:, -1, :]
+            diff = (logits[:, id_a].double() - logits[:, id_b].double()).cpu().numpy()
+            if not np.all(np.isfinite(diff)):
+                raise OracleError(f"pairwise model '{self.path}' returned non-finite logits")
+            out[idx] = sigmoid(diff)
+            self.stats.backend_calls += 1
+            self.stats.extra["sequences_scored"] += len(idx)
+        return out
+
+    def prob_prefers(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> np.ndarray:
+        """``P(a_i ≻ b_i)`` from both presentation orders (:func:`combine_orders`), ``[n]``."""
+        n = len(prompts)
+        if not n == len(responses_a) == len(responses_b):
+            raise ValueError(
+                f"prob_prefers needs equal lengths, got {n}, {len(responses_a)}, {len(responses_b)}"
+            )
+        with self._lock:
+            # Both orders of every pair; identical comparison texts are scored once.
+            keys = [(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+            keys += [(p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
+            unique = list(dict.fromkeys(keys))
+            self.stats.cache_hits += len(keys) - len(unique)
+            probs = self.prob_first([self.render(*k) for k in unique])
+            lookup = dict(zip(unique, probs))
+            p_all = np.array([lookup[k] for k in keys], dtype=np.float64)
+            self.stats.queries += n
+        return combine_orders(p_all[:n], p_all[n:])

@@ -1,0 +1,433 @@
+"""Serve any local preference oracle over an OpenAI-compatible HTTP surface.
+
+Many workers can then annotate against one model (``inpo serve-oracle``), each using
+:class:`inpo.oracles.http.HTTPJudgeOracle`. Endpoints:
+
+- ``POST /v1/chat/completions`` — the request must follow a judge template
+  (:mod:`inpo.oracles.templates`, the same module the client renders with); the server recovers
+  the prompt and the two responses *exactly*, asks the local oracle for ``P = P(A ≻ B)`` (both
+  presentation orders are the client's job) and answers ``"A"`` if ``P ≥ ½`` else ``"B"``; with
+  ``logprobs: true`` it adds ``logprobs.content[0].top_logprobs`` for ``"A"`` and ``"B"``:
+  ``log P`` and ``log(1 − P)``, ``P`` clipped to ``[1e-12, 1 − 1e-12]``.
+- ``GET /v1/models`` — the one served model (named by the oracle id unless told otherwise).
+- ``GET /health`` — ``{"status": "ok", ...}`` with the oracle's query counters.
+
+Concurrent requests are gathered by one worker thread into batches of up to ``max_batch``
+queries (one ``prob_prefers`` call each), which also serialises access to the oracle. With
+``api_key_env`` set, requests must carry ``Authorization: Bearer <that variable's value>``.
+
+:class:`FaultInjection` holds TEST-ONLY knobs (delays, failing status codes, malformed JSON,
+unusable verdicts) used by the client's failure-mode tests and the throughput benchmark.
+Only the standard library (``http.server``) is used.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from inpo.errors import ConfigError, InpoError
+from inpo.oracles.base import PreferenceOracle
+from inpo.oracles.templates import (
+    VERDICT_A,
+    VERDICT_B,
+    JudgeTemplate,
+    TemplateMismatchError,
+    available_templates,
+    load_template,
+)
+
+__all__ = ["EPS", "FaultInjection", "OracleServer"]
+
+log = logging.getLogger(__name__)
+
+#: Probabilities are clipped to [EPS, 1 − EPS] before taking logs.
+EPS = 1e-12
+_MAX_BODY = 32 * 2**20
+
+
+@dataclass
+class FaultInjection:
+    """TEST-ONLY fault injection for :class:`OracleServer` (never use in production).
+
+    Chat-completion requests are numbered 0, 1, 2, ... in arrival order; each knob applies to
+    the first ``n`` of them.
+
+    Attributes:
+        delay_s: sleep this long before answering (mimics a slow model, or provokes timeouts).
+        delay_first_n: only delay the first ``n`` requests (``-1``: every request).
+        fail_first_n: answer the first ``n`` requests with HTTP ``fail_status``.
+        fail_status: the status code of those failures (e.g. 500, 503, 429, 400).
+        retry_after_s: send ``Retry-After`` with that many seconds on the failures.
+        malformed_json_first_n: answer the first ``n`` with a truncated JSON body (status 200).
+        bad_verdict_first_n: answer the first ``n`` with the verdict "C" and no log-probs.
+    """
+
+    delay_s: float = 0.0
+    delay_first_n: int = -1
+    fail_first_n: int = 0
+    fail_status: int = 500
+    retry_after_s: float | None = None
+    malformed_json_first_n: int = 0
+    bad_verdict_first_n: int = 0
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class _Batcher:
+    """One worker thread that answers queued queries in batches (one oracle call a batch)."""
+
+    def __init__(self, oracle: PreferenceOracle, max_batch: int, wait_s: float) -> None:
+        self.oracle, self.max_batch, self.wait_s = oracle, max_batch, wait_s
+        self.batches = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="inpo-oracle-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str, a: str, b: str) -> float:
+        future: Future = Future()
+        self._queue.put((prompt, a, b, future))
+        return future.result()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._answer(batch)
+
+    def _answer(self, batch: list) -> None:
+        try:
+            probs = self.oracle.prob_prefers(
+                [q[0] for q in batch], [q[1] for q in batch], [q[2] for q in batch]
+            )
+            self.batches += 1
+            for q, p in zip(batch, probs, strict=True):
+                q[3].set_result(float(p))
+        except Exception as err:
+            if len(batch) == 1:
+                batch[0][3].set_exception(err)
+                return
+            for q in batch:  # one bad query must not fail the other clients' queries
+                self._answer([q])
+
+
+class OracleServer:
+    """A threaded HTTP server exposing ``oracle`` with an OpenAI-compatible surface.
+
+    Args:
+        oracle: any :class:`~inpo.oracles.base.PreferenceOracle`.
+        host, port: where to listen (``port=0`` picks a free port; see :attr:`port`).
+        templates: judge template names/paths accepted (default: all shipped templates).
+        model_name: the served model name (default: the oracle's ``oracle_id``).
+        api_key_env: if set, require ``Authorization: Bearer $api_key_env``.
+        emit_logprobs: return log-probs when asked (``False``: text-only answers, like a
+            server without log-prob support).
+        max_batch, batch_wait_s: gather up to ``max_batch`` concurrent queries, waiting at most
+            ``batch_wait_s`` for more after the first.
+        faults: TEST-ONLY :class:`FaultInjection`.
+    """
+
+    def __init__(
+        self,
+        oracle: PreferenceOracle,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        templates: Sequence[str | Path] | None = None,
+        model_name: str | None = None,
+        api_key_env: str | None = None,
+        emit_logprobs: bool = True,
+        max_batch: int = 64,
+        batch_wait_s: float = 0.002,
+        faults: FaultInjection | None = None,
+    ) -> None:
+        self.oracle = oracle
+        names = list(templates) if templates is not None else available_templates()
+        self.templates: list[JudgeTemplate] = [load_template(t) for t in names]
+        self.model_name = model_name or str(getattr(oracle, "oracle_id", type(oracle).__name__))
+        self._secret: str | None = None
+        if api_key_env:
+            self._secret = os.environ.get(api_key_env)
+            if not self._secret:
+                raise ConfigError(
+                    f"--api-key-env {api_key_env}: the environment variable is not set or empty"
+                )
+        self.emit_logprobs = emit_logprobs
+        self.faults = faults or FaultInjection()
+        self.requests = 0  # chat-completion requests received
+        self.in_flight = 0  # chat-completion requests being answered now
+        self.max_in_flight = 0  # the most answered at once (shows client concurrency)
+        self._count_lock = threading.Lock()
+        self._batcher = _Batcher(oracle, max_batch, batch_wait_s)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        except OSError as err:
+            self._batcher.stop()
+            raise ConfigError(f"cannot listen on {host}:{port}: {err}") from err
+        self.httpd.daemon_threads = True
+        self.httpd.app = self  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----
+    @property
+    def host(self) -> str:
+        return str(self.httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until :meth:`shutdown` (or Ctrl-C)."""
+        self.httpd.serve_forever(poll_interval=0.1)
+
+    def start(self) -> OracleServer:
+        """Serve on a daemon thread; returns at once (already listening)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="inpo-oracle-server")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.httpd.server_close()
+        self._batcher.stop()
+
+    def __enter__(self) -> OracleServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- request logic (called by the handler) ----
+    def check_auth(self, header: str | None) -> None:
+        if self._secret is None:
+            return
+        expected = f"Bearer {self._secret}".encode()
+        if not header or not hmac.compare_digest(header.encode(), expected):
+            raise _HTTPError(401, "missing or wrong API key", "authentication_error")
+
+    def next_request_number(self) -> int:
+        with self._count_lock:
+            self.requests += 1
+            return self.requests - 1
+
+    def enter(self, delta: int) -> None:
+        with self._count_lock:
+            self.in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def parse_request(self, body: Any) -> tuple[str, str, str]:
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "the request body must be a JSON object")
+        if body.get("stream"):
+            raise _HTTPError(400, "streaming is not supported by inpo serve-oracle")
+        model = body.get("model")
+        if model != self.model_name:
+            raise _HTTPError(
+                404, f"model {model!r} not found; this server serves {self.model_name!r}"
+            )
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise _HTTPError(400, "'messages' must be a list")
+        problems = []
+        for tmpl in self.templates:
+            try:
+                return tmpl.parse(messages)
+            except TemplateMismatchError as err:
+                problems.append(f"{tmpl.template_id}: {err}")
+        raise _HTTPError(
+            400, "the messages follow none of the judge templates (" + "; ".join(problems) + ")"
+        )
+
+    def complete(self, body: dict[str, Any], number: int) -> dict[str, Any]:
+        prompt, a, b = self.parse_request(body)
+        try:
+            p = self._batcher.submit(prompt, a, b)
+        except (InpoError, ValueError, KeyError) as err:
+            raise _HTTPError(400, f"the oracle rejected the query: {err}") from err
+        except Exception as err:
+            msg = f"the oracle failed: {type(err).__name__}: {err}"
+            raise _HTTPError(500, msg, "server_error") from err
+        if not math.isfinite(p) or not 0.0 <= p <= 1.0:
+            raise _HTTPError(500, f"the oracle returned P = {p!r}", "server_error")
+        verdict = VERDICT_A if p >= 0.5 else VERDICT_B
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": verdict},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        if number < self.faults.bad_verdict_first_n:
+            choice["message"]["content"] = "C"
+        elif self.emit_logprobs and body.get("logprobs"):
+            clipped = min(max(p, EPS), 1.0 - EPS)
+            lp = {VERDICT_A: math.log(clipped), VERDICT_B: math.log1p(-clipped)}
+            k = body.get("top_logprobs") or 0
+            k = max(0, min(int(k), 2)) if isinstance(k, int | float) else 0
+            top = sorted(lp, key=lambda t: -lp[t])[:k]
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": verdict,
+                        "logprob": lp[verdict],
+                        "bytes": list(verdict.encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp[t], "bytes": list(t.encode())} for t in top
+                        ],
+                    }
+                ]
+            }
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
+        }
+
+    def health(self) -> dict[str, Any]:
+        stats = getattr(self.oracle, "stats", None)
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "templates": [t.template_id for t in self.templates],
+            "requests": self.requests,
+            "max_in_flight": self.max_in_flight,
+            "batches": self._batcher.batches,
+            "oracle_stats": stats.as_dict() if stats is not None else {},
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "inpo"}],
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "inpo-serve-oracle"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
+
+    @property
+    def app(self) -> OracleServer:
+        return self.server.app  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # never the headers (API keys)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            self.close_connection = True
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), headers)
+
+    def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        try:
+            if path == "/health":
+                return self._json(200, self.app.health())
+            self.app.check_auth(self.headers.get("Authorization"))
+            if path == "/v1/models":
+                return self._json(200, self.app.models())
+        except _HTTPError as err:
+            return self._error(err.status, err.message, err.kind)
+        self._error(404, f"no route GET {path}", "not_found_error")
+
+    def do_POST(self) -> None:
+        app = self.app
+        path = self.path.split("?")[0].rstrip("/")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY:
+            self.close_connection = True
+            return self._error(413, f"request body over {_MAX_BODY} bytes", "invalid_request_error")
+        raw = self.rfile.read(length) if length else b""
+        if path != "/v1/chat/completions":
+            return self._error(404, f"no route POST {path}", "not_found_error")
+        try:
+            app.check_auth(self.headers.get("Authorization"))
+        except _HTTPError as err:
+            return self._error(err.status, err.message, err.kind)
+        number = app.next_request_number()
+        app.enter(+1)
+        try:
+            self._answer(app, raw, number)
+        finally:
+            app.enter(-1)
+
+    def _answer(self, app: OracleServer, raw: bytes, number: int) -> None:
+        faults = app.faults
+        if faults.delay_s > 0 and (faults.delay_first_n < 0 or number < faults.delay_first_n):
+            time.sleep(faults.delay_s)
+        if number < faults.fail_first_n:
+            headers = {}
+            if faults.retry_after_s is not None:
+                headers["Retry-After"] = f"{faults.retry_after_s:g}"
+            return self._error(
+                faults.fail_status, f"injected failure #{number}", "injected_fault", headers
+            )
+        if number < faults.malformed_json_first_n:
+            return self._send(200, b'{"id": "chatcmpl-broken", "choices": [{"message": ')
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            return self._error(400, "the request body is not valid JSON", "invalid_request_error")
+        try:
+            self._json(200, app.complete(body, number))
+        except _HTTPError as err:
+            log.info("request %d: HTTP %d: %s", number, err.status, err.message)
+            self._error(err.status, err.message, err.kind)

@@ -1,0 +1,1 @@
+"""The INPO iteration pipeline: resumable stages that hand off through files (``inpo run``)."""

@@ -1,0 +1,202 @@
+"""The typed config of ``inpo run`` / ``inpo compare``: one dataclass per stage.
+
+Defaults are the INPO paper's (``eta = 0.005``, ``tau = eta/3``, ``K = 8``, lr ``5e-7``, cosine,
+warm-up 0.03, global batch 128) unless the task's own defaults say otherwise (the embedded
+default task uses a tiny model, so it sets its own learning rate, batch and ``eta``/``tau``).
+Precedence: dataclass defaults < the task's defaults < the YAML file < ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inpo.errors import ConfigError
+
+__all__ = [
+    "ALGORITHMS",
+    "AnnotateConfig",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "RunConfig",
+    "TrainStageConfig",
+]
+
+#: What each algorithm trains with, what it precomputes and how it selects pairs.
+#: ``loss``: a key of ``inpo.losses.LOSSES``; ``selection``: the default pair-selection rule.
+ALGORITHMS: dict[str, dict[str, str]] = {
+    "inpo": {"loss": "inpo", "selection": "tournament", "doc": "INPO (eta, tau)"},
+    "online_ipo": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "INPO with tau = eta: IPO against pi_ref with beta = eta on fresh samples",
+    },
+    "inpo_no_kl": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "INPO with tau = 0: IPO against the previous iterate",
+    },
+    "dpo": {"loss": "dpo", "selection": "tournament", "doc": "iterative DPO (beta)"},
+    "ipo": {"loss": "ipo", "selection": "tournament", "doc": "iterative IPO (beta)"},
+    "sppo": {"loss": "sppo", "selection": "all_pairs", "doc": "SPPO (eta), all-pairs win rates"},
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Stage 1: ``k`` samples a prompt from ``π_t``."""
+
+    k: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"generate.k must be >= 2 (pairs need two samples), got {self.k}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("generate.max_new_tokens and generate.batch_size must be >= 1")
+
+
+@dataclass
+class AnnotateConfig:
+    """Stage 2: the oracle and the selection rule.
+
+    ``oracle``: ``task`` (the task's own preference oracle; for the default task, its annotator
+    panel), ``task_bt`` (the task's Bradley–Terry reward oracle), ``reward_model`` /
+    ``pairwise`` (a local model folder in ``model``), ``http`` (an OpenAI-compatible judge at
+    ``url``; the key from the environment variable ``api_key_env``).
+    """
+
+    oracle: Literal["task", "task_bt", "reward_model", "pairwise", "http"] = "task"
+    model: str = ""
+    url: str = ""
+    judge_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    selection: Literal["auto", "tournament", "best_worst", "all_pairs"] = "auto"
+    tie_policy: Literal["first", "random", "drop", "tie"] = "first"
+    hard_labels: bool = True
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.oracle in ("reward_model", "pairwise") and not self.model:
+            raise ConfigError(f"annotate.model is required for annotate.oracle={self.oracle}")
+        if self.oracle == "http" and not (self.url and self.judge_model):
+            raise ConfigError("annotate.url and annotate.judge_model are required for http")
+
+
+@dataclass
+class TrainStageConfig:
+    """Stage 4: the training loop's settings (``inpo.training``) for each iteration."""
+
+    learning_rate: float = 5e-7
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 128
+    per_device_batch_size: int = 8
+    epochs: int = 1
+    max_grad_norm: float | None = 1.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    max_prompt_length: int = 512
+    max_completion_length: int = 512
+    gradient_checkpointing: bool = False
+    save_steps: int | None = 50
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def validate(self) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.global_batch_size < 1 or self.per_device_batch_size < 1 or self.epochs < 1:
+            raise ConfigError("train batch sizes and epochs must be >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage 5: exact metrics where the task allows them, else oracle win rates."""
+
+    num_prompts: int = 64
+    k: int = 1
+
+
+@dataclass
+class RunConfig:
+    """Top level of ``inpo run`` (see the README)."""
+
+    run_dir: str = "inpo-run"
+    task: str = "default"
+    algorithm: str = "inpo"
+    iterations: int = 3
+    seed: int = 0
+    eta: float = 0.005
+    tau: float | None = None
+    beta: float = 0.1
+    #: The starting policy π_0 and the reference π_ref: local model folders; empty = the
+    #: task's reference model (the default task builds one by a short SFT, cached).
+    policy: str = ""
+    reference: str = ""
+    #: Prompts for a non-default task: JSONL/Parquet/`datasets` folder in TRL's prompt-only
+    #: format (a ``prompt`` column of text or messages).
+    prompts: str = ""
+    eval_prompts: str = ""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def tau_value(self) -> float:
+        return self.eta / 3.0 if self.tau is None else self.tau
+
+    def loss_hparams(self) -> tuple[str, dict[str, float]]:
+        """The loss name and hyper-parameters this algorithm trains with."""
+        loss = ALGORITHMS[self.algorithm]["loss"]
+        if self.algorithm == "inpo":
+            return loss, {"eta": self.eta, "tau": self.tau_value}
+        if self.algorithm == "online_ipo":
+            return loss, {"eta": self.eta, "tau": self.eta}
+        if self.algorithm == "inpo_no_kl":
+            return loss, {"eta": self.eta, "tau": 0.0}
+        if self.algorithm == "sppo":
+            return loss, {"eta": self.eta}
+        return loss, {"beta": self.beta}
+
+    def selection(self) -> str:
+        if self.annotate.selection != "auto":
+            return self.annotate.selection
+        return ALGORITHMS[self.algorithm]["selection"]
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            import difflib
+
+            close = difflib.get_close_matches(self.algorithm, ALGORITHMS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"algorithm must be one of {', '.join(ALGORITHMS)}; got '{self.algorithm}'{hint}"
+            )
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+        if not (math.isfinite(self.eta) and self.eta > 0):
+            raise ConfigError(f"eta must be > 0, got {self.eta}")
+        tau = self.tau_value
+        if not (math.isfinite(tau) and 0 <= tau <= self.eta):
+            raise ConfigError(f"tau must satisfy 0 <= tau <= eta (eta={self.eta}), got {tau}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        from pathlib import Path
+
+        for key in ("policy", "reference", "prompts", "eval_prompts"):
+            value = getattr(self, key)
+            if value and not Path(value).exists():
+                raise ConfigError(f"{key}: path '{value}' does not exist")
+        if self.selection() == "all_pairs" and self.algorithm != "sppo":
+            raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo")
+        if self.algorithm == "sppo" and self.selection() != "all_pairs":
+            raise ConfigError("sppo needs annotate.selection=all_pairs (win-rate estimates)")

@@ -1,0 +1,146 @@
+"""``metrics.jsonl`` and the Markdown report with PNG plots (metric per iteration per algorithm)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PLOT_METRICS", "plot_metrics", "write_metrics", "write_report"]
+
+#: Metrics plotted when present: (key, label, log-scale).
+PLOT_METRICS = (
+    ("duality_gap", "duality gap (regularised game)", True),
+    ("exploitability", "exploitability", True),
+    ("win_rate_vs_ref", "win rate vs π_ref", False),
+    ("kl_to_ref", "KL(π_t ‖ π_ref)", False),
+    ("mean_length", "mean response length", False),
+    ("oracle_queries_total", "oracle queries (cumulative)", False),
+)
+
+
+def write_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write ``metrics.jsonl`` atomically (one object per iteration and algorithm)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list[str]:
+    """One panel per metric, one line per algorithm; returns the metrics plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [m for m in PLOT_METRICS if any(r.get(m[0]) is not None for r in rows)]
+    if not keys:
+        return []
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (key, label, log) in zip(axes.flat, keys):
+        for alg in algorithms:
+            pts = sorted(
+                (r["iteration"], r[key])
+                for r in rows
+                if r["algorithm"] == alg and r.get(key) is not None
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=alg)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+        if log and all(r.get(key, 1) > 0 for r in rows if r.get(key) is not None):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [k for k, _, _ in keys]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    cols = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+COLUMNS = (
+    "algorithm",
+    "iteration",
+    "duality_gap",
+    "exploitability",
+    "win_rate_vs_ref",
+    "win_rate_ci",
+    "kl_to_ref",
+    "mean_length",
+    "mass_outside",
+    "oracle_queries",
+    "oracle_queries_total",
+    "pairs",
+    "train_loss",
+)
+
+
+def write_report(
+    run_dir: Path, rows: Sequence[dict[str, Any]], cfg: Any, *, title: str = ""
+) -> Path:
+    """``report.md`` with a summary, the per-iteration table and ``plots/metrics.png``."""
+    run_dir = Path(run_dir)
+    title = (
+        title or f"inpo run: {getattr(cfg, 'algorithm', '')} on task '{getattr(cfg, 'task', '')}'"
+    )
+    plotted = plot_metrics(rows, run_dir / "plots" / "metrics.png", title)
+    lines = [f"# {title}", ""]
+    if cfg is not None and hasattr(cfg, "seed"):
+        tau = getattr(cfg, "tau_value", None)
+        lines += [
+            f"Seed {cfg.seed}; eta = {cfg.eta:g}, tau = {tau:g}, beta = {cfg.beta:g}; "
+            f"K = {cfg.generate.k}; {cfg.iterations} iteration(s). Iteration 0 is the starting "
+            "policy before any training. The resolved config is `config.yaml`.",
+            "",
+        ]
+    first = {}
+    last = {}
+    for r in rows:
+        first.setdefault(r["algorithm"], r)
+        last[r["algorithm"]] = r
+    if any("duality_gap" in r for r in rows):
+        lines.append("## Summary")
+        lines.append("")
+        for alg, r in last.items():
+            g0, g1 = first[alg].get("duality_gap"), r.get("duality_gap")
+            if g0 is not None and g1 is not None and g0 > 0:
+                lines.append(
+                    f"- **{alg}**: exact duality gap {g0:.4g} → {g1:.4g} after "
+                    f"{r['iteration']} iteration(s) ({g1 / g0:.2f}× π_0's), "
+                    f"{r.get('oracle_queries_total', 0)} oracle queries."
+                )
+        lines.append("")
+    if plotted:
+        lines += ["![metrics per iteration](plots/metrics.png)", ""]
+    lines += ["## Per iteration", "", table(rows, COLUMNS), ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

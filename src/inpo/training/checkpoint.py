@@ -1,0 +1,175 @@
+"""Checkpoints that resume a run exactly: weights, optimizer, scheduler, RNG and data position.
+
+Layout: ``output_dir/checkpoints/step_XXXXXX/`` with
+
+* ``model.safetensors``: the (unwrapped) module's full state, written by
+  :func:`safetensors.torch.save_model` (shared tensors such as tied embeddings written once);
+  for a plain model also ``config.json``, so the folder loads with ``from_pretrained``;
+* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()`` (tensors and numbers only, read back
+  with ``torch.load(weights_only=True)``);
+* ``rng_state.pt``: Python, NumPy, torch CPU (and CUDA) generator states;
+* ``trainer_state.json``: the optimizer step, the data position (epoch, step within the epoch,
+  the shuffling seed) and the resolved config.
+
+A checkpoint is written under a temporary name and renamed when complete, so any
+``step_XXXXXX`` folder is complete; a crash mid-write leaves only a ``.tmp`` folder, which is
+ignored (and removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "capture_rng_state",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot every generator the loop may draw from (plain lists and tensors only)."""
+    np_state = np.random.get_state()  # noqa: NPY002 - the global state other code draws from
+    state: dict[str, Any] = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(obj: Any) -> Any:
+    return [_to_lists(x) for x in obj] if isinstance(obj, tuple | list) else obj
+
+
+def _to_tuples(obj: Any) -> Any:
+    return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def _is_plain_pretrained(model: torch.nn.Module) -> bool:
+    return (
+        hasattr(model, "config")
+        and hasattr(model.config, "save_pretrained")
+        and not hasattr(model, "peft_config")
+    )
+
+
+def save_checkpoint(
+    checkpoint_root: str | Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write ``checkpoint_root/step_{step:06d}`` atomically; return its path.
+
+    Args:
+        model: the unwrapped module (a PEFT model is saved with its base weights and adapters).
+        trainer_state: JSON-able; ``step`` is added.
+        rng_state: the generators to store (default: their state now). The divergence guard
+            passes the state captured *before* the failed step, so a resume replays it.
+        keep: keep only the newest ``keep`` checkpoints (older ones are deleted).
+    """
+    from safetensors.torch import save_model
+
+    root = Path(checkpoint_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    for stale in root.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    if _is_plain_pretrained(model):
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state if rng_state is not None else capture_rng_state(), tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({**trainer_state, "step": step}, indent=2, default=str)
+    )
+    if final.exists():  # re-saving the same step (e.g. a finished run re-run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep is not None:
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    found = (
+        [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        if root.is_dir()
+        else []
+    )
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
+    """The newest complete ``step_XXXXXX`` folder under ``checkpoint_root``, or ``None``."""
+    found = _checkpoints(Path(checkpoint_root))
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Load a checkpoint into ``model``/``optimizer``/``scheduler``, restore the RNGs; return the
+    trainer state (with ``step`` and the data position)."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    device = next(model.parameters()).device
+    missing, unexpected = load_model(
+        model, str(path / "model.safetensors"), strict=False, device=str(device)
+    )
+    if missing or unexpected:
+        from inpo.errors import ConfigError
+
+        raise ConfigError(
+            f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); was it written for another model.path or LoRA setting?"
+        )
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", weights_only=True, map_location=device)
+    )
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    restore_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,249 @@
+"""The typed config of ``inpo train``: one dataclass per stage, validated before any model loads.
+
+Loaded with :func:`inpo.config.load_config` (YAML + dotted ``key=value`` overrides; unknown keys
+are rejected with a "did you mean"). Defaults are the INPO paper's (Zhang et al. 2024, §5):
+learning rate ``5e-7``, 3% warm-up then cosine decay, global batch 128, ``eta = 0.005``,
+``tau = eta / 3``, one epoch per iteration.
+
+Loss hyper-parameters are named as in the papers and passed to a loss only when its
+:class:`inpo.losses.LossSpec` declares them; setting one that the chosen loss does not take is an
+error (it would otherwise be silently ignored). Their ranges are checked by the loss function's
+own checks, run once on a dummy batch at validation time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inpo.errors import ConfigError
+
+__all__ = [
+    "PAPER_DEFAULTS",
+    "DataConfig",
+    "LoggingConfig",
+    "LoraSettings",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+]
+
+#: Default hyper-parameters per loss when the config leaves them unset, from each loss's paper:
+#: INPO ``eta = 0.005`` (τ defaults to ``eta / 3``, below); DPO/IPO/TODO ``beta = 0.1``;
+#: SPPO's ``η_s = 1e-3`` (its paper's ``η = 1e3`` multiplies ``P``; ours divides).
+PAPER_DEFAULTS: dict[str, dict[str, float]] = {
+    "inpo": {"eta": 0.005},
+    "ipo": {"beta": 0.1},
+    "ipo_length_normalized": {"beta": 0.1},
+    "dpo": {"beta": 0.1},
+    "sppo": {"eta": 1e-3},
+    "todo": {"beta": 0.1},
+}
+
+#: Every loss hyper-parameter the config knows (the union over :data:`inpo.losses.LOSSES`).
+_HPARAMS = ("eta", "tau", "beta", "alpha", "label_smoothing")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter (Hu et al. 2021) via PEFT; merged into the weights when the model is saved."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """The policy to train: a local ``from_pretrained`` folder (``trust_remote_code`` stays off)."""
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    lora: LoraSettings | None = None
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is required (a folder saved with save_pretrained)")
+
+
+@dataclass
+class DataConfig:
+    """The preference pairs (see :func:`inpo.data.load_preference_dataset`)."""
+
+    train_file: str = ""
+    split: str | None = None
+    max_prompt_length: int = 512
+    max_completion_length: int = 512
+    skip_bad_rows: bool = False
+    shuffle: bool = True
+    #: Sort the micro-batches of each optimizer step by length, so that each is padded to a
+    #: similar length. The step's gradient is a sum over its pairs, so this changes no maths.
+    group_by_length: bool = True
+    #: Run each micro-batch's ``2B`` sequences as this many length-sorted forward passes, each
+    #: cut to its longest sequence (exact with right padding; less padding computed).
+    length_buckets: int = 4
+
+    def validate(self) -> None:
+        if not self.train_file:
+            raise ConfigError("data.train_file is required (a JSONL/JSON/Parquet file of pairs)")
+        if self.length_buckets < 1:
+            raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
+        if self.max_prompt_length < 1 or self.max_completion_length < 1:
+            raise ConfigError("data.max_prompt_length and data.max_completion_length must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Which loss (a key of :data:`inpo.losses.LOSSES`) and its hyper-parameters.
+
+    Unset hyper-parameters take :data:`PAPER_DEFAULTS`; INPO's ``tau`` defaults to ``eta / 3``.
+    """
+
+    name: str = "inpo"
+    eta: float | None = None
+    tau: float | None = None
+    beta: float | None = None
+    alpha: float | None = None
+    label_smoothing: float | None = None
+
+    def hparams(self) -> dict[str, float]:
+        """The keyword hyper-parameters for ``spec(batch, **hparams)``, defaults filled in."""
+        from inpo.losses import get_loss
+
+        spec = get_loss(self.name)
+        values = {**PAPER_DEFAULTS.get(self.name, {})}
+        values.update({k: getattr(self, k) for k in _HPARAMS if getattr(self, k) is not None})
+        if "tau" in spec.hyperparameters and "tau" not in values and "eta" in values:
+            values["tau"] = values["eta"] / 3.0
+        return {k: float(v) for k, v in values.items() if k in spec.hyperparameters}
+
+    def validate(self) -> None:
+        import torch
+
+        from inpo.losses import get_loss
+
+        try:
+            spec = get_loss(self.name)
+        except ValueError as err:
+            raise ConfigError(f"loss.name: {err}") from err
+        for key in _HPARAMS:
+            if getattr(self, key) is not None and key not in spec.hyperparameters:
+                raise ConfigError(
+                    f"loss.{key} is set but loss '{self.name}' does not take it "
+                    f"(it takes: {', '.join(spec.hyperparameters)})"
+                )
+        hparams = self.hparams()
+        for key, value in hparams.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"loss.{key} must be finite, got {value}")
+        # Run the loss's own range checks (e.g. 0 <= tau <= eta) on a one-pair dummy batch.
+        dummy = {name: torch.zeros(1) for name in spec.inputs}
+        dummy.update({name: torch.zeros(1) for name in spec.optional_inputs})
+        for name in ("chosen_lengths", "rejected_lengths"):
+            if name in dummy:
+                dummy[name] = torch.ones(1)
+        try:
+            spec(dummy, **hparams)
+        except ValueError as err:
+            msg = str(err)
+            named = next((k for k in hparams if msg.startswith(k)), None)
+            key = f"loss.{named}" if named else "loss"
+            raise ConfigError(f"{key}: {msg}") from err
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (the INPO paper's recipe).
+
+    ``global_batch_size`` pairs make one optimizer step; each process feeds micro-batches of
+    ``per_device_batch_size`` pairs, so gradient accumulation is
+    ``ceil(global / (per_device × processes))``. ``max_steps`` (if set) overrides ``epochs``.
+    """
+
+    learning_rate: float = 5e-7
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 128
+    per_device_batch_size: int = 8
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    epochs: int = 1
+    max_steps: int | None = None
+
+    def validate(self) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.global_batch_size < 1 or self.per_device_batch_size < 1:
+            raise ConfigError(
+                "optim.global_batch_size and optim.per_device_batch_size must be >= 1"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps must be >= 1 or null, got {self.max_steps}")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics go to ``metrics.jsonl`` and ``metrics.csv`` always, plus ``report_to``."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    wandb_project: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Top level of ``inpo train``'s config (see ``examples/train_inpo.yaml``)."""
+
+    output_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 42
+    #: bf16 autocast: ``auto`` uses it only where CUDA supports bf16.
+    bf16: Literal["auto", True, False] = "auto"
+    #: Write a checkpoint every ``save_steps`` optimizer steps (and always at the end).
+    save_steps: int | None = 500
+    #: Keep only the newest ``keep_checkpoints`` checkpoints (null keeps all).
+    keep_checkpoints: int | None = 2
+    #: ``auto`` continues from the newest complete checkpoint in ``output_dir/checkpoints``;
+    #: ``never`` starts over; anything else is a checkpoint folder to resume from.
+    resume: str = "auto"
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir is required")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ConfigError(f"save_steps must be >= 1 or null, got {self.save_steps}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
+        if self.model.lora is not None and self.model.dtype == "float16":
+            raise ConfigError("model.dtype=float16 with LoRA is not supported; use bfloat16")

@@ -1,0 +1,139 @@
+"""The pipeline orchestrator on a tiny task: stages, skip, resume, invalidation, metrics, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inpo.config import from_dict
+from inpo.pipeline.config import RunConfig
+from inpo.pipeline.run import run_pipeline
+from inpo.pipeline.tasks import build_oracle
+
+WORDS = "red blue green circle square say describe a the".split()
+
+
+class ToyTask:
+    """Four prompts, a tiny llama over a word vocabulary, a two-taste annotator panel."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.evaluations = 0
+
+    def describe(self):
+        return {"task": "toy"}
+
+    def train_prompts(self):
+        return ["say red", "say blue", "describe a circle", "describe the square"]
+
+    def reference_model(self, run_dir):
+        from inpo.tiny import save_tiny_lm, word_tokenizer
+
+        path = self.root / "ref"
+        if not path.exists():
+            save_tiny_lm(
+                path, "llama", tokenizer=word_tokenizer(WORDS), hidden_size=32, num_hidden_layers=2
+            )
+        return path
+
+    def oracle(self, acfg, *, cache):
+        from inpo.oracles.synthetic import AnnotatorGroup, AnnotatorPanel, brevity, keyword
+
+        panel = AnnotatorPanel(
+            [AnnotatorGroup(brevity(), 1.0), AnnotatorGroup(keyword("red"), 1.0)], epsilon=0.1
+        )
+        return build_oracle(acfg, cache, task_oracle=panel, seed=0)
+
+    def evaluate(self, policy, ref):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from inpo.logprobs import completion_logps
+
+        self.evaluations += 1
+        model = AutoModelForCausalLM.from_pretrained(policy)
+        tok = AutoTokenizer.from_pretrained(policy)
+        lp = completion_logps(model, tok, ["say red"] * 2, ["red", "blue green"])
+        return {"logp_red": float(lp[0]), "logp_blue_green": float(lp[1])}
+
+
+def _cfg(tmp_path, **kw):
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "iterations": 2,
+        "eta": 0.5,
+        "generate": {"k": 4, "max_new_tokens": 4, "batch_size": 2},
+        "train": {
+            "learning_rate": 1e-3,
+            "global_batch_size": 4,
+            "per_device_batch_size": 2,
+            "warmup_ratio": 0.0,
+            "max_prompt_length": 16,
+            "max_completion_length": 8,
+        },
+    }
+    data.update(kw)
+    return from_dict(RunConfig, data)
+
+
+def test_pipeline_runs_and_skips_complete_stages(tmp_path):
+    task = ToyTask(tmp_path)
+    logs: list[str] = []
+    run = run_pipeline(_cfg(tmp_path), log=logs.append, task=task)
+    for t in range(2):
+        for stage in ("generate", "annotate", "logps", "train", "evaluate"):
+            assert (run / f"iter_{t:03d}" / stage / "manifest.json").is_file(), (t, stage)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[0]["oracle_queries"] == 0 and rows[1]["oracle_queries"] == 4 * 5  # K=4: 5 each
+    assert (run / "report.md").is_file() and (run / "config.yaml").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "iter_001" / "train" / "model")
+    # Re-running the same command does nothing new.
+    logs.clear()
+    run_pipeline(_cfg(tmp_path), log=logs.append, task=task)
+    assert all("skipped" in line for line in logs), logs
+
+
+def test_changed_setting_invalidates_that_stage_and_later(tmp_path):
+    task = ToyTask(tmp_path)
+    run_pipeline(_cfg(tmp_path, iterations=1), log=lambda m: None, task=task)
+    logs: list[str] = []
+    cfg = _cfg(tmp_path, iterations=1)
+    cfg.train.learning_rate = 2e-3
+    run_pipeline(cfg, log=logs.append, task=task)
+    text = "\n".join(logs)
+    assert "[iter_000/generate] complete, skipped" in text
+    assert "[iter_000/annotate] complete, skipped" in text
+    assert "[iter_000/train] redo: its configuration changed" in text
+    assert "[iter_000/evaluate] redo: its inputs changed (train)" in text
+
+
+def test_corrupt_artifact_is_redone(tmp_path):
+    task = ToyTask(tmp_path)
+    run = run_pipeline(_cfg(tmp_path, iterations=1), log=lambda m: None, task=task)
+    pairs = run / "iter_000" / "annotate" / "pairs.jsonl"
+    pairs.write_text(pairs.read_text()[:-5])
+    logs: list[str] = []
+    run_pipeline(_cfg(tmp_path, iterations=1), log=logs.append, task=task)
+    text = "\n".join(logs)
+    assert "[iter_000/annotate] redo: output 'pairs.jsonl' is corrupt" in text
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("algorithm", "inpoo", "did you mean 'inpo'"),
+        ("tau", 1.0, "tau must satisfy 0 <= tau <= eta"),
+        ("policy", "/does/not/exist", "policy: path '/does/not/exist' does not exist"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, key, value, needle):
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(RunConfig, None, [f"{key}={value}", "eta=0.5"])
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,198 @@
+"""The log-prob precompute stage (inpo.precompute and `inpo precompute`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inpo.cli import main as cli_main
+from inpo.data import PreferenceCollator, load_preference_dataset
+from inpo.errors import ConfigError, DataError
+from inpo.logprobs import completion_logps, sequence_logps
+from inpo.precompute import MANIFEST_NAME, dataset_hash, precompute_logps
+from inpo.tiny import char_tokenizer, save_tiny_lm
+
+PAIRS = [
+    {"prompt": f"Question {i}: {'why ' * (i % 4)}?", "chosen": " yes" * (1 + i % 3), "rejected": " no"}
+    for i in range(11)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = char_tokenizer(add_bos=True)
+    ref = save_tiny_lm(root / "ref", "llama", tokenizer=tok, seed=0, hidden_size=32)
+    prev = save_tiny_lm(root / "prev", "llama", tokenizer=tok, seed=1, hidden_size=32)
+    return ref, prev
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    return path
+
+
+def _training_step_logps(model_path, output, **collator_kwargs):
+    """What a training step computes: load the dataset, collate with the same collator, score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    collator = PreferenceCollator(tok, **collator_kwargs)
+    ds = load_preference_dataset(output)
+    got, stored = [], []
+    for start in range(0, len(ds), 3):  # a different batch size and order than precompute's
+        batch = collator(ds.select(range(start, min(start + 3, len(ds)))).to_list())
+        with torch.no_grad():
+            lp = sequence_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+        b = len(batch["row_id"])
+        got.append(lp)
+        stored.append(torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]))
+        assert lp.shape == (2 * b,)
+    return torch.cat(got), torch.cat(stored)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_precomputed_values_equal_a_training_step(models, data_file, tmp_path, side):
+    ref, _ = models
+    lengths = {"max_prompt_length": 9, "max_completion_length": 6, "padding_side": side}
+    result = precompute_logps(data_file, ref, tmp_path / "out", batch_size=4, **lengths)
+    assert not result.skipped
+    assert result.manifest["truncated_prompts"] > 0 and result.manifest["truncated_completions"] > 0
+    got, stored = _training_step_logps(ref, tmp_path / "out", **lengths)
+    torch.testing.assert_close(stored, got, rtol=0, atol=1e-5)
+    assert (got < 0).all()
+
+
+def test_conversational_dataset(models, tmp_path):
+    ref, _ = models
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"hi {i}"}],
+            "chosen": [{"role": "assistant", "content": "hello" * (i + 1)}],
+            "rejected": [{"role": "assistant", "content": "go"}],
+        }
+        for i in range(3)
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    precompute_logps(tmp_path / "c.json", ref, tmp_path / "out", batch_size=2)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ds = load_preference_dataset(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    expected = completion_logps(
+        model, AutoTokenizer.from_pretrained(ref), ds["prompt"], ds["chosen"]
+    )
+    torch.testing.assert_close(torch.tensor(ds["ref_chosen_logps"], dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_cli_ref_then_prev_gives_all_four_columns(models, data_file, tmp_path, capsys):
+    ref, prev = models
+    out_ref, out_all = tmp_path / "ref", tmp_path / "all"
+    base = ["precompute", "--batch-size", "3", "--device", "cpu"]
+    assert cli_main([*base, str(data_file), "--model", str(ref), "--output", str(out_ref)]) == 0
+    args = [
+        *base,
+        str(out_ref),
+        "--model",
+        str(prev),
+        "--output",
+        str(out_all),
+        "--columns",
+        "prev",
+    ]
+    assert cli_main(args) == 0
+    assert "wrote prev_chosen_logps, prev_rejected_logps for 11 pairs" in capsys.readouterr().out
+
+    ds = load_preference_dataset(out_all)
+    for name in ("ref_chosen_logps", "ref_rejected_logps", "prev_chosen_logps", "prev_rejected_logps"):  # fmt: skip
+        assert name in ds.column_names
+    assert ds["row_id"] == list(range(11))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prev)
+    for path, column in ((ref, "ref_rejected_logps"), (prev, "prev_rejected_logps")):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        expected = completion_logps(model, tok, ds["prompt"], ds["rejected"], batch_size=5)
+        torch.testing.assert_close(
+            torch.tensor(ds[column], dtype=torch.float64), expected.double(), atol=1e-5, rtol=0
+        )
+    assert ds["ref_chosen_logps"] != ds["prev_chosen_logps"]  # two different models
+
+    manifest = json.loads((out_all / MANIFEST_NAME).read_text())
+    assert manifest["columns"] == "prev" and manifest["rows"] == 11
+    assert manifest["model_path"] == str(prev.resolve())
+    assert manifest["dataset_hash"] == dataset_hash(out_ref)
+    assert [h["columns"] for h in manifest["history"]] == ["ref"]
+    assert manifest["history"][0]["dataset_hash"] == dataset_hash(data_file)
+    assert manifest["seconds_score"] >= 0 and manifest["pairs_per_second"] > 0
+
+    # idempotent: same inputs and settings -> nothing recomputed, nothing rewritten
+    before = sorted(p.stat().st_mtime_ns for p in out_all.iterdir())
+    assert cli_main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert sorted(p.stat().st_mtime_ns for p in out_all.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_existing_different_output_needs_overwrite(models, data_file, tmp_path):
+    ref, prev = models
+    out = tmp_path / "out"
+    precompute_logps(data_file, ref, out)
+    with pytest.raises(ConfigError, match="exists and holds a different computation"):
+        precompute_logps(data_file, prev, out)
+    result = precompute_logps(data_file, prev, out, overwrite=True)
+    assert result.manifest["model_path"] == str(prev.resolve())
+    # in place: the input folder is also the output
+    result = precompute_logps(out, ref, out, columns="prev", overwrite=True)
+    ds = load_preference_dataset(out)
+    assert ds["prev_chosen_logps"] != ds["ref_chosen_logps"]
+
+
+def test_skip_bad_rows_is_counted(models, tmp_path):
+    ref, _ = models
+    path = tmp_path / "d.jsonl"
+    rows = [*PAIRS[:3], {"prompt": "p", "chosen": "", "rejected": "r"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match="row 3: field 'chosen': empty completion"):
+        precompute_logps(path, ref, tmp_path / "out")
+    result = precompute_logps(path, ref, tmp_path / "out", skip_bad_rows=True)
+    assert result.manifest["rows"] == 3 and result.manifest["skipped_rows"] == 1
+
+
+def test_bad_arguments_are_one_line_errors(models, data_file, tmp_path, capsys):
+    ref, _ = models
+    out = str(tmp_path / "o")
+    cases = [
+        ([str(tmp_path / "nope.jsonl"), "--model", str(ref)], "nope.jsonl: no such file"),
+        ([str(data_file), "--model", str(tmp_path)], "not a transformers model folder"),
+        ([str(data_file), "--model", str(ref), "--tokenizer", str(tmp_path / "t")], "tokenizer"),
+        ([str(data_file), "--model", str(ref), "--device", "gpu7"], "not a torch device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(data_file), "--model", str(ref), "--device", "cuda"], "CUDA is not"))
+    for argv, message in cases:
+        assert cli_main(["precompute", *argv, "--output", out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(ConfigError, match="columns must be"):
+        precompute_logps(data_file, ref, out, columns="both")
+
+
+def test_help_runs_in_a_fresh_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "precompute", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for word in ("--columns", "ref_chosen_logps", "prev_rejected_logps", "--max-prompt-length"):
+        assert word in proc.stdout

@@ -1,0 +1,415 @@
+"""The training loop: config validation, loss wiring, invariants, checkpoint/resume, NaN guard.
+
+Every test trains a real tiny Llama (``inpo.tiny``) saved to disk and reloaded with
+``from_pretrained``, on a tiny JSONL dataset whose reference/previous log-probs are computed from
+the same weights (so the policy starts equal to both references).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from inpo.config import load_config
+from inpo.errors import ConfigError, DataError, TrainingDivergedError
+from inpo.training import TrainConfig, train
+from inpo.training.checkpoint import find_latest_checkpoint
+from inpo.training.loop import WarmupSchedule
+
+
+def make_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "prompt": f"Q{i}: add {i} and {i + 1}?",
+                "chosen": f" {2 * i + 1}.",
+                "rejected": f" maybe {i * 7 % 11} or so",
+                "tie": i % 4 == 3,
+                "chosen_winrate": 0.75,
+                "rejected_winrate": 0.25,
+            }
+        )
+    return rows
+
+
+def write_dataset(path: Path, model_dir: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as JSONL with ref/prev log-probs computed by the model in ``model_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inpo.logprobs import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [r["prompt"] for r in rows]
+    chosen = completion_logps(model, tok, prompts, [r["chosen"] for r in rows])
+    rejected = completion_logps(model, tok, prompts, [r["rejected"] for r in rows])
+    with path.open("w") as fh:
+        for r, c, j in zip(rows, chosen.tolist(), rejected.tolist(), strict=True):
+            extra = {"ref_chosen_logps": c, "ref_rejected_logps": j}
+            extra |= {"prev_chosen_logps": c, "prev_rejected_logps": j}
+            fh.write(json.dumps({**r, **extra}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama and a 12-pair dataset with precomputed log-probs from its own weights."""
+    from inpo.tiny import save_tiny_lm
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = save_tiny_lm(root / "model", "llama", hidden_size=32, num_hidden_layers=2)
+    data = write_dataset(root / "pairs.jsonl", model_dir, make_rows(12))
+    return model_dir, data
+
+
+def make_cfg(tiny, out: Path, *overrides: str) -> TrainConfig:
+    model_dir, data = tiny
+    base = [
+        f"output_dir={out}",
+        f"model.path={model_dir}",
+        f"data.train_file={data}",
+        "optim.global_batch_size=4",
+        "optim.per_device_batch_size=4",
+        "optim.learning_rate=0.001",
+        "optim.warmup_ratio=0.0",
+        "optim.max_steps=3",
+        "loss.eta=0.1",
+        "logging.progress_bar=false",
+    ]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def test_unknown_key_says_did_you_mean(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"optim\.learning_rat.*did you mean 'optim\.learning_rate'"
+    ):
+        load_config(TrainConfig, None, ["output_dir=x", "optim.learning_rat=0.1"])
+
+
+def test_tau_above_eta_fails_naming_the_key_before_any_model_loads(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "output_dir: out\nmodel: {path: /nonexistent/model}\n"
+        "data: {train_file: /nonexistent/data.jsonl}\nloss: {name: inpo, eta: 0.005, tau: 0.01}\n"
+    )
+    with pytest.raises(ConfigError, match=r"loss\.tau"):
+        load_config(TrainConfig, cfg)
+
+
+def test_hyperparameter_the_loss_does_not_take_is_rejected():
+    with pytest.raises(ConfigError, match=r"loss\.eta .*'dpo' does not take it"):
+        load_config(
+            TrainConfig,
+            None,
+            ["output_dir=o", "model.path=m", "data.train_file=d", "loss.name=dpo", "loss.eta=0.1"],
+        )
+
+
+def test_unknown_loss_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'inpo'"):
+        load_config(
+            TrainConfig,
+            None,
+            ["output_dir=o", "model.path=m", "data.train_file=d", "loss.name=inp"],
+        )
+
+
+def test_paper_defaults_fill_unset_hyperparameters():
+    cfg = load_config(TrainConfig, None, ["output_dir=o", "model.path=m", "data.train_file=d"])
+    assert cfg.optim.learning_rate == 5e-7 and cfg.optim.global_batch_size == 128
+    assert cfg.loss.hparams() == pytest.approx({"eta": 0.005, "tau": 0.005 / 3})
+
+
+def test_missing_precomputed_column_names_it_before_the_model_loads(tmp_path):
+    data = tmp_path / "raw.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [f"output_dir={tmp_path / 'o'}", "model.path=/nonexistent", f"data.train_file={data}"],
+    )
+    with pytest.raises(
+        DataError, match=r"'inpo' needs column\(s\) ref_chosen_logps.*inpo precompute"
+    ):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_warmup_then_cosine_schedule():
+    s = WarmupSchedule("cosine", warmup=2, total=10)
+    assert [s(0), s(1), s(2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert s(6) == pytest.approx(0.5)  # half-way through the decay
+    assert s(10) == pytest.approx(0.0)
+    assert WarmupSchedule("constant", 0, 10)(7) == 1.0
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def test_inpo_margin_is_zero_when_the_policy_equals_both_references(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(tiny, out, "optim.max_steps=1", "loss.tau=0.03"))
+    first = metrics(out)[0]
+    assert first["margins_abs_max"] < 1e-5
+    assert first["loss"] > 0
+
+
+def test_micro_batch_split_does_not_change_training(tiny, tmp_path):
+    """8 × 1 == 2 × 4 == 3 × 3 (uneven): the step's gradient is the mean over its pairs."""
+    runs = {}
+    for optimizer in ("sgd", "adamw"):
+        for micro in (8, 2, 3):
+            out = tmp_path / f"{optimizer}{micro}"
+            cfg = make_cfg(
+                tiny,
+                out,
+                "optim.global_batch_size=8",  # 12 pairs: steps of 8 then 4 pairs
+                f"optim.per_device_batch_size={micro}",
+                f"optim.optimizer={optimizer}",
+                "optim.max_grad_norm=null",
+            )
+            train(cfg)
+            runs[micro] = weights(out)
+        assert max_diff(runs[8], runs[2]) < 1e-6, optimizer
+        assert max_diff(runs[8], runs[3]) < 1e-6, optimizer
+        assert max_diff(runs[8], weights(tiny[0])) > 1e-3  # it did train (by ~100x the tolerance)
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path, arch):
+    """Stop after step 4 (mid-epoch), resume from the checkpoint: same weights as a straight run.
+
+    Dropout is on (Llama: attention dropout; GPT-2: its default 0.1 everywhere), so the RNG
+    state must be restored too; GPT-2 also ties its embeddings.
+    """
+    from inpo.tiny import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "model", arch, hidden_size=32, num_hidden_layers=2)
+    if arch == "llama":
+        conf = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**conf, "attention_dropout": 0.2}))
+    setup = (model_dir, tiny[1])
+    args = (
+        "optim.max_steps=6",
+        "save_steps=2",
+        "optim.warmup_ratio=0.2",
+        "optim.max_grad_norm=0.5",
+    )
+
+    straight = tmp_path / "straight"
+    train(make_cfg(setup, straight, *args))
+    stopped = tmp_path / "stopped"
+    first = train(make_cfg(setup, stopped, *args), stop_after=4)
+    assert not first.finished and not (stopped / "model.safetensors").exists()
+    second = train(make_cfg(setup, stopped, *args))
+    assert second.resumed_from == stopped / "checkpoints" / "step_000004"
+    assert max_diff(weights(straight), weights(stopped)) < 1e-6
+    assert [m["step"] for m in metrics(stopped)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in metrics(stopped)] == pytest.approx(
+        [m["loss"] for m in metrics(straight)]
+    )
+    # a third run of the same command is a no-op
+    third = train(make_cfg(setup, stopped, *args))
+    assert third.resumed_from == stopped / "checkpoints" / "step_000006"
+    assert max_diff(weights(straight), weights(stopped)) < 1e-6
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_000002").mkdir(parents=True)
+    (root / "step_000004.tmp").mkdir()
+    assert find_latest_checkpoint(root) == root / "step_000002"
+
+
+def _poison_row(marker_token: int, mode: str):
+    from inpo.logprobs import sequence_logps
+
+    def logps(model, input_ids, attention_mask, completion_mask):
+        out = sequence_logps(model, input_ids, attention_mask, completion_mask)
+        hit = (input_ids == marker_token).any(-1)
+        if mode == "loss":
+            return torch.where(hit, torch.full_like(out, float("nan")), out)
+        # finite value, NaN gradient (on the marked rows only): d/dx sqrt(0·x) = 0 · inf
+        poisoned = out.clone()
+        poisoned[hit] = out[hit] + torch.sqrt(0.0 * out[hit])
+        return poisoned
+
+    return logps
+
+
+@pytest.mark.parametrize("mode", ["loss", "grad"])
+def test_non_finite_loss_stops_with_step_and_rows_after_saving_last_good_state(
+    tmp_path, tiny, mode
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = make_rows(12)
+    rows[9]["prompt"] = "Q9: add # and #?"  # the only row with '#': rows 8-11 are step 3
+    data = write_dataset(tmp_path / "pairs.jsonl", tiny[0], rows)
+    out = tmp_path / "run"
+    cfg = make_cfg((tiny[0], data), out, "optim.max_steps=5", "data.shuffle=false")
+    marker = AutoTokenizer.from_pretrained(tiny[0]).convert_tokens_to_ids("#")
+    with pytest.raises(TrainingDivergedError) as err:
+        train(cfg, logps_fn=_poison_row(marker, mode))
+    msg = str(err.value)
+    assert "step 3" in msg and "after step 2" in msg
+    assert "9" in msg.split("rows")[1]
+    if mode == "loss":
+        assert "rows [9]" in msg
+    ckpt = out / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(metrics(out)) == 2
+
+
+def test_output_loads_with_from_pretrained_and_generates(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    result = train(make_cfg(tiny, out, "optim.max_steps=2"))
+    assert result.finished and result.steps == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Q1: add", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids.shape[1] + 4
+    saved = (out / "train_config.yaml").read_text()
+    assert "max_steps: 2" in saved and "eta: 0.1" in saved
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss") and len(rows) == 3
+    assert max_diff(weights(out), weights(tiny[0])) > 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("loss", "hparams"),
+    [
+        ("dpo", ["loss.beta=0.5"]),
+        ("ipo", ["loss.beta=0.5"]),
+        ("inpo", ["loss.eta=0.5", "loss.tau=0.1"]),
+        ("sppo", ["loss.eta=0.5"]),
+        ("todo", ["loss.beta=0.5"]),
+    ],
+)
+def test_every_loss_trains_and_its_loss_decreases(tiny, tmp_path, loss, hparams):
+    out = tmp_path / loss
+    cfg = make_cfg(
+        tiny,
+        out,
+        f"loss.name={loss}",
+        "loss.eta=null",
+        *hparams,
+        "optim.global_batch_size=12",
+        "optim.per_device_batch_size=6",
+        "optim.max_steps=20",
+        "optim.lr_scheduler=constant",
+        "save_steps=null",
+    )
+    train(cfg)
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 20 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_lora_trains_and_saves_merged_weights(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    cfg = make_cfg(tiny, out, "model.lora.r=4", "model.lora.alpha=8", "optim.learning_rate=0.01")
+    train(cfg)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = weights(out)
+    assert not any("lora" in k for k in merged)
+    base = weights(tiny[0])
+    changed = [k for k in base if (merged[k] - base[k]).abs().max() > 1e-6]
+    assert changed and all("proj" in k for k in changed)  # only LoRA targets moved
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_training(tiny, tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "gc"
+    train(make_cfg(tiny, plain))
+    train(make_cfg(tiny, ckpt, "model.gradient_checkpointing=true"))
+    assert max_diff(weights(plain), weights(ckpt)) < 1e-6
+
+
+@pytest.mark.slow
+def test_tensorboard_reporting_writes_events(tiny, tmp_path):
+    out = tmp_path / "tb"
+    train(make_cfg(tiny, out, "optim.max_steps=1", "logging.report_to=tensorboard"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gradient_checkpointing_option_recomputes_the_layers(tiny):
+    """With the option on, a decoder layer runs twice per step (forward + recompute)."""
+    from inpo.logprobs import sequence_logps
+    from inpo.training.config import ModelConfig
+    from inpo.training.modeling import load_policy
+
+    for enabled, expected_calls in ((False, 1), (True, 2)):
+        model = load_policy(ModelConfig(path=str(tiny[0]), gradient_checkpointing=enabled))
+        calls = []
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 9]])
+        mask = torch.ones_like(ids)
+        logps = sequence_logps(model, ids, mask, torch.tensor([[0, 0, 1, 1]] * 2))
+        logps.sum().backward()
+        assert len(calls) == expected_calls
+
+
+def test_report_to_wandb_without_wandb_is_a_clear_error(tiny, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        train(make_cfg(tiny, tmp_path / "w", "logging.report_to=wandb"))
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_length_buckets_give_the_same_logps_and_gradients(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inpo.data import PreferenceCollator
+    from inpo.logprobs import sequence_logps
+    from inpo.training.loop import bucketed_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    rows = make_rows(6)
+    rows[2]["chosen"] = " a much longer answer than the others, to make padding"
+    batch = PreferenceCollator(AutoTokenizer.from_pretrained(tiny[0]))(rows)
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    results = []
+    for buckets in (1, 3, 12):
+        model.zero_grad()
+        lp = bucketed_logps(sequence_logps, *args, buckets=buckets)
+        (lp * torch.arange(1.0, 13.0)).sum().backward()
+        results.append((lp.detach(), model.lm_head.weight.grad.clone()))
+    for lp, grad in results[1:]:
+        torch.testing.assert_close(lp, results[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-4)
