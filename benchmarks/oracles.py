@@ -300,7 +300,7 @@ def _markdown(args, sel_rows: list[dict], http_rows: list[dict], wall: float) ->
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), "
         f"torch {torch.__version__} CPU, {torch.get_num_threads()} threads, float32; "
         f"Python {platform.python_version()}",
-        f"- Command: `python benchmarks/oracles.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- Command: `{' '.join(['python', 'benchmarks/oracles.py', *sys.argv[1:]])}`",
         f"- Total wall time: {wall:.0f} s",
         "",
         "## 1. Selection rules on tiny model oracles",
@@ -334,7 +334,12 @@ def _markdown(args, sel_rows: list[dict], http_rows: list[dict], wall: float) ->
         "all pairs is in oracle queries, not model time; the pairwise model pays two forward "
         "sequences (both orders) per query, so there the tournament's "
         f"`3K/2 − 1 = {3 * args.k // 2 - 1}` queries against `K(K−1)/2 = "
-        f"{args.k * (args.k - 1) // 2}` are model time too.",
+        f"{args.k * (args.k - 1) // 2}` are model time too. Batching (one `prob_prefers` call "
+        "per round across prompts, model batch 32, length-bucketed) removes per-call overhead, "
+        "which is what the small models show; for the larger one a single-threaded CPU forward "
+        "is compute-bound (its cost is linear in tokens whether batched or not), so batching "
+        "gains little on this machine. The gain batching is for, filling a GPU, is not measured "
+        "here (no GPU in this environment).",
         "",
         "## 2. HTTP judge throughput against `inpo serve-oracle`",
         "",
@@ -363,7 +368,8 @@ def _markdown(args, sel_rows: list[dict], http_rows: list[dict], wall: float) ->
         "",
         f"With a {1000 * args.delay:.0f} ms model, one worker can do at most {ideal:.0f} "
         "queries/s (two requests each); the gap to `concurrency × that` is client and server "
-        "overhead in Python threads on two shared cores.",
+        "overhead in Python threads on two shared cores (load average 5–8 from other jobs while "
+        "this ran: the concurrency-16 rows vary by up to 2× between runs).",
         "",
     ]
     return "\n".join(lines)

@@ -208,7 +208,9 @@ def test_429_honours_retry_after(serve):
 def test_400_is_not_retried(serve):
     server = serve(faults=FaultInjection(fail_first_n=100, fail_status=400))
     judge = _judge(server, concurrency=1)
-    with pytest.raises(OracleError, match=r"pair 0 \(prompt 'q', order a,b\).*HTTP 400.*injected failure"):
+    with pytest.raises(
+        OracleError, match=r"pair 0 \(prompt 'q', order a,b\).*HTTP 400.*injected failure"
+    ):
         judge.prob_prefers(["q"] * 5, RESPONSES[:5], RESPONSES[1:6])
     assert judge.stats.retries == 0
     assert server.requests == 1  # the other order is not even sent after a refusal
@@ -456,3 +458,16 @@ def test_serve_oracle_command_errors(tmp_path, capsys):
     assert "matrix file" in capsys.readouterr().err
     assert main(["serve-oracle", "--oracle", "reward-model", "--model", str(tmp_path)]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_responses_file_formats(tmp_path):
+    from inpo.commands.serve_oracle import _read_responses
+    from inpo.errors import DataError
+
+    (tmp_path / "r.txt").write_text("first answer\nsecond answer\n")
+    assert _read_responses(tmp_path / "r.txt") == ["first answer", "second answer"]
+    (tmp_path / "r.json").write_text(json.dumps(["multi\nline", ""]))
+    assert _read_responses(tmp_path / "r.json") == ["multi\nline", ""]
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    with pytest.raises(DataError, match=r"bad\.json' must hold a JSON list of strings"):
+        _read_responses(tmp_path / "bad.json")

@@ -413,3 +413,31 @@ def test_length_buckets_give_the_same_logps_and_gradients(tiny):
     for lp, grad in results[1:]:
         torch.testing.assert_close(lp, results[0][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_trains_on_the_folder_inpo_precompute_writes(tiny, tmp_path, caplog):
+    """Raw pairs → precompute ref, then prev (same weights) → INPO: margin 0 at step 0."""
+    from inpo.precompute import precompute_logps
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in make_rows(8)))
+    lengths = {"max_prompt_length": 512, "max_completion_length": 512}
+    precompute_logps(raw, tiny[0], tmp_path / "ref", columns="ref", **lengths)
+    precompute_logps(tmp_path / "ref", tiny[0], tmp_path / "both", columns="prev", **lengths)
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny, out, f"data.train_file={tmp_path / 'both'}", "optim.max_steps=1")
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert metrics(out)[0]["margins_abs_max"] < 1e-5
+    assert "precomputed with" not in caplog.text
+    # other truncation limits than the precompute's are flagged
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "run2",
+        f"data.train_file={tmp_path / 'both'}",
+        "optim.max_steps=1",
+        "data.max_completion_length=4",
+    )
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "max_completion_length=4" in caplog.text and "precomputed with" in caplog.text

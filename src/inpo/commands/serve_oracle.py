@@ -140,6 +140,13 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key_env:
+        print(
+            f"inpo serve-oracle: warning: listening on {args.host} without --api-key-env; "
+            "anyone who can reach this port can query the oracle",
+            file=sys.stderr,
+        )
+
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 

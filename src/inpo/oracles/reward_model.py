@@ -231,7 +231,7 @@ class RewardModelOracle:
         torch = self._torch
         encoded = [self.render(p, r) for p, r in keys]
         out = [0.0] * len(keys)
-        pad = self.tokenizer.pad_token_id
+        pad = self.model.config.pad_token_id  # the id the classifier pools around
         for idx in length_batches([len(e) for e in encoded], self.batch_size, self.max_padding):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)

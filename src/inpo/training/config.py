@@ -87,8 +87,10 @@ class DataConfig:
 
     train_file: str = ""
     split: str | None = None
-    max_prompt_length: int = 512
-    max_completion_length: int = 512
+    #: Truncation (prompt: keep the end; completion: keep the start). Use the limits that
+    #: ``inpo precompute`` used, so reference log-probs score the same tokens (null: no limit).
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = 512
     skip_bad_rows: bool = False
     shuffle: bool = True
     #: Sort the micro-batches of each optimizer step by length, so that each is padded to a
@@ -100,11 +102,16 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.train_file:
-            raise ConfigError("data.train_file is required (a JSONL/JSON/Parquet file of pairs)")
+            raise ConfigError(
+                "data.train_file is required (a JSONL/JSON/Parquet file of pairs, or the "
+                "folder `inpo precompute` writes)"
+            )
         if self.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
-        if self.max_prompt_length < 1 or self.max_completion_length < 1:
-            raise ConfigError("data.max_prompt_length and data.max_completion_length must be >= 1")
+        for key in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
 
 
 @dataclass

@@ -156,6 +156,31 @@ def bucketed_logps(
     return out
 
 
+def _check_precompute_lengths(cfg: TrainConfig) -> None:
+    """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
+    a pair truncated differently has reference log-probs of another completion."""
+    manifest = Path(cfg.data.train_file) / "manifest.json"
+    if not manifest.is_file():
+        return
+    import json
+
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return
+    for key in ("max_prompt_length", "max_completion_length"):
+        if key in info and info[key] != getattr(cfg.data, key):
+            log.warning(
+                "data.%s=%s but %s was precomputed with %s=%s: pairs longer than either limit "
+                "get log-probs of differently truncated text; use the same limits",
+                key,
+                getattr(cfg.data, key),
+                cfg.data.train_file,
+                key,
+                info[key],
+            )
+
+
 def _text_len(value: Any) -> int:
     if isinstance(value, str):
         return len(value)
@@ -259,6 +284,7 @@ def train(
     if ignored:
         log.warning("loss '%s' ignores the dataset's column(s) %s", spec.name, ", ".join(ignored))
     n_rows = len(rows)
+    _check_precompute_lengths(cfg)
     check_model_dir(cfg.model.path)
     _check_tracker(cfg.logging.report_to)
     resume_from = _resume_point(cfg, ckpt_root)
@@ -395,9 +421,9 @@ def train(
             if cfg.data.group_by_length:
                 local = sorted(local, key=lambda i: -lengths[i])
             micro = cfg.optim.per_device_batch_size
-            sums = torch.zeros(
-                8, dtype=torch.float64
-            )  # loss, margin, chosen, rejected, acc, tokens, trunc p, trunc c
+            # sums over the step's pairs: loss, margin, chosen/rejected rewards, correct,
+            # tokens, truncated prompts, truncated completions
+            sums = torch.zeros(8, dtype=torch.float64)
             abs_max = torch.zeros(1, dtype=torch.float64)
             for start in range(0, len(local), micro):
                 batch_rows = [rows[i] for i in local[start : start + micro]]

@@ -1,0 +1,101 @@
+"""``inpo compare [CONFIG.yaml] [algorithms=inpo,online_ipo,dpo,sppo] [key=value ...]``.
+
+Runs several algorithms on the same task, prompts, seeds, iterations and ``K`` — each into
+``RUN_DIR/<algorithm>/`` (resumable like ``inpo run``) — and writes one comparison:
+``RUN_DIR/metrics.jsonl`` (every algorithm's rows), ``RUN_DIR/compare.md`` (the table) and
+``RUN_DIR/plots/metrics.png``. With ``equal_budget=true`` (default), SPPO's all-pairs
+annotation gets the largest ``K`` whose ``K(K−1)/2`` queries do not exceed the tournament's
+``3K/2 − 1`` (for ``K = 8``: SPPO samples 5 responses, 10 queries against 11), so every
+algorithm spends about the same oracle budget per prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+DEFAULT = "inpo,online_ipo,dpo,sppo"
+
+
+def sppo_k(k: int) -> int:
+    """The largest K' with K'(K'−1)/2 ≤ the tournament's queries for K (at least 2)."""
+    from inpo.selection import tournament_queries
+
+    budget = tournament_queries(k)
+    best = 2
+    while (best + 1) * best // 2 <= budget:
+        best += 1
+    return best
+
+
+def main(argv: list[str]) -> int:
+    from inpo.commands.run import load_run_config, parse_args
+    from inpo.errors import ConfigError
+    from inpo.pipeline.config import ALGORITHMS
+    from inpo.pipeline.report import table, write_metrics, write_report
+    from inpo.pipeline.run import run_pipeline
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    algorithms = DEFAULT
+    equal_budget = True
+    rest = []
+    for arg in argv:
+        if arg.startswith("algorithms="):
+            algorithms = arg.split("=", 1)[1]
+        elif arg.startswith("equal_budget="):
+            value = arg.split("=", 1)[1].lower()
+            if value not in ("true", "false"):
+                raise ConfigError(f"equal_budget must be true or false, got '{value}'")
+            equal_budget = value == "true"
+        else:
+            rest.append(arg)
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    for name in names:
+        if name not in ALGORITHMS:
+            raise ConfigError(f"algorithms: unknown '{name}' (allowed: {', '.join(ALGORITHMS)})")
+    path, overrides = parse_args(rest)
+    base = load_run_config(path, overrides)
+    root = Path(base.run_dir)
+    # Validate every algorithm's config before any work.
+    configs = []
+    for name in names:
+        cfg = copy.deepcopy(base)
+        cfg.algorithm = name
+        cfg.run_dir = str(root / name)
+        if name == "sppo":
+            cfg.annotate.selection = "all_pairs"
+            if equal_budget:
+                cfg.generate.k = sppo_k(base.generate.k)
+        elif cfg.annotate.selection == "all_pairs":
+            cfg.annotate.selection = "auto"
+        from inpo.config import _validate
+
+        _validate(cfg)
+        configs.append(cfg)
+    rows = []
+    for cfg in configs:
+        print(f"== {cfg.algorithm} ==", file=sys.stderr, flush=True)
+        run_dir = run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+        rows += [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    write_metrics(root, rows)
+    write_report(root, rows, base, title=f"inpo compare on task '{base.task}'")
+    (root / "report.md").rename(root / "compare.md")
+    last = {}
+    for r in rows:
+        last[r["algorithm"]] = r
+    cols = [
+        "algorithm",
+        "iteration",
+        "duality_gap",
+        "exploitability",
+        "win_rate_vs_ref",
+        "kl_to_ref",
+        "oracle_queries_total",
+    ]
+    print(table(list(last.values()), cols))
+    print(f"\ncomparison: {root / 'compare.md'}")
+    return 0

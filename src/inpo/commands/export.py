@@ -1,0 +1,169 @@
+"""``inpo export``: a model's answers in the formats AlpacaEval, MT-Bench and Arena-Hard read.
+
+The questions come from the benchmark's own file (nothing is downloaded):
+
+* ``alpaca_eval``: a JSON list (or JSONL) of ``{"instruction": ...}`` (the ``alpaca_eval.json``
+  evaluation set) → a JSON list of ``{"instruction", "output", "generator", "dataset"}``
+  (AlpacaEval's ``model_outputs.json``).
+* ``mt_bench``: FastChat's ``question.jsonl`` (``question_id``, ``category``, ``turns`` — a
+  list of strings) → ``model_answer/<name>.jsonl`` lines ``{"question_id", "answer_id",
+  "model_id", "choices": [{"index": 0, "turns": [...]}], "tstamp"}``; the second turn is
+  answered in the conversation that includes the model's first answer.
+* ``arena_hard``: Arena-Hard-Auto's ``question.jsonl`` (``question_id`` or ``uid``; ``turns``
+  of ``{"content": ...}`` or a ``prompt``) → the same answer layout with turns of
+  ``{"content", "token_len"}``.
+
+Prompts go through the model's chat template when it has one; decoding is greedy unless
+``--temperature`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from inpo.commands._args import ArgumentParser
+from inpo.errors import DataError, InpoError
+
+FORMATS = ("alpaca_eval", "mt_bench", "arena_hard")
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="inpo export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="a local transformers model folder")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--questions", required=True, type=Path, help="the benchmark's question file")
+    p.add_argument("--output", required=True, type=Path, help="the answer file to write")
+    p.add_argument("--name", default=None, help="model name in the output (default: folder name)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    return p
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"questions file '{path}' does not exist")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as err:
+                    raise DataError(f"{path}: line {i + 1}: not valid JSON ({err})") from err
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected an object")
+    return rows
+
+
+def _turns(row: dict[str, Any], fmt: str, path: Path, i: int) -> list[str]:
+    if fmt == "alpaca_eval":
+        text = row.get("instruction")
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{path}: row {i}: missing field 'instruction'")
+        extra = row.get("input")
+        return [f"{text}\n\n{extra}" if isinstance(extra, str) and extra else text]
+    turns = row.get("turns")
+    if turns is None and isinstance(row.get("prompt"), str):
+        turns = [row["prompt"]]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{path}: row {i}: missing field 'turns'")
+    out = []
+    for t in turns:
+        content = t.get("content") if isinstance(t, dict) else t
+        if not isinstance(content, str):
+            raise DataError(f"{path}: row {i}: field 'turns' must hold strings or {{content}}")
+        out.append(content)
+    return out
+
+
+class _Answerer:
+    def __init__(self, model_dir: Path, max_new_tokens: int, temperature: float, batch_size: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from inpo.generation import GenerationSettings
+
+        if not model_dir.is_dir():
+            raise InpoError(f"--model '{model_dir}' is not a folder")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
+        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.chat = getattr(self.tok, "chat_template", None) is not None
+        self.settings = GenerationSettings(temperature, 1.0, max_new_tokens, batch_size)
+
+    def __call__(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        from inpo.generation import sample_responses
+
+        prompts: list[Any] = (
+            conversations
+            if self.chat
+            else ["\n\n".join(m["content"] for m in c) for c in conversations]
+        )
+        return [
+            r[0] for r in sample_responses(self.model, self.tok, prompts, 1, self.settings, seed=0)
+        ]
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    rows = _read(args.questions)[: args.limit]
+    turns = [_turns(r, args.format, args.questions, i) for i, r in enumerate(rows)]
+    name = args.name or args.model.name
+    answer = _Answerer(args.model, args.max_new_tokens, args.temperature, args.batch_size)
+    # Answer turn by turn: turn j of every question at once, in its conversation so far.
+    convs: list[list[dict[str, str]]] = [[] for _ in rows]
+    answers: list[list[str]] = [[] for _ in rows]
+    for j in range(max(len(t) for t in turns)):
+        idx = [i for i, t in enumerate(turns) if j < len(t)]
+        for i in idx:
+            convs[i].append({"role": "user", "content": turns[i][j]})
+        outs = answer([convs[i] for i in idx])
+        for i, out in zip(idx, outs):
+            convs[i].append({"role": "assistant", "content": out})
+            answers[i].append(out)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    if args.format == "alpaca_eval":
+        data = [
+            {
+                "instruction": r["instruction"],
+                "output": a[0],
+                "generator": name,
+                "dataset": r.get("dataset", "helpful_base"),
+            }
+            for r, a in zip(rows, answers)
+        ]
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        with open(tmp, "w") as fh:
+            for r, a in zip(rows, answers):
+                qid = r.get("question_id", r.get("uid"))
+                if args.format == "mt_bench":
+                    turns_out: list[Any] = a
+                else:
+                    turns_out = [
+                        {
+                            "content": t,
+                            "token_len": len(answer.tok(t, add_special_tokens=False)["input_ids"]),
+                        }
+                        for t in a
+                    ]
+                line = {
+                    "question_id": qid,
+                    "answer_id": uuid.uuid4().hex[:22],
+                    "model_id": name,
+                    "choices": [{"index": 0, "turns": turns_out}],
+                    "tstamp": time.time(),
+                }
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(args.output)
+    print(f"wrote {len(rows)} answers ({args.format}) to {args.output}")
+    return 0

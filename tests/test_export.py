@@ -1,0 +1,127 @@
+"""`inpo export`: answers in the AlpacaEval, MT-Bench and Arena-Hard formats, from a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inpo.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from inpo.tiny import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("m") / "tiny", "llama", hidden_size=32)
+
+
+def test_alpaca_eval(model_dir, tmp_path, capsys):
+    q = tmp_path / "alpaca_eval.json"
+    q.write_text(
+        json.dumps([{"instruction": "Say hi.", "dataset": "x"}, {"instruction": "Count."}])
+    )
+    out = tmp_path / "model_outputs.json"
+    code = main(
+        [
+            "export",
+            "--model",
+            str(model_dir),
+            "--format",
+            "alpaca_eval",
+            "--questions",
+            str(q),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "5",
+            "--name",
+            "tiny",
+        ]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [d["instruction"] for d in data] == ["Say hi.", "Count."]
+    assert all(d["generator"] == "tiny" and isinstance(d["output"], str) for d in data)
+    assert data[0]["dataset"] == "x"
+
+
+def test_mt_bench_two_turns_and_arena_hard(model_dir, tmp_path, capsys):
+    q = tmp_path / "question.jsonl"
+    q.write_text(
+        json.dumps(
+            {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]}
+        )
+        + "\n"
+        + json.dumps({"question_id": 82, "category": "math", "turns": ["1+1?"]})
+        + "\n"
+    )
+    out = tmp_path / "model_answer" / "tiny.jsonl"
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_dir),
+                "--format",
+                "mt_bench",
+                "--questions",
+                str(q),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == [81, 82]
+    assert len(lines[0]["choices"][0]["turns"]) == 2 and len(lines[1]["choices"][0]["turns"]) == 1
+    assert lines[0]["model_id"] == "tiny"
+
+    qa = tmp_path / "arena.jsonl"
+    qa.write_text(json.dumps({"uid": "abc", "turns": [{"content": "Hello?"}]}) + "\n")
+    out2 = tmp_path / "arena_answer.jsonl"
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_dir),
+                "--format",
+                "arena_hard",
+                "--questions",
+                str(qa),
+                "--output",
+                str(out2),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    line = json.loads(out2.read_text())
+    assert line["question_id"] == "abc"
+    turn = line["choices"][0]["turns"][0]
+    assert set(turn) == {"content", "token_len"}
+
+
+def test_bad_questions_file(model_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1}\n')
+    code = main(
+        [
+            "export",
+            "--model",
+            str(model_dir),
+            "--format",
+            "mt_bench",
+            "--questions",
+            str(q),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
+    assert code == 2
+    assert "row 0: missing field 'turns'" in capsys.readouterr().err
