@@ -161,6 +161,7 @@ def run_inpo(setup: dict, work: Path) -> dict:
             "data.max_completion_length=1024",
             "bf16=false",
             "save_steps=null",
+            "resume=never",
             "logging.progress_bar=false",
         ],
     )
@@ -192,11 +193,15 @@ def run_trl(setup: dict, work: Path, precompute: bool) -> dict:
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+        # wall time between consecutive optimizer-step ends: the whole step, data included
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.t0)
+            now = time.perf_counter()
+            if self.last is not None:
+                times.append(now - self.last)
+            self.last = now
 
     cfg = DPOConfig(
         output_dir=str(work / "trl_out"),
@@ -222,12 +227,13 @@ def run_trl(setup: dict, work: Path, precompute: bool) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    steps = len(times)
-    pairs_timed = (steps - 1) * MICRO * ACCUM
+    steps = len(times) + 1
+    pairs_timed = len(times) * MICRO * ACCUM
     return {
         "steps": steps,
         "tokens": pairs_timed * setup["tokens_per_pair"],
-        "seconds": sum(times[1:]),
+        "seconds": sum(times),
+        "step_times": times,
         "train_call_s": total,
         "peak_rss_mb": rss_mb(),
         "rss_before_mb": before,
@@ -264,7 +270,7 @@ def run_worker(kind: str, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (one epoch)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats (best kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--worker", choices=["inpo", "trl", "trl-precompute"])
     parser.add_argument("--setup")
     parser.add_argument("--out", default=str(RESULTS))
@@ -276,6 +282,7 @@ def main() -> None:
     import torch
     import trl
 
+    load0 = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="inpo-bench-"))
     setup = build(work, pairs=args.steps * MICRO * ACCUM)
     (work / "setup.json").write_text(json.dumps(setup))
@@ -291,7 +298,13 @@ def main() -> None:
             print(
                 f"round {round_ + 1} {kind}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True
             )
-    results = {k: max(v, key=lambda r: r["tokens"] / r["seconds"]) for k, v in runs.items()}
+    speed = {k: sorted(r["tokens"] / r["seconds"] for r in v) for k, v in runs.items()}
+    median = {
+        k: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+        for k, v in speed.items()
+    }
+    peak_rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    growth = {k: max(r["peak_rss_mb"] - r["rss_before_mb"] for r in v) for k, v in runs.items()}
     peak2 = matmul_peak_flops()
 
     n = setup["non_embedding_params"]
@@ -302,8 +315,7 @@ def main() -> None:
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible "
         f"(torch threads: {torch.get_num_threads()}), {platform.platform()}; no GPU. "
-        "Cores are shared with other jobs, so absolute numbers are noisy; the ratios are "
-        "from the same run.",
+        f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         f"- Versions: torch {torch.__version__}, trl {trl.__version__}, Python "
         f"{platform.python_version()}",
         f"- Command: `python benchmarks/train_throughput.py --steps {args.steps} --rounds {args.rounds}`",
@@ -316,8 +328,10 @@ def main() -> None:
         f"{peak / 1e9:.1f} / {peak2 / 1e9:.1f} GFLOP/s",
         f"- INPO reference/previous log-probs precomputed once before training in "
         f"{setup['precompute_s']:.1f} s (no-grad forward of all pairs), not in the step times",
-        f"- Each trainer ran {args.rounds} time(s), interleaved, each in a fresh process; the "
-        "table keeps each trainer's best round (all rounds listed)",
+        f"- Each trainer ran {args.rounds} time(s), interleaved (the order rotates each round), "
+        "each in a fresh process. The headline is the median round; all rounds are listed. "
+        "Other jobs shared the 2 cores while this ran (see the spread), so read the ratios, "
+        "not the absolute numbers, and only as far as the spread allows.",
         "- What `inpo train` does differently: reference/previous log-probs are dataset columns "
         "(no reference model in memory or in the step); micro-batches of a step are "
         "length-sorted and each micro-batch's 2B sequences run as 4 length buckets cut to their "
@@ -325,22 +339,23 @@ def main() -> None:
         "positions (`inpo.logprobs.sequence_logps`). No prompt sharing between chosen and "
         "rejected (not implemented).",
         "",
-        "| trainer | tokens/s (best) | all rounds | × TRL default | MFU (6·N·tok/s ÷ GEMM peak) "
-        "| peak RSS (MiB) | RSS growth in training (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| trainer | tokens/s (median) | all rounds | × TRL default (median) "
+        "| × TRL precompute (median) | MFU (6·N·tok/s ÷ GEMM peak) | peak RSS (MiB) "
+        "| RSS growth in training (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = results["trl"]["tokens"] / results["trl"]["seconds"]
     names = {
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
         "trl": "TRL DPOTrainer (reference model each step)",
         "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
     }
-    for kind, r in results.items():
-        tps = r["tokens"] / r["seconds"]
-        every = ", ".join(f"{x['tokens'] / x['seconds']:.0f}" for x in runs[kind])
+    for kind in kinds:
+        tps = median[kind]
+        every = ", ".join(f"{x:.0f}" for x in speed[kind])
         lines.append(
-            f"| {names[kind]} | {tps:,.0f} | {every} | {tps / base:.2f} | {6 * n * tps / gemm:.1%} "
-            f"| {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:,.0f} |"
+            f"| {names[kind]} | {tps:,.0f} | {every} | {tps / median['trl']:.2f} "
+            f"| {tps / median['trl-precompute']:.2f} | {6 * n * tps / gemm:.1%} "
+            f"| {peak_rss[kind]:,.0f} | {growth[kind]:,.0f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,9 @@ def test_implicit_conversation_without_shared_prompt_is_an_error(tmp_path):
     rows = [{"chosen": [user("a"), assistant("b")], "rejected": [user("x"), assistant("y")]}]
     with pytest.raises(DataError, match=r"row 0: field 'chosen': .*share no prompt"):
         load_preference_dataset(write_jsonl(tmp_path / "c.jsonl", rows))
+    rows = [{"chosen": "same text", "rejected": "same text"}]
+    with pytest.raises(DataError, match=r"row 0: field 'rejected': identical to chosen"):
+        load_preference_dataset(write_jsonl(tmp_path / "t.jsonl", rows))
 
 
 def test_optional_value_ranges(tmp_path):

@@ -194,6 +194,45 @@ def test_half_precision_paths_agree(tok, mode):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=2e-2, atol=2e-2)
 
 
+def test_goes_through_the_outer_forward_and_supports_checkpointing(tok, monkeypatch):
+    """A DDP-like wrapper's forward must run (DDP syncs gradients only after its forward)."""
+    import inpo.logprobs
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    inner = tiny_causal_lm("llama", tok, hidden_size=32, num_hidden_layers=2, seed=6).eval()
+    wrapped = Wrapper(inner)
+    batch = PreferenceCollator(tok, padding_side="left")(ROWS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+    def run(model):
+        inner.zero_grad(set_to_none=True)
+        lp = sequence_logps(model, *args, chunk_size=4)
+        lp.sum().backward()
+        return lp.detach(), inner.model.norm.weight.grad.clone()
+
+    lp, grad = run(wrapped)
+    assert wrapped.calls == 1
+    inner.activation_checkpointing_enable()
+    inner.train()  # HF checkpointing is active in train mode only; the tiny llama has no dropout
+    lp_ckpt, grad_ckpt = run(inner)
+    inner.activation_checkpointing_disable()
+    inner.eval()
+    monkeypatch.setattr(inpo.logprobs, "_keeps_logits", lambda model: False)  # no logits_to_keep
+    lp_direct, grad_direct = run(inner)
+    for other, other_grad in ((lp_ckpt, grad_ckpt), (lp_direct, grad_direct)):
+        torch.testing.assert_close(other, lp)
+        torch.testing.assert_close(other_grad, grad)
+
+
 def test_no_completion_tokens_gives_zero_and_masks_are_checked(model, tok):
     batch = PreferenceCollator(tok)(ROWS[:1])
     comp = batch["completion_mask"].clone()
@@ -211,27 +250,34 @@ def test_no_completion_tokens_gives_zero_and_masks_are_checked(model, tok):
         sequence_logps(model, batch["input_ids"], batch["attention_mask"], comp, chunk_size=0)
 
 
-def test_peft_lora_model(tok):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_peft_lora_model(tok, targets):
+    """LoRA on the body (fused head path) and on the LM head itself (generic head path)."""
     peft = pytest.importorskip("peft")
     base = tiny_causal_lm("llama", tok, hidden_size=32, num_hidden_layers=2, seed=2)
     lora = peft.get_peft_model(
-        base,
-        peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-        ),
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     ).eval()
     batch = PreferenceCollator(tok, padding_side="left")(ROWS)
     args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    ours = sequence_logps(lora, *args, chunk_size=3)
-    with torch.no_grad():
-        naive = naive_sequence_logps(lora, *args)
-        with lora.disable_adapter():
-            no_adapter = sequence_logps(lora, *args)
-    torch.testing.assert_close(ours.detach(), naive, rtol=1e-6, atol=1e-5)
-    assert (ours.detach() - no_adapter).abs().max() > 1e-3  # the adapter is really applied
-    ours.sum().backward()
-    trained = [n for n, p in lora.named_parameters() if p.grad is not None]
-    assert trained and all("lora_" in n for n in trained)
+
+    def grads(fn):
+        lora.zero_grad(set_to_none=True)
+        out = fn()
+        (out * torch.arange(1.0, 7.0)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}  # fmt: skip
+
+    ours, ours_grads = grads(lambda: sequence_logps(lora, *args, chunk_size=3))
+    naive, naive_grads = grads(lambda: naive_sequence_logps(lora, *args))
+    with torch.no_grad(), lora.disable_adapter():
+        no_adapter = sequence_logps(lora, *args)
+    torch.testing.assert_close(ours, naive, rtol=1e-6, atol=1e-5)
+    assert (ours - no_adapter).abs().max() > 1e-3  # the adapter is really applied
+    assert ours_grads.keys() == naive_grads.keys()
+    assert ours_grads and all("lora_" in n for n in ours_grads)
+    assert any("lm_head" in n for n in ours_grads) == ("lm_head" in targets)
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_prompt_learning_peft_is_refused(tok):

@@ -196,3 +196,30 @@ def test_help_runs_in_a_fresh_process():
     )
     for word in ("--columns", "ref_chosen_logps", "prev_rejected_logps", "--max-prompt-length"):
         assert word in proc.stdout
+
+
+def test_a_resaved_model_is_not_mistaken_for_the_old_one(data_file, tmp_path):
+    """An iterate re-saved to the same path (same shapes and sizes) must not count as up to date."""
+    tok = char_tokenizer(add_bos=True)
+    path = save_tiny_lm(tmp_path / "policy", "llama", tokenizer=tok, seed=0, hidden_size=16)
+    out = tmp_path / "out"
+    first = precompute_logps(data_file, path, out, columns="prev")
+    save_tiny_lm(path, "llama", tokenizer=tok, seed=1, hidden_size=16)
+    with pytest.raises(ConfigError, match="holds a different computation"):
+        precompute_logps(data_file, path, out, columns="prev")
+    second = precompute_logps(data_file, path, out, columns="prev", overwrite=True)
+    assert not second.skipped and second.manifest["key"] != first.manifest["key"]
+
+
+def test_non_finite_log_probs_are_an_error(data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = char_tokenizer(add_bos=True)
+    path = save_tiny_lm(tmp_path / "broken", "llama", tokenizer=tok, hidden_size=16)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight[5].fill_(float("nan"))
+    model.save_pretrained(path)
+    with pytest.raises(DataError, match=r"non-finite log-probs for 11 row\(s\) \(row_id 0, 1, 2"):
+        precompute_logps(data_file, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""The embedded default task: grammar, cyclic panel, BT oracle, cached reference, exact evaluation."""
+"""The default task: grammar, cyclic panel, BT oracle, cached reference, exact evaluation."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def test_grammar_and_enumeration_are_deterministic(task):
     assert len(task.prompts_eval) == 12 and len(task.prompts_train) == 54 - 12
     assert not set(task.prompts_eval) & set(task.prompts_train)
     ys = task.responses()
-    assert len(ys) == 6 + 36 + 216 == len(set(ys))
-    assert ys[:2] == ["red", "blue"] and ys[-1] == "star star star"
-    assert sorted(np.bincount(task.lengths)[1:]) == [6, 36, 216]
+    assert len(ys) == 7 + 49 + 343 == len(set(ys))
+    assert ys[:2] == ["red", "blue"] and ys[-1] == "very very very"
+    assert sorted(np.bincount(task.lengths)[1:]) == [7, 49, 343]
     other = DefaultTask(DefaultTaskConfig(seed=1))
     assert other.prompts_eval != task.prompts_eval  # the split follows the seed
     assert task.grammar.keyword_of("describe a red circle") == "red"
@@ -74,15 +74,28 @@ def test_config_errors_name_the_key():
         DefaultTask(DefaultTaskConfig(tau=0.2, eta=0.1))
     with pytest.raises(ConfigError, match="sft_length_probs"):
         DefaultTask(DefaultTaskConfig(sft_length_probs=[0.5, 0.5]))
+    with pytest.raises(ConfigError, match="max_len"):
+        DefaultTask(DefaultTaskConfig(max_len=4))
     with pytest.raises(ConfigError, match="template word"):
         DefaultTask(DefaultTaskConfig(colors=["red", "a"]))
+
+
+def test_config_loads_with_overrides():
+    from inpo.config import load_config
+
+    cfg = load_config(DefaultTaskConfig, overrides=["tau=0.1", "colors=red,blue", "seed=3"])
+    assert cfg.tau == 0.1 and cfg.colors == ["red", "blue"] and cfg.seed == 3
+    task = DefaultTask(cfg)
+    assert len(task.prompts) == 6 * 2 * 3 and len(task.responses()) == 6 + 36 + 216
+    with pytest.raises(ConfigError, match="did you mean 'noise'"):
+        load_config(DefaultTaskConfig, overrides=["nois=0.2"])
 
 
 def test_exact_matrix_is_the_panels(task):
     prompts = task.prompts_eval[:3]
     p = task.preference_matrix(prompts)
     ys = task.responses()
-    assert p.shape == (3, 258, 258)
+    assert p.shape == (3, 399, 399)
     np.testing.assert_allclose(p + p.transpose(0, 2, 1), 1.0, atol=1e-12)
     assert np.all(np.diagonal(p, axis1=1, axis2=2) == 0.5)
     # Bit-for-bit the panel's own (pure Python) matrix, on a subset of responses.
@@ -98,7 +111,9 @@ def test_exact_matrix_is_the_panels(task):
 
 
 def test_panel_is_cyclic_without_condorcet_winner(task):
-    p = task.preference_matrix(task.prompts_eval)
+    one_per_keyword = {task.grammar.keyword_of(x): x for x in task.prompts}
+    assert len(one_per_keyword) == 6
+    p = task.preference_matrix(list(one_per_keyword.values()))
     for pm in p:
         triple = _cyclic_triple(pm)
         assert triple is not None
@@ -132,6 +147,9 @@ def test_bt_oracle_is_the_mle_and_misses_the_cycle(task):
     # Out-of-set responses rank with the worst enumerable one; unknown prompts are errors.
     assert bt.rewards([x], ["red red red red"])[0] == r[0].min()
     assert bt.stats.extra["outside_set"] == 1
+    # The panel itself compares any string (its tastes are defined on all text).
+    got = task.panel().prob_prefers([x], ["red red red red"], ["red <unk>"])[0]
+    assert 0.0 < got < 1.0
     with pytest.raises(OracleError, match="no rewards for prompt"):
         bt.rewards(["hello"], ["red"])
 
@@ -139,8 +157,8 @@ def test_bt_oracle_is_the_mle_and_misses_the_cycle(task):
 def test_exact_tabular_inpo_halves_the_gap_of_a_broad_reference(task):
     """On the task's matrices from the SFT target μ, the exact INPO iteration at the task's η, τ
     halves the duality gap within 3 iterations (the target the LM pipeline aims for)."""
-    mu = 6.0 ** -task.lengths.astype(float)
-    mu = mu / mu.sum()
+    mu = task.sft_distribution()
+    assert mu.sum() == pytest.approx(1.0) and mu[0] == pytest.approx(1 / 3 / 7)
     logps = np.log(np.tile(mu, (len(task.prompts_eval), 1)))
     ref = PolicyTable(task.prompts_eval, task.responses(), logps)
     out = task.tabular_inpo(ref, iterations=3)
@@ -213,6 +231,11 @@ def test_reference_is_cached_and_loads_with_auto_classes(reference, tmp_path):
         "<|assistant|>",
     ]
     assert model.config.vocab_size == len(tok)
+    # Plain decoding spells every enumerable response as the set does (so a generic sampler,
+    # e.g. ``inpo.generation``, finds its samples in the oracle's tables).
+    for y in task.responses():
+        ids = tok(y, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(y.split()) and tok.decode(ids, skip_special_tokens=True) == y
 
 
 def test_policy_table_is_exact(reference):
@@ -220,7 +243,7 @@ def test_policy_table_is_exact(reference):
 
     task, model, tok = reference
     table = task.policy_table(model, tok)
-    assert table.logps.shape == (12, 258)
+    assert table.logps.shape == (12, 399)
     sums = table.probs.sum(axis=1)
     assert np.all(sums <= 1.0 + 1e-6)
     np.testing.assert_allclose(table.mass_outside, np.clip(1.0 - sums, 0, 1))
@@ -261,6 +284,48 @@ def test_evaluate_reference_against_itself(reference):
     # A different policy (the reference's best response, as a table) wins against π_ref.
     w = np.einsum("mij,mj->mi", p, ref.policy)
     assert (w.max(axis=1) > 0.5).all()
+
+
+def test_evaluate_another_policy_matches_the_game_functions(reference):
+    """A policy that is not π_ref (its "very" logit perturbed): metrics equal inpo.game.exact
+    on its table."""
+    import copy
+
+    import torch
+
+    from inpo.game.exact import kl
+
+    task, model, tok = reference
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight[tok.convert_tokens_to_ids("very")] += 2.0
+    ref = task.reference_table()
+    table = task.policy_table(other, tok)
+    metrics = task.evaluate(other, tok)
+    p = task.preference_matrix()
+    pi, pr = table.policy, ref.policy
+    tau = task.config.tau
+    assert metrics["duality_gap"] == pytest.approx(duality_gap(p, pi, pr, tau).mean(), rel=1e-12)
+    assert metrics["exploitability"] == pytest.approx(exploitability(p, pi).mean(), rel=1e-12)
+    assert metrics["kl_to_ref"] == pytest.approx(kl(pi, pr).mean(), rel=1e-12) and (
+        metrics["kl_to_ref"] > 0.1
+    )
+    win = np.mean([pi[m] @ p[m] @ pr[m] for m in range(len(pi))])
+    assert metrics["win_rate_vs_ref"] == pytest.approx(win, rel=1e-12)
+    assert metrics["win_rate_vs_ref"] != pytest.approx(0.5, abs=1e-3)
+    very = np.array(["very" in y.split() for y in task.responses()])
+    assert (np.abs(pi[:, very].sum(1) - pr[:, very].sum(1)) > 0.1).all()
+    # KL(π* ‖ π) to the regularised Nash, on two prompts (solving π* costs ~1 s a prompt).
+    two = task.prompts_eval[:2]
+    ref2 = task.reference_table(two)
+    out = task.evaluate(other, tok, ref_table=ref2, prompts=two, nash=True)
+    star = task.regularized_nash(ref2)
+    assert duality_gap(task.preference_matrix(two), star, ref2.policy, tau).max() < 1e-9
+    pi2 = task.policy_table(other, tok, two).policy
+    assert out["kl_nash"] == pytest.approx(kl(star, pi2).mean(), rel=1e-12)
+    assert task.evaluate(model, tok, ref_table=ref2, prompts=two, nash=True)["kl_nash"] == (
+        pytest.approx(kl(star, ref2.policy).mean(), rel=1e-12)
+    )
 
 
 def test_sample_responses_reproducible_and_inside(reference):

@@ -193,6 +193,8 @@ def _check_completion(value: Any, field: str, conversational: bool) -> Text:
 
 def _split_implicit(chosen: Any, rejected: Any, conversational: bool) -> tuple[Text, Text, Text]:
     """Split two full texts/conversations into (common prompt, chosen rest, rejected rest)."""
+    if chosen == rejected:
+        raise _RowError("rejected", "identical to chosen: no completion to compare")
     if conversational:
         c = _check_messages(chosen, "chosen")
         r = _check_messages(rejected, "rejected")

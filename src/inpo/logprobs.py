@@ -100,6 +100,50 @@ def _postprocess(config: Any):
     return apply
 
 
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM's ``forward`` takes ``logits_to_keep`` (transformers >= 4.50)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+
+
+def _final_hidden(model: Any, backbone: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The backbone's final hidden states ``[N, L, H]`` (after the final norm).
+
+    The call goes through the *outer* model's ``forward`` (so ``DistributedDataParallel`` and
+    PEFT wrappers see it: DDP only synchronises gradients after its own forward ran) with
+    ``logits_to_keep=1``, so the model itself computes logits for one position per row only; a
+    forward hook on the backbone captures its output. A model without ``logits_to_keep`` gets
+    its backbone called directly instead.
+    """
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": _position_ids(attention_mask),
+        "use_cache": False,
+    }
+    if not _keeps_logits(model):
+        out = backbone(**kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    captured: list[Tensor] = []
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        captured.append(
+            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        )
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        model(**kwargs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"expected one backbone call in the model's forward, saw {len(captured)}"
+        )
+    return captured[0]
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     """``[N, L]`` positions counting only real tokens (0 on left padding), as generation does."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -290,8 +334,10 @@ def sequence_logps(
     recomputes each chunk and forms ``∂L/∂logits`` in place, so about one ``[chunk_size, V]``
     buffer is alive at a time) and the *generic* one (any head module, e.g. a LoRA-wrapped
     ``lm_head`` or one with offloading hooks: each chunk under activation checkpointing, a few
-    ``[chunk_size, V]`` temporaries alive in its backward). Under ``DistributedDataParallel`` call it on the DDP-wrapped model only if
-    your setup tolerates the backbone being called directly (it bypasses ``DDP.forward``).
+    ``[chunk_size, V]`` temporaries alive in its backward). The model is called through its own
+    (outer) ``forward`` with ``logits_to_keep=1`` and a hook on the backbone, so a
+    ``DistributedDataParallel`` or PEFT wrapper may be passed as is. FSDP-sharded heads and
+    prompt-learning PEFT adapters are not supported.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -307,13 +353,7 @@ def sequence_logps(
     post = _postprocess(config)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
 
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=_position_ids(attention_mask),
-        use_cache=False,
-    )
-    hidden_all = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden_all = _final_hidden(model, backbone, input_ids, attention_mask)
     compute_dtype = torch.float64 if hidden_all.dtype == torch.float64 else torch.float32
     hidden = hidden_all[rows, pos]  # [M, H]: only positions that predict completion tokens
 

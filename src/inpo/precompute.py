@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -70,13 +71,16 @@ def dataset_hash(path: str | Path) -> str:
 
 
 def _model_fingerprint(model_path: Path) -> str:
-    """SHA-256 over the model folder's config and weight files' names and sizes (cheap)."""
+    """SHA-256 over the model folder's config bytes and its weight files' names, sizes and
+    modification times: cheap for multi-GB weights, and a re-saved model (a new iterate written
+    to the same path) gets a new fingerprint."""
     digest = hashlib.sha256()
     config = model_path / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())
     for file in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -102,6 +106,10 @@ def _load_tokenizer(path: Path):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"tokenizer '{path}': cannot load ({first})") from err
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -236,8 +244,11 @@ def precompute_logps(
     )
     chosen = [0.0] * len(rows)
     rejected = [0.0] * len(rows)
+    n_batches = -(-len(order) // batch_size)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for k, start in enumerate(range(0, len(order), batch_size)):
+            if k and k % max(1, n_batches // 10) == 0:
+                log.info("scored %d / %d pairs", start, len(order))
             idx = order[start : start + batch_size]
             batch = collator([rows[i] for i in idx])
             logps = sequence_logps(
@@ -252,6 +263,12 @@ def precompute_logps(
                 chosen[i] = float(logps[j])
                 rejected[i] = float(logps[b + j])
     scored = time.perf_counter()
+    bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
+    if bad:
+        raise DataError(
+            f"{dataset_path}: model '{model_path}' gives non-finite log-probs for "
+            f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
+        )
     del model
     gc.collect()
     if device.startswith("cuda"):
@@ -285,8 +302,12 @@ def precompute_logps(
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    ds.save_to_disk(str(tmp))
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    try:
+        ds.save_to_disk(str(tmp))
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if output_dir.exists():
         old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
         output_dir.rename(old)

@@ -201,7 +201,7 @@ class PromptFileTask:
 def get_task(cfg: RunConfig):
     """The task named by ``cfg.task``."""
     if cfg.task == "default":
-        from inpo.tasks.pipeline import DefaultPipelineTask
+        from inpo.pipeline.default_task import DefaultPipelineTask
 
         return DefaultPipelineTask(cfg)
     if cfg.task == "prompts":
@@ -212,7 +212,7 @@ def get_task(cfg: RunConfig):
 def task_defaults(task: str) -> dict[str, Any]:
     """The run-config values a task prefers over the paper's (applied before the YAML)."""
     if task == "default":
-        from inpo.tasks.pipeline import RUN_DEFAULTS
+        from inpo.pipeline.default_task import RUN_DEFAULTS
 
         return RUN_DEFAULTS
     return {}

@@ -1,6 +1,6 @@
 """Embedded tasks for ``inpo run``: small worlds with an exact oracle and exact evaluation.
 
-:mod:`inpo.tasks.default` is the default task (a prompt grammar, 258 enumerable responses, a
+:mod:`inpo.tasks.default` is the default task (a prompt grammar, 399 enumerable responses, a
 cyclic annotator panel, a tiny Llama reference). Importing this package is light: transformers
 and torch are imported inside the functions that need them.
 """

@@ -1,14 +1,14 @@
 """The embedded default task of ``inpo run``: runs anywhere in minutes, no download, no GPU.
 
 A prompt grammar (:mod:`inpo.tasks.grammar`, 54 prompts such as ``"describe a red circle"``,
-split into train and held-out prompts), an enumerable response space (1–3 words over 6 words:
-258 responses), a cyclic annotator panel with label noise as the oracle, a tiny Llama turned into
+split into train and held-out prompts), an enumerable response space (1–3 words over 7 words:
+399 responses), a cyclic annotator panel with label noise as the oracle, a tiny Llama turned into
 ``π_ref`` by a short supervised fine-tune (:mod:`inpo.tasks.sft`, cached on disk), a
 Bradley–Terry reward oracle fitted to the panel (:mod:`inpo.tasks.bt`), and EXACT evaluation of
 any LM (:mod:`inpo.tasks.evaluate`)::
 
     task = DefaultTask(DefaultTaskConfig(seed=0))
-    ref_path = task.build_reference("~/.cache/inpo/tasks")       # ~20 s on 2 CPU cores, once
+    ref_path = task.build_reference("~/.cache/inpo/tasks")       # ~10 s on 2 CPU cores, once
     model, tok = task.load_reference()
     samples = task.sample(model, tok, task.prompts_train, k=8, seed=1)
     oracle = task.panel()                                          # or task.bt_reward_oracle()
@@ -38,7 +38,7 @@ from inpo.tasks.grammar import GRAMMAR_VERSION, Grammar, enumerate_responses, pa
 
 __all__ = ["DefaultTask", "DefaultTaskConfig", "default_cache_dir"]
 
-TASK_VERSION = "1"
+TASK_VERSION = "2"
 
 
 def default_cache_dir() -> Path:
@@ -52,8 +52,9 @@ class DefaultTaskConfig:
     """Everything that defines the default task (``key=value`` overridable via ``inpo.config``).
 
     Grammar: ``colors`` × ``shapes`` × 6 templates; responses of 1..``max_len`` words over
-    ``colors + shapes``. The prompts are shuffled with ``seed``; the first ``n_eval_prompts``
-    are held out, the next ``n_train_prompts`` (``None``: all the rest) are for training.
+    ``colors + shapes + fillers`` (the keyword of a prompt is its colour or its shape). The
+    prompts are shuffled with ``seed``; the first ``n_eval_prompts`` are held out, the next
+    ``n_train_prompts`` (``None``: all the rest) are for training.
 
     Oracle: the panel (brevity, prompt keyword, reverse alphabetical order) with
     ``panel_weights`` in that order and label noise ``noise`` (``ε``).
@@ -69,6 +70,7 @@ class DefaultTaskConfig:
     seed: int = 0
     colors: list[str] = field(default_factory=lambda: ["red", "blue", "green"])
     shapes: list[str] = field(default_factory=lambda: ["circle", "square", "star"])
+    fillers: list[str] = field(default_factory=lambda: ["very"])
     max_len: int = 3
     n_eval_prompts: int = 12
     n_train_prompts: int | None = None
@@ -86,8 +88,10 @@ class DefaultTaskConfig:
 
     def validate(self) -> None:
         """Raise :class:`~inpo.errors.ConfigError` naming the first bad key."""
-        if not 1 <= self.max_len <= 4:
-            raise ConfigError(f"max_len={self.max_len}; must be in 1..4 (enumerable responses)")
+        if not 1 <= self.max_len <= 3:
+            raise ConfigError(
+                f"max_len={self.max_len}; must be in 1..3 (a few hundred enumerable responses)"
+            )
         if self.n_eval_prompts < 1:
             raise ConfigError(f"n_eval_prompts={self.n_eval_prompts}; must be >= 1")
         if self.n_train_prompts is not None and self.n_train_prompts < 1:
@@ -127,7 +131,7 @@ class DefaultTask:
         config = config if config is not None else DefaultTaskConfig()
         config.validate()
         self.config = config
-        self.grammar = Grammar(config.colors, config.shapes)
+        self.grammar = Grammar(config.colors, config.shapes, config.fillers)
         prompts = self.grammar.prompts
         n_eval = config.n_eval_prompts
         n_train = config.n_train_prompts
@@ -149,6 +153,7 @@ class DefaultTask:
         self._panel = None
         self._bt: BTRewardOracle | None = None
         self._ref_tables: dict[tuple[str, ...], PolicyTable] = {}
+        self._nash: dict[int, tuple[PolicyTable, np.ndarray]] = {}
 
     # -----------------------------------------------------------------------------------------
     # The game
@@ -190,6 +195,14 @@ class DefaultTask:
     # -----------------------------------------------------------------------------------------
     # The reference policy
     # -----------------------------------------------------------------------------------------
+
+    def sft_distribution(self) -> np.ndarray:
+        """``μ [N]``, the SFT data distribution: a word count ``l`` with probability
+        ``sft_length_probs[l − 1]`` (default uniform), then ``l`` words uniformly."""
+        c = self.config
+        length_probs = np.asarray(c.sft_length_probs or [1.0 / c.max_len] * c.max_len)
+        v = len(self.grammar.vocab)
+        return length_probs[self.lengths - 1] / float(v) ** self.lengths
 
     def reference_key(self) -> str:
         """Hash of everything the reference model depends on (not the panel, τ or η)."""
@@ -242,14 +255,12 @@ class DefaultTask:
             num_attention_heads=c.num_attention_heads,
             max_position_embeddings=64,
         )
-        probs = c.sft_length_probs or [1.0 / c.max_len] * c.max_len
         torch.manual_seed(c.seed)
         stats = train_sft(
             model,
             [encode_prompt(tok, x) for x in self.prompts_train],
             [encode_completion(tok, "", y) for y in self._responses],
-            self.lengths,
-            probs,
+            self.sft_distribution(),
             steps=c.sft_steps,
             batch_size=c.sft_batch_size,
             learning_rate=c.sft_learning_rate,
@@ -291,11 +302,17 @@ class DefaultTask:
     # -----------------------------------------------------------------------------------------
 
     def policy_table(
-        self, model: Any, tokenizer: Any, prompts: list[str] | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: list[str] | None = None,
+        *,
+        batch_size: int = 2048,
     ) -> PolicyTable:
-        """Exact ``log π(y + EOS | x)`` table ``[M, N]`` (default: the held-out prompts)."""
+        """Exact ``log π(y + EOS | x)`` table ``[M, N]`` (default: the held-out prompts);
+        ``batch_size`` sequences per forward pass (lower it for a larger model)."""
         prompts = self.prompts_eval if prompts is None else prompts
-        return policy_table(model, tokenizer, prompts, self._responses)
+        return policy_table(model, tokenizer, prompts, self._responses, batch_size=batch_size)
 
     def reference_table(self, prompts: list[str] | None = None) -> PolicyTable:
         """The built reference's table (computed once per prompt list)."""
@@ -306,25 +323,46 @@ class DefaultTask:
             self._ref_tables[key] = self.policy_table(model, tok, prompts)
         return self._ref_tables[key]
 
+    def regularized_nash(self, ref_table: PolicyTable) -> np.ndarray:
+        """The ``τ``-regularised Nash ``π* [M, N]`` of the task's game with reference
+        ``ref_table`` (:func:`inpo.game.exact.regularized_nash`; ~1 s a prompt, cached)."""
+        from inpo.game.exact import regularized_nash
+
+        cached = self._nash.get(id(ref_table))
+        if cached is None or cached[0] is not ref_table:
+            p = self.preference_matrix(ref_table.prompts)
+            cached = (ref_table, regularized_nash(p, ref_table.policy, self.config.tau))
+            self._nash[id(ref_table)] = cached
+        return cached[1]
+
     def evaluate(
         self,
         model: Any,
         tokenizer: Any,
         ref_table: PolicyTable | None = None,
         prompts: list[str] | None = None,
+        *,
+        nash: bool = False,
     ) -> dict[str, float]:
         """Exact metrics of ``model`` (see :func:`inpo.tasks.evaluate.evaluate_tables`).
 
         ``ref_table`` defaults to the built reference's table on the same prompts (default:
         the held-out prompts). Returns ``duality_gap`` (``τ`` = ``config.tau``),
         ``exploitability``, ``win_rate_vs_ref``, ``kl_to_ref``, ``mass_outside``,
-        ``mean_length`` — means over prompts.
+        ``mean_length`` — means over prompts — and, with ``nash=True``, ``kl_nash``
+        ``= KL(π* ‖ π)``, the distance to the regularised Nash that INPO's last-iterate theory
+        bounds (solving ``π*`` costs ~1 s a prompt, once per reference table).
         """
+        from inpo.game.exact import kl
+
         prompts = self.prompts_eval if prompts is None else prompts
         ref = ref_table if ref_table is not None else self.reference_table(prompts)
         table = self.policy_table(model, tokenizer, prompts)
         p = self.preference_matrix(prompts)
-        return evaluate_tables(p, table, ref, tau=self.config.tau, lengths=self.lengths)
+        out = evaluate_tables(p, table, ref, tau=self.config.tau, lengths=self.lengths)
+        if nash:
+            out["kl_nash"] = float(kl(self.regularized_nash(ref), table.policy).mean())
+        return out
 
     def sample(
         self,

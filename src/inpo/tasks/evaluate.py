@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PolicyTable:
     """Exact log-probabilities of a policy on the enumerable responses.
 
@@ -201,7 +201,7 @@ def _gumbel_processor(seeds: list[int], temperature: float):
             )
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
             noisy = scores.double() / temperature + gumbel.to(scores.device)
-            return noisy.to(scores.dtype) if scores.dtype == torch.float64 else noisy.float()
+            return noisy.to(scores.dtype)
 
     return LogitsProcessorList([GumbelMax()])
 
@@ -238,7 +238,8 @@ def sample_responses(
     Gumbel-max on greedy decoding (:func:`_gumbel_processor`), with one random stream per
     (``seed``, prompt, sample index): the same arguments give the same samples whatever the
     batching, and a prompt listed twice gets the same samples twice. ``temperature = 0`` is
-    greedy decoding.
+    greedy decoding. A repetition penalty or n-gram ban in the model's generation config is
+    switched off (samples must follow ``π`` exactly).
 
     Decoding keeps the tokens before the first EOS, joined by single spaces — the spelling of
     the enumerable set, so an oracle's table lookup works. A sample that is not a response of
@@ -293,6 +294,8 @@ def sample_responses(
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=pad,
+                    repetition_penalty=1.0,  # override distribution-changing model defaults
+                    no_repeat_ngram_size=0,
                     **kwargs,
                 )
             for (m, j), seq in zip(batch, gen[:, length:].tolist(), strict=True):

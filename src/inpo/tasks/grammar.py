@@ -5,8 +5,9 @@ Prompts come from :data:`TEMPLATES` × colours × shapes (6 × 3 × 3 = 54 by de
 the prompt's *keyword* (``keyword_of("describe a red circle") == "red"``,
 ``keyword_of("draw a star in blue") == "star"``).
 
-A response is 1 to ``max_len`` words over the response vocabulary ``colours + shapes`` joined by
-single spaces (``"red"``, ``"star red red"``): ``6 + 36 + 216 = 258`` responses for 6 words and
+A response is 1 to ``max_len`` words over the response vocabulary ``colours + shapes + fillers``
+(``fillers = ["very"]`` by default, a word that is never a keyword) joined by single spaces
+(``"red"``, ``"very star star"``): ``7 + 49 + 343 = 399`` responses for 7 words and
 ``max_len = 3``, enumerated by :func:`enumerate_responses` in a fixed order (by length, then
 ``itertools.product`` order of the vocabulary). The empty response is *not* in the set.
 
@@ -18,9 +19,13 @@ The oracle is an :class:`~inpo.oracles.synthetic.AnnotatorPanel` of three groups
 
 Brevity pulls towards short responses while the keyword and reverse-order groups pull towards
 long ones in different directions, so no response wins a majority against all others (no
-Condorcet winner) and the majority is cyclic on thousands of triples; the unregularised Nash
-mixes several responses (e.g. ``star``, ``star star``, ``red red``, ``star red red`` for keyword
-``red``). Every taste is a score, so :func:`panel_matrices` computes the exact matrix
+Condorcet winner) and the majority is cyclic on many triples; the unregularised Nash mixes
+several responses (e.g. ``red red``, ``very red``, ``red red red``, ``very red red`` for keyword
+``red``). The filler matters: it is the alphabetically last word and never a keyword. Were the
+last word a keyword (``star`` without ``very``), ``star star star`` would win both the keyword
+and the order vote against everything: a Condorcet winner and a pure Nash.
+
+Every taste is a score, so :func:`panel_matrices` computes the exact matrix
 ``P[i, j] = P(y_i ≻ y_j | x)`` vectorised, bit-for-bit equal to
 ``AnnotatorPanel.preference_matrix`` (which loops in Python). Only NumPy is imported.
 """
@@ -66,7 +71,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
 def enumerate_responses(vocab: Sequence[str], max_len: int) -> list[str]:
     """All responses of 1 to ``max_len`` words over ``vocab``, by length then product order.
 
-    ``len = Σ_{l=1}^{max_len} |vocab|^l`` (258 for 6 words and ``max_len = 3``).
+    ``len = Σ_{l=1}^{max_len} |vocab|^l`` (399 for 7 words and ``max_len = 3``).
     """
     return [
         " ".join(words)
@@ -79,14 +84,19 @@ class Grammar:
     """The prompts of the default task and the keyword of each.
 
     Args:
-        colors, shapes: the slot fillers; together they are the response vocabulary (single
-            lower-case words, all distinct, none of them a template word).
+        colors, shapes: the slot fillers (each a possible keyword).
+        fillers: response words that are never a keyword.
+
+    ``colors + shapes + fillers`` is the response vocabulary: single lower-case words, all
+    distinct, none of them a template word.
     """
 
-    def __init__(self, colors: Sequence[str], shapes: Sequence[str]) -> None:
-        self.colors, self.shapes = list(colors), list(shapes)
+    def __init__(
+        self, colors: Sequence[str], shapes: Sequence[str], fillers: Sequence[str] = ()
+    ) -> None:
+        self.colors, self.shapes, self.fillers = list(colors), list(shapes), list(fillers)
         template_words = {w for t, _ in TEMPLATES for w in t.split() if not w.startswith("{")}
-        vocab = [*self.colors, *self.shapes]
+        vocab = [*self.colors, *self.shapes, *self.fillers]
         for w in vocab:
             if not (isinstance(w, str) and w.isalpha() and w.islower()):
                 raise ConfigError(f"task word {w!r} must be a single lower-case alphabetic word")
@@ -107,7 +117,7 @@ class Grammar:
         self.prompts = list(self._keyword)
 
     def keyword_of(self, prompt: str) -> str:
-        """The prompt's keyword; :class:`~inpo.errors.OracleError` for a prompt not in the grammar."""
+        """The prompt's keyword; :class:`~inpo.errors.OracleError` for an unknown prompt."""
         try:
             return self._keyword[prompt]
         except KeyError:

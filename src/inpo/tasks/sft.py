@@ -7,10 +7,11 @@ tokenizer with a post-processor that frames a prompt as ``<s> {prompt} <|assista
 words (``add_special_tokens=False``) followed by ``</s>``. The framing is stored in
 ``tokenizer.json``, so ``AutoTokenizer.from_pretrained`` restores it.
 
-:func:`train_sft` fits the model to responses drawn from a broad distribution ``μ`` (a length
-``l ∈ {1..max_len}`` with probabilities ``length_probs``, then ``l`` words uniformly), for every
-training prompt alike: maximum likelihood on fresh samples, ``−mean log π(y + EOS | x)`` (summed
-token log-probs) with AdamW. The result is ``π_ref ≈ μ``, which covers the whole response space.
+:func:`train_sft` fits the model to responses drawn from a target distribution: for the
+reference, a broad ``μ`` (a length ``l ∈ {1..max_len}`` with probabilities ``length_probs``, then
+``l`` words uniformly), for every training prompt alike — maximum likelihood on fresh samples,
+``−mean log π(y + EOS | x)`` (summed token log-probs) with AdamW. The result is ``π_ref ≈ μ``,
+which covers the whole response space.
 
 :func:`cached_build` writes a folder under a temporary name and renames it into place, so a
 crashed or concurrent build never leaves a half-written reference behind.
@@ -77,8 +78,7 @@ def train_sft(
     model: Any,
     prompt_ids: Sequence[list[int]],
     completion_ids: Sequence[list[int]],
-    lengths: np.ndarray,
-    length_probs: Sequence[float],
+    response_probs: np.ndarray,
     *,
     steps: int,
     batch_size: int,
@@ -88,29 +88,34 @@ def train_sft(
     num_threads: int | None = 1,
 ) -> dict[str, float]:
     """Maximum-likelihood fine-tune of ``model`` on ``(x, y)`` with ``x`` uniform over the
-    prompts and ``y ~ μ`` (module docstring), ``steps`` AdamW steps of ``batch_size`` pairs.
+    prompts and ``y ~ response_probs[x]``, ``steps`` AdamW steps of ``batch_size`` pairs.
 
     Args:
-        prompt_ids: token ids of each training prompt.
-        completion_ids: token ids (with EOS) of each enumerable response.
-        lengths: ``[N]`` word count of each response (``μ`` is uniform within a length).
-        length_probs: ``μ``'s probability of each length ``1..max_len``.
+        prompt_ids: token ids of each of the ``M`` training prompts.
+        completion_ids: token ids (with EOS) of each of the ``N`` enumerable responses.
+        response_probs: the target distribution over responses, ``[N]`` (the same for every
+            prompt, e.g. the broad ``μ`` of the module docstring) or ``[M, N]`` (per prompt,
+            e.g. to distil a tabular policy into the LM).
         num_threads: torch intra-op threads during the call (restored afterwards; ``None``
             leaves them). A model this small runs fastest on one thread: on a loaded 2-core
-            machine one step took 18 ms on 1 thread and 120–180 ms on 2.
+            machine one step took 20 ms on 1 thread and 140–370 ms on 2.
 
     The loss is ``−mean log π(y + EOS | x)`` (summed token log-probs,
     :func:`inpo.logprobs.sequence_logps`); the learning rate decays linearly to 10% of
     ``learning_rate``. Returns ``{"loss_first", "loss_last", "seconds"}`` (mean NLL of the
-    first and last 10 steps; the optimum is the entropy of ``μ``).
+    first and last 10 steps; the optimum is the target's entropy).
     """
     import torch
 
     from inpo.logprobs import sequence_logps
 
     t0 = time.perf_counter()
+    probs = np.asarray(response_probs, dtype=np.float64)
+    probs = np.broadcast_to(probs, (len(prompt_ids), len(completion_ids)))
+    if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError("response_probs must be non-negative and sum to 1 for every prompt")
+    cdf = np.cumsum(probs, axis=1)
     rng = np.random.default_rng(seed)
-    by_length = [np.flatnonzero(lengths == length) for length in range(1, len(length_probs) + 1)]
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.9 * s / max(1, steps))
     device = next(model.parameters()).device
@@ -119,8 +124,11 @@ def train_sft(
     with torch_threads(num_threads):
         for _ in range(steps):
             xs = rng.integers(len(prompt_ids), size=batch_size)
-            ls = rng.choice(len(length_probs), size=batch_size, p=np.asarray(length_probs))
-            ys = [by_length[li][rng.integers(len(by_length[li]))] for li in ls]
+            u = rng.random(batch_size) * cdf[xs, -1]
+            ys = [
+                min(int(np.searchsorted(cdf[x], v, side="right")), cdf.shape[1] - 1)
+                for x, v in zip(xs, u)
+            ]
             seqs = [(prompt_ids[x], completion_ids[y]) for x, y in zip(xs, ys)]
             width = max(len(p) + len(c) for p, c in seqs)
             ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
