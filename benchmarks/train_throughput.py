@@ -243,10 +243,13 @@ def run_trl(setup: dict, work: Path, precompute: bool) -> dict:
 def worker(kind: str, setup_path: Path) -> None:
     setup = json.loads(setup_path.read_text())
     work = setup_path.parent
+    gemm_before = matmul_peak_flops()
     if kind == "inpo":
         out = run_inpo(setup, work)
     else:
         out = run_trl(setup, work, precompute=kind == "trl-precompute")
+    # the machine's speed drifts with other jobs: measure its peak around each run
+    out["gemm_peak"] = max(gemm_before, matmul_peak_flops())
     print("RESULT " + json.dumps(out))
 
 
@@ -298,40 +301,46 @@ def main() -> None:
             print(
                 f"round {round_ + 1} {kind}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True
             )
-    speed = {k: sorted(r["tokens"] / r["seconds"] for r in v) for k, v in runs.items()}
-    median = {
-        k: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-        for k, v in speed.items()
-    }
-    peak_rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
-    growth = {k: max(r["peak_rss_mb"] - r["rss_before_mb"] for r in v) for k, v in runs.items()}
     peak2 = matmul_peak_flops()
-
     n = setup["non_embedding_params"]
-    gemm = max(peak, peak2)
+
+    def tps(r: dict) -> float:
+        return r["tokens"] / r["seconds"]
+
+    def mfu(r: dict) -> float:
+        return 6 * n * tps(r) / r["gemm_peak"]
+
+    def median(values: list[float]) -> float:
+        v = sorted(values)
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
     lines = [
         "# Training throughput: `inpo train` (INPO) vs TRL `DPOTrainer`",
         "",
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible "
         f"(torch threads: {torch.get_num_threads()}), {platform.platform()}; no GPU. "
-        f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(other jobs share the cores).",
         f"- Versions: torch {torch.__version__}, trl {trl.__version__}, Python "
         f"{platform.python_version()}",
-        f"- Command: `python benchmarks/train_throughput.py --steps {args.steps} --rounds {args.rounds}`",
+        f"- Command: `python benchmarks/train_throughput.py --steps {args.steps} "
+        f"--rounds {args.rounds}`",
         f"- Model: Llama-style, {setup['params'] / 1e6:.2f}M parameters "
         f"({n / 1e6:.2f}M without the input embedding), hidden 256, 8 layers, vocab 4,004; fp32",
         f"- Data: {setup['pairs']} synthetic pairs, {setup['tokens_per_pair']:.0f} tokens a pair "
         f"on average (prompt + chosen and prompt + rejected); per-device batch {MICRO} × "
-        f"accumulation {ACCUM} = {MICRO * ACCUM} pairs a step, {args.steps} steps (first one excluded from timing)",
-        f"- fp32 GEMM peak (2048² `torch.matmul`, best of 8, before/after): "
-        f"{peak / 1e9:.1f} / {peak2 / 1e9:.1f} GFLOP/s",
+        f"accumulation {ACCUM} = {MICRO * ACCUM} pairs a step, {args.steps} steps; tokens/s "
+        "over steps 2..end (wall time between optimizer-step ends)",
+        f"- fp32 GEMM peak (2048² `torch.matmul`, best of 8): {peak / 1e9:.1f} GFLOP/s before "
+        f"the runs, {peak2 / 1e9:.1f} after; each run's MFU uses the peak measured around that "
+        "run (`6 · N · tokens/s ÷ peak`, N without the input embedding)",
         f"- INPO reference/previous log-probs precomputed once before training in "
         f"{setup['precompute_s']:.1f} s (no-grad forward of all pairs), not in the step times",
-        f"- Each trainer ran {args.rounds} time(s), interleaved (the order rotates each round), "
-        "each in a fresh process. The headline is the median round; all rounds are listed. "
-        "Other jobs shared the 2 cores while this ran (see the spread), so read the ratios, "
-        "not the absolute numbers, and only as far as the spread allows.",
+        f"- Each trainer ran {args.rounds} times, interleaved (the order rotates each round), "
+        "each in a fresh process. The load from other jobs changed a lot during the runs, so "
+        "the fairest comparison is within a round (same minutes); the per-round ratios and the "
+        "medians are both given.",
         "- What `inpo train` does differently: reference/previous log-probs are dataset columns "
         "(no reference model in memory or in the step); micro-batches of a step are "
         "length-sorted and each micro-batch's 2B sequences run as 4 length buckets cut to their "
@@ -339,10 +348,9 @@ def main() -> None:
         "positions (`inpo.logprobs.sequence_logps`). No prompt sharing between chosen and "
         "rejected (not implemented).",
         "",
-        "| trainer | tokens/s (median) | all rounds | × TRL default (median) "
-        "| × TRL precompute (median) | MFU (6·N·tok/s ÷ GEMM peak) | peak RSS (MiB) "
-        "| RSS growth in training (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| trainer | tokens/s per round | median tokens/s | MFU per round "
+        "| peak RSS (MiB) | RSS growth in training (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     names = {
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
@@ -350,12 +358,20 @@ def main() -> None:
         "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
     }
     for kind in kinds:
-        tps = median[kind]
-        every = ", ".join(f"{x:.0f}" for x in speed[kind])
+        rs = runs[kind]
         lines.append(
-            f"| {names[kind]} | {tps:,.0f} | {every} | {tps / median['trl']:.2f} "
-            f"| {tps / median['trl-precompute']:.2f} | {6 * n * tps / gemm:.1%} "
-            f"| {peak_rss[kind]:,.0f} | {growth[kind]:,.0f} |"
+            f"| {names[kind]} | {', '.join(f'{tps(r):,.0f}' for r in rs)} "
+            f"| {median([tps(r) for r in rs]):,.0f} "
+            f"| {', '.join(f'{mfu(r):.0%}' for r in rs)} "
+            f"| {max(r['peak_rss_mb'] for r in rs):,.0f} "
+            f"| {max(r['peak_rss_mb'] - r['rss_before_mb'] for r in rs):,.0f} |"
+        )
+    lines += ["", "| `inpo train` speed-up | per round | median of rounds |", "|---|---:|---:|"]
+    for base in ("trl", "trl-precompute"):
+        per_round = [tps(a) / tps(b) for a, b in zip(runs["inpo"], runs[base], strict=True)]
+        lines.append(
+            f"| over {names[base]} | {', '.join(f'{x:.2f}×' for x in per_round)} "
+            f"| {median(per_round):.2f}× |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

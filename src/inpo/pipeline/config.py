@@ -145,6 +145,10 @@ class RunConfig:
     #: format (a ``prompt`` column of text or messages).
     prompts: str = ""
     eval_prompts: str = ""
+    #: Use only the first ``max_prompts`` training prompts (null: all); each is sampled
+    #: ``prompt_repeats`` times per iteration (``K`` fresh samples and one selection each).
+    max_prompts: int | None = None
+    prompt_repeats: int = 1
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
@@ -183,6 +187,8 @@ class RunConfig:
             )
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+        if self.prompt_repeats < 1 or (self.max_prompts is not None and self.max_prompts < 1):
+            raise ConfigError("prompt_repeats and max_prompts must be >= 1")
         if not (math.isfinite(self.eta) and self.eta > 0):
             raise ConfigError(f"eta must be > 0, got {self.eta}")
         tau = self.tau_value

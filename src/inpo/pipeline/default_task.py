@@ -24,6 +24,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "tau": 0.05,
     "beta": 0.05,
     "iterations": 3,
+    "prompt_repeats": 16,
     "generate": {"k": 8, "temperature": 1.0, "max_new_tokens": 4, "batch_size": 64},
     "train": {
         "learning_rate": 2e-4,
@@ -38,20 +39,15 @@ RUN_DEFAULTS: dict[str, Any] = {
     "annotate": {"batch_size": 512},
 }
 
-#: How many times each training prompt is sampled per iteration (each time K fresh samples and
-#: one tournament): more pairs per iteration from the grammar's 42 training prompts.
-PROMPT_REPEATS = 16
-
 
 class DefaultPipelineTask:
     """Prompts, reference, oracle and exact evaluation of the default task for the pipeline."""
 
-    def __init__(self, cfg: RunConfig, *, repeats: int = PROMPT_REPEATS):
+    def __init__(self, cfg: RunConfig):
         from inpo.tasks.default import DefaultTask, DefaultTaskConfig
 
         self.cfg = cfg
         self.task = DefaultTask(DefaultTaskConfig(seed=0, tau=cfg.tau_value, eta=cfg.eta))
-        self.repeats = repeats
         self._ref_tables: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -60,11 +56,10 @@ class DefaultPipelineTask:
         return {
             "task": "default",
             "config": config_to_dict(self.task.config),
-            "repeats": self.repeats,
         }
 
     def train_prompts(self) -> list[str]:
-        return [p for p in self.task.prompts_train for _ in range(self.repeats)]
+        return list(self.task.prompts_train)
 
     def reference_model(self, run_dir: Path) -> Path:
         return self.task.build_reference()

@@ -174,6 +174,7 @@ def _generate(cfg: RunConfig, policy: Path, prompts: list, seed: int, work: Path
                 fh.flush()
                 truncated += trunc
                 bar.update(len(samples))
+                _fault("generate", start // g.batch_size + 1)
         bar.close()
         del model
     partial.rename(work / "samples.jsonl")
@@ -191,10 +192,14 @@ def _annotate(cfg: RunConfig, oracle: Any, samples: Path, work: Path) -> dict:
     from inpo import selection as sel
 
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    stats = getattr(oracle, "stats", None)
+    misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
     rule = cfg.selection()
     bs = cfg.annotate.batch_size
     pairs, queries, ties = [], 0, 0
     for start in range(0, len(rows), bs):
+        if start:
+            _fault("annotate", start // bs)
         chunk = rows[start : start + bs]
         oprompts = [_oracle_prompt(r["prompt"]) for r in chunk]
         resp = [r["responses"] for r in chunk]
@@ -261,14 +266,16 @@ def _annotate(cfg: RunConfig, oracle: Any, samples: Path, work: Path) -> dict:
     with open(work / "pairs.jsonl", "w") as fh:
         for p in pairs:
             fh.write(json.dumps(p) + "\n")
-    stats = getattr(oracle, "stats", None)
+    misses = stats.as_dict().get("cache_misses", 0) - misses_before if stats is not None else None
     return {
         "pairs": len(pairs),
         "prompts": len(rows),
         "ties": ties,
         "dropped_empty": dropped_empty,
+        # Queries the selection rule asked, and of those the ones the backend answered (the
+        # rest came from the persistent cache, e.g. after a restart).
         "oracle_queries": queries,
-        "oracle_stats": stats.as_dict() if stats is not None else {},
+        "backend_queries": misses,
     }
 
 
@@ -294,6 +301,7 @@ def _logps(cfg: RunConfig, pairs: Path, ref: Path, policy: Path, work: Path) -> 
             out = work / f"with_{columns}"
             precompute_logps(current, model, out, columns=columns, overwrite=True, **kw)
             current = out
+            _fault("logps", 1 if columns == "ref" else 2)
     final = work / "data"
     if current == pairs:
         final.mkdir()
@@ -351,7 +359,17 @@ def _train(cfg: RunConfig, data: Path, policy: Path, seed: int, work: Path) -> d
     from inpo.config import _validate
 
     _validate(tc)
-    result = train(tc)
+    import os
+
+    fault = os.environ.get("INPO_FAULT_KILL", "")
+    if fault.startswith("train:"):
+        # Stop after that many optimizer steps (their checkpoint written), then die as a
+        # SIGKILL would: the test hook of :func:`_fault` for the training loop.
+        result = train(tc, stop_after=int(fault.split(":")[1]))
+        if not result.finished:
+            os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        result = train(tc)
     shutil.rmtree(work / "model" / "checkpoints", ignore_errors=True)
     last = result.last_metrics or {}
     return {
@@ -366,6 +384,22 @@ def _train(cfg: RunConfig, data: Path, policy: Path, seed: int, work: Path) -> d
 # ---------------------------------------------------------------------------------------------
 # The orchestrator
 # ---------------------------------------------------------------------------------------------
+
+
+def _training_prompts(cfg: RunConfig, task: Any) -> list[Any]:
+    prompts = task.train_prompts()[: cfg.max_prompts]
+    return [p for p in prompts for _ in range(cfg.prompt_repeats)]
+
+
+def _fault(stage: str, unit: int) -> None:
+    """Test hook: ``INPO_FAULT_KILL=<stage>:<n>`` SIGKILLs this process after unit ``n`` of
+    ``stage`` (a generation chunk, an annotation batch, a log-prob column, a training
+    checkpoint, an evaluation). Used by the kill-and-resume tests; unset in normal use."""
+    import os
+
+    spec = os.environ.get("INPO_FAULT_KILL")
+    if spec and spec == f"{stage}:{unit}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed(cfg: RunConfig, iteration: int, what: str) -> int:
@@ -407,7 +441,7 @@ def run_pipeline(cfg: RunConfig, *, log: Log = print, task: Any = None) -> Path:
             for t in range(cfg.iterations):
                 it = run_dir / f"iter_{t:03d}"
                 policy_id = model_fingerprint(policy)
-                prompts = task.train_prompts()
+                prompts = _training_prompts(cfg, task)
                 gen_seed, train_seed = _seed(cfg, t, "gen"), _seed(cfg, t, "train")
                 gen_folder, gen = stage(
                     it / "generate",
@@ -495,6 +529,7 @@ def _timings(folder: Path) -> dict[str, float]:
 
 def _evaluate(task: Any, policy: Path, ref: Path, work: Path) -> dict:
     metrics = task.evaluate(policy, ref)
+    _fault("evaluate", 1)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

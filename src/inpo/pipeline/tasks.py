@@ -145,7 +145,7 @@ class PromptFileTask:
         return {"task": "prompts", "prompts": self.cfg.prompts, "eval": self.cfg.eval_prompts}
 
     def train_prompts(self) -> list[Any]:
-        return self._train
+        return list(self._train)
 
     def eval_prompts(self) -> list[Any]:
         if self._eval is not None:
