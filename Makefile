@@ -12,10 +12,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded default (no download, no GPU). Until the `inpo run` pipeline
-## lands, the default is the exact game testbed: INPO and its peers on the 3×3 cyclic game.
+## The main job: INPO on the embedded default task (no download, no GPU), into ./inpo-run.
 run: $(STAMP)
-	inpo game --game cyclic3 --iterations 200 --plot inpo-game.png
+	inpo run
 
 ## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
 test: $(STAMP)
@@ -35,6 +34,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/game_nash.py
+	$(PYTHON) benchmarks/default_task.py
 
 clean:
 	rm -rf $(STAMP) build dist .pytest_cache inpo-run inpo-game.png

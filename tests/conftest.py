@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The default task's reference model is cached here once per test session, not in ~/.cache.
+os.environ.setdefault("INPO_CACHE_DIR", tempfile.mkdtemp(prefix="inpo-test-cache-"))
 
 
 @pytest.fixture(autouse=True)

@@ -42,17 +42,19 @@ def test_cli_help_and_unknown_command():
     assert out.returncode == 2 and "did you mean 'game'" in out.stderr
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+def _blocks() -> list[tuple[str, str]]:
+    """The README's fenced ``bash`` and ``python`` blocks, in document order."""
+    return re.findall(r"```(bash|python)\n(.*?)```", README.read_text(), flags=re.S)
 
 
 def _commands() -> list[str]:
     cmds = []
-    for block in _blocks("bash"):
-        for line in block.splitlines():
-            line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
-                cmds.append(line)
+    for lang, block in _blocks():
+        if lang == "bash":
+            for line in block.splitlines():
+                line = line.split(" #")[0].strip()
+                if line and not line.startswith("#"):
+                    cmds.append(line)
     return cmds
 
 
@@ -71,33 +73,81 @@ def _make_dry_run(target: str) -> list[str]:
         cwd=ROOT,
         check=True,
     )
-    return [line for line in out.stdout.splitlines() if line.strip()]
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("command", _commands())
-def test_readme_command_runs(command, tmp_path):
-    """Every shell command in the README runs (``make test`` as a dry run: no recursion)."""
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    if command == "make test":
-        lines = _make_dry_run("test")
-        assert any("pytest" in line for line in lines), lines
-        return
-    if command.startswith("make "):
-        lines = [ln for ln in _make_dry_run(command.split()[1]) if ln.startswith("inpo ")]
-        assert lines, f"`{command}` runs no inpo command"
-        to_run = lines
-    else:
-        to_run = [command]
-    for line in to_run:
-        proc = subprocess.run(
-            shlex.split(line), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
-        )
-        assert proc.returncode == 0, (
-            f"`{line}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        )
+#: Fast variants: extra overrides appended to a README command (later keys win).
+FAST = {
+    "inpo run": ["iterations=1", "max_prompts=4", "prompt_repeats=1", "generate.batch_size=8"],
+    "inpo compare": ["iterations=1", "max_prompts=2", "prompt_repeats=1"],
+}
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_readme_python_runs(index, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), {})
+def _fast(argv: list[str]) -> list[str]:
+    for prefix, extra in FAST.items():
+        if " ".join(argv[:2]) == prefix:
+            return argv + extra
+    return argv
+
+
+def _serve(argv: list[str], cwd: Path, env: dict) -> None:
+    """Start a server command, wait until it answers /health, stop it."""
+    import time
+    import urllib.request
+
+    port = int(argv[argv.index("--port") + 1])
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    assert r.status == 200
+                    return
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.1)
+        raise AssertionError(f"`{' '.join(argv)}` never answered /health")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_readme_session(tmp_path):
+    """Every command and Python block of the README, in order, in one folder (fast variants:
+    ``make test`` as a dry run, pipeline commands with fewer iterations and prompts)."""
+    env = {**os.environ, "MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for lang, block in _blocks():
+        if lang == "python":
+            code = compile(block, "README.md python block", "exec")
+            cwd = os.getcwd()
+            os.chdir(tmp_path)
+            try:
+                exec(code, {})
+            finally:
+                os.chdir(cwd)
+            continue
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            if line == "make test":
+                assert any("pytest" in x for x in _make_dry_run("test"))
+                continue
+            if line.startswith("make "):
+                lines = [x for x in _make_dry_run(line.split()[1]) if x.startswith("inpo ")]
+                assert lines, f"`{line}` runs no inpo command"
+            else:
+                lines = [line]
+            for cmd in lines:
+                argv = _fast(shlex.split(cmd))
+                if argv[:2] == ["inpo", "serve-oracle"]:
+                    _serve(argv, tmp_path, env)
+                    continue
+                proc = subprocess.run(
+                    argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+                )
+                assert proc.returncode == 0, (
+                    f"`{' '.join(argv)}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                )

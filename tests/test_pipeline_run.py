@@ -137,3 +137,23 @@ def test_bad_config_fails_before_work(tmp_path, key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(RunConfig, None, [f"{key}={value}", "eta=0.5"])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["sppo", "dpo"])
+def test_peer_algorithms_run(tmp_path, algorithm):
+    task = ToyTask(tmp_path)
+    cfg = _cfg(tmp_path, iterations=1, algorithm=algorithm)
+    if algorithm == "sppo":
+        cfg.annotate.selection = "all_pairs"
+    run = run_pipeline(cfg, log=lambda m: None, task=task)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["algorithm"] == algorithm
+    pairs = [
+        json.loads(x)
+        for x in (run / "iter_000" / "annotate" / "pairs.jsonl").read_text().splitlines()
+    ]
+    if algorithm == "sppo":
+        assert rows[1]["oracle_queries"] == 4 * (4 * 3 // 2)  # all pairs of K = 4
+        assert all(p["chosen_winrate"] >= p["rejected_winrate"] for p in pairs)
+    else:
+        assert rows[1]["oracle_queries"] == 4 * 5

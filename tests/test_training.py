@@ -259,7 +259,7 @@ def _poison_row(marker_token: int, mode: str):
     return logps
 
 
-@pytest.mark.parametrize("mode", ["loss", "grad"])
+@pytest.mark.parametrize("mode", ["loss", pytest.param("grad", marks=pytest.mark.slow)])
 def test_non_finite_loss_stops_with_step_and_rows_after_saving_last_good_state(
     tmp_path, tiny, mode
 ):
@@ -415,6 +415,7 @@ def test_length_buckets_give_the_same_logps_and_gradients(tiny):
         torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_trains_on_the_folder_inpo_precompute_writes(tiny, tmp_path, caplog):
     """Raw pairs → precompute ref, then prev (same weights) → INPO: margin 0 at step 0."""
     from inpo.precompute import precompute_logps

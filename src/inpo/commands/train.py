@@ -16,7 +16,7 @@ _EPILOG = """\
 examples:
   inpo train examples/train_inpo.yaml
   inpo train examples/train_inpo.yaml output_dir=runs/it1 optim.max_steps=100
-  inpo train examples/train_inpo.yaml loss.name=dpo loss.beta=0.1 loss.eta=null loss.tau=null
+  inpo train examples/train_inpo.yaml loss.name=dpo loss.eta=null loss.beta=0.1
 
 output_dir gets the trained model (safetensors + tokenizer; loads with
 AutoModelForCausalLM.from_pretrained), train_config.yaml, metrics.jsonl/.csv and checkpoints/.

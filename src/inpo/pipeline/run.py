@@ -238,7 +238,7 @@ def _annotate(cfg: RunConfig, oracle: Any, samples: Path, work: Path) -> dict:
             results = sel.win_rates_batch(oracle, oprompts, resp)
             for r, res in zip(chunk, results):
                 queries += res.queries
-                rates = list(res.rates)
+                rates = [float(x) for x in res.win_rates]
                 best = max(range(len(rates)), key=rates.__getitem__)
                 worst = min(range(len(rates)), key=rates.__getitem__)
                 if r["responses"][best] == r["responses"][worst]:
