@@ -95,3 +95,34 @@ def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
         assert summary["backend_queries"] == rows - rows_before
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1]
+
+
+def test_sigterm_stops_cleanly_and_resumes(baseline):
+    import signal
+    import time
+
+    import torch
+
+    root, cache, weights, _rows = baseline
+    run_dir = root / "sigterm"
+    env = {**os.environ, "INPO_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
+    env.pop("INPO_FAULT_KILL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "iter_000" / "generate").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert "re-run the same command to continue" in err
+    resumed = _run(run_dir, cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _weights(run_dir)
+    for name in weights:
+        torch.testing.assert_close(got[name], weights[name], rtol=0, atol=1e-6)

@@ -157,3 +157,84 @@ def test_peer_algorithms_run(tmp_path, algorithm):
         assert all(p["chosen_winrate"] >= p["rejected_winrate"] for p in pairs)
     else:
         assert rows[1]["oracle_queries"] == 4 * 5
+
+
+def test_vllm_backend_missing_is_a_clear_error(tmp_path):
+    pytest.importorskip("inpo")  # always present; vLLM must be absent for this test
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed")
+    except ImportError:
+        pass
+    from inpo.errors import ConfigError
+
+    cfg = _cfg(tmp_path, iterations=1)
+    cfg.generate.backend = "vllm"
+    with pytest.raises(ConfigError, match="needs vLLM installed"):
+        run_pipeline(cfg, log=lambda m: None, task=ToyTask(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("generate.kk=4", "unknown config key 'generate.kk'; did you mean 'generate.k'?"),
+        ("iterations=three", "'iterations' must be an integer"),
+        ("annotate.oracle=reward_model", "annotate.model is required"),
+    ],
+)
+def test_more_bad_configs(override, needle):
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, None, [override])
+    assert needle in str(err.value)
+
+
+def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
+    """Real use beyond the default: a local policy folder, prompts in TRL's prompt-only JSONL,
+    a transformers reward model as the oracle, best-of-K/worst-of-K selection, via the CLI."""
+    import subprocess
+    import sys
+
+    from inpo.tiny import save_tiny_lm, tiny_reward_model, word_tokenizer
+
+    tok = word_tokenizer(WORDS)
+    policy = save_tiny_lm(tmp_path / "policy", "llama", tokenizer=tok, hidden_size=32)
+    rm = tiny_reward_model("llama", tok, hidden_size=32)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ToyTask(tmp_path).train_prompts())
+    )
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        "task=prompts",
+        f"prompts={prompts}",
+        f"reference={policy}",
+        "annotate.oracle=reward_model",
+        f"annotate.model={tmp_path / 'rm'}",
+        "annotate.selection=best_worst",
+        "iterations=1",
+        "eta=0.5",
+        "generate.k=4",
+        "generate.max_new_tokens=4",
+        "train.learning_rate=1e-3",
+        "train.global_batch_size=4",
+        "train.per_device_batch_size=2",
+        "evaluate.num_prompts=4",
+        "evaluate.k=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "run", *args],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "TQDM_DISABLE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["win_rate_vs_ref"] is not None and len(rows[0]["win_rate_ci"]) == 2
+    assert rows[1]["oracle_queries"] == 4 * 4  # best/worst of K = 4: K reward calls a prompt
+    assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0

@@ -133,3 +133,49 @@ def sample_responses(
         if progress is not None:
             progress(len(samples))
     return out
+
+
+def vllm_sample(
+    model_path: str,
+    prompts: Sequence[Any],
+    k: int,
+    settings: GenerationSettings,
+    *,
+    seed: int,
+) -> list[list[str]]:
+    """``k`` samples a prompt with vLLM (imported here, only when asked for).
+
+    Conversational prompts go through the tokenizer's chat template, text prompts as they
+    are; each prompt gets its own seed (``chunk_seed(seed, index)``), so the samples do not
+    depend on how vLLM batches them.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        from inpo.errors import ConfigError
+
+        raise ConfigError(
+            "generate.backend=vllm needs vLLM installed (`pip install vllm`); "
+            "or use generate.backend=transformers"
+        ) from err
+    llm = LLM(model=str(model_path), trust_remote_code=False, seed=seed)
+    tok = llm.get_tokenizer()
+    texts = [
+        p
+        if isinstance(p, str)
+        else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    params = [
+        SamplingParams(
+            n=k,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens,
+            seed=chunk_seed(seed, i),
+            stop_token_ids=settings.stop_token_ids,
+        )
+        for i in range(len(texts))
+    ]
+    outputs = llm.generate(texts, params)
+    return [[c.text for c in out.outputs] for out in outputs]

@@ -161,6 +161,16 @@ def _generate(cfg: RunConfig, policy: Path, prompts: list, seed: int, work: Path
     done = done[: n_chunks * g.batch_size]
     partial.write_text("".join(line + "\n" for line in done))
     truncated = 0
+    if g.backend == "vllm" and len(done) < len(prompts):
+        from inpo.generation import vllm_sample
+
+        samples = vllm_sample(str(policy), prompts, g.k, settings, seed=seed)
+        with open(partial, "w") as fh:
+            for i, responses in enumerate(samples):
+                fh.write(
+                    json.dumps({"index": i, "prompt": prompts[i], "responses": responses}) + "\n"
+                )
+        done = prompts
     if len(done) < len(prompts):
         model, tok = _load(policy)
         bar = tqdm(total=len(prompts), initial=len(done), desc="generate", leave=False)
