@@ -38,6 +38,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [m for m in PLOT_METRICS if any(r.get(m[0]) is not None for r in rows)]
     if not keys:
@@ -58,6 +59,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
                 ax.plot(xs, ys, marker="o", label=alg)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log and all(r.get(key, 1) > 0 for r in rows if r.get(key) is not None):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
