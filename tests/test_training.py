@@ -442,3 +442,15 @@ def test_trains_on_the_folder_inpo_precompute_writes(tiny, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(cfg)
     assert "max_completion_length=4" in caplog.text and "precomputed with" in caplog.text
+
+
+def test_old_checkpoints_are_pruned_and_each_is_complete(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(tiny, out, "optim.max_steps=4", "save_steps=1", "keep_checkpoints=2"))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_000003", "step_000004"]
+    files = {p.name for p in (out / "checkpoints" / "step_000003").iterdir()}
+    expected = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt"}
+    assert expected | {"trainer_state.json", "config.json"} <= files
+    state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (3, 1, 0)  # 12 pairs / 4

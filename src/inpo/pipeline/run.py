@@ -404,12 +404,14 @@ def _training_prompts(cfg: RunConfig, task: Any) -> list[Any]:
 def _fault(stage: str, unit: int) -> None:
     """Test hook: ``INPO_FAULT_KILL=<stage>:<n>`` SIGKILLs this process after unit ``n`` of
     ``stage`` (a generation chunk, an annotation batch, a log-prob column, a training
-    checkpoint, an evaluation). Used by the kill-and-resume tests; unset in normal use."""
+    checkpoint, an evaluation); ``INPO_FAULT_SIGNAL=TERM`` sends SIGTERM instead. Used by the
+    kill-and-resume tests; unset in normal use."""
     import os
 
     spec = os.environ.get("INPO_FAULT_KILL")
     if spec and spec == f"{stage}:{unit}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.SIGTERM if os.environ.get("INPO_FAULT_SIGNAL") == "TERM" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
 
 
 def _seed(cfg: RunConfig, iteration: int, what: str) -> int:
