@@ -21,3 +21,11 @@ class OracleError(InpoError, RuntimeError):
 
 class TrainingDivergedError(InpoError, RuntimeError):
     """A NaN or Inf loss or gradient; the message names the step and the batch's rows."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -107,19 +107,27 @@ def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
 
 
-def _final_hidden(model: Any, backbone: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def _final_hidden(
+    model: Any,
+    backbone: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None = None,
+) -> Tensor:
     """The backbone's final hidden states ``[N, L, H]`` (after the final norm).
 
     The call goes through the *outer* model's ``forward`` (so ``DistributedDataParallel`` and
     PEFT wrappers see it: DDP only synchronises gradients after its own forward ran) with
     ``logits_to_keep=1``, so the model itself computes logits for one position per row only; a
     forward hook on the backbone captures its output. A model without ``logits_to_keep`` gets
-    its backbone called directly instead.
+    its backbone called directly instead. ``attention_mask`` is ``[N, L]`` (padding; position
+    ids then default to ``cumsum - 1``) or a prepared 4D mask ``[N, 1, L, L]`` with explicit
+    ``position_ids``.
     """
     kwargs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "position_ids": _position_ids(attention_mask),
+        "position_ids": position_ids if position_ids is not None else _position_ids(attention_mask),
         "use_cache": False,
     }
     if not _keeps_logits(model):
@@ -339,9 +347,6 @@ def sequence_logps(
     ``DistributedDataParallel`` or PEFT wrapper may be passed as is. FSDP-sharded heads and
     prompt-learning PEFT adapters are not supported.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
@@ -350,14 +355,33 @@ def sequence_logps(
             f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
         )
     backbone, head, config = _parts(model)
-    post = _postprocess(config)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
-
     hidden_all = _final_hidden(model, backbone, input_ids, attention_mask)
-    compute_dtype = torch.float64 if hidden_all.dtype == torch.float64 else torch.float32
     hidden = hidden_all[rows, pos]  # [M, H]: only positions that predict completion tokens
+    return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
 
-    total = torch.zeros(input_ids.shape[0], dtype=compute_dtype, device=hidden.device)
+
+def _head_sums(
+    head: Any,
+    config: Any,
+    hidden: Tensor,
+    target: Tensor,
+    rows: Tensor,
+    n: int,
+    chunk_size: int,
+    fused: bool | None,
+) -> Tensor:
+    """``Σ`` over the ``M`` scored positions of each of ``n`` sums: ``[M, H], [M], [M] -> [n]``.
+
+    ``hidden[m]`` predicts ``target[m]``, which is added to sum ``rows[m]``; the head runs in
+    chunks of ``chunk_size`` positions (fused kernel or checkpointed generic path).
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    post = _postprocess(config)
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total = torch.zeros(n, dtype=compute_dtype, device=hidden.device)
     if fused is None:
         fused = _is_plain_linear(head)
     elif fused and not _is_plain_linear(head):

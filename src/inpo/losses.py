@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inpo.errors import did_you_mean
+
 __all__ = [
     "LOSSES",
     "LossOutput",
@@ -390,9 +392,6 @@ LOSSES: dict[str, LossSpec] = {
 def get_loss(name: str) -> LossSpec:
     """Look up a :class:`LossSpec`; an unknown name raises ``ValueError`` with a suggestion."""
     if name not in LOSSES:
-        import difflib
-
-        close = difflib.get_close_matches(name, LOSSES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, LOSSES)
         raise ValueError(f"unknown loss '{name}' (known: {', '.join(LOSSES)}){hint}")
     return LOSSES[name]

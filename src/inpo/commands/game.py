@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from inpo.commands._args import ArgumentParser
-from inpo.errors import InpoError
+from inpo.errors import InpoError, did_you_mean
 
 DEFAULT_ALGORITHMS = "inpo,online_ipo,sppo,nash_md,mmd,extragradient,comal,dpo,ipo"
 NEEDS_TAU = {"online_ipo", "comal", "dpo", "ipo"}
@@ -97,20 +97,14 @@ def _validate(args) -> list[str]:
     if args.size < 2 or args.prompts < 1:
         raise InpoError(f"--size must be >= 2 and --prompts >= 1, got {args.size}, {args.prompts}")
     if args.matrix is None and args.game not in GAMES:
-        import difflib
-
-        close = difflib.get_close_matches(args.game, GAMES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(args.game, GAMES)
         raise InpoError(f"unknown game '{args.game}' (allowed: {', '.join(GAMES)}){hint}")
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not names:
         raise InpoError("--algorithms is empty")
     for name in names:
         if name not in ALGORITHMS:
-            import difflib
-
-            close = difflib.get_close_matches(name, ALGORITHMS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, ALGORITHMS)
             raise InpoError(f"unknown algorithm '{name}' (allowed: {', '.join(ALGORITHMS)}){hint}")
         if name in NEEDS_TAU and args.tau == 0:
             raise InpoError(f"algorithm '{name}' needs --tau > 0 (allowed: (0, eta]), got 0")

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
+from inpo.errors import did_you_mean
 from inpo.game.exact import _TINY, _p, _pi, duality_gap, exploitability, regularized_nash, win_rates
 
 __all__ = [
@@ -234,10 +235,7 @@ def run_algorithm(
     the duality gap of the ``τ``-regularised game with the *original* ``π_ref`` and the
     unregularised exploitability (means over prompts)."""
     if name not in ALGORITHMS:
-        import difflib
-
-        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, ALGORITHMS)
         raise ValueError(f"unknown algorithm '{name}' (known: {', '.join(ALGORITHMS)}){hint}")
     step = ALGORITHMS[name][0]
     p = _p(p)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inpo.errors import did_you_mean
+
 __all__ = [
     "GAMES",
     "bradley_terry",
@@ -199,9 +201,6 @@ GAMES: dict[str, tuple[Callable[[int, int, int], np.ndarray], str]] = {
 def make_game(name: str, *, size: int = 8, prompts: int = 1, seed: int = 0) -> np.ndarray:
     """Build the built-in game ``name`` (see :data:`GAMES`) as ``[prompts, N, N]``."""
     if name not in GAMES:
-        import difflib
-
-        close = difflib.get_close_matches(name, GAMES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, GAMES)
         raise ValueError(f"unknown game '{name}' (known: {', '.join(GAMES)}){hint}")
     return validate_matrix(GAMES[name][0](size, prompts, seed), name=f"game '{name}'")

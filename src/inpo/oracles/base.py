@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["OracleStats", "PreferenceOracle"]
+__all__ = ["OracleStats", "PreferenceOracle", "check_lengths"]
 
 
 @dataclass
@@ -56,3 +56,15 @@ class PreferenceOracle(Protocol):
         responses_a: Sequence[str],
         responses_b: Sequence[str],
     ) -> np.ndarray: ...
+
+
+def check_lengths(
+    prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+) -> int:
+    """The number of queries ``n``; ``ValueError`` unless the three lists have ``n`` items each."""
+    n = len(prompts)
+    if not n == len(responses_a) == len(responses_b):
+        raise ValueError(
+            f"prob_prefers needs equal lengths, got {n}, {len(responses_a)}, {len(responses_b)}"
+        )
+    return n

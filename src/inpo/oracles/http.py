@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from inpo.errors import ConfigError, OracleError
-from inpo.oracles.base import OracleStats
+from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.pairwise import combine_orders
 from inpo.oracles.templates import VERDICT_A, VERDICT_B, JudgeTemplate, load_template
 
@@ -349,11 +349,7 @@ class HTTPJudgeOracle:
         responses_b: Sequence[str],
     ) -> np.ndarray:
         """``P(a_i ≻ b_i) = ½[P_A(a_i, b_i) + 1 − P_A(b_i, a_i)]`` from 2n requests, ``[n]``."""
-        n = len(prompts)
-        if not n == len(responses_a) == len(responses_b):
-            raise ValueError(
-                f"prob_prefers needs equal lengths, got {n}, {len(responses_a)}, {len(responses_b)}"
-            )
+        n = check_lengths(prompts, responses_a, responses_b)
         if n == 0:
             return np.zeros(0, dtype=np.float64)
 

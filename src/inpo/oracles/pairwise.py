@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from inpo.errors import ConfigError, OracleError
-from inpo.oracles.base import OracleStats
+from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.reward_model import (
     _check_local,
     length_batches,
@@ -201,11 +201,7 @@ class PairwisePreferenceOracle:
         responses_b: Sequence[str],
     ) -> np.ndarray:
         """``P(a_i ≻ b_i)`` from both presentation orders (:func:`combine_orders`), ``[n]``."""
-        n = len(prompts)
-        if not n == len(responses_a) == len(responses_b):
-            raise ValueError(
-                f"prob_prefers needs equal lengths, got {n}, {len(responses_a)}, {len(responses_b)}"
-            )
+        n = check_lengths(prompts, responses_a, responses_b)
         with self._lock:
             # Both orders of every pair; identical comparison texts are scored once.
             keys = [(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]

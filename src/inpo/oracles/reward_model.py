@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from inpo.errors import ConfigError, OracleError
-from inpo.oracles.base import OracleStats
+from inpo.oracles.base import OracleStats, check_lengths
 
 __all__ = [
     "RewardModelOracle",
@@ -272,11 +272,7 @@ class RewardModelOracle:
         responses_b: Sequence[str],
     ) -> np.ndarray:
         """``P(a_i ≻ b_i) = σ(r(x_i, a_i) − r(x_i, b_i))`` (Bradley–Terry), float64 ``[n]``."""
-        n = len(prompts)
-        if not n == len(responses_a) == len(responses_b):
-            raise ValueError(
-                f"prob_prefers needs equal lengths, got {n}, {len(responses_a)}, {len(responses_b)}"
-            )
+        n = check_lengths(prompts, responses_a, responses_b)
         r = self.rewards([*prompts, *prompts], [*responses_a, *responses_b])
         self.stats.queries += n
         return sigmoid(r[:n] - r[n:])

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from inpo.errors import ConfigError
+from inpo.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ALGORITHMS",
@@ -178,10 +178,7 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            import difflib
-
-            close = difflib.get_close_matches(self.algorithm, ALGORITHMS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(self.algorithm, ALGORITHMS)
             raise ConfigError(
                 f"algorithm must be one of {', '.join(ALGORITHMS)}; got '{self.algorithm}'{hint}"
             )

@@ -207,9 +207,13 @@ def _annotate(cfg: RunConfig, oracle: Any, samples: Path, work: Path) -> dict:
     rule = cfg.selection()
     bs = cfg.annotate.batch_size
     pairs, queries, ties = [], 0, 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), desc=f"annotate ({rule})", leave=False)
     for start in range(0, len(rows), bs):
         if start:
             _fault("annotate", start // bs)
+            bar.update(bs)
         chunk = rows[start : start + bs]
         oprompts = [_oracle_prompt(r["prompt"]) for r in chunk]
         resp = [r["responses"] for r in chunk]
@@ -262,6 +266,7 @@ def _annotate(cfg: RunConfig, oracle: Any, samples: Path, work: Path) -> dict:
                         "rejected_winrate": float(rates[worst]),
                     }
                 )
+    bar.close()
     # The data loader rejects empty completions (a malformed row in a dataset); a sampled
     # response that is only EOS cannot be trained on through it, so such pairs are dropped and
     # counted.
