@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["completion_logps", "naive_sequence_logps", "sequence_logps"]
+__all__ = [
+    "SHARED_PROMPT_ATTENTION",
+    "completion_logps",
+    "naive_sequence_logps",
+    "sequence_logps",
+    "shared_prompt_logps",
+    "shared_prompt_mask",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +405,162 @@ def _head_sums(
             lp = _chunk_logps(head, post, compute_dtype, h, t)
         total = total.index_add(0, rows[start : start + chunk_size], lp)
     return total.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt sharing: one row ``prompt + chosen + rejected`` per pair
+# ----------------------------------------------------------------------------------------------
+
+#: Attention implementations that take a prepared 4D ``attention_mask`` as is (transformers'
+#: ``masking_utils.create_causal_mask`` returns a 4D mask unchanged): ``sdpa`` as a boolean mask
+#: (``True`` = attend), ``eager`` as an additive float mask (``0`` / dtype minimum).
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+
+
+def shared_prompt_mask(
+    attention_mask: Tensor, chosen_mask: Tensor, rejected_mask: Tensor
+) -> Tensor:
+    """Boolean ``[B, 1, L, L]`` attention (``True`` = query attends key) of shared-prompt rows.
+
+    Causal over real tokens, except that rejected tokens do not see chosen tokens, so the
+    rejected completion is conditioned on the prompt alone. Every position also sees itself, so
+    padding queries never have an empty row (no NaN in ``softmax``); no real token sees padding.
+    Inputs are ``[B, L]`` (``attention_mask`` 1 on real tokens).
+    """
+    import torch
+
+    length = attention_mask.shape[1]
+    idx = torch.arange(length, device=attention_mask.device)
+    real = attention_mask.bool()
+    allowed = (idx[:, None] >= idx[None, :])[None] & real[:, :, None] & real[:, None, :]
+    allowed &= ~(rejected_mask.bool()[:, :, None] & chosen_mask.bool()[:, None, :])
+    allowed |= torch.eye(length, dtype=torch.bool, device=idx.device)[None]
+    return allowed[:, None]
+
+
+def _attn_implementation(model: Any) -> str | None:
+    config = getattr(_unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def _model_mask(model: Any, mask_4d: Tensor, dtype: Any) -> Tensor:
+    """The boolean 4D mask in the form the model's attention implementation takes."""
+    import torch
+
+    impl = _attn_implementation(model)
+    if impl == "sdpa":
+        return mask_4d
+    if impl == "eager":
+        zero = torch.zeros((), dtype=dtype, device=mask_4d.device)
+        return zero.masked_fill(~mask_4d, torch.finfo(dtype).min)
+    raise NotImplementedError(
+        f"shared_prompt_logps: {type(_unwrap(model)).__name__} runs attention "
+        f"'{impl}', which takes no custom 4D attention mask; load the model with "
+        f"attn_implementation in {SHARED_PROMPT_ATTENTION}"
+    )
+
+
+def _shared_targets(
+    input_ids: Tensor, attention_mask: Tensor, chosen_mask: Tensor, rejected_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scored positions of shared-prompt rows: ``(rows, source, target ids, is_rejected)``, ``[M]``.
+
+    A completion token at index ``t`` is predicted by the hidden state at ``t - 1``, except the
+    *first rejected* token: the token before it is the last chosen one, which the rejected
+    completion must not condition on, so it is predicted from the last **prompt** token (index
+    ``first_chosen - 1``), as in the unshared ``prompt + rejected`` sequence.
+    """
+    import torch
+
+    real = attention_mask.bool()
+    chosen = chosen_mask.bool() & real
+    rejected = rejected_mask.bool() & real
+    if bool((chosen & rejected).any()):
+        raise ValueError("chosen_mask and rejected_mask overlap")
+    scored = chosen | rejected
+    if bool(scored[:, 0].any()):
+        raise ValueError("a completion token is on a row's first position: no prompt before it")
+    rows, tpos = torch.nonzero(scored, as_tuple=True)
+    source = tpos - 1
+    has_chosen = chosen.any(-1)
+    first_chosen = torch.where(has_chosen, chosen.int().argmax(-1), 0)
+    prev_rejected = torch.zeros_like(rejected)
+    prev_rejected[:, 1:] = rejected[:, :-1]
+    starts = rejected & ~prev_rejected & has_chosen[:, None]  # first rejected token after chosen
+    is_start = starts[rows, tpos]
+    source = torch.where(is_start, first_chosen[rows] - 1, source)
+    if rows.numel():
+        ok = real[rows, source] & ~rejected[rows, source]
+        ok &= ~(chosen[rows, source] & rejected[rows, tpos])
+        if not bool(ok.all()):
+            raise ValueError(
+                "shared-prompt masks disagree: each row must be [padding] prompt chosen rejected "
+                "[padding] with a non-empty prompt"
+            )
+    return rows, source, input_ids[rows, tpos], rejected[rows, tpos]
+
+
+def shared_prompt_logps(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask_4d: Tensor,
+    position_ids: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    attention_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    fused: bool | None = None,
+) -> Tensor:
+    """Summed completion log-probs of ``B`` pairs run as ``B`` rows ``prompt + chosen + rejected``.
+
+    Each row computes its prompt once; the chosen and rejected completions both continue it:
+    positions ``0..p-1`` (prompt), ``p..p+c-1`` (chosen), ``p..p+r-1`` (rejected, restarting
+    after the prompt), and rejected tokens do not attend to chosen tokens. The sums equal
+    :func:`sequence_logps` on the ``2B`` unshared sequences ``prompt + chosen`` and
+    ``prompt + rejected`` (up to float rounding), and so do their gradients: the prompt's hidden
+    states receive the sum of both completions' gradients, as the two unshared copies would.
+
+    Args:
+        model: a transformers causal LM whose attention takes a prepared 4D mask
+            (``attn_implementation`` ``sdpa`` or ``eager``; see :data:`SHARED_PROMPT_ATTENTION`).
+        input_ids: ``[B, L]`` packed rows (left or right padded).
+        attention_mask_4d: boolean ``[B, 1, L, L]`` from :func:`shared_prompt_mask` (converted to
+            an additive float mask for ``eager``).
+        position_ids: ``[B, L]`` as above (any value on padding).
+        chosen_mask, rejected_mask: ``[B, L]``, 1 on the chosen / rejected completion tokens.
+        attention_mask: ``[B, L]``, 1 on real tokens.
+        chunk_size, fused: as in :func:`sequence_logps`.
+
+    Returns:
+        ``[2B]`` float32 sums (not means): chosen ``0..B-1``, rejected ``B..2B-1``, the layout of
+        :func:`sequence_logps` on a :class:`inpo.data.PreferenceCollator` batch.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, length = input_ids.shape
+    for name, t in (
+        ("position_ids", position_ids),
+        ("chosen_mask", chosen_mask),
+        ("rejected_mask", rejected_mask),
+        ("attention_mask", attention_mask),
+    ):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} != input_ids {tuple(input_ids.shape)}")
+    if tuple(attention_mask_4d.shape) != (b, 1, length, length):
+        raise ValueError(
+            f"attention_mask_4d {tuple(attention_mask_4d.shape)} != {(b, 1, length, length)}"
+        )
+    backbone, head, config = _parts(model)
+    rows, source, target, is_rejected = _shared_targets(
+        input_ids, attention_mask, chosen_mask, rejected_mask
+    )
+    embed = _unwrap(model).get_input_embeddings()
+    mask = _model_mask(model, attention_mask_4d.bool(), embed.weight.dtype)
+    hidden_all = _final_hidden(model, backbone, input_ids, mask, position_ids)
+    hidden = hidden_all[rows, source]  # [M, H]
+    sums = rows + b * is_rejected.long()
+    return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
 
 
 def naive_sequence_logps(
