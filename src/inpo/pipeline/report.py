@@ -143,6 +143,14 @@ def write_report(
     if plotted:
         lines += ["![metrics per iteration](plots/metrics.png)", ""]
     lines += ["## Per iteration", "", table(rows, COLUMNS), ""]
+    timed = [r for r in rows if isinstance(r.get("seconds"), dict)]
+    if timed:
+        stages = ("generate", "annotate", "logps", "train", "evaluate")
+        flat = [
+            {"algorithm": r["algorithm"], "iteration": r["iteration"], **r["seconds"]}
+            for r in timed
+        ]
+        lines += ["## Seconds per stage", "", table(flat, ("algorithm", "iteration", *stages)), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
