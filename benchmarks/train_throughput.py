@@ -7,6 +7,8 @@ subprocess (so peak memory is per trainer):
 
 * ``inpo``: ``inpo.training.train`` with loss ``inpo`` on precomputed ``ref_*``/``prev_*``
   log-probs (computed once before training, timed separately);
+* ``inpo-shared``: the same with ``data.share_prompt=true`` (each pair one row
+  ``prompt + chosen + rejected``, so the prompt is computed once);
 * ``trl``: ``trl.DPOTrainer`` with its defaults for the reference (a frozen reference model run
   every step);
 * ``trl-precompute``: ``DPOTrainer(precompute_ref_log_probs=True)`` (reference pass before
@@ -14,8 +16,10 @@ subprocess (so peak memory is per trainer):
 
 All in fp32 on CPU, no gradient checkpointing, dropout off, same global batch (per-device 4 ×
 accumulation 2), same learning rate, same number of optimizer steps (one pass over the data).
-Throughput is non-padding tokens (prompt + chosen and prompt + rejected, as each trainer feeds
-them) per second of optimizer steps, the first step excluded as warm-up. Model FLOPs utilisation
+Throughput is the pairs' tokens counted the same way for every trainer, ``(prompt + chosen) +
+(prompt + rejected)`` without padding, per second of optimizer steps, the first step excluded as
+warm-up: for ``inpo-shared`` the prompt counts twice although it is computed once (the metric
+``tokens`` of ``inpo train`` counts it so), which is exactly the work that sharing saves. Model FLOPs utilisation
 is ``6 × N × tokens/s`` over the fp32 GEMM peak measured here with a large ``torch.matmul``
 (``N`` = parameters without the input embedding).
 
@@ -23,6 +27,7 @@ Usage::
 
     python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.md
     python benchmarks/train_throughput.py --steps 4  # quicker
+    python benchmarks/train_throughput.py --kinds inpo,inpo-shared  # a subset of the trainers
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 VOCAB = [f"w{i}" for i in range(4000)]
 MICRO, ACCUM = 4, 2
+KINDS = ("inpo", "inpo-shared", "trl", "trl-precompute")
 
 
 def rss_mb() -> float:
@@ -120,13 +126,14 @@ def build(work: Path, pairs: int) -> dict:
             fh.write(json.dumps({**r, **logps}) + "\n")
     from inpo.data import encode_pair
 
-    tokens = 0
+    tokens = shared = 0
     for r in rows:
         for key in ("chosen", "rejected"):
             enc = encode_pair(
                 tok, r["prompt"], r[key], max_prompt_length=None, max_completion_length=None
             )
             tokens += len(enc.prompt_ids) + len(enc.completion_ids)
+            shared += len(enc.completion_ids) + (len(enc.prompt_ids) if key == "chosen" else 0)
     return {
         "model_dir": str(model_dir),
         "data": str(work / "pairs.jsonl"),
@@ -134,6 +141,7 @@ def build(work: Path, pairs: int) -> dict:
         "non_embedding_params": non_embedding,
         "precompute_s": precompute_s,
         "tokens_per_pair": tokens / pairs,
+        "shared_tokens_per_pair": shared / pairs,
         "pairs": pairs,
     }
 
@@ -141,7 +149,7 @@ def build(work: Path, pairs: int) -> dict:
 # ---- workers (each in its own process) ---------------------------------------------------------
 
 
-def run_inpo(setup: dict, work: Path) -> dict:
+def run_inpo(setup: dict, work: Path, share_prompt: bool = False) -> dict:
     from inpo.config import load_config
     from inpo.training import TrainConfig, train
 
@@ -163,6 +171,7 @@ def run_inpo(setup: dict, work: Path) -> dict:
             "save_steps=null",
             "resume=never",
             "logging.progress_bar=false",
+            f"data.share_prompt={str(share_prompt).lower()}",
         ],
     )
     train(cfg)
@@ -244,8 +253,8 @@ def worker(kind: str, setup_path: Path) -> None:
     setup = json.loads(setup_path.read_text())
     work = setup_path.parent
     gemm_before = matmul_peak_flops()
-    if kind == "inpo":
-        out = run_inpo(setup, work)
+    if kind in ("inpo", "inpo-shared"):
+        out = run_inpo(setup, work, share_prompt=kind == "inpo-shared")
     else:
         out = run_trl(setup, work, precompute=kind == "trl-precompute")
     # the machine's speed drifts with other jobs: measure its peak around each run
@@ -274,7 +283,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (one epoch)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats")
-    parser.add_argument("--worker", choices=["inpo", "trl", "trl-precompute"])
+    parser.add_argument("--worker", choices=KINDS)
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}"
+    )
     parser.add_argument("--setup")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -285,17 +297,21 @@ def main() -> None:
     import torch
     import trl
 
+    kinds = tuple(k for k in KINDS if k in args.kinds.split(","))
+    unknown = set(args.kinds.split(",")) - set(KINDS)
+    if unknown or not kinds:
+        parser.error(f"--kinds: unknown {sorted(unknown)}; choose from {KINDS}")
     load0 = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="inpo-bench-"))
     setup = build(work, pairs=args.steps * MICRO * ACCUM)
     (work / "setup.json").write_text(json.dumps(setup))
     peak = matmul_peak_flops()
     print(f"params {setup['params'] / 1e6:.1f}M, GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    kinds = ("inpo", "trl", "trl-precompute")
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for round_ in range(args.rounds):
         # rotate the order, so no trainer always runs in the same slot of the machine's load
-        for kind in kinds[round_ % 3 :] + kinds[: round_ % 3]:
+        shift = round_ % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
             r = run_worker(kind, work)
             runs[kind].append(r)
             print(
@@ -315,7 +331,8 @@ def main() -> None:
         return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
     lines = [
-        "# Training throughput: `inpo train` (INPO) vs TRL `DPOTrainer`",
+        "# Training throughput: `inpo train` (INPO, with and without prompt sharing) vs TRL "
+        "`DPOTrainer`",
         "",
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible "
@@ -325,11 +342,12 @@ def main() -> None:
         f"- Versions: torch {torch.__version__}, trl {trl.__version__}, Python "
         f"{platform.python_version()}",
         f"- Command: `python benchmarks/train_throughput.py --steps {args.steps} "
-        f"--rounds {args.rounds}`",
+        f"--rounds {args.rounds}" + (f" --kinds {','.join(kinds)}`" if kinds != KINDS else "`"),
         f"- Model: Llama-style, {setup['params'] / 1e6:.2f}M parameters "
         f"({n / 1e6:.2f}M without the input embedding), hidden 256, 8 layers, vocab 4,004; fp32",
         f"- Data: {setup['pairs']} synthetic pairs, {setup['tokens_per_pair']:.0f} tokens a pair "
-        f"on average (prompt + chosen and prompt + rejected); per-device batch {MICRO} × "
+        f"on average counted as (prompt + chosen) + (prompt + rejected) for every trainer, "
+        f"{setup['shared_tokens_per_pair']:.0f} when the prompt is shared; per-device batch {MICRO} × "
         f"accumulation {ACCUM} = {MICRO * ACCUM} pairs a step, {args.steps} steps; tokens/s "
         "over steps 2..end (wall time between optimizer-step ends)",
         f"- fp32 GEMM peak (2048² `torch.matmul`, best of 8): {peak / 1e9:.1f} GFLOP/s before "
@@ -345,8 +363,10 @@ def main() -> None:
         "(no reference model in memory or in the step); micro-batches of a step are "
         "length-sorted and each micro-batch's 2B sequences run as 4 length buckets cut to their "
         "own longest sequence (`data.length_buckets`); the LM head runs only on completion "
-        "positions (`inpo.logprobs.sequence_logps`). No prompt sharing between chosen and "
-        "rejected (not implemented).",
+        "positions (`inpo.logprobs.sequence_logps`). With `data.share_prompt=true` each "
+        "micro-batch runs B rows `prompt + chosen + rejected` instead (rejected tokens do not "
+        "attend to chosen ones, positions restart after the prompt; a boolean 4D mask through "
+        "sdpa), in the same 4 length buckets.",
         "",
         "| trainer | tokens/s per round | median tokens/s | MFU per round "
         "| peak RSS (MiB) | RSS growth in training (MiB) |",
@@ -354,6 +374,7 @@ def main() -> None:
     ]
     names = {
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
+        "inpo-shared": "inpo train, data.share_prompt=true",
         "trl": "TRL DPOTrainer (reference model each step)",
         "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
     }
@@ -366,22 +387,39 @@ def main() -> None:
             f"| {max(r['peak_rss_mb'] for r in rs):,.0f} "
             f"| {max(r['peak_rss_mb'] - r['rss_before_mb'] for r in rs):,.0f} |"
         )
-    lines += ["", "| `inpo train` speed-up | per round | median of rounds |", "|---|---:|---:|"]
-    for base in ("trl", "trl-precompute"):
-        per_round = [tps(a) / tps(b) for a, b in zip(runs["inpo"], runs[base], strict=True)]
+    lines += ["", "| speed-up (tokens/s ratio) | per round | median of rounds |", "|---|---:|---:|"]
+    pairs = [
+        (ours, base)
+        for ours in ("inpo", "inpo-shared")
+        for base in ("trl", "trl-precompute", "inpo")
+        if ours != base and ours in kinds and base in kinds
+    ]
+    ratios: dict[tuple[str, str], float] = {}
+    for ours, base in pairs:
+        per_round = [tps(a) / tps(b) for a, b in zip(runs[ours], runs[base], strict=True)]
+        ratios[ours, base] = median(per_round)
         lines.append(
-            f"| over {names[base]} | {', '.join(f'{x:.2f}×' for x in per_round)} "
+            f"| {names[ours]} over {names[base]} | {', '.join(f'{x:.2f}×' for x in per_round)} "
             f"| {median(per_round):.2f}× |"
         )
     lines += [
         "",
         "Reading: precomputing the reference log-probs alone can give at most about 4/3 over "
         "TRL's default (its step is policy forward + backward, about 3 forward-equivalents, plus "
-        "one reference forward); the rest of the gap comes from computing less padding and "
-        "running the LM head only on completion tokens. The ≥ 2× goal would need prompt sharing "
-        "or packing on top; neither is implemented. On a busy machine the rounds scatter by up "
-        "to 10× (other jobs); compare trainers within a round.",
+        "one reference forward); the rest of the gap comes from computing less padding, "
+        "running the LM head only on completion tokens and, with `data.share_prompt`, "
+        f"computing each prompt once ({setup['shared_tokens_per_pair']:.0f} of the "
+        f"{setup['tokens_per_pair']:.0f} counted tokens a pair are computed). On a busy machine "
+        "the rounds scatter by up to 10× (other jobs); compare trainers within a round.",
     ]
+    for ours in ("inpo", "inpo-shared"):
+        if (ours, "trl") in ratios:
+            x = ratios[ours, "trl"]
+            verdict = "met" if x >= 2.0 else "not met"
+            lines.append(
+                f"- Goal ≥ 2× over TRL DPOTrainer's default, {names[ours]}: {verdict} "
+                f"(median {x:.2f}×)."
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "save_config",
+    "validate_config",
 ]
 
 
@@ -189,6 +190,11 @@ def _validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{err}") from err
         except ValueError as err:
             raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def validate_config(cfg: Any) -> None:
+    """Run every nested dataclass's ``validate()`` (for configs built in code, not loaded)."""
+    _validate(cfg)
 
 
 def load_config(

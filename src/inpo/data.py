@@ -541,6 +541,14 @@ class PreferenceCollator:
         max_completion_length: keep the completion's first tokens (``None``: no limit).
         padding_side: ``"right"`` or ``"left"``.
         pad_to_multiple_of: round ``L`` up to a multiple of this.
+        share_prompt: return ``B`` rows ``prompt + chosen + rejected`` instead (see below).
+
+    With ``share_prompt=True`` the batch holds one row per pair, for
+    :func:`inpo.logprobs.shared_prompt_logps`: ``input_ids``, ``attention_mask`` (1 on real
+    tokens), ``position_ids`` (prompt ``0..p-1``, chosen ``p..p+c-1``, rejected ``p..p+r-1``; 0
+    on padding), ``chosen_mask``, ``rejected_mask``, all int64 ``[B, L]``, and ``prompt_lengths``
+    ``[B]``; the other keys are as above. The attention mask that keeps rejected tokens from
+    seeing chosen ones is built from these by :func:`inpo.logprobs.shared_prompt_mask`.
     """
 
     def __init__(
@@ -551,6 +559,7 @@ class PreferenceCollator:
         max_completion_length: int | None = None,
         padding_side: str = "right",
         pad_to_multiple_of: int | None = None,
+        share_prompt: bool = False,
     ):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -562,6 +571,7 @@ class PreferenceCollator:
         self.max_completion_length = max_completion_length
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.share_prompt = share_prompt
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id
@@ -600,34 +610,16 @@ class PreferenceCollator:
         self.truncated_prompts += n_prompt_cut
         self.truncated_completions += n_completion_cut
         self.pairs_seen += len(rows)
-
-        length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            length = -(-length // m) * m
-        n = len(seqs)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        completion_mask = torch.zeros((n, length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids = s.prompt_ids + s.completion_ids
-            start = 0 if self.padding_side == "right" else length - len(ids)
-            end = start + len(ids)
-            input_ids[i, start:end] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, start:end] = 1
-            completion_mask[i, start + len(s.prompt_ids) : end] = 1
-
+        if self.share_prompt:
+            batch = self._shared_rows(encoded)
+        else:
+            batch = self._separate_rows(seqs)
         b = len(rows)
         lengths = torch.tensor([len(s.completion_ids) for s in seqs], dtype=torch.long)
-        batch: dict[str, torch.Tensor] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "completion_mask": completion_mask,
-            "chosen_lengths": lengths[:b].clone(),
-            "rejected_lengths": lengths[b:].clone(),
-            "num_truncated_prompts": torch.tensor(n_prompt_cut, dtype=torch.long),
-            "num_truncated_completions": torch.tensor(n_completion_cut, dtype=torch.long),
-        }
+        batch["chosen_lengths"] = lengths[:b].clone()
+        batch["rejected_lengths"] = lengths[b:].clone()
+        batch["num_truncated_prompts"] = torch.tensor(n_prompt_cut, dtype=torch.long)
+        batch["num_truncated_completions"] = torch.tensor(n_completion_cut, dtype=torch.long)
         if all("row_id" in row and row["row_id"] is not None for row in rows):
             batch["row_id"] = torch.tensor([int(row["row_id"]) for row in rows], dtype=torch.long)
         for name in OPTIONAL_COLUMNS:
@@ -641,3 +633,70 @@ class PreferenceCollator:
             dtype = torch.bool if name == "tie" else torch.float32
             batch[name] = torch.tensor(values, dtype=dtype)
         return batch
+
+    def _padded_length(self, length: int) -> int:
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = -(-length // m) * m
+        return length
+
+    def _separate_rows(self, seqs: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
+        """``2B`` rows ``prompt + completion``: chosen rows first, then rejected rows."""
+        import torch
+
+        length = self._padded_length(max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs))
+        n = len(seqs)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        completion_mask = torch.zeros((n, length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids = s.prompt_ids + s.completion_ids
+            start = 0 if self.padding_side == "right" else length - len(ids)
+            end = start + len(ids)
+            input_ids[i, start:end] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, start:end] = 1
+            completion_mask[i, start + len(s.prompt_ids) : end] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+        }
+
+    def _shared_rows(
+        self, encoded: Sequence[tuple[EncodedPair, EncodedPair]]
+    ) -> dict[str, torch.Tensor]:
+        """``B`` rows ``prompt + chosen + rejected`` with restarting position ids."""
+        import torch
+
+        for chosen, rejected in encoded:
+            if chosen.prompt_ids != rejected.prompt_ids:  # same prompt, same truncation
+                raise ValueError("share_prompt: chosen and rejected prompts differ")
+            if not chosen.prompt_ids:
+                raise DataError("share_prompt: a prompt tokenises to no tokens")
+        sizes = [
+            (len(c.prompt_ids), len(c.completion_ids), len(r.completion_ids)) for c, r in encoded
+        ]
+        length = self._padded_length(max(p + c + r for p, c, r in sizes))
+        n = len(encoded)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        position_ids = torch.zeros((n, length), dtype=torch.long)
+        chosen_mask = torch.zeros((n, length), dtype=torch.long)
+        rejected_mask = torch.zeros((n, length), dtype=torch.long)
+        for i, ((chosen, rejected), (p, c, r)) in enumerate(zip(encoded, sizes, strict=True)):
+            ids = chosen.prompt_ids + chosen.completion_ids + rejected.completion_ids
+            start = 0 if self.padding_side == "right" else length - len(ids)
+            end = start + len(ids)
+            input_ids[i, start:end] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, start:end] = 1
+            position_ids[i, start:end] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            chosen_mask[i, start + p : start + p + c] = 1
+            rejected_mask[i, start + p + c : end] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "chosen_mask": chosen_mask,
+            "rejected_mask": rejected_mask,
+            "prompt_lengths": torch.tensor([p for p, _, _ in sizes], dtype=torch.long),
+        }

@@ -490,8 +490,9 @@ def _shared_targets(
     is_start = starts[rows, tpos]
     source = torch.where(is_start, first_chosen[rows] - 1, source)
     if rows.numel():
-        ok = real[rows, source] & ~rejected[rows, source]
-        ok &= ~(chosen[rows, source] & rejected[rows, tpos])
+        from_chosen, from_rejected = chosen[rows, source], rejected[rows, source]
+        to_rejected = rejected[rows, tpos]
+        ok = real[rows, source] & ~(from_chosen & to_rejected) & ~(from_rejected & ~to_rejected)
         if not bool(ok.all()):
             raise ValueError(
                 "shared-prompt masks disagree: each row must be [padding] prompt chosen rejected "

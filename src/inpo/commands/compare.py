@@ -72,9 +72,9 @@ def main(argv: list[str]) -> int:
                 cfg.generate.k = sppo_k(base.generate.k)
         elif cfg.annotate.selection == "all_pairs":
             cfg.annotate.selection = "auto"
-        from inpo.config import _validate
+        from inpo.config import validate_config
 
-        _validate(cfg)
+        validate_config(cfg)
         configs.append(cfg)
     rows = []
     for cfg in configs:

@@ -133,9 +133,13 @@ class StageRunner:
 
 
 def _load(path: Path):
+    """A policy and its tokenizer for generation/evaluation, on the GPU when there is one."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    if torch.cuda.is_available():
+        model.to("cuda")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tok
 
@@ -371,9 +375,9 @@ def _train(cfg: RunConfig, data: Path, policy: Path, seed: int, work: Path) -> d
         keep_checkpoints=1,
         resume="auto",
     )
-    from inpo.config import _validate
+    from inpo.config import validate_config
 
-    _validate(tc)
+    validate_config(tc)
     import os
 
     fault = os.environ.get("INPO_FAULT_KILL", "")

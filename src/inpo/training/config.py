@@ -99,6 +99,12 @@ class DataConfig:
     #: Run each micro-batch's ``2B`` sequences as this many length-sorted forward passes, each
     #: cut to its longest sequence (exact with right padding; less padding computed).
     length_buckets: int = 4
+    #: Run each pair as one row ``prompt + chosen + rejected`` (rejected tokens do not attend to
+    #: chosen ones; positions restart after the prompt), so the prompt is computed once. Same
+    #: log-probs and gradients up to float rounding (``inpo.logprobs.shared_prompt_logps``);
+    #: needs ``sdpa`` or ``eager`` attention and no sliding-window layers. The ``B`` rows of a
+    #: micro-batch run in ``max(1, length_buckets // 2)`` length buckets.
+    share_prompt: bool = False
 
     def validate(self) -> None:
         if not self.train_file:
@@ -254,3 +260,10 @@ class TrainConfig:
             raise ConfigError(f"keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
         if self.model.lora is not None and self.model.dtype == "float16":
             raise ConfigError("model.dtype=float16 with LoRA is not supported; use bfloat16")
+        impl = self.model.attn_implementation
+        if self.data.share_prompt and impl not in (None, "sdpa", "eager"):
+            raise ConfigError(
+                f"data.share_prompt=true needs a custom 4D attention mask, which "
+                f"model.attn_implementation={impl} does not take; use sdpa or eager "
+                "(or set data.share_prompt=false)"
+            )

@@ -2,7 +2,8 @@
 
 The loss is data: :func:`inpo.losses.get_loss` gives a :class:`~inpo.losses.LossSpec` whose
 ``inputs`` say which batch columns it reads. The loop computes only the policy's summed
-completion log-probs (``sequence_logps`` on ``[2B, L]``: chosen rows then rejected rows); every
+completion log-probs (``sequence_logps`` on ``[2B, L]``: chosen rows then rejected rows; with
+``data.share_prompt``, ``shared_prompt_logps`` on ``B`` rows ``prompt + chosen + rejected``); every
 other input (reference / previous-iterate log-probs, win-rates, ties) is a precomputed dataset
 column, so only the policy is in memory (INPO §4: ``log π_ref`` and ``log π_t`` are computed once
 per iteration, before training).
@@ -44,6 +45,7 @@ __all__ = [
     "TrainResult",
     "WarmupSchedule",
     "bucketed_logps",
+    "bucketed_shared_logps",
     "check_loss_columns",
     "train",
 ]
@@ -156,6 +158,45 @@ def bucketed_logps(
     return out
 
 
+def bucketed_shared_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, buckets: int
+) -> torch.Tensor:
+    """:func:`inpo.logprobs.shared_prompt_logps` on a ``share_prompt`` collator batch of ``B``
+    right-padded rows ``prompt + chosen + rejected``, run as length-sorted groups each cut to
+    its longest row. Returns ``[2B]``: chosen ``0..B-1``, rejected ``B..2B-1``.
+
+    ``buckets`` counts groups of the ``2B`` *unshared* sequences (``data.length_buckets``); the
+    ``B`` shared rows go in ``max(1, buckets // 2)`` groups, so a forward pass holds about as
+    many rows either way (single-row passes measured slower on CPU).
+    """
+    from inpo.logprobs import shared_prompt_logps, shared_prompt_mask
+
+    attention_mask = batch["attention_mask"]
+    b = attention_mask.shape[0]
+    lengths = attention_mask.sum(-1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    groups = torch.tensor_split(order, min(max(1, buckets // 2), b))
+    out = torch.zeros(2 * b, device=attention_mask.device)
+    for group in groups:
+        width = int(lengths[group].max()) if len(groups) > 1 else attention_mask.shape[1]
+        cut = {
+            k: batch[k][group, :width]
+            for k in ("input_ids", "attention_mask", "position_ids", "chosen_mask", "rejected_mask")
+        }
+        mask = shared_prompt_mask(cut["attention_mask"], cut["chosen_mask"], cut["rejected_mask"])
+        lp = shared_prompt_logps(
+            model,
+            cut["input_ids"],
+            mask,
+            cut["position_ids"],
+            cut["chosen_mask"],
+            cut["rejected_mask"],
+            cut["attention_mask"],
+        )
+        out = out.index_add(0, torch.cat([group, group + b]), lp.float())
+    return out
+
+
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
     """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
     a pair truncated differently has reference log-probs of another completion."""
@@ -179,6 +220,15 @@ def _check_precompute_lengths(cfg: TrainConfig) -> None:
                 key,
                 info[key],
             )
+
+
+def _pair_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens of the batch's pairs counted as ``(prompt + chosen) + (prompt + rejected)``, also
+    when the prompt is shared (so ``tokens`` and ``tokens_per_s`` mean the same either way)."""
+    tokens = batch["attention_mask"].sum()
+    if "prompt_lengths" in batch:
+        tokens = tokens + batch["prompt_lengths"].sum()
+    return tokens
 
 
 def _text_len(value: Any) -> int:
@@ -264,8 +314,16 @@ def train(
     from accelerate.utils import set_seed
 
     from inpo.data import PreferenceCollator, load_preference_dataset
-    from inpo.training.modeling import check_model_dir, load_policy, load_tokenizer, save_policy
+    from inpo.training.modeling import (
+        check_model_dir,
+        check_shared_prompt_support,
+        load_policy,
+        load_tokenizer,
+        save_policy,
+    )
 
+    if logps_fn is not None and cfg.data.share_prompt:
+        raise ValueError("logps_fn is not used with data.share_prompt=true; pass one or the other")
     if logps_fn is None:
         from inpo.logprobs import sequence_logps as logps_fn
 
@@ -306,14 +364,22 @@ def train(
     steps_per_epoch = math.ceil(n_rows / g)
     total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
     warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
-    lengths = [
-        _text_len(r["prompt"]) + max(_text_len(r["chosen"]), _text_len(r["rejected"])) for r in rows
-    ]
+    if cfg.data.share_prompt:  # one row per pair: its length is the whole pair's
+        lengths = [
+            _text_len(r["prompt"]) + _text_len(r["chosen"]) + _text_len(r["rejected"]) for r in rows
+        ]
+    else:
+        lengths = [
+            _text_len(r["prompt"]) + max(_text_len(r["chosen"]), _text_len(r["rejected"]))
+            for r in rows
+        ]
 
     # ---- model, optimizer, schedule --------------------------------------------------------------
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_policy(cfg.model).to(accelerator.device)
+    if cfg.data.share_prompt:
+        check_shared_prompt_support(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim.optimizer == "adamw":
         decay = [p for p in params if p.ndim >= 2]
@@ -338,6 +404,7 @@ def train(
         tokenizer,
         max_prompt_length=cfg.data.max_prompt_length,
         max_completion_length=cfg.data.max_completion_length,
+        share_prompt=cfg.data.share_prompt,
     )
 
     start_step = 0
@@ -431,14 +498,17 @@ def train(
                 b = len(batch_rows)
                 # ---- the algorithm: policy log-probs, the declared loss, mean over the step --
                 with accelerator.autocast():
-                    logps = bucketed_logps(
-                        logps_fn,
-                        model,
-                        batch["input_ids"],
-                        batch["attention_mask"],
-                        batch["completion_mask"],
-                        buckets=cfg.data.length_buckets,
-                    )
+                    if cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
+                        logps = bucketed_shared_logps(model, batch, buckets=cfg.data.length_buckets)
+                    else:
+                        logps = bucketed_logps(
+                            logps_fn,
+                            model,
+                            batch["input_ids"],
+                            batch["attention_mask"],
+                            batch["completion_mask"],
+                            buckets=cfg.data.length_buckets,
+                        )
                 inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:]}
                 for name in (*spec.precomputed_inputs, *spec.optional_inputs):
                     column = BATCH_COLUMNS.get(name, name)
@@ -464,7 +534,7 @@ def train(
                         out.chosen_rewards.double().sum().cpu(),
                         out.rejected_rewards.double().sum().cpu(),
                         (m > 0).double().sum().cpu(),
-                        batch["attention_mask"].sum().double().cpu(),
+                        _pair_tokens(batch).double().cpu(),
                         batch["num_truncated_prompts"].double().cpu(),
                         batch["num_truncated_completions"].double().cpu(),
                     ]
