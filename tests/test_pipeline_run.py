@@ -238,3 +238,11 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
     assert rows[0]["win_rate_vs_ref"] is not None and len(rows[0]["win_rate_ci"]) == 2
     assert rows[1]["oracle_queries"] == 4 * 4  # best/worst of K = 4: K reward calls a prompt
     assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0
+
+
+def test_changing_the_prompt_set_redoes_generation(tmp_path):
+    task = ToyTask(tmp_path)
+    run_pipeline(_cfg(tmp_path, iterations=1), log=lambda m: None, task=task)
+    logs: list[str] = []
+    run_pipeline(_cfg(tmp_path, iterations=1, max_prompts=2), log=logs.append, task=task)
+    assert "[iter_000/generate] redo: its configuration changed" in "\n".join(logs)
