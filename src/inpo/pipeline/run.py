@@ -472,6 +472,8 @@ def run_pipeline(cfg: RunConfig, *, log: Log = print, task: Any = None) -> Path:
                         "generate": asdict(cfg.generate),
                         "seed": cfg.seed,
                         "prompts": task.describe(),
+                        "max_prompts": cfg.max_prompts,
+                        "prompt_repeats": cfg.prompt_repeats,
                     },
                     {"policy": policy_id},
                     lambda work, p=policy, pr=prompts, s=gen_seed: _generate(cfg, p, pr, s, work),
