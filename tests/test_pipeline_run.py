@@ -244,5 +244,5 @@ def test_changing_the_prompt_set_redoes_generation(tmp_path):
     task = ToyTask(tmp_path)
     run_pipeline(_cfg(tmp_path, iterations=1), log=lambda m: None, task=task)
     logs: list[str] = []
-    run_pipeline(_cfg(tmp_path, iterations=1, max_prompts=2), log=logs.append, task=task)
+    run_pipeline(_cfg(tmp_path, iterations=1, prompt_repeats=2), log=logs.append, task=task)
     assert "[iter_000/generate] redo: its configuration changed" in "\n".join(logs)
