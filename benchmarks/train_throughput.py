@@ -366,7 +366,7 @@ def main() -> None:
         "positions (`inpo.logprobs.sequence_logps`). With `data.share_prompt=true` each "
         "micro-batch runs B rows `prompt + chosen + rejected` instead (rejected tokens do not "
         "attend to chosen ones, positions restart after the prompt; a boolean 4D mask through "
-        "sdpa), in the same 4 length buckets.",
+        "sdpa), the B rows in 2 length buckets (`length_buckets // 2`).",
         "",
         "| trainer | tokens/s per round | median tokens/s | MFU per round "
         "| peak RSS (MiB) | RSS growth in training (MiB) |",
@@ -394,10 +394,10 @@ def main() -> None:
         for base in ("trl", "trl-precompute", "inpo")
         if ours != base and ours in kinds and base in kinds
     ]
-    ratios: dict[tuple[str, str], float] = {}
+    ratios: dict[tuple[str, str], list[float]] = {}
     for ours, base in pairs:
         per_round = [tps(a) / tps(b) for a, b in zip(runs[ours], runs[base], strict=True)]
-        ratios[ours, base] = median(per_round)
+        ratios[ours, base] = per_round
         lines.append(
             f"| {names[ours]} over {names[base]} | {', '.join(f'{x:.2f}×' for x in per_round)} "
             f"| {median(per_round):.2f}× |"
@@ -409,16 +409,19 @@ def main() -> None:
         "one reference forward); the rest of the gap comes from computing less padding, "
         "running the LM head only on completion tokens and, with `data.share_prompt`, "
         f"computing each prompt once ({setup['shared_tokens_per_pair']:.0f} of the "
-        f"{setup['tokens_per_pair']:.0f} counted tokens a pair are computed). On a busy machine "
-        "the rounds scatter by up to 10× (other jobs); compare trainers within a round.",
+        f"{setup['tokens_per_pair']:.0f} counted tokens a pair are computed, so its MFU is an "
+        "effective one, crediting the prompt's second copy it does not compute). On a busy "
+        "machine the rounds scatter by up to 10× (other jobs); compare trainers within a round.",
     ]
     for ours in ("inpo", "inpo-shared"):
         if (ours, "trl") in ratios:
-            x = ratios[ours, "trl"]
+            per_round = ratios[ours, "trl"]
+            x = median(per_round)
             verdict = "met" if x >= 2.0 else "not met"
+            hits = sum(r >= 2.0 for r in per_round)
             lines.append(
-                f"- Goal ≥ 2× over TRL DPOTrainer's default, {names[ours]}: {verdict} "
-                f"(median {x:.2f}×)."
+                f"- Goal ≥ 2× over TRL DPOTrainer's default, {names[ours]}: {verdict} by the "
+                f"median ({x:.2f}×; {hits} of {len(per_round)} rounds at ≥ 2×)."
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,8 @@ class TrainStageConfig:
     max_prompt_length: int = 512
     max_completion_length: int = 512
     gradient_checkpointing: bool = False
+    #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
+    share_prompt: bool = False
     save_steps: int | None = 50
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -357,6 +357,7 @@ def _train(cfg: RunConfig, data: Path, policy: Path, seed: int, work: Path) -> d
             train_file=str(data),
             max_prompt_length=t.max_prompt_length,
             max_completion_length=t.max_completion_length,
+            share_prompt=t.share_prompt,
         ),
         loss=LossConfig(name=loss, **hparams),
         optim=OptimConfig(
