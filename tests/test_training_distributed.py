@@ -1,0 +1,92 @@
+"""Two processes (torchrun, gloo on CPU) train the same weights as one, at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WORDS = "red blue green circle square say describe a the".split()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_two_processes_equal_one(tmp_path, optimizer):
+    import torch
+    from safetensors.torch import load_file
+
+    from inpo.precompute import precompute_logps
+    from inpo.tiny import save_tiny_lm, word_tokenizer
+
+    save_tiny_lm(tmp_path / "model", "llama", tokenizer=word_tokenizer(WORDS), hidden_size=32)
+    rng = random.Random(0)
+    with open(tmp_path / "pairs.jsonl", "w") as fh:
+        for _ in range(32):
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(rng.choice(WORDS) for _ in range(3)),
+                        "chosen": rng.choice(WORDS),
+                        "rejected": " ".join(rng.choice(WORDS) for _ in range(2)),
+                    }
+                )
+                + "\n"
+            )
+    precompute_logps(
+        tmp_path / "pairs.jsonl",
+        tmp_path / "model",
+        tmp_path / "data",
+        columns="ref",
+        max_prompt_length=16,
+        max_completion_length=8,
+    )
+    (tmp_path / "cfg.yaml").write_text(
+        "model: {path: model}\n"
+        "data: {train_file: data, max_prompt_length: 16, max_completion_length: 8}\n"
+        "loss: {name: dpo, beta: 0.5}\n"
+        f"optim: {{learning_rate: 1.0e-2, global_batch_size: 8, per_device_batch_size: 2, "
+        f"warmup_ratio: 0.0, optimizer: {optimizer}, max_steps: 3}}\n"
+        "logging: {progress_bar: false}\nsave_steps: null\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "inpo", "train", "cfg.yaml", "output_dir=one"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "inpo",
+            "train",
+            "cfg.yaml",
+            "output_dir=two",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(tmp_path / "model" / "model.safetensors")
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # training did something
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
