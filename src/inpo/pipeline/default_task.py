@@ -20,7 +20,7 @@ __all__ = ["RUN_DEFAULTS", "DefaultPipelineTask"]
 
 #: Run settings of the default task (precedence: paper < these < YAML < key=value).
 RUN_DEFAULTS: dict[str, Any] = {
-    "eta": 0.25,
+    "eta": 0.35,
     "tau": 0.05,
     "beta": 0.05,
     "iterations": 3,
