@@ -318,7 +318,15 @@ def _logps(cfg: RunConfig, pairs: Path, ref: Path, policy: Path, work: Path) -> 
         needed = spec.needs_ref if columns == "ref" else spec.needs_prev
         if needed:
             out = work / f"with_{columns}"
-            precompute_logps(current, model, out, columns=columns, overwrite=True, **kw)
+            if (
+                columns == "prev"
+                and spec.needs_ref
+                and Path(policy).resolve() == Path(ref).resolve()
+            ):
+                # π_t is π_ref (iteration 0): its log-probs are the ones just computed.
+                _copy_ref_to_prev(current, out)
+            else:
+                precompute_logps(current, model, out, columns=columns, overwrite=True, **kw)
             current = out
             _fault("logps", 1 if columns == "ref" else 2)
     final = work / "data"
@@ -330,6 +338,25 @@ def _logps(cfg: RunConfig, pairs: Path, ref: Path, policy: Path, work: Path) -> 
         for leftover in work.glob("with_*"):
             shutil.rmtree(leftover)
     return {"columns": [c for c in spec.precomputed_inputs]}
+
+
+def _copy_ref_to_prev(src: Path, out: Path) -> None:
+    """A copy of the dataset at ``src`` with ``prev_*_logps`` equal to its ``ref_*_logps``."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(src))
+    for side in ("chosen", "rejected"):
+        name = f"prev_{side}_logps"
+        if name in data.column_names:
+            data = data.remove_columns(name)
+        data = data.add_column(name, data[f"ref_{side}_logps"])
+    if out.exists():
+        shutil.rmtree(out)
+    data.save_to_disk(str(out))
+    if (src / "manifest.json").is_file():
+        shutil.copy(src / "manifest.json", out / "manifest.json")
 
 
 def _train(cfg: RunConfig, data: Path, policy: Path, seed: int, work: Path) -> dict:
