@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inpo.pipeline.default_task import RUN_DEFAULTS
+from inpo.pipeline.workloads import RUN_DEFAULTS
 
 OUT = Path(__file__).parent / "results" / "default_pipeline.md"
 

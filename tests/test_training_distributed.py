@@ -88,5 +88,9 @@ def test_two_processes_equal_one(tmp_path, optimizer):
     start = load_file(tmp_path / "model" / "model.safetensors")
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # training did something
+    # Two processes sum a step's micro-batch gradients in another order than one (fp32 is not
+    # associative). SGD passes that ~1e-7 difference on as is; Adam divides by sqrt(v), so a
+    # near-zero gradient entry whose rounding differs can move its update by up to ~lr·1e-3.
+    atol = 1e-6 if optimizer == "sgd" else 1e-5
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol)

@@ -1,11 +1,14 @@
 """Sampling ``K`` responses a prompt from a causal LM (the pipeline's *generate* stage).
 
 transformers ``generate`` with the KV cache, batched over prompts (left padding), ``K`` samples
-per prompt via ``num_return_sequences``. Reproducible and resumable: prompts are processed in
-fixed chunks of ``batch_size`` prompts, and each chunk's sampling is seeded with a hash of
-``(seed, first prompt index)``, so a chunk gives the same samples whether or not the run was
-interrupted before it. Text prompts are tokenised as ``tokenizer(prompt)`` gives them (the same
-as :func:`inpo.data.tokenize_pair`), conversational prompts (message lists) through the chat
+per prompt via ``num_return_sequences``. Reproducible whatever the batching: every sample
+``(prompt i, sample j)`` draws its tokens from its own generator, seeded with a hash of
+``(seed, i, j)`` (:func:`sample_seed`) — a logits processor samples each row's next token
+(temperature, top-p) with the row's generator and leaves only that token for the greedy step.
+So the samples of a prompt do not depend on the batch size, on which other prompts share its
+batch, on how many processes split the prompts, or on whether the run was interrupted.
+Text prompts are tokenised as ``tokenizer(prompt)`` gives them (the same as
+:func:`inpo.data.tokenize_pair`), conversational prompts (message lists) through the chat
 template with the generation prompt. A completion is the decoded new tokens up to EOS (special
 tokens removed); a sample that stops at ``max_new_tokens`` is kept and counted as truncated.
 """
@@ -17,7 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GenerationSettings", "chunk_seed", "generate_chunks", "sample_responses"]
+__all__ = [
+    "GenerationSettings",
+    "RowSampler",
+    "generate_chunks",
+    "sample_responses",
+    "sample_seed",
+]
 
 
 @dataclass
@@ -31,10 +40,52 @@ class GenerationSettings:
     stop_token_ids: list[int] | None = None
 
 
-def chunk_seed(seed: int, start: int) -> int:
-    """The sampling seed of the chunk of prompts starting at index ``start``."""
-    digest = hashlib.sha256(f"inpo-generate:{seed}:{start}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+def sample_seed(seed: int, index: int, sample: int = 0) -> int:
+    """The seed of sample ``sample`` of the prompt at (global) index ``index``."""
+    digest = hashlib.sha256(f"inpo-generate:{seed}:{index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+class RowSampler:
+    """A transformers logits processor that samples every row with its own generator.
+
+    Row ``r`` of the batch draws one uniform number per decoding step from
+    ``torch.Generator().manual_seed(seeds[r])`` and takes the token where it falls in the
+    row's temperature-scaled, top-p-truncated distribution (inverse CDF, in float64). The
+    returned scores are ``-inf`` except at that token, so greedy decoding (``do_sample=False``)
+    emits it. Temperature 0 leaves the scores as they are (greedy).
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.temperature <= 0:
+            return scores
+        rows = scores.shape[0]
+        if rows != len(self.generators):
+            raise ValueError(f"RowSampler has {len(self.generators)} seeds for {rows} rows")
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        cdf = probs.cumsum(-1)
+        target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        # a token of zero probability is never taken (the CDF is flat over it)
+        token = token.clamp(max=scores.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(rows, device=scores.device), token] = 0.0
+        return out
 
 
 def _encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
@@ -52,12 +103,22 @@ def generate_chunks(
     *,
     seed: int,
     start_chunk: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, list[list[str]], int]]:
     """Yield ``(chunk_start, samples, truncated)`` per chunk of prompts, from ``start_chunk``.
 
-    ``samples[i]`` holds the ``k`` completions of prompt ``chunk_start + i``.
+    ``truncated[i]`` counts the samples of prompt ``chunk_start + i`` cut at
+    ``max_new_tokens``; ``samples[i]`` holds the ``k`` completions of prompt ``chunk_start + i``. ``indices[i]``
+    is prompt ``i``'s index in the whole prompt list (default ``i``): it, with ``seed``, seeds
+    the prompt's samples (:func:`sample_seed`), so a shard of the prompts gets the samples the
+    whole list would.
     """
     import torch
+    from transformers import LogitsProcessorList
+
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts")
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -78,32 +139,38 @@ def generate_chunks(
             for r, e in enumerate(encoded):
                 ids[r, length - len(e) :] = torch.tensor(e)
                 attn[r, length - len(e) :] = 1
-            gen = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, start))
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            sampler = RowSampler(
+                [
+                    sample_seed(seed, indices[start + r], j)
+                    for r in range(len(chunk))
+                    for j in range(k)
+                ],
+                settings.temperature,
+                settings.top_p,
+            )
             with torch.no_grad():
+                # K rows a prompt (prompt-major), each sampled with its own generator
                 out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attn.to(device),
-                    do_sample=settings.temperature > 0,
-                    temperature=settings.temperature if settings.temperature > 0 else None,
-                    top_p=settings.top_p,
-                    top_k=0,
+                    input_ids=ids.repeat_interleave(k, dim=0).to(device),
+                    attention_mask=attn.repeat_interleave(k, dim=0).to(device),
+                    do_sample=False,  # RowSampler samples; greedy takes its token
+                    logits_processor=LogitsProcessorList([sampler]),
                     max_new_tokens=settings.max_new_tokens,
-                    num_return_sequences=k,
                     eos_token_id=eos,
                     pad_token_id=int(pad),
                     use_cache=True,
                 )
             new = out[:, length:].cpu()
             samples: list[list[str]] = []
-            truncated = 0
+            truncated: list[int] = []
             for r in range(len(chunk)):
                 row = []
+                truncated.append(0)
                 for j in range(k):
                     toks = new[r * k + j].tolist()
                     stop = next((i for i, t in enumerate(toks) if t in eos), None)
                     if stop is None:
-                        truncated += 1
+                        truncated[-1] += 1
                     else:
                         toks = toks[:stop]
                     row.append(tokenizer.decode(toks, skip_special_tokens=True))
@@ -142,11 +209,12 @@ def vllm_sample(
     settings: GenerationSettings,
     *,
     seed: int,
+    indices: Sequence[int] | None = None,
 ) -> list[list[str]]:
     """``k`` samples a prompt with vLLM (imported here, only when asked for).
 
     Conversational prompts go through the tokenizer's chat template, text prompts as they
-    are; each prompt gets its own seed (``chunk_seed(seed, index)``), so the samples do not
+    are; each prompt gets its own seed (``sample_seed(seed, index)``), so the samples do not
     depend on how vLLM batches them.
     """
     try:
@@ -172,10 +240,10 @@ def vllm_sample(
             temperature=settings.temperature,
             top_p=settings.top_p,
             max_tokens=settings.max_new_tokens,
-            seed=chunk_seed(seed, i),
+            seed=sample_seed(seed, index) % 2**31,
             stop_token_ids=settings.stop_token_ids,
         )
-        for i in range(len(texts))
+        for index in (indices if indices is not None else range(len(texts)))
     ]
     outputs = llm.generate(texts, params)
     return [[c.text for c in out.outputs] for out in outputs]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from inpo.errors import ConfigError, DataError
+from inpo.hashing import model_fingerprint
 
 __all__ = ["MANIFEST_NAME", "PrecomputeResult", "dataset_hash", "precompute_logps"]
 
@@ -67,20 +68,6 @@ def dataset_hash(path: str | Path) -> str:
         with file.open("rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
-
-
-def _model_fingerprint(model_path: Path) -> str:
-    """SHA-256 over the model folder's config bytes and its weight files' names, sizes and
-    modification times: cheap for multi-GB weights, and a re-saved model (a new iterate written
-    to the same path) gets a new fingerprint."""
-    digest = hashlib.sha256()
-    config = model_path / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    for file in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -183,6 +170,7 @@ def precompute_logps(
         raise ConfigError(f"model '{model_path}': not a transformers model folder (no config.json)")
     if not tokenizer_path.is_dir():
         raise ConfigError(f"tokenizer '{tokenizer_path}': not a folder")
+    device_arg = device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -200,7 +188,7 @@ def precompute_logps(
     settings = {
         "columns": columns,
         "model_path": str(model_path.resolve()),
-        "model_fingerprint": _model_fingerprint(model_path),
+        "model_fingerprint": model_fingerprint(model_path),
         "tokenizer_path": str(tokenizer_path.resolve()),
         "dataset_path": str(dataset_path.resolve()),
         "dataset_hash": dataset_hash(dataset_path),
@@ -234,12 +222,20 @@ def precompute_logps(
     )
 
     # ---- one model in memory: load, score every pair, free ------------------------------------
+    # Under torchrun / accelerate launch every rank scores its share of the rows (on its own
+    # device) and rank 0 writes the whole dataset: the values do not depend on the world size.
+    from inpo.distributed import get_dist, shard
+
+    dist = get_dist()
+    if dist.world > 1 and device_arg == "auto":
+        device = str(dist.device)
     model = _load_model(model_path, dtype, device)
     loaded = time.perf_counter()
     rows = ds.to_list()
+    mine = set(shard(rows, dist.rank, dist.world))
     # Sort by a length proxy so batches pad little; results go back to their rows by index.
     order = sorted(
-        range(len(rows)),
+        (i for i in range(len(rows)) if i in mine),
         key=lambda i: len(json.dumps([rows[i]["prompt"], rows[i]["chosen"], rows[i]["rejected"]])),
     )
     chosen = [0.0] * len(rows)
@@ -262,6 +258,17 @@ def precompute_logps(
             for j, i in enumerate(idx):
                 chosen[i] = float(logps[j])
                 rejected[i] = float(logps[b + j])
+    if dist.world > 1:
+        truncated = (collator.truncated_prompts, collator.truncated_completions)
+        parts = dist.gather(
+            (order, [chosen[i] for i in order], [rejected[i] for i in order], truncated)
+        )
+        tp = tc = 0
+        for idx, c, r, (p_trunc, c_trunc) in parts:
+            for j, i in enumerate(idx):
+                chosen[i], rejected[i] = c[j], r[j]
+            tp, tc = tp + p_trunc, tc + c_trunc
+        collator.truncated_prompts, collator.truncated_completions = tp, tc
     scored = time.perf_counter()
     bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
     if bad:
@@ -274,7 +281,12 @@ def precompute_logps(
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
-    # ---- write to a temporary folder, then rename ---------------------------------------------
+    # ---- write to a temporary folder, then rename (rank 0; the others wait for it) ------------
+    if not dist.is_main:
+        dist.barrier()
+        return PrecomputeResult(
+            output_dir, _read_manifest(output_dir) or {}, skipped=False, columns=names
+        )
     ds = ds.remove_columns([n for n in names if n in ds.column_names])
     ds = ds.add_column(names[0], chosen).add_column(names[1], rejected)
     previous = _read_manifest(dataset_path) if dataset_path.is_dir() else None
@@ -316,4 +328,5 @@ def precompute_logps(
     else:
         tmp.rename(output_dir)
     log.info("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
+    dist.barrier()
     return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)

@@ -44,7 +44,7 @@ def load_run_config(path: Path | None, overrides: list[str]):
 
     from inpo.config import load_config, parse_overrides
     from inpo.pipeline.config import RunConfig
-    from inpo.pipeline.tasks import task_defaults
+    from inpo.pipeline.workloads import workload_defaults
 
     task = "default"
     if path is not None and path.is_file():
@@ -52,7 +52,7 @@ def load_run_config(path: Path | None, overrides: list[str]):
         if isinstance(loaded, dict) and isinstance(loaded.get("task"), str):
             task = loaded["task"]
     task = parse_overrides(overrides).get("task", task)
-    return load_config(RunConfig, path, overrides, base=task_defaults(str(task)))
+    return load_config(RunConfig, path, overrides, base=workload_defaults(str(task)))
 
 
 def main(argv: list[str]) -> int:
@@ -61,10 +61,13 @@ def main(argv: list[str]) -> int:
         return 0
     path, overrides = parse_args(argv)
     cfg = load_run_config(path, overrides)
+    from inpo.distributed import get_dist
     from inpo.pipeline.run import run_pipeline
 
     run_dir = run_pipeline(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(
-        f"run folder: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\nreport: {run_dir / 'report.md'}"
-    )
+    if get_dist().is_main:
+        print(
+            f"run folder: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
+            f"report: {run_dir / 'report.md'}"
+        )
     return 0

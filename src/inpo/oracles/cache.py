@@ -36,7 +36,16 @@ import numpy as np
 from inpo.errors import ConfigError, OracleError
 from inpo.oracles.base import OracleStats, PreferenceOracle
 
-__all__ = ["CACHE_SCHEMA", "CachedOracle", "QueryCache", "cached_prob_prefers", "query_key"]
+__all__ = [
+    "CACHE_SCHEMA",
+    "CachedOracle",
+    "QueryCache",
+    "RankQueryCache",
+    "cached_prob_prefers",
+    "merge_rank_caches",
+    "query_key",
+    "rank_cache_path",
+]
 
 CACHE_SCHEMA = 1
 _SQL_CHUNK = 500  # keys per SELECT … IN (…), well under SQLite's variable limit
@@ -186,6 +195,83 @@ class QueryCache:
         with self._lock:
             (n,) = self._connection().execute(sql, args).fetchone()
         return int(n)
+
+
+def rank_cache_path(shared: str | os.PathLike[str], rank: int) -> Path:
+    """The file rank ``rank`` of a multi-process run writes its fresh answers to."""
+    shared = Path(shared)
+    return shared.with_name(f"{shared.stem}.rank{rank:03d}{shared.suffix}")
+
+
+class RankQueryCache(QueryCache):
+    """One rank's view of a shared cache in a multi-process run: reads the shared file and
+    its own, writes only its own (``<name>.rankNNN.sqlite``).
+
+    No two processes — on one node or several — ever write one SQLite file, so nothing is
+    lost or written twice by concurrent writers (SQLite's locking is unreliable on network
+    file systems). Rank 0 folds every rank file into the shared one with
+    :func:`merge_rank_caches` at points where no rank writes (between stages, and at the
+    start of a run, which also recovers the answers of a killed multi-process run whatever
+    the number of processes of the next one).
+    """
+
+    def __init__(self, shared: str | os.PathLike[str], rank: int, **kwargs: object) -> None:
+        self.shared = QueryCache(shared, **kwargs)  # type: ignore[arg-type]
+        self.rank = int(rank)
+        super().__init__(rank_cache_path(shared, rank), **kwargs)  # type: ignore[arg-type]
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        keys = list(dict.fromkeys(keys))
+        found = self.shared.get_many(keys)
+        rest = [k for k in keys if k not in found]
+        if rest:
+            found.update(super().get_many(rest))
+        return found
+
+    def __len__(self) -> int:
+        return len(self.shared) + super().__len__()
+
+    def close(self) -> None:
+        self.shared.close()
+        super().close()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**super().__getstate__(), "shared_path": self.shared.path, "rank": self.rank}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        shared, rank = state["shared_path"], state["rank"]
+        assert isinstance(shared, Path) and isinstance(rank, int)
+        RankQueryCache.__init__(self, shared, rank)
+
+
+def merge_rank_caches(shared: str | os.PathLike[str]) -> int:
+    """Fold every ``<shared>.rankNNN`` file into ``shared`` (first answer of a key wins), then
+    delete them; return the number of answers added. Idempotent: a merge killed half-way is
+    finished by the next one. Call it only while no rank writes."""
+    shared = Path(shared)
+    files = sorted(shared.parent.glob(f"{shared.stem}.rank[0-9][0-9][0-9]{shared.suffix}"))
+    if not files:
+        return 0
+    store = QueryCache(shared)
+    before = len(store)
+    try:
+        conn = store._connection()
+        for f in files:
+            try:
+                conn.execute("ATTACH DATABASE ? AS r", (str(f),))
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT OR IGNORE INTO answers SELECT * FROM r.answers")
+                    conn.execute("COMMIT")
+                finally:
+                    conn.execute("DETACH DATABASE r")
+            except sqlite3.Error as exc:
+                raise OracleError(f"merging the oracle cache {f} into {shared}: {exc}") from None
+            for extra in (f, Path(f"{f}-wal"), Path(f"{f}-shm")):
+                extra.unlink(missing_ok=True)
+        return len(store) - before
+    finally:
+        store.close()
 
 
 def cached_prob_prefers(

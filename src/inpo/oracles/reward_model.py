@@ -14,13 +14,12 @@ A BT model has no position bias, so one reward per response suffices; rewards ar
 memory per (prompt, response): ``K`` samples of a prompt cost ``K`` forward passes however many
 pairs are compared (``stats.extra["sequences_scored"]``; ``stats.backend_calls`` counts batches).
 
-The helpers :func:`resolve_device`, :func:`resolve_dtype` and :func:`model_fingerprint` are shared
+The helpers :func:`resolve_device` and :func:`resolve_dtype` (and :func:`inpo.hashing.model_fingerprint`) are shared
 with :mod:`inpo.oracles.pairwise`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from inpo.errors import ConfigError, OracleError
+from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
 
 __all__ = [
@@ -39,9 +39,6 @@ __all__ = [
     "resolve_dtype",
     "sigmoid",
 ]
-
-_FULL_HASH_LIMIT = 64 * 2**20  # hash weight files up to 64 MiB whole; sample larger ones
-_SAMPLE = 2**20
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -103,36 +100,6 @@ def resolve_dtype(dtype: Any, device: str):
     if dtype not in names:
         raise ConfigError(f"unknown dtype '{dtype}' (auto, {', '.join(names)})")
     return names[dtype]
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}".encode())
-    with path.open("rb") as fh:
-        if size <= _FULL_HASH_LIMIT:
-            h.update(fh.read())
-        else:  # 16 evenly spaced 1 MiB samples (first and last included)
-            for k in range(16):
-                fh.seek(min(size - _SAMPLE, k * (size - _SAMPLE) // 15))
-                h.update(fh.read(_SAMPLE))
-    return h.hexdigest()
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """A short stable hash of a local checkpoint (config, tokenizer files, weights).
-
-    Weight files up to 64 MiB are hashed whole; larger ones by size plus 16 sampled MiB, which
-    catches any fine-tuning in practice without reading tens of GB. A hub id (not a local
-    folder) is fingerprinted by its name only.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        return hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja"):
-            h.update(_file_digest(f).encode())
-    return h.hexdigest()[:12]
 
 
 def _check_local(path: str | Path, what: str) -> None:

@@ -15,7 +15,6 @@ timings. :func:`check_stage` says whether a finished folder can be reused:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from inpo.hashing import file_sha256
 
 __all__ = [
     "MANIFEST",
@@ -37,14 +38,6 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _output_files(folder: Path) -> dict[str, str]:

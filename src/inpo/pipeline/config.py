@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from inpo.errors import ConfigError, did_you_mean
+from inpo.training.config import LoraSettings
 
 __all__ = [
     "ALGORITHMS",
@@ -110,13 +111,34 @@ class TrainStageConfig:
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
     save_steps: int | None = 50
+    #: The weights' dtype. Mixed precision is ``bf16`` (autocast over fp32 weights).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: bf16 autocast over fp32 master weights (``auto``: where CUDA supports bf16).
+    bf16: Literal["auto", True, False] = "auto"
+    #: ``sdpa``, ``eager``, ``flash_attention_2``… (null: the model's default).
+    attn_implementation: str | None = None
+    #: A LoRA adapter (``train.lora.r=16`` …; null: full fine-tuning), merged when saved.
+    lora: LoraSettings | None = None
+    #: FSDP2 sharding across processes (``none`` = DDP; see ``inpo train``'s ``fsdp``).
+    fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
+    fsdp_cpu_offload: bool = False
+    fsdp_activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.global_batch_size < 1 or self.per_device_batch_size < 1 or self.epochs < 1:
             raise ConfigError("train batch sizes and epochs must be >= 1")
+        if self.fsdp == "none" and (self.fsdp_cpu_offload or self.fsdp_activation_checkpointing):
+            raise ConfigError(
+                "train.fsdp_cpu_offload / train.fsdp_activation_checkpointing need "
+                "train.fsdp=full_shard or train.fsdp=shard_grad_op"
+            )
+        if self.fsdp != "none" and self.gradient_checkpointing:
+            raise ConfigError(
+                "with train.fsdp, use train.fsdp_activation_checkpointing=true instead of "
+                "train.gradient_checkpointing"
+            )
 
 
 @dataclass

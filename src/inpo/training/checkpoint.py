@@ -2,11 +2,12 @@
 
 Layout: ``output_dir/checkpoints/step_XXXXXX/`` with
 
-* ``model.safetensors``: the (unwrapped) module's full state, written by
-  :func:`safetensors.torch.save_model` (shared tensors such as tied embeddings written once);
-  for a plain model also ``config.json``, so the folder loads with ``from_pretrained``;
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()`` (tensors and numbers only, read back
-  with ``torch.load(weights_only=True)``);
+* ``model.safetensors``: the unwrapped module's *full* state (gathered from the shards of an
+  FSDP run), so a checkpoint resumes on any number of processes; for a plain model also
+  ``config.json``, so the folder loads with ``from_pretrained``;
+* ``optimizer.pt``, ``scheduler.pt``: their full state dicts (tensors and numbers only, read
+  back with ``torch.load(weights_only=True)``; an FSDP run's optimizer state is keyed by
+  parameter name, a replicated run's by index — ``trainer_state.json`` says which);
 * ``rng_state.pt``: Python, NumPy, torch CPU (and CUDA) generator states;
 * ``trainer_state.json``: the optimizer step, the data position (epoch, step within the epoch,
   the shuffling seed) and the resolved config.
@@ -79,27 +80,46 @@ def _is_plain_pretrained(model: torch.nn.Module) -> bool:
     )
 
 
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with tensors that share memory (tied embeddings) copied apart, contiguous
+    (safetensors refuses shared or strided tensors); both keys load back into the tie."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (0, id(t))
+        out[name] = t.clone().contiguous() if key in seen or not t.is_contiguous() else t
+        seen.add(key)
+    return out
+
+
 def save_checkpoint(
     checkpoint_root: str | Path,
     *,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
+    model_config: Any = None,
     rng_state: dict[str, Any] | None = None,
     keep: int | None = None,
 ) -> Path:
-    """Write ``checkpoint_root/step_{step:06d}`` atomically; return its path.
+    """Write ``checkpoint_root/step_{step:06d}`` atomically; return its path (rank 0 calls it).
 
     Args:
-        model: the unwrapped module (a PEFT model is saved with its base weights and adapters).
+        model_state: the *full* (gathered) state dict of the unwrapped module — a PEFT model's
+            base weights and adapters alike — so the checkpoint resumes on any number of
+            processes.
+        optimizer_state: the optimizer's full state dict (see :mod:`inpo.training.loop`).
+        model_config: a transformers config to write as ``config.json`` (plain models), so the
+            folder loads with ``from_pretrained``.
         trainer_state: JSON-able; ``step`` is added.
         rng_state: the generators to store (default: their state now). The divergence guard
             passes the state captured *before* the failed step, so a resume replays it.
         keep: keep only the newest ``keep`` checkpoints (older ones are deleted).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     root = Path(checkpoint_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -108,13 +128,10 @@ def save_checkpoint(
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    if _is_plain_pretrained(model):
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(_own_storage(model_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if model_config is not None:
+        model_config.save_pretrained(tmp)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state if rng_state is not None else capture_rng_state(), tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(
@@ -144,32 +161,17 @@ def find_latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(
-    path: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> dict[str, Any]:
-    """Load a checkpoint into ``model``/``optimizer``/``scheduler``, restore the RNGs; return the
-    trainer state (with ``step`` and the data position)."""
-    from safetensors.torch import load_model
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (every rank reads it whole):
+    ``{"model": state dict, "optimizer": state dict, "scheduler": state dict, "rng": …,
+    "trainer_state": {… "step" …}}``. The caller applies them (:mod:`inpo.training.loop`)."""
+    from safetensors.torch import load_file
 
     path = Path(path)
-    device = next(model.parameters()).device
-    missing, unexpected = load_model(
-        model, str(path / "model.safetensors"), strict=False, device=str(device)
-    )
-    if missing or unexpected:
-        from inpo.errors import ConfigError
-
-        raise ConfigError(
-            f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); was it written for another model.path or LoRA setting?"
-        )
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", weights_only=True, map_location=device)
-    )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    restore_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    return {
+        "model": load_file(str(path / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+        "rng": torch.load(path / "rng_state.pt", weights_only=True),
+        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+    }

@@ -241,8 +241,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 42
-    #: bf16 autocast: ``auto`` uses it only where CUDA supports bf16.
+    #: bf16 autocast over the fp32 (``model.dtype``) master weights: ``auto`` uses it only
+    #: where CUDA supports bf16.
     bf16: Literal["auto", True, False] = "auto"
+    #: Shard parameters, gradients and optimizer state across processes with FSDP2 (through
+    #: accelerate's FSDP plugin): ``full_shard`` (ZeRO-3-like: parameters re-sharded after
+    #: each forward), ``shard_grad_op`` (ZeRO-2-like: kept gathered between forward and
+    #: backward), ``none`` (DDP: a full replica per process). An accelerate config file passed
+    #: to ``accelerate launch`` (FSDP or DeepSpeed) is honoured when this is ``none``.
+    fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
+    #: FSDP: keep the sharded parameters and optimizer state in CPU memory.
+    fsdp_cpu_offload: bool = False
+    #: FSDP: recompute each decoder layer's activations in the backward pass.
+    fsdp_activation_checkpointing: bool = False
     #: Write a checkpoint every ``save_steps`` optimizer steps (and always at the end).
     save_steps: int | None = 500
     #: Keep only the newest ``keep_checkpoints`` checkpoints (null keeps all).
@@ -258,6 +269,16 @@ class TrainConfig:
             raise ConfigError(f"save_steps must be >= 1 or null, got {self.save_steps}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
+        if self.fsdp == "none" and (self.fsdp_cpu_offload or self.fsdp_activation_checkpointing):
+            raise ConfigError(
+                "fsdp_cpu_offload / fsdp_activation_checkpointing need fsdp=full_shard or "
+                "fsdp=shard_grad_op"
+            )
+        if self.fsdp != "none" and self.model.gradient_checkpointing:
+            raise ConfigError(
+                "with fsdp, use fsdp_activation_checkpointing=true instead of "
+                "model.gradient_checkpointing"
+            )
         if self.model.lora is not None and self.model.dtype == "float16":
             raise ConfigError("model.dtype=float16 with LoRA is not supported; use bfloat16")
         impl = self.model.attn_implementation

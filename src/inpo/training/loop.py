@@ -12,8 +12,18 @@ One optimizer step consumes ``global_batch_size`` pairs of a per-epoch permutati
 ``seed`` and the epoch, so the data position is two integers). Each micro-batch's summed loss
 is divided by the number of pairs in the *whole* step, so the accumulated gradient is exactly
 the gradient of the mean per-pair loss over the step, however it is split into micro-batches
-and processes (and for a short last step). Across processes gradients are summed with one
-all-reduce before clipping.
+and processes (and for a short last step).
+
+Distribution is the engine's: the model and optimizer go through ``accelerator.prepare`` — DDP
+(bucketed all-reduce overlapped with the backward), or FSDP2 with ``fsdp=full_shard`` — and
+every micro-batch but a step's last runs under ``accelerator.no_sync``. Every rank runs the
+same number of micro-batches a step (a rank with no pairs left runs one weighted by zero), as
+the collectives require. Checkpoints hold the full (gathered) state, so they resume on any
+number of processes; the final model is gathered and written as safetensors.
+
+The story of :func:`train`, top to bottom: set up (data and settings checked before the model
+loads, the engine, model/optimizer/schedule, resume), the loop (:func:`_step`: the algorithm's
+lines), checkpoints (:func:`_save`, :func:`_restore`), the end (the model written).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from inpo.training.checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
     load_checkpoint,
+    restore_rng_state,
     save_checkpoint,
 )
 from inpo.training.config import TrainConfig
@@ -286,6 +297,215 @@ def _check_tracker(report_to: str) -> None:
         )
 
 
+@dataclass
+class _Data:
+    """The preference rows and the step arithmetic, known before the model loads."""
+
+    spec: LossSpec
+    hparams: dict[str, float]
+    rows: list[dict[str, Any]]
+    lengths: list[int]
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    from inpo.data import load_preference_dataset
+
+    spec = get_loss(cfg.loss.name)
+    dataset = load_preference_dataset(
+        cfg.data.train_file, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows
+    )
+    check_loss_columns(spec, dataset.column_names, f"data.train_file '{cfg.data.train_file}'")
+    rows = dataset.to_list()
+    reads = {BATCH_COLUMNS.get(n, n) for n in (*spec.inputs, *spec.optional_inputs)}
+    ignored = [c for c in dataset.column_names if c in BATCH_COLUMNS.values() and c not in reads]
+    if ignored:
+        log.warning("loss '%s' ignores the dataset's column(s) %s", spec.name, ", ".join(ignored))
+    g = cfg.optim.global_batch_size
+    steps_per_epoch = math.ceil(len(rows) / g)
+    total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    if cfg.data.share_prompt:  # one row per pair: its length is the whole pair's
+        lengths = [
+            _text_len(r["prompt"]) + _text_len(r["chosen"]) + _text_len(r["rejected"]) for r in rows
+        ]
+    else:
+        lengths = [
+            _text_len(r["prompt"]) + max(_text_len(r["chosen"]), _text_len(r["rejected"]))
+            for r in rows
+        ]
+    return _Data(
+        spec=spec,
+        hparams=cfg.loss.hparams(),
+        rows=rows,
+        lengths=lengths,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=math.ceil(cfg.optim.warmup_ratio * total_steps),
+    )
+
+
+def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
+    """accelerate's engine: DDP, or FSDP2 through its FSDP plugin when ``cfg.fsdp`` asks.
+
+    accelerate selects FSDP only on accelerators (on CPU it falls back to DDP); torch's FSDP2
+    itself runs on CPU with gloo, so there the plugin is installed on the state by hand and
+    ``prepare`` takes accelerate's own FSDP2 path — the same code as on GPUs, testable on CPU.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    kwargs: dict[str, Any] = {
+        "mixed_precision": "bf16" if bf16 else "no",
+        "cpu": not torch.cuda.is_available(),
+    }
+    plugin = None
+    if cfg.fsdp != "none":
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=cfg.fsdp == "full_shard",
+            cpu_offload=cfg.fsdp_cpu_offload,
+            activation_checkpointing=cfg.fsdp_activation_checkpointing,
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT",
+        )
+        kwargs["fsdp_plugin"] = plugin
+    accelerator = Accelerator(**kwargs)
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    if plugin is not None and accelerator.num_processes == 1:
+        log.warning(
+            "fsdp=%s in a single process does nothing; launch with torchrun or accelerate "
+            "launch (--nproc_per_node 1 shards over one device)",
+            cfg.fsdp,
+        )
+    return accelerator
+
+
+def _is_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(
+            [
+                {
+                    "params": [p for p in params if p.ndim >= 2],
+                    "weight_decay": cfg.optim.weight_decay,
+                },
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=cfg.optim.learning_rate,
+            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            eps=cfg.optim.adam_epsilon,
+        )
+    return torch.optim.SGD(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+
+
+def check_low_precision_updates(model: torch.nn.Module, cfg: TrainConfig) -> float | None:
+    """The fraction of trainable weights that one update of size ``learning_rate`` changes,
+    when the weights themselves are bf16/fp16 (``None`` for fp32 weights).
+
+    Adam moves a weight by about the learning rate a step; a bf16 weight ``w`` only changes by
+    steps of about ``|w|·2⁻⁸``. At the INPO paper's 5e-7 on weights of ~1e-2 almost every update
+    rounds away (measured: 0.8% of parameters change), so this is warned about, with numbers.
+    """
+    low = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+    ]
+    if not low:
+        return None
+    lr = cfg.optim.learning_rate
+    changed = total = 0
+    with torch.no_grad():
+        for p in low:
+            w = p.detach()
+            moved = (w.float() + lr).to(w.dtype) != w
+            changed += int(moved.sum())
+            total += w.numel()
+    frac = changed / max(1, total)
+    if frac < 0.5:
+        log.warning(
+            "model.dtype=%s weights with learning_rate=%g: an update of that size changes only "
+            "%.1f%% of the %d trainable weights (the rest round away); train fp32 weights with "
+            "bf16=true (autocast), use LoRA, or raise the learning rate",
+            cfg.model.dtype,
+            lr,
+            100 * frac,
+            total,
+        )
+    return frac
+
+
+def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict of the (sharded) model on rank 0 (``None`` elsewhere); a collective."""
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return state if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def _full_optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return state if accelerator.is_main_process else None
+    return optimizer.state_dict() if accelerator.is_main_process else None
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # written once when tied
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); was it written for another model.path or "
+            "LoRA setting?"
+        )
+
+
+def _restore_optimizer(accelerator: Any, model: Any, optimizer: Any, state: dict) -> None:
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _as_float(value: Any) -> float:
+    """A scalar tensor (or DTensor, as FSDP2's grad norm is) as a Python float."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -293,6 +513,9 @@ def train(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train the policy of ``cfg.model`` on ``cfg.data`` with loss ``cfg.loss``.
+
+    Run it in every process of a launch (``torchrun``/``accelerate launch``): each takes its
+    share of every step's pairs.
 
     Args:
         cfg: a validated :class:`TrainConfig` (see :func:`inpo.config.load_config`).
@@ -310,10 +533,9 @@ def train(
         TrainingDivergedError: a non-finite loss or gradient norm (after saving the last good
             state as a checkpoint).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from inpo.data import PreferenceCollator, load_preference_dataset
+    from inpo.data import PreferenceCollator
     from inpo.training.modeling import (
         check_model_dir,
         check_shared_prompt_support,
@@ -327,104 +549,55 @@ def train(
     if logps_fn is None:
         from inpo.logprobs import sequence_logps as logps_fn
 
-    # ---- everything that can fail cheaply, before the model loads ----------------------------
-    spec = get_loss(cfg.loss.name)
-    hparams = cfg.loss.hparams()
+    # ---- set-up: everything that can fail cheaply, before the model loads --------------------
+    data = _load_data(cfg)
+    spec, total_steps = data.spec, data.total_steps
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    dataset = load_preference_dataset(
-        cfg.data.train_file, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows
-    )
-    check_loss_columns(spec, dataset.column_names, f"data.train_file '{cfg.data.train_file}'")
-    rows = dataset.to_list()
-    reads = {BATCH_COLUMNS.get(n, n) for n in (*spec.inputs, *spec.optional_inputs)}
-    ignored = [c for c in dataset.column_names if c in BATCH_COLUMNS.values() and c not in reads]
-    if ignored:
-        log.warning("loss '%s' ignores the dataset's column(s) %s", spec.name, ", ".join(ignored))
-    n_rows = len(rows)
     _check_precompute_lengths(cfg)
     check_model_dir(cfg.model.path)
     _check_tracker(cfg.logging.report_to)
     resume_from = _resume_point(cfg, ckpt_root)
-    if cfg.resume == "never" and ckpt_root.exists():
+    accelerator = _accelerator(cfg, _resolve_bf16(cfg.bf16))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    if cfg.resume == "never" and ckpt_root.exists() and is_main:
         import shutil
 
         log.warning("resume=never: removing old checkpoints in %s", ckpt_root)
         shutil.rmtree(ckpt_root)
-
-    bf16 = _resolve_bf16(cfg.bf16)
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
-    world, rank = accelerator.num_processes, accelerator.process_index
-    is_main = accelerator.is_main_process
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "train_config.yaml")
+    accelerator.wait_for_everyone()
 
-    g = cfg.optim.global_batch_size
-    steps_per_epoch = math.ceil(n_rows / g)
-    total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
-    warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
-    if cfg.data.share_prompt:  # one row per pair: its length is the whole pair's
-        lengths = [
-            _text_len(r["prompt"]) + _text_len(r["chosen"]) + _text_len(r["rejected"]) for r in rows
-        ]
-    else:
-        lengths = [
-            _text_len(r["prompt"]) + max(_text_len(r["chosen"]), _text_len(r["rejected"]))
-            for r in rows
-        ]
-
-    # ---- model, optimizer, schedule --------------------------------------------------------------
+    # ---- set-up: model (resumed weights first), engine, optimizer, schedule -----------------
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_policy(cfg.model).to(accelerator.device)
+    model = load_policy(cfg.model)
     if cfg.data.share_prompt:
         check_shared_prompt_support(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim.optimizer == "adamw":
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.optim.learning_rate,
-            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-            eps=cfg.optim.adam_epsilon,
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
-        )
+    if is_main:
+        check_low_precision_updates(model, cfg)
+    state = load_checkpoint(resume_from) if resume_from is not None else None
+    if state is not None:
+        _load_model_state(model, state["model"], resume_from)
+    if not _is_fsdp(accelerator):
+        model = model.to(accelerator.device)
+    optimizer = _optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupSchedule(cfg.optim.lr_scheduler, warmup, total_steps)
+        optimizer, WarmupSchedule(cfg.optim.lr_scheduler, data.warmup, total_steps)
     )
+    start_step = 0
+    if state is not None:
+        start_step = _restore(cfg, accelerator, model, optimizer, scheduler, state, resume_from)
     collator = PreferenceCollator(
         tokenizer,
         max_prompt_length=cfg.data.max_prompt_length,
         max_completion_length=cfg.data.max_completion_length,
         share_prompt=cfg.data.share_prompt,
     )
-
-    start_step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step = int(state["step"])
-        changed = [
-            k
-            for k in _config_diff(state.get("config", {}), config_to_dict(cfg))
-            if k.split(".")[0] not in _RESUME_IRRELEVANT
-        ]
-        if changed:
-            log.warning(
-                "resuming from %s with a changed config (%s): the run will differ from an "
-                "uninterrupted one",
-                resume_from,
-                ", ".join(changed),
-            )
-        if is_main:
-            print(f"inpo train: resuming from {resume_from} (step {start_step}/{total_steps})")
     metrics = MetricsLogger(
         out_dir,
         report_to=cfg.logging.report_to,
@@ -434,32 +607,10 @@ def train(
         enabled=is_main,
     )
 
-    def trainer_state(step: int) -> dict[str, Any]:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        return {
-            "epoch": epoch,
-            "step_in_epoch": in_epoch,
-            "total_steps": total_steps,
-            "shuffle_seed": cfg.seed,
-            "num_processes": world,
-            "config": config_to_dict(cfg),
-        }
-
     def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> Path | None:
-        path = None
-        if is_main:
-            path = save_checkpoint(
-                ckpt_root,
-                step=step,
-                model=accelerator.unwrap_model(model),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                trainer_state=trainer_state(step),
-                rng_state=rng_state,
-                keep=cfg.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
-        return path
+        return _save(
+            cfg, accelerator, model, optimizer, scheduler, data, ckpt_root, step, rng_state
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -474,86 +625,34 @@ def train(
     row = None
     order: list[int] = []
     order_epoch = -1
-    step = start_step
+    g = cfg.optim.global_batch_size
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             rng_before = capture_rng_state()  # the state a replay of this step needs
-            epoch, in_epoch = divmod(step, steps_per_epoch)
+            epoch, in_epoch = divmod(step, data.steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = _epoch_order(n_rows, cfg.seed, epoch, cfg.data.shuffle), epoch
+                order = _epoch_order(len(data.rows), cfg.seed, epoch, cfg.data.shuffle)
+                order_epoch = epoch
             step_rows = order[in_epoch * g : (in_epoch + 1) * g]
+            sums, abs_max, bad_rows = _step(
+                cfg, accelerator, model, collator, data, step_rows, rank, world, logps_fn
+            )
             n_pairs = len(step_rows)  # pairs in the whole step, over all processes
-            local = step_rows[rank::world]
-            if cfg.data.group_by_length:
-                local = sorted(local, key=lambda i: -lengths[i])
-            micro = cfg.optim.per_device_batch_size
-            # sums over the step's pairs: loss, margin, chosen/rejected rewards, correct,
-            # tokens, truncated prompts, truncated completions
-            sums = torch.zeros(8, dtype=torch.float64)
-            abs_max = torch.zeros(1, dtype=torch.float64)
-            for start in range(0, len(local), micro):
-                batch_rows = [rows[i] for i in local[start : start + micro]]
-                batch = {k: v.to(accelerator.device) for k, v in collator(batch_rows).items()}
-                b = len(batch_rows)
-                # ---- the algorithm: policy log-probs, the declared loss, mean over the step --
-                with accelerator.autocast():
-                    if cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
-                        logps = bucketed_shared_logps(model, batch, buckets=cfg.data.length_buckets)
-                    else:
-                        logps = bucketed_logps(
-                            logps_fn,
-                            model,
-                            batch["input_ids"],
-                            batch["attention_mask"],
-                            batch["completion_mask"],
-                            buckets=cfg.data.length_buckets,
-                        )
-                inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:]}
-                for name in (*spec.precomputed_inputs, *spec.optional_inputs):
-                    column = BATCH_COLUMNS.get(name, name)
-                    if column in batch:
-                        inputs[name] = batch[column]
-                out = spec(inputs, **hparams)
-                loss_sum = out.losses.sum()
-                if not torch.isfinite(loss_sum):
-                    bad = out.losses.detach().isfinite().logical_not()
-                    ids = batch["row_id"][bad].tolist() if "row_id" in batch else []
-                    path = checkpoint(step, rng_before)
-                    raise TrainingDivergedError(
-                        f"non-finite loss at optimizer step {step + 1} (rows {ids}); the last "
-                        f"good state (after step {step}) is saved in {path}"
-                    )
-                accelerator.backward(loss_sum / n_pairs)
-                # ---- plumbing: diagnostics -------------------------------------------------------
-                m = out.margins.double()
-                sums += torch.stack(
-                    [
-                        loss_sum.detach().double().cpu(),
-                        m.sum().cpu(),
-                        out.chosen_rewards.double().sum().cpu(),
-                        out.rejected_rewards.double().sum().cpu(),
-                        (m > 0).double().sum().cpu(),
-                        _pair_tokens(batch).double().cpu(),
-                        batch["num_truncated_prompts"].double().cpu(),
-                        batch["num_truncated_completions"].double().cpu(),
-                    ]
-                )
-                abs_max = torch.maximum(abs_max, m.abs().max().cpu().reshape(1))
-            if world > 1:
-                import torch.distributed as dist
-
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-                abs_max = accelerator.gather(abs_max.to(accelerator.device)).max().cpu().reshape(1)
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not torch.isfinite(grad_norm):
+            if not math.isfinite(float(sums[0])):
                 path = checkpoint(step, rng_before)
-                ids = [int(rows[i]["row_id"]) for i in step_rows]
+                ids = sorted(
+                    i for part in accelerator_gather_object(accelerator, bad_rows) for i in part
+                )
+                raise TrainingDivergedError(
+                    f"non-finite loss at optimizer step {step + 1} (rows {ids}); the last "
+                    f"good state (after step {step}) is saved in {path}"
+                )
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf
+            grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if not math.isfinite(grad_norm):
+                path = checkpoint(step, rng_before)
+                ids = [int(data.rows[i]["row_id"]) for i in step_rows]
                 raise TrainingDivergedError(
                     f"non-finite gradient norm at optimizer step {step + 1} (rows {ids}); the "
                     f"last good state (after step {step}) is saved in {path}"
@@ -566,14 +665,14 @@ def train(
             s = sums.tolist()
             row = {
                 "step": step + 1,
-                "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
+                "epoch": epoch + (in_epoch + 1) / data.steps_per_epoch,
                 "loss": s[0] / n_pairs,
                 "margins_mean": s[1] / n_pairs,
                 "margins_abs_max": float(abs_max.item()),
                 "chosen_rewards": s[2] / n_pairs,
                 "rejected_rewards": s[3] / n_pairs,
                 "accuracy": s[4] / n_pairs,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "lr": lr,
                 "pairs": n_pairs,
                 "tokens": int(s[5]),
@@ -592,10 +691,210 @@ def train(
         # ---- the end: a last checkpoint (so a re-run is a no-op) and the model ----------------
         if start_step < total_steps or find_latest_checkpoint(ckpt_root) is None:
             checkpoint(total_steps)
-        if is_main:
-            save_policy(accelerator.unwrap_model(model), tokenizer, out_dir)
-        accelerator.wait_for_everyone()
+        _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
     finally:
         bar.close()
         metrics.close()
     return TrainResult(out_dir, total_steps, total_steps, resume_from, row, finished=True)
+
+
+def accelerator_gather_object(accelerator: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list of one per rank)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([obj]))
+
+
+def _step(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    collator: Any,
+    data: _Data,
+    step_rows: list[int],
+    rank: int,
+    world: int,
+    logps_fn: LogpsFn,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One optimizer step's forward/backward over this rank's share of ``step_rows``.
+
+    Returns the step's diagnostic sums over *all* ranks (loss, margin, chosen/rejected rewards,
+    correct, tokens, truncated prompts and completions), the largest |margin|, and the row ids
+    whose loss was not finite on this rank.
+    """
+    from contextlib import nullcontext
+
+    spec, hparams, rows = data.spec, data.hparams, data.rows
+    n_pairs = len(step_rows)
+    local = step_rows[rank::world]
+    if cfg.data.group_by_length:
+        local = sorted(local, key=lambda i: -data.lengths[i])
+    micro = cfg.optim.per_device_batch_size
+    # every rank runs as many micro-batches as the rank with the most pairs (collectives)
+    n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
+    sums = torch.zeros(8, dtype=torch.float64)
+    abs_max = torch.zeros(1, dtype=torch.float64)
+    bad: list[int] = []
+    for m in range(n_micro):
+        ids = local[m * micro : (m + 1) * micro]
+        weight = 1.0 if ids else 0.0  # a rank out of pairs runs one pair weighted by zero
+        batch_rows = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
+        batch = {k: v.to(accelerator.device) for k, v in collator(batch_rows).items()}
+        b = len(batch_rows)
+        sync = nullcontext() if m == n_micro - 1 else accelerator.no_sync(model)
+        with sync:
+            # ---- the algorithm: policy log-probs, the declared loss, mean over the step ------
+            with accelerator.autocast():
+                if cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
+                    logps = bucketed_shared_logps(model, batch, buckets=cfg.data.length_buckets)
+                else:
+                    logps = bucketed_logps(
+                        logps_fn,
+                        model,
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        batch["completion_mask"],
+                        buckets=cfg.data.length_buckets,
+                    )
+            inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:]}
+            for name in (*spec.precomputed_inputs, *spec.optional_inputs):
+                column = BATCH_COLUMNS.get(name, name)
+                if column in batch:
+                    inputs[name] = batch[column]
+            out = spec(inputs, **hparams)
+            loss_sum = out.losses.sum() * weight
+            if not torch.isfinite(loss_sum):  # the step is refused after the collectives
+                nonfinite = out.losses.detach().isfinite().logical_not()
+                bad += batch["row_id"][nonfinite].tolist() if "row_id" in batch else []
+            # DDP/FSDP average gradients over ranks: scale by world for the step's mean
+            accelerator.backward(loss_sum * (world / n_pairs))
+        # ---- plumbing: diagnostics -----------------------------------------------------------
+        if weight:
+            mg = out.margins.double()
+            sums += torch.stack(
+                [
+                    loss_sum.detach().double().cpu(),
+                    mg.sum().cpu(),
+                    out.chosen_rewards.double().sum().cpu(),
+                    out.rejected_rewards.double().sum().cpu(),
+                    (mg > 0).double().sum().cpu(),
+                    _pair_tokens(batch).double().cpu(),
+                    batch["num_truncated_prompts"].double().cpu(),
+                    batch["num_truncated_completions"].double().cpu(),
+                ]
+            )
+            abs_max = torch.maximum(abs_max, mg.abs().max().cpu().reshape(1))
+    if world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+        abs_max = accelerator.gather(abs_max.to(accelerator.device)).max().cpu().reshape(1)
+    return sums, abs_max, bad
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def _save(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    data: _Data,
+    ckpt_root: Path,
+    step: int,
+    rng_state: dict[str, Any] | None,
+) -> Path | None:
+    """A checkpoint of the full state (every rank takes part in gathering; rank 0 writes)."""
+    model_state = _full_model_state(accelerator, model)
+    optimizer_state = _full_optimizer_state(accelerator, model, optimizer)
+    path = None
+    if accelerator.is_main_process:
+        epoch, in_epoch = divmod(step, data.steps_per_epoch)
+        inner = accelerator.unwrap_model(model)
+        plain = hasattr(inner, "config") and not hasattr(inner, "peft_config")
+        path = save_checkpoint(
+            ckpt_root,
+            step=step,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            scheduler=scheduler,
+            model_config=inner.config if plain else None,
+            trainer_state={
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "total_steps": data.total_steps,
+                "shuffle_seed": cfg.seed,
+                "num_processes": accelerator.num_processes,
+                "optimizer_format": "fsdp" if _is_fsdp(accelerator) else "replicated",
+                "config": config_to_dict(cfg),
+            },
+            rng_state=rng_state,
+            keep=cfg.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _restore(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    path: Path,
+) -> int:
+    """Apply a checkpoint's optimizer, schedule and RNG state; return its step."""
+    trainer = state["trainer_state"]
+    kind = "fsdp" if _is_fsdp(accelerator) else "replicated"
+    if trainer.get("optimizer_format", "replicated") != kind:
+        raise ConfigError(
+            f"checkpoint {path} was written with fsdp={'none' if kind == 'fsdp' else 'on'}; "
+            f"resume it with the same fsdp setting (or resume=never to start over)"
+        )
+    _restore_optimizer(accelerator, model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    changed = [
+        k
+        for k in _config_diff(trainer.get("config", {}), config_to_dict(cfg))
+        if k.split(".")[0] not in _RESUME_IRRELEVANT
+    ]
+    if changed:
+        log.warning(
+            "resuming from %s with a changed config (%s): the run will differ from an "
+            "uninterrupted one",
+            path,
+            ", ".join(changed),
+        )
+    step = int(trainer["step"])
+    if accelerator.is_main_process:
+        print(f"inpo train: resuming from {path} (step {step}/{trainer.get('total_steps')})")
+    return step
+
+
+def _write_model(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    load_policy: Callable[..., Any],
+    save_policy: Callable[..., Any],
+) -> None:
+    """The final model as safetensors that plain ``from_pretrained`` loads (rank 0 writes).
+
+    A sharded model is gathered into a fresh unsharded copy first (LoRA adapters included, then
+    merged by :func:`inpo.training.modeling.save_policy`).
+    """
+    if _is_fsdp(accelerator):
+        state = _full_model_state(accelerator, model)
+        if accelerator.is_main_process:
+            fresh = load_policy(cfg.model)
+            _load_model_state(fresh, state, Path("(gathered FSDP state)"))
+            save_policy(fresh, tokenizer, out_dir)
+    elif accelerator.is_main_process:
+        save_policy(accelerator.unwrap_model(model), tokenizer, out_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,106 @@
+"""Who am I among the processes of a run: rank, world size, barriers, shards.
+
+Every command runs SPMD, as TRL's trainers do: ``torchrun --nproc_per_node N -m inpo run ...``
+or ``accelerate launch -m inpo run ...`` start ``N`` copies of the same program; each splits the
+work by rank, and rank 0 alone finishes shared files. One process (``python -m inpo run``) is
+the world of size 1, where every helper here is a no-op.
+
+The process group comes from accelerate's :class:`~accelerate.PartialState` (gloo on CPU,
+NCCL on CUDA): nothing here talks to ``torch.distributed`` except through it. On a machine
+without CUDA it is created with ``cpu=True``: without that, accelerate started each torchrun
+process as an independent single-process run that raced the others on one output folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+__all__ = ["Dist", "get_dist", "shard"]
+
+T = TypeVar("T")
+
+
+def _launched() -> bool:
+    """Started by torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Dist:
+    """The run's processes. ``Dist()`` outside a launcher is the single process."""
+
+    def __init__(self) -> None:
+        self._state = None
+        if _launched():
+            import torch
+            from accelerate import PartialState
+
+            self._state = PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def rank(self) -> int:
+        return self._state.process_index if self._state is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self._state.local_process_index if self._state is not None else 0
+
+    @property
+    def world(self) -> int:
+        return self._state.num_processes if self._state is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> Any:
+        """This process's device (``cuda:<local_rank>`` under a launcher with GPUs)."""
+        import torch
+
+        if self._state is not None:
+            return self._state.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if self._state is None:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self._state is None:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([obj]))
+
+
+_DIST: Dist | None = None
+
+
+def get_dist() -> Dist:
+    """The process's :class:`Dist` (created once)."""
+    global _DIST
+    if _DIST is None:
+        _DIST = Dist()
+    return _DIST
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[int]:
+    """The indices of ``items`` that ``rank`` of ``world`` handles: ``rank, rank + world, …``.
+
+    Round-robin, so ranks get about equal work whatever the order of the items; results are
+    merged back by index, so what a stage writes does not depend on ``world``.
+    """
+    return list(range(rank, len(items), world))

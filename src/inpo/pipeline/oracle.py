@@ -1,0 +1,92 @@
+"""The run's preference oracle: the configured backend behind the persistent query cache.
+
+In a multi-process run each rank has its own copy of the backend (a local model on its own
+device, or its own HTTP client) and its own cache file beside the shared one
+(:class:`inpo.oracles.cache.RankQueryCache`); rank 0 folds the rank files into
+``oracle_cache.sqlite`` between stages, so no query is lost or asked twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from inpo.errors import ConfigError
+from inpo.pipeline.config import AnnotateConfig
+
+__all__ = ["build_oracle", "oracle_prompt"]
+
+
+def oracle_prompt(prompt: Any) -> str:
+    """The text an oracle sees for a prompt (a conversation as ``role: content`` lines)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _store(cache: Path, rank: int, world: int) -> Any:
+    from inpo.oracles.cache import QueryCache, RankQueryCache
+
+    return RankQueryCache(cache, rank) if world > 1 else QueryCache(cache)
+
+
+def build_oracle(
+    acfg: AnnotateConfig,
+    cache: Path,
+    *,
+    task_oracle: Any = None,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    device: Any = None,
+):
+    """The configured oracle behind the persistent query cache (and hard labels if asked).
+
+    Reward-model oracles keep their ``rewards`` method for best-of-K/worst-of-K selection.
+    """
+    from inpo.oracles.cache import CachedOracle
+    from inpo.oracles.synthetic import HardLabelOracle
+
+    device_kw = {"device": str(device)} if device is not None else {}
+    if acfg.oracle in ("task", "task_bt"):
+        if task_oracle is None:
+            raise ConfigError(f"annotate.oracle={acfg.oracle}: this task has no oracle of its own")
+        base = task_oracle
+    elif acfg.oracle == "reward_model":
+        from inpo.oracles.reward_model import RewardModelOracle
+
+        base = RewardModelOracle(acfg.model, **device_kw)
+    elif acfg.oracle == "pairwise":
+        from inpo.oracles.pairwise import PairwisePreferenceOracle
+
+        base = PairwisePreferenceOracle(acfg.model, **device_kw)
+    else:
+        from inpo.oracles.http import HTTPJudgeOracle
+
+        base = HTTPJudgeOracle(acfg.url, acfg.judge_model, api_key_env=acfg.api_key_env)
+    store = _store(cache, rank, world)
+    if hasattr(base, "rewards") and not hasattr(base, "preference_matrix"):
+        # Selection by reward needs rewards; a BT reward oracle's labels are σ(r_a − r_b).
+        if acfg.hard_labels:
+            return _RewardCached(base, HardLabelOracle(base, seed=seed), store)
+        return _RewardCached(base, base, store)
+    oracle = HardLabelOracle(base, seed=seed) if acfg.hard_labels else base
+    return CachedOracle(oracle, store)
+
+
+class _RewardCached:
+    """A reward oracle: ``rewards`` from the backend, pairwise answers through the cache."""
+
+    def __init__(self, reward_oracle: Any, pairwise: Any, cache: Any):
+        from inpo.oracles.cache import CachedOracle
+
+        self._reward = reward_oracle
+        self._cached = CachedOracle(pairwise, cache)
+        self.oracle_id = self._cached.oracle_id
+        self.stats = self._cached.stats
+
+    def rewards(self, prompts, responses):
+        return self._reward.rewards(prompts, responses)
+
+    def prob_prefers(self, prompts, responses_a, responses_b):
+        return self._cached.prob_prefers(prompts, responses_a, responses_b)

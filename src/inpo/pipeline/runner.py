@@ -1,0 +1,107 @@
+"""Running one stage folder on every process: skip, redo or resume, then rank 0 finishes it.
+
+Every rank calls :meth:`StageRunner.__call__` with the same arguments (SPMD). Rank 0 decides
+from the folder's manifest (:func:`inpo.pipeline.artifacts.check_stage`) whether the finished
+stage can be reused and tells the others; if not, rank 0 prepares ``<stage>.partial/``, every
+rank runs its shard of the work into it (``work(folder)``), and after a barrier rank 0 alone
+merges the shards (``merge(folder) -> summary``), writes the manifest and renames the folder.
+A barrier separates stages, so a stage reads only what the previous one finished.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from inpo.config import config_hash
+from inpo.errors import InpoError
+from inpo.pipeline.artifacts import check_stage, finish_stage, start_stage
+from inpo.pipeline.runtime import Ctx
+
+__all__ = ["Interrupted", "StageRunner", "stop_signals"]
+
+
+class Interrupted(InpoError):
+    """SIGINT/SIGTERM: the run stopped at a safe point; re-run the command to continue."""
+
+
+@contextmanager
+def stop_signals():
+    """Turn SIGTERM into KeyboardInterrupt (SIGINT already is one) for the duration."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class StageRunner:
+    """Runs or skips one stage folder on every rank, printing (on rank 0) what it does and why."""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self.redone: list[str] = []
+
+    def __call__(
+        self,
+        folder: Path,
+        name: str,
+        iteration: int,
+        settings: Any,
+        inputs: dict[str, str],
+        work: Callable[[Path], None],
+        merge: Callable[[Path], dict[str, Any]],
+    ) -> tuple[Path, dict[str, Any]]:
+        ctx, dist = self.ctx, self.ctx.dist
+        chash = config_hash(settings)
+        rel = folder.relative_to(ctx.run_dir)
+        decision = None
+        if dist.is_main:
+            status = check_stage(folder, chash, inputs)
+            if status.reusable:
+                decision = ("skip", status.manifest["summary"])
+            else:
+                if folder.exists() or status.manifest is not None:
+                    ctx.log(f"[{rel}] redo: {status.reason}")
+                    self.redone.append(str(rel))
+                partial = start_stage(folder, chash)
+                resumed = any(p.name != ".config_hash" for p in partial.iterdir())
+                ctx.log(f"[{rel}] {'resuming partial work' if resumed else 'running'}")
+                decision = ("run", None)
+        decision = dist.broadcast(decision)
+        if decision[0] == "skip":
+            ctx.log(f"[{rel}] complete, skipped")
+            return folder, decision[1]
+        started = time.time()
+        partial = folder.with_name(folder.name + ".partial")
+        work(partial)
+        dist.barrier()
+        summary = None
+        if dist.is_main:
+            summary = merge(partial)
+            manifest = finish_stage(
+                partial,
+                folder,
+                stage=name,
+                iteration=iteration,
+                config_hash=chash,
+                input_hashes=inputs,
+                summary=summary,
+                started=started,
+            )
+            ctx.log(f"[{rel}] done in {manifest['seconds']:.1f}s")
+        summary = dist.broadcast(summary)
+        return folder, summary

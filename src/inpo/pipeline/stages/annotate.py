@@ -1,0 +1,136 @@
+"""Stage 2: the oracle and the selection rule → ``pairs.jsonl``.
+
+The prompts of ``samples.jsonl`` are sharded by index; each rank labels its share with its own
+oracle (a local model on its own device, or its own HTTP client) in batches of
+``annotate.batch_size`` prompts, every query through the persistent cache, and writes its pairs
+(with their prompt's index) to ``pairs.rankNNN.jsonl``. Rank 0 writes ``pairs.jsonl`` in prompt
+order and folds the ranks' cache files into ``oracle_cache.sqlite``. A restarted run relabels
+only what the cache does not hold: no oracle query is asked twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from inpo.distributed import shard
+from inpo.errors import InpoError
+from inpo.pipeline.faults import fault
+from inpo.pipeline.oracle import oracle_prompt
+from inpo.pipeline.runtime import Ctx
+
+__all__ = ["merge", "work"]
+
+
+def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[list[dict], int]:
+    """The selected pairs of a batch of sample rows, and the queries the rule asked."""
+    from inpo import selection as sel
+
+    oprompts = [oracle_prompt(r["prompt"]) for r in chunk]
+    resp = [r["responses"] for r in chunk]
+    pairs, queries = [], 0
+    if rule in ("tournament", "best_worst"):
+        if rule == "tournament":
+            results = sel.tournament_batch(oracle, oprompts, resp, tie_policy=tie_policy, rng=None)
+        else:
+            results = sel.best_worst_by_reward_batch(oracle, oprompts, resp)
+        for r, res in zip(chunk, results):
+            queries += res.queries if rule == "tournament" else len(r["responses"])
+            if res.chosen is None or r["responses"][res.chosen] == r["responses"][res.rejected]:
+                continue
+            tie = bool(res.is_tie) if rule == "tournament" else False
+            pairs.append(
+                {
+                    "index": r["index"],
+                    "prompt": r["prompt"],
+                    "chosen": r["responses"][res.chosen],
+                    "rejected": r["responses"][res.rejected],
+                    "tie": tie,
+                }
+            )
+    else:  # all_pairs (SPPO): the best and worst by estimated win rate, with their rates
+        for r, res in zip(chunk, sel.win_rates_batch(oracle, oprompts, resp)):
+            queries += res.queries
+            rates = [float(x) for x in res.win_rates]
+            best = max(range(len(rates)), key=rates.__getitem__)
+            worst = min(range(len(rates)), key=rates.__getitem__)
+            if r["responses"][best] == r["responses"][worst]:
+                continue
+            pairs.append(
+                {
+                    "index": r["index"],
+                    "prompt": r["prompt"],
+                    "chosen": r["responses"][best],
+                    "rejected": r["responses"][worst],
+                    "chosen_winrate": float(rates[best]),
+                    "rejected_winrate": float(rates[worst]),
+                }
+            )
+    return pairs, queries
+
+
+def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
+    from tqdm import tqdm
+
+    dist, cfg = ctx.dist, ctx.cfg
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    mine = [rows[i] for i in shard(rows, dist.rank, dist.world)]
+    stats = getattr(oracle, "stats", None)
+    misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
+    rule, bs = cfg.selection(), cfg.annotate.batch_size
+    pairs, queries = [], 0
+    bar = tqdm(total=len(mine), desc=f"annotate ({rule})", leave=False, disable=not dist.is_main)
+    for start in range(0, len(mine), bs):
+        if start:
+            fault("annotate", start // bs)
+        got, asked = _pairs(rule, oracle, mine[start : start + bs], cfg.annotate.tie_policy)
+        pairs += got
+        queries += asked
+        bar.update(min(bs, len(mine) - start))
+    bar.close()
+    misses = stats.as_dict().get("cache_misses", 0) - misses_before if stats is not None else None
+    with open(folder / f"pairs.rank{dist.rank:03d}.jsonl", "w") as fh:
+        for p in pairs:
+            fh.write(json.dumps(p) + "\n")
+    counts = {"oracle_queries": queries, "backend_queries": misses, "prompts": len(mine)}
+    (folder / f"counts.rank{dist.rank:03d}.json").write_text(json.dumps(counts))
+
+
+def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
+    """``pairs.jsonl`` in prompt order; the ranks' query counts summed."""
+    from inpo.oracles.cache import merge_rank_caches
+
+    merge_rank_caches(ctx.run_dir / "oracle_cache.sqlite")
+    pairs: list[dict] = []
+    for f in sorted(folder.glob("pairs.rank*.jsonl")):
+        pairs += [json.loads(line) for line in f.read_text().splitlines()]
+    pairs.sort(key=lambda p: p["index"])  # stable: a prompt's pairs keep their order
+    counts = [json.loads(f.read_text()) for f in sorted(folder.glob("counts.rank*.json"))]
+    # The data loader rejects empty completions (a malformed row in a dataset); a sampled
+    # response that is only EOS cannot be trained on through it, so such pairs are dropped and
+    # counted.
+    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    n_prompts = sum(c["prompts"] for c in counts)
+    if not kept:
+        raise InpoError(
+            f"annotate: the oracle confirmed no pair among {n_prompts} prompts; "
+            "raise generate.k or generate.temperature"
+        )
+    with open(folder / "pairs.jsonl", "w") as fh:
+        for p in kept:
+            p.pop("index")
+            fh.write(json.dumps(p) + "\n")
+    for f in [*folder.glob("pairs.rank*.jsonl"), *folder.glob("counts.rank*.json")]:
+        f.unlink()
+    backend = [c["backend_queries"] for c in counts]
+    return {
+        "pairs": len(kept),
+        "prompts": n_prompts,
+        "ties": sum(bool(p.get("tie")) for p in kept),
+        "dropped_empty": len(pairs) - len(kept),
+        # Queries the selection rule asked, and of those the ones the backend answered (the
+        # rest came from the persistent cache, e.g. after a restart).
+        "oracle_queries": sum(c["oracle_queries"] for c in counts),
+        "backend_queries": None if None in backend else sum(backend),
+    }

@@ -1,0 +1,104 @@
+"""Stage 1: ``K`` samples a prompt from ``π_t`` → ``samples.jsonl``.
+
+Prompts are sharded by index (``rank, rank + world, …``); every sample is seeded by its prompt's
+index and its own number (:func:`inpo.generation.sample_seed`), so ``samples.jsonl`` is the same
+bytes whatever the number of processes, the batch size, or where a run was killed. Each rank
+appends finished chunks to ``samples.rankNNN.jsonl``; a restarted run (with any number of
+processes) skips every prompt already in one of those files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from inpo.distributed import shard
+from inpo.errors import DataError
+from inpo.pipeline.faults import fault
+from inpo.pipeline.runtime import Ctx, load_model
+
+__all__ = ["merge", "work"]
+
+
+def _valid_lines(path: Path) -> list[str]:
+    """The complete JSON lines of a file (a line cut by a kill is dropped)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        lines.append(line)
+    return lines
+
+
+def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) -> None:
+    from tqdm import tqdm
+
+    from inpo.generation import GenerationSettings, generate_chunks
+
+    g, dist = ctx.cfg.generate, ctx.dist
+    own = folder / f"samples.rank{dist.rank:03d}.jsonl"
+    if own.exists():  # drop a line a kill cut short, before anyone reads the files
+        own.write_text("".join(line + "\n" for line in _valid_lines(own)))
+    dist.barrier()
+    done = {
+        json.loads(line)["index"]
+        for f in folder.glob("samples.rank*.jsonl")
+        for line in _valid_lines(f)
+    }
+    dist.barrier()  # everyone has read the files before anyone appends
+    todo = [i for i in shard(prompts, dist.rank, dist.world) if i not in done]
+    if not todo:
+        return
+    settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
+    subset = [prompts[i] for i in todo]
+    if g.backend == "vllm":
+        from inpo.generation import vllm_sample
+
+        samples = vllm_sample(str(policy), subset, g.k, settings, seed=seed, indices=todo)
+        with open(own, "a") as fh:
+            for i, responses in zip(todo, samples):
+                fh.write(json.dumps({"index": i, "responses": responses, "truncated": 0}) + "\n")
+        return
+    model, tok = load_model(policy, dist.device)
+    bar = tqdm(
+        total=len(todo), desc="generate", leave=False, disable=not dist.is_main, dynamic_ncols=True
+    )
+    with open(own, "a") as fh:
+        for start, samples, truncated in generate_chunks(
+            model, tok, subset, g.k, settings, seed=seed, indices=todo
+        ):
+            for j, responses in enumerate(samples):
+                row = {"index": todo[start + j], "responses": responses, "truncated": truncated[j]}
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            bar.update(len(samples))
+            fault("generate", start // g.batch_size + 1)
+    bar.close()
+    del model
+
+
+def merge(ctx: Ctx, prompts: list[Any], folder: Path) -> dict[str, Any]:
+    """``samples.jsonl``: one row ``{index, prompt, responses}`` a prompt, in index order."""
+    rows: dict[int, dict[str, Any]] = {}
+    files = sorted(folder.glob("samples.rank*.jsonl"))
+    for f in files:
+        for line in _valid_lines(f):
+            row = json.loads(line)
+            rows.setdefault(row["index"], row)
+    missing = [i for i in range(len(prompts)) if i not in rows]
+    if missing:
+        raise DataError(f"{folder}: generation left prompts {missing[:5]} without samples")
+    truncated = 0
+    with open(folder / "samples.jsonl", "w") as fh:
+        for i, prompt in enumerate(prompts):
+            truncated += rows[i]["truncated"]
+            fh.write(
+                json.dumps({"index": i, "prompt": prompt, "responses": rows[i]["responses"]}) + "\n"
+            )
+    for f in files:
+        f.unlink()
+    k = ctx.cfg.generate.k
+    return {"prompts": len(prompts), "samples": len(prompts) * k, "truncated": truncated}

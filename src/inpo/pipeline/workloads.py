@@ -1,0 +1,317 @@
+"""Workloads: what ``inpo run`` runs — prompts, a reference, an oracle and an evaluation.
+
+A *workload* is the pipeline's unit of "what to align on" (``task=`` in the config):
+
+* ``task=default`` — :class:`DefaultWorkload`, the embedded synthetic world of
+  :mod:`inpo.tasks` (a prompt grammar, 399 enumerable responses, a cyclic annotator panel),
+  whose evaluation is exact;
+* ``task=prompts`` — :class:`PromptFileWorkload`, TRL prompt-only data (``prompts=FILE``:
+  JSONL/JSON/Parquet or a ``datasets`` folder with a ``prompt`` column), evaluated by the
+  oracle's win rate against the reference on held-out prompts, with a 95% interval.
+
+(:mod:`inpo.tasks` holds the *worlds* — environments with exact answers; a workload wraps one
+for the pipeline.) Every workload gives ``describe()``, ``train_prompts()``,
+``reference_model(run_dir)``, ``oracle(...)`` and a sharded evaluation:
+``evaluate_shard(policy, ref, work, rank, world)`` on every rank, then
+``evaluate_merge(work, world)`` on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from inpo.errors import ConfigError, DataError
+from inpo.pipeline.config import AnnotateConfig, RunConfig
+from inpo.pipeline.oracle import build_oracle
+
+__all__ = [
+    "RUN_DEFAULTS",
+    "DefaultWorkload",
+    "PromptFileWorkload",
+    "Workload",
+    "get_workload",
+    "load_prompts",
+    "wilson_interval",
+    "workload_defaults",
+]
+
+#: Run settings of the default workload (precedence: paper < these < YAML < key=value): a
+#: tiny model needs a larger learning rate, 1–3-word responses a larger ``eta``.
+RUN_DEFAULTS: dict[str, Any] = {
+    "eta": 0.35,
+    "tau": 0.05,
+    "beta": 0.05,
+    "iterations": 3,
+    "prompt_repeats": 16,
+    "generate": {"k": 8, "temperature": 1.0, "max_new_tokens": 4, "batch_size": 64},
+    "train": {
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.03,
+        "global_batch_size": 32,
+        "per_device_batch_size": 32,
+        "epochs": 2,
+        "max_prompt_length": 16,
+        "max_completion_length": 8,
+        "save_steps": 20,
+    },
+    "annotate": {"batch_size": 512},
+}
+
+
+def _device():
+    from inpo.distributed import get_dist
+
+    return get_dist().device
+
+
+class Workload:
+    """The base of a workload. Subclasses give ``describe``, ``train_prompts``,
+    ``reference_model``, ``oracle`` and either ``evaluate(policy, ref) -> metrics`` (run on
+    rank 0 alone, the default below) or their own sharded ``evaluate_shard``/``evaluate_merge``.
+    """
+
+    def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def evaluate_shard(self, policy: Path, ref: Path, work: Path, rank: int, world: int) -> None:
+        """Rank 0 evaluates; the others wait (override to shard a large evaluation)."""
+        if rank == 0:
+            metrics = self.evaluate(policy, ref)
+            (work / "eval.rank000.json").write_text(json.dumps(metrics))
+
+    def evaluate_merge(self, work: Path, world: int) -> dict[str, Any]:
+        path = work / "eval.rank000.json"
+        metrics = json.loads(path.read_text())
+        path.unlink()
+        return metrics
+
+
+def load_prompts(path: str | Path) -> list[Any]:
+    """Prompts in TRL's prompt-only format: a ``prompt`` column (text or a message list)."""
+    path = Path(path)
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(path))
+        if hasattr(data, "keys") and not hasattr(data, "column_names"):
+            data = data[next(iter(data.keys()))]
+        rows = list(data)
+    elif path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        rows = []
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as err:
+                    raise DataError(f"{path}: row {i}: not valid JSON ({err})") from err
+    elif path.suffix == ".parquet":
+        from datasets import Dataset
+
+        rows = list(Dataset.from_parquet(str(path)))
+    else:
+        raise DataError(f"{path}: prompts must be .jsonl, .json, .parquet or a datasets folder")
+    prompts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise DataError(f"{path}: row {i}: missing field 'prompt'")
+        p = row["prompt"]
+        ok = (isinstance(p, str) and p.strip()) or (
+            isinstance(p, list) and p and all(isinstance(m, dict) and "content" in m for m in p)
+        )
+        if not ok:
+            raise DataError(f"{path}: row {i}: field 'prompt' must be non-empty text or messages")
+        prompts.append(p)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a win rate (ties count half)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class PromptFileWorkload(Workload):
+    """Prompts from a file, any oracle backend, evaluation by win rate against the reference."""
+
+    def __init__(self, cfg: RunConfig):
+        if not cfg.prompts:
+            raise ConfigError("task=prompts needs prompts=FILE (TRL prompt-only format)")
+        if not cfg.policy and not cfg.reference:
+            raise ConfigError("task=prompts needs reference=MODEL_DIR (and optionally policy=)")
+        self.cfg = cfg
+        self._train = load_prompts(cfg.prompts)
+        self._eval = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+        self._oracle = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "prompts", "prompts": self.cfg.prompts, "eval": self.cfg.eval_prompts}
+
+    def train_prompts(self) -> list[Any]:
+        return list(self._train)
+
+    def eval_prompts(self) -> list[Any]:
+        if self._eval is not None:
+            return self._eval[: self.cfg.evaluate.num_prompts]
+        return self._train[-self.cfg.evaluate.num_prompts :]
+
+    def reference_model(self, run_dir: Path) -> Path:
+        return Path(self.cfg.reference or self.cfg.policy)
+
+    def oracle(self, acfg: AnnotateConfig, *, cache: Path, rank=0, world=1, device=None):
+        self._oracle = build_oracle(
+            acfg, cache, seed=self.cfg.seed, rank=rank, world=world, device=device
+        )
+        return self._oracle
+
+    def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:
+        """Win rate of one sample of π_t against one of π_ref per held-out prompt, by the
+        oracle; response lengths; a Monte-Carlo KL estimate ``E_{y~π_t}[log π_t − log π_ref]``."""
+        import torch
+
+        from inpo.generation import GenerationSettings, sample_responses
+        from inpo.logprobs import completion_logps
+        from inpo.pipeline.oracle import oracle_prompt
+        from inpo.pipeline.runtime import load_model
+
+        prompts = self.eval_prompts()
+        g = self.cfg.generate
+        settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
+        k = self.cfg.evaluate.k
+        model, tok = load_model(policy, _device())
+        ys = sample_responses(model, tok, prompts, k, settings, seed=12345)
+        flat_p = [p for p, rs in zip(prompts, ys) for _ in rs]
+        flat_y = [y for rs in ys for y in rs]
+        lp_pol = completion_logps(model, tok, flat_p, flat_y)
+        del model
+        ref_model, ref_tok = load_model(ref, _device())
+        yr = sample_responses(ref_model, ref_tok, prompts, k, settings, seed=54321)
+        lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
+        del ref_model
+        flat_r = [y for rs in yr for y in rs]
+        oprompts = [oracle_prompt(p) for p in flat_p]
+        probs = self._oracle.prob_prefers(oprompts, flat_y, flat_r)
+        n = len(probs)
+        wins = float(sum(probs))
+        lo, hi = wilson_interval(wins, n)
+        lengths = [len(tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y]
+        return {
+            "win_rate_vs_ref": wins / n,
+            "win_rate_ci": [lo, hi],
+            "kl_to_ref": float(torch.mean(lp_pol - lp_ref)),
+            "mean_length": sum(lengths) / len(lengths),
+            "eval_prompts": len(prompts),
+        }
+
+
+class DefaultWorkload(Workload):
+    """The embedded default world: prompts, a cached SFT reference, the annotator panel (or its
+    Bradley–Terry fit, ``annotate.oracle=task_bt``) and exact evaluation on held-out prompts."""
+
+    def __init__(self, cfg: RunConfig):
+        from inpo.tasks.default import DefaultTask, DefaultTaskConfig
+
+        self.cfg = cfg
+        self.task = DefaultTask(DefaultTaskConfig(seed=0, tau=cfg.tau_value, eta=cfg.eta))
+        self._ref_tables: dict[Any, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        from inpo.config import config_to_dict
+
+        return {"task": "default", "config": config_to_dict(self.task.config)}
+
+    def train_prompts(self) -> list[str]:
+        return list(self.task.prompts_train)
+
+    def reference_model(self, run_dir: Path) -> Path:
+        return self.task.build_reference()
+
+    def oracle(self, acfg: AnnotateConfig, *, cache: Path, rank=0, world=1, device=None):
+        base = self.task.bt_reward_oracle() if acfg.oracle == "task_bt" else self.task.panel()
+        return build_oracle(
+            acfg, cache, task_oracle=base, seed=self.cfg.seed, rank=rank, world=world
+        )
+
+    def _ref_table(self, ref: Path, prompts: list[str]):
+        key = (str(ref), tuple(prompts))
+        if key not in self._ref_tables:
+            model, tok = self.task.load_reference(ref)
+            self._ref_tables[key] = self.task.policy_table(model, tok, prompts)
+        return self._ref_tables[key]
+
+    def evaluate_shard(self, policy: Path, ref: Path, work: Path, rank: int, world: int) -> None:
+        """The exact tables ``log π_t(y|x)`` and ``log π_ref(y|x)`` of this rank's share of the
+        held-out prompts (every response enumerated), saved for :meth:`evaluate_merge`."""
+        import numpy as np
+
+        from inpo.distributed import shard
+
+        prompts = self.task.prompts_eval
+        mine = shard(prompts, rank, world)
+        if not mine:
+            return
+        sub = [prompts[i] for i in mine]
+        model, tok = self.task.load_reference(policy)
+        table = self.task.policy_table(model, tok, sub)
+        ref_table = self._ref_table(ref, sub)
+        np.savez(
+            work / f"eval.rank{rank:03d}.npz",
+            indices=np.asarray(mine),
+            logps=table.logps,
+            ref_logps=ref_table.logps,
+        )
+
+    def evaluate_merge(self, work: Path, world: int) -> dict[str, Any]:
+        """Exact metrics on the held-out prompts (:func:`inpo.tasks.evaluate.evaluate_tables`)."""
+        import numpy as np
+
+        from inpo.tasks.evaluate import PolicyTable, evaluate_tables
+
+        prompts = self.task.prompts_eval
+        n = len(self.task.responses())
+        logps, ref_logps = np.full((len(prompts), n), np.nan), np.full((len(prompts), n), np.nan)
+        files = sorted(work.glob("eval.rank*.npz"))
+        for f in files:
+            with np.load(f) as part:
+                logps[part["indices"]] = part["logps"]
+                ref_logps[part["indices"]] = part["ref_logps"]
+        if np.isnan(logps).any() or np.isnan(ref_logps).any():
+            raise DataError(f"{work}: the evaluation shards do not cover every held-out prompt")
+        for f in files:
+            f.unlink()
+        responses = self.task.responses()
+        return evaluate_tables(
+            self.task.preference_matrix(prompts),
+            PolicyTable(list(prompts), responses, logps),
+            PolicyTable(list(prompts), responses, ref_logps),
+            tau=self.task.config.tau,
+            lengths=self.task.lengths,
+        )
+
+
+def get_workload(cfg: RunConfig):
+    """The workload named by ``cfg.task``."""
+    if cfg.task == "default":
+        return DefaultWorkload(cfg)
+    if cfg.task == "prompts":
+        return PromptFileWorkload(cfg)
+    raise ConfigError(f"task must be 'default' or 'prompts', got '{cfg.task}'")
+
+
+def workload_defaults(task: str) -> dict[str, Any]:
+    """The run-config values a workload prefers over the paper's (applied before the YAML)."""
+    return RUN_DEFAULTS if task == "default" else {}
