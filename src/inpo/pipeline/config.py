@@ -134,6 +134,11 @@ class TrainStageConfig:
                 "train.fsdp_cpu_offload / train.fsdp_activation_checkpointing need "
                 "train.fsdp=full_shard or train.fsdp=shard_grad_op"
             )
+        if self.fsdp != "none" and self.share_prompt:
+            raise ConfigError(
+                "train.fsdp runs the LM head inside the model's forward; "
+                "train.share_prompt=true is not supported with it"
+            )
         if self.fsdp != "none" and self.gradient_checkpointing:
             raise ConfigError(
                 "with train.fsdp, use train.fsdp_activation_checkpointing=true instead of "

@@ -274,6 +274,11 @@ class TrainConfig:
                 "fsdp_cpu_offload / fsdp_activation_checkpointing need fsdp=full_shard or "
                 "fsdp=shard_grad_op"
             )
+        if self.fsdp != "none" and self.data.share_prompt:
+            raise ConfigError(
+                "fsdp runs the LM head inside the model's forward; "
+                "data.share_prompt=true is not supported with it"
+            )
         if self.fsdp != "none" and self.model.gradient_checkpointing:
             raise ConfigError(
                 "with fsdp, use fsdp_activation_checkpointing=true instead of "

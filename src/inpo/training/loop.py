@@ -546,6 +546,7 @@ def train(
 
     if logps_fn is not None and cfg.data.share_prompt:
         raise ValueError("logps_fn is not used with data.share_prompt=true; pass one or the other")
+    default_logps = logps_fn is None
     if logps_fn is None:
         from inpo.logprobs import sequence_logps as logps_fn
 
@@ -586,6 +587,10 @@ def train(
         model = model.to(accelerator.device)
     optimizer = _optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if _is_fsdp(accelerator) and default_logps:
+        # FSDP2 frees a layer's gathered weights outside that module's forward, so the LM head
+        # must run inside the model's own forward: full logits per micro-batch (no chunked head).
+        from inpo.logprobs import naive_sequence_logps as logps_fn
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupSchedule(cfg.optim.lr_scheduler, data.warmup, total_steps)
     )

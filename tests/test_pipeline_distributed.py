@@ -1,0 +1,137 @@
+"""`inpo run` on two processes (torchrun, gloo on CPU) leaves the files one process leaves.
+
+The default workload, one iteration of 16 prompts × 4 draws, K = 8. Invariants: ``samples.jsonl``
+and ``pairs.jsonl`` byte-identical; the log-prob columns equal to 1e-6; the evaluation metrics
+equal; the final weights equal to fp32 tolerance. Then a ``kill -9`` of one rank in the middle
+of a stage, and the same command again: the same final weights, and no oracle query asked twice.
+FSDP2 (accelerate's plugin, ``train.fsdp=full_shard``) is held to the same invariant on a GPU
+machine (marked ``gpu``: on CPU the training step's backward segfaults, see the test). Each test picks a free port (never torchrun's default 29500).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["iterations=1", "max_prompts=16", "prompt_repeats=4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inpo_run(cwd: Path, run_dir: str, nproc: int, *extra: str, env: dict | None = None):
+    launch = [sys.executable, "-m", "inpo"]
+    if nproc > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "inpo",
+        ]
+    return subprocess.run(
+        [*launch, "run", f"run_dir={run_dir}", *ARGS, *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})},
+        timeout=900,
+    )
+
+
+def _weights(run: Path):
+    from safetensors.torch import load_file
+
+    return load_file(run / "iter_000" / "train" / "model" / "model.safetensors")
+
+
+def _assert_same_run(a: Path, b: Path, weight_atol: float = 1e-5) -> None:
+    import torch
+    from datasets import load_from_disk
+
+    for rel in ("iter_000/generate/samples.jsonl", "iter_000/annotate/pairs.jsonl"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    da = load_from_disk(str(a / "iter_000" / "logps" / "data"))
+    db = load_from_disk(str(b / "iter_000" / "logps" / "data"))
+    for col in ("ref_chosen_logps", "ref_rejected_logps", "prev_chosen_logps"):
+        torch.testing.assert_close(
+            torch.tensor(db[col]), torch.tensor(da[col]), rtol=0, atol=1e-6, msg=col
+        )
+    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(ma, mb, strict=True):
+        for key in ("duality_gap", "exploitability", "win_rate_vs_ref", "kl_to_ref"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), key
+        assert ra["oracle_queries"] == rb["oracle_queries"]
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=weight_atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("one")
+    proc = inpo_run(cwd, "run", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "run"
+
+
+def test_two_processes_leave_the_files_of_one(one_process, tmp_path):
+    proc = inpo_run(tmp_path, "run", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run folder:") == 1  # rank 0 reports, once
+    _assert_same_run(one_process, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("oracle_cache.rank*"))  # folded into the cache
+
+
+def _backend_queries(run: Path) -> int:
+    manifest = json.loads((run / "iter_000" / "annotate" / "manifest.json").read_text())
+    return manifest["summary"]["backend_queries"]
+
+
+@pytest.mark.parametrize("stage", ["generate:1", "annotate:1", "train:2", "evaluate:1"])
+def test_kill_one_rank_then_rerun(one_process, tmp_path, stage):
+    """SIGKILL of rank 1 inside a stage kills the job (torchrun); the same command resumes."""
+    batch = ["generate.batch_size=8", "annotate.batch_size=16", "train.save_steps=1"]
+    killed = inpo_run(
+        tmp_path, "run", 2, *batch, env={"INPO_FAULT_KILL": stage, "INPO_FAULT_RANK": "1"}
+    )
+    assert killed.returncode != 0
+    name = stage.split(":")[0]
+    assert not (tmp_path / "run" / "iter_000" / name / "manifest.json").exists()
+    again = inpo_run(tmp_path, "run", 2, *batch)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cache = tmp_path / "run" / "oracle_cache.sqlite"
+    import sqlite3
+
+    (stored,) = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM answers").fetchone()
+    if name == "annotate":
+        # the queries answered before the kill were not asked again: the two runs together
+        # asked the backend exactly the distinct queries the cache holds
+        assert _backend_queries(tmp_path / "run") < stored
+    _assert_same_run(one_process, tmp_path / "run")
+
+
+@pytest.mark.gpu
+def test_fsdp_two_processes_train_the_weights_of_one(one_process, tmp_path):
+    """Marked gpu: on CPU (torch 2.13.0+cpu, gloo) accelerate's FSDP2 path prepares the model
+    and a plain-loss forward/backward runs, but the training step's backward segfaults
+    (SIGSEGV in autograd's engine on both ranks); not yet understood — run on a GPU machine."""
+    proc = inpo_run(tmp_path, "run", 2, "train.fsdp=full_shard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(one_process, tmp_path / "run")
