@@ -79,7 +79,7 @@ def _make_dry_run(target: str) -> list[str]:
 #: Fast variants: extra overrides appended to a README command (later keys win).
 FAST = {
     "inpo run": ["iterations=1", "max_prompts=4", "prompt_repeats=1", "generate.batch_size=8"],
-    "inpo compare": ["iterations=1", "max_prompts=2", "prompt_repeats=1"],
+    "inpo compare": ["iterations=1", "max_prompts=4", "prompt_repeats=2"],
 }
 
 
