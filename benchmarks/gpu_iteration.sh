@@ -37,7 +37,7 @@ COMMON=(task=prompts "prompts=$OUT/prompts.jsonl" "reference=$OUT/policy"
   train.per_device_batch_size=8 train.max_prompt_length=64 train.max_completion_length=128
   evaluate.num_prompts=32)
 python -m inpo run "run_dir=$OUT/ddp" "${COMMON[@]}"
-torchrun --nproc_per_node 1 --master_port 29611 -m inpo run "run_dir=$OUT/fsdp" "${COMMON[@]}" train.fsdp=full_shard
+torchrun --standalone --nproc_per_node 1 -m inpo run "run_dir=$OUT/fsdp" "${COMMON[@]}" train.fsdp=full_shard
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -12,6 +12,15 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 WORDS = "red blue green circle square say describe a the".split()
 
 
@@ -70,6 +79,8 @@ def test_two_processes_equal_one(tmp_path, optimizer):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
+            "--master_port",
+            str(free_port()),  # never torchrun's default 29500: suites must not collide
             "-m",
             "inpo",
             "train",

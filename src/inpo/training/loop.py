@@ -536,6 +536,7 @@ def train(
     from accelerate.utils import set_seed
 
     from inpo.data import PreferenceCollator
+    from inpo.distributed import get_dist
     from inpo.training.modeling import (
         check_model_dir,
         check_shared_prompt_support,
@@ -646,9 +647,7 @@ def train(
             n_pairs = len(step_rows)  # pairs in the whole step, over all processes
             if not math.isfinite(float(sums[0])):
                 path = checkpoint(step, rng_before)
-                ids = sorted(
-                    i for part in accelerator_gather_object(accelerator, bad_rows) for i in part
-                )
+                ids = sorted(i for part in get_dist().gather(bad_rows) for i in part)
                 raise TrainingDivergedError(
                     f"non-finite loss at optimizer step {step + 1} (rows {ids}); the last "
                     f"good state (after step {step}) is saved in {path}"
@@ -701,15 +700,6 @@ def train(
         bar.close()
         metrics.close()
     return TrainResult(out_dir, total_steps, total_steps, resume_from, row, finished=True)
-
-
-def accelerator_gather_object(accelerator: Any, obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a list of one per rank)."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return list(gather_object([obj]))
 
 
 def _step(
