@@ -98,10 +98,6 @@ def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
 
 
 @pytest.mark.parametrize("fault", ["generate:2", "annotate:2"])
-@pytest.mark.xfail(
-    reason="since the SPMD restructuring the SIGTERM stop message is missing at generate:2; under investigation (closing note, stop 7)",
-    strict=False,
-)
 def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
     """SIGTERM (sent by the fault hook at a fixed point) stops the run with a one-line message
     and exit code 2; re-running the command finishes with the same weights."""

@@ -18,7 +18,7 @@ from inpo.distributed import shard
 from inpo.errors import InpoError
 from inpo.pipeline.faults import fault
 from inpo.pipeline.oracle import oracle_prompt
-from inpo.pipeline.runtime import Ctx
+from inpo.pipeline.runtime import Ctx, quiet_unless_main
 
 __all__ = ["merge", "work"]
 
@@ -80,7 +80,7 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
     rule, bs = cfg.selection(), cfg.annotate.batch_size
     pairs, queries = [], 0
-    bar = tqdm(total=len(mine), desc=f"annotate ({rule})", leave=False, disable=not dist.is_main)
+    bar = tqdm(total=len(mine), desc=f"annotate ({rule})", leave=False, **quiet_unless_main(dist))
     for start in range(0, len(mine), bs):
         if start:
             fault("annotate", start // bs)

@@ -16,7 +16,7 @@ from typing import Any
 from inpo.distributed import shard
 from inpo.errors import DataError
 from inpo.pipeline.faults import fault
-from inpo.pipeline.runtime import Ctx, load_model
+from inpo.pipeline.runtime import Ctx, load_model, quiet_unless_main
 
 __all__ = ["merge", "work"]
 
@@ -64,7 +64,7 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
         return
     model, tok = load_model(policy, dist.device)
     bar = tqdm(
-        total=len(todo), desc="generate", leave=False, disable=not dist.is_main, dynamic_ncols=True
+        total=len(todo), desc="generate", leave=False, **quiet_unless_main(dist), dynamic_ncols=True
     )
     with open(own, "a") as fh:
         for start, samples, truncated in generate_chunks(
