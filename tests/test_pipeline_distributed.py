@@ -4,8 +4,8 @@ The default workload, one iteration of 16 prompts × 4 draws, K = 8. Invariants:
 and ``pairs.jsonl`` byte-identical; the log-prob columns equal to 1e-6; the evaluation metrics
 equal; the final weights equal to fp32 tolerance. Then a ``kill -9`` of one rank in the middle
 of a stage, and the same command again: the same final weights, and no oracle query asked twice.
-FSDP2 (accelerate's plugin, ``train.fsdp=full_shard``) is held to the same invariant on a GPU
-machine (marked ``gpu``: on CPU the training step's backward segfaults, see the test). Each test picks a free port (never torchrun's default 29500).
+FSDP2 (accelerate's plugin, ``train.fsdp=full_shard``; torch's FSDP2 runs on CPU with gloo) is
+held to the same invariant. Each test picks a free port (never torchrun's default 29500).
 """
 
 from __future__ import annotations
@@ -104,10 +104,20 @@ def _backend_queries(run: Path) -> int:
     return manifest["summary"]["backend_queries"]
 
 
-@pytest.mark.parametrize("stage", ["generate:1", "annotate:1", "train:2", "evaluate:1"])
-def test_kill_one_rank_then_rerun(one_process, tmp_path, stage):
+@pytest.mark.parametrize(
+    "stage, engine",
+    [
+        pytest.param("generate:1", (), id="generate"),
+        pytest.param("annotate:1", (), id="annotate"),
+        pytest.param("train:2", (), id="train"),
+        # a sharded checkpoint, gathered to rank 0 and re-sharded on resume
+        pytest.param("train:2", ("train.fsdp=full_shard",), id="train-fsdp"),
+        pytest.param("evaluate:1", (), id="evaluate"),
+    ],
+)
+def test_kill_one_rank_then_rerun(one_process, tmp_path, stage, engine):
     """SIGKILL of rank 1 inside a stage kills the job (torchrun); the same command resumes."""
-    batch = ["generate.batch_size=8", "annotate.batch_size=16", "train.save_steps=1"]
+    batch = ["generate.batch_size=8", "annotate.batch_size=16", "train.save_steps=1", *engine]
     killed = inpo_run(
         tmp_path, "run", 2, *batch, env={"INPO_FAULT_KILL": stage, "INPO_FAULT_RANK": "1"}
     )
@@ -127,11 +137,7 @@ def test_kill_one_rank_then_rerun(one_process, tmp_path, stage):
     _assert_same_run(one_process, tmp_path / "run")
 
 
-@pytest.mark.gpu
 def test_fsdp_two_processes_train_the_weights_of_one(one_process, tmp_path):
-    """Marked gpu: on CPU (torch 2.13.0+cpu, gloo) accelerate's FSDP2 path prepares the model
-    and a plain-loss forward/backward runs, but the training step's backward segfaults
-    (SIGSEGV in autograd's engine on both ranks); not yet understood — run on a GPU machine."""
     proc = inpo_run(tmp_path, "run", 2, "train.fsdp=full_shard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(one_process, tmp_path / "run")

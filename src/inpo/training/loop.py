@@ -373,6 +373,11 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
         kwargs["fsdp_plugin"] = plugin
     accelerator = Accelerator(**kwargs)
     if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        from accelerate.state import PartialState
+
+        # AcceleratorState copies PartialState's fields each time it is built (prepare builds
+        # one), so the engine type goes on both, or prepare's later steps would see MULTI_CPU.
+        PartialState().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     if plugin is not None and accelerator.num_processes == 1:
@@ -384,10 +389,18 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     return accelerator
 
 
-def _is_fsdp(accelerator: Any) -> bool:
+def _fsdp_engine(accelerator: Any) -> bool:
+    """Whether ``prepare`` will shard the model."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _is_fsdp(model: Any) -> bool:
+    """Whether ``model`` (as ``prepare`` returned it) is sharded by FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -447,7 +460,7 @@ def check_low_precision_updates(model: torch.nn.Module, cfg: TrainConfig) -> flo
 
 def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full state dict of the (sharded) model on rank 0 (``None`` elsewhere); a collective."""
-    if _is_fsdp(accelerator):
+    if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
@@ -460,7 +473,7 @@ def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, tor
 
 
 def _full_optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
-    if _is_fsdp(accelerator):
+    if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -486,7 +499,7 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
 
 
 def _restore_optimizer(accelerator: Any, model: Any, optimizer: Any, state: dict) -> None:
-    if _is_fsdp(accelerator):
+    if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,
@@ -584,11 +597,11 @@ def train(
     state = load_checkpoint(resume_from) if resume_from is not None else None
     if state is not None:
         _load_model_state(model, state["model"], resume_from)
-    if not _is_fsdp(accelerator):
+    if not _fsdp_engine(accelerator):
         model = model.to(accelerator.device)
     optimizer = _optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if _is_fsdp(accelerator) and default_logps:
+    if _is_fsdp(model) and default_logps:
         # FSDP2 frees a layer's gathered weights outside that module's forward, so the LM head
         # must run inside the model's own forward: full logits per micro-batch (no chunked head).
         from inpo.logprobs import naive_sequence_logps as logps_fn
@@ -822,7 +835,7 @@ def _save(
                 "total_steps": data.total_steps,
                 "shuffle_seed": cfg.seed,
                 "num_processes": accelerator.num_processes,
-                "optimizer_format": "fsdp" if _is_fsdp(accelerator) else "replicated",
+                "optimizer_format": "fsdp" if _is_fsdp(model) else "replicated",
                 "config": config_to_dict(cfg),
             },
             rng_state=rng_state,
@@ -843,7 +856,7 @@ def _restore(
 ) -> int:
     """Apply a checkpoint's optimizer, schedule and RNG state; return its step."""
     trainer = state["trainer_state"]
-    kind = "fsdp" if _is_fsdp(accelerator) else "replicated"
+    kind = "fsdp" if _is_fsdp(model) else "replicated"
     if trainer.get("optimizer_format", "replicated") != kind:
         raise ConfigError(
             f"checkpoint {path} was written with fsdp={'none' if kind == 'fsdp' else 'on'}; "
@@ -884,7 +897,7 @@ def _write_model(
     A sharded model is gathered into a fresh unsharded copy first (LoRA adapters included, then
     merged by :func:`inpo.training.modeling.save_policy`).
     """
-    if _is_fsdp(accelerator):
+    if _is_fsdp(model):
         state = _full_model_state(accelerator, model)
         if accelerator.is_main_process:
             fresh = load_policy(cfg.model)
