@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 
-from inpo.pipeline.artifacts import check_stage, finish_stage, manifest_hash, start_stage
+from inpo.pipeline.artifacts import (
+    IDENTITY,
+    check_stage,
+    finish_stage,
+    manifest_hash,
+    start_stage,
+)
 
 
 def _run_stage(root, cfg="c1", inputs=None, payload="hello"):
     folder = root / "iter_000" / "generate"
-    work = start_stage(folder, cfg)
+    work, _ = start_stage(folder, cfg)
     (work / "samples.jsonl").write_text(payload)
     return finish_stage(
         work,
@@ -53,16 +59,27 @@ def test_corrupt_or_missing_output_is_detected(tmp_path):
     assert "no valid manifest" in check_stage(folder, "c1", {}).reason
 
 
-def test_partial_work_survives_for_same_config_only(tmp_path):
+def test_partial_work_survives_for_same_identity_only(tmp_path):
     folder = tmp_path / "iter_000" / "train"
-    work = start_stage(folder, "c1")
+    work, why = start_stage(folder, "c1", {"logps": "aaa"})
+    assert why is None
     (work / "checkpoint.bin").write_text("step 3")
-    # A crash here leaves train.partial/; the same config resumes from it.
-    work2 = start_stage(folder, "c1")
-    assert (work2 / "checkpoint.bin").read_text() == "step 3"
-    # A different config starts over.
-    work3 = start_stage(folder, "c2")
+    # A crash here leaves train.partial/; the same config and inputs resume from it.
+    work2, why = start_stage(folder, "c1", {"logps": "aaa"})
+    assert why is None and (work2 / "checkpoint.bin").read_text() == "step 3"
+    # An upstream stage was redone: the partial work was built on other inputs.
+    work3, why = start_stage(folder, "c1", {"logps": "bbb"})
     assert not (work3 / "checkpoint.bin").exists()
+    assert "inputs changed" in why and "logps" in why
+    (work3 / "checkpoint.bin").write_text("step 1")
+    # A different config starts over too, and says so.
+    work4, why = start_stage(folder, "c2", {"logps": "bbb"})
+    assert not (work4 / "checkpoint.bin").exists() and "configuration changed" in why
+    # A partial folder without an identity record (or a corrupt one) is not trusted.
+    (work4 / IDENTITY).write_text("{oops")
+    (work4 / "checkpoint.bin").write_text("step 2")
+    work5, why = start_stage(folder, "c2", {"logps": "bbb"})
+    assert not (work5 / "checkpoint.bin").exists() and "no identity record" in why
 
 
 def test_manifest_content(tmp_path):

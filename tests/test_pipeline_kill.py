@@ -27,13 +27,15 @@ ARGS = [
 ]
 
 
-def _run(run_dir: Path, cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    run_dir: Path, cache: Path, fault: str | None = None, *extra: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "INPO_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
     env.pop("INPO_FAULT_KILL", None)
     if fault:
         env["INPO_FAULT_KILL"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS],
+        [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS, *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -122,3 +124,27 @@ def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
     got = _weights(run_dir)
     for name in weights:
         torch.testing.assert_close(got[name], weights[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fault", ["train:2", "logps:1"])
+def test_partial_work_on_old_inputs_is_discarded(baseline, fault):
+    """Kill inside a stage, change an *upstream* setting, re-run: the stage's partial work was
+    built on the old inputs, so it is discarded (and says why), and the final weights are those
+    of a clean run of the final config."""
+    import torch
+
+    root, cache, _weights0, _rows = baseline
+    changed = "generate.temperature=0.9"  # new samples, so new pairs, log-probs, training data
+    clean = root / f"clean_{fault.replace(':', '_')}"
+    assert _run(clean, cache, None, changed).returncode == 0
+    run_dir = root / f"upstream_{fault.replace(':', '_')}"
+    killed = _run(run_dir, cache, fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stage = fault.split(":")[0]
+    assert (run_dir / "iter_000" / f"{stage}.partial").exists()
+    again = _run(run_dir, cache, None, changed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"[iter_000/{stage}] discarding partial work: its inputs changed" in again.stderr
+    got, want = _weights(run_dir), _weights(clean)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)

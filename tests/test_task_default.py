@@ -194,6 +194,27 @@ def test_cached_build_is_atomic(tmp_path):
     assert len(calls) == 2 and read_manifest(path)["key"] == "k2"
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corrupt_cached_folder_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    def build(tmp):
+        (tmp / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+        return {}
+
+    path, _ = cached_build(tmp_path / "x", "k", build)
+    target = path / "model.safetensors"
+    raw = target.read_bytes()
+    if damage == "flip":
+        target.write_bytes(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:])
+    elif damage == "truncate":
+        target.write_bytes(raw[:100])
+    else:
+        target.unlink()
+    with caplog.at_level("WARNING"):
+        assert cached_build(tmp_path / "x", "k", build) == (path, True)
+    assert "not usable" in caplog.text and "rebuilding" in caplog.text
+    assert target.read_bytes() == raw
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference LM and exact evaluation
 # ---------------------------------------------------------------------------------------------

@@ -240,7 +240,51 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_000002").mkdir(parents=True)
     (root / "step_000004.tmp").mkdir()
-    assert find_latest_checkpoint(root) == root / "step_000002"
+    assert find_latest_checkpoint(root, verify=False) == root / "step_000002"
+    # verified, the folder without checksums is set aside, kept for inspection
+    assert find_latest_checkpoint(root) is None
+    assert (root / "step_000002.corrupt").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, caplog, damage):
+    """A byte flipped in the newest checkpoint's weights, or its optimizer state truncated:
+    detected by the checksums, set aside, and the run resumes from the checkpoint before it —
+    to the weights of an uninterrupted run."""
+    args = ("optim.max_steps=5", "save_steps=1")
+    straight = tmp_path / "straight"
+    train(make_cfg(tiny, straight, *args))
+    out = tmp_path / "run"
+    train(make_cfg(tiny, out, *args), stop_after=3)
+    newest = out / "checkpoints" / "step_000003"
+    if damage == "flip":
+        target = newest / "model.safetensors"
+        raw = bytearray(target.read_bytes())
+        raw[-5] ^= 0x01
+        target.write_bytes(bytes(raw))
+    else:
+        target = newest / "optimizer.pt"
+        target.write_bytes(target.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        result = train(make_cfg(tiny, out, *args))
+    assert result.resumed_from == out / "checkpoints" / "step_000002"
+    assert "step_000003" in caplog.text and "checksum" in caplog.text
+    assert (out / "checkpoints" / "step_000003.corrupt").is_dir()
+    assert max_diff(weights(straight), weights(out)) < 1e-6
+
+
+def test_checkpoint_trained_on_other_data_is_never_resumed(tiny, tmp_path):
+    model_dir, _ = tiny
+    out = tmp_path / "run"
+    train(make_cfg(tiny, out, "optim.max_steps=4", "save_steps=1"), stop_after=2)
+    rows = make_rows(12)
+    rows[5]["rejected"] = " a different answer"  # one pair changed
+    other = write_dataset(tmp_path / "other.jsonl", model_dir, rows)
+    with pytest.raises(ConfigError, match=r"other inputs \(data.train_file's rows differ\)"):
+        train(make_cfg((model_dir, other), out, "optim.max_steps=4", "save_steps=1"))
+    # back on its own data, it resumes
+    result = train(make_cfg(tiny, out, "optim.max_steps=4", "save_steps=1"))
+    assert result.resumed_from == out / "checkpoints" / "step_000002"
 
 
 def _poison_row(marker_token: int, mode: str):

@@ -25,16 +25,19 @@ WORDS = "red blue green circle square say describe a the".split()
 
 
 @pytest.mark.parametrize(
-    "optimizer, engine",
+    "optimizer, engine, both",
     [
-        ("sgd", []),
-        ("adamw", []),
-        ("adamw", ["fsdp=full_shard"]),  # FSDP2 runs on CPU with gloo
-        ("adamw", ["fsdp=shard_grad_op", "fsdp_activation_checkpointing=true"]),
+        ("sgd", [], []),
+        ("adamw", [], []),
+        ("adamw", ["fsdp=full_shard"], []),  # FSDP2 runs on CPU with gloo
+        ("adamw", ["fsdp=shard_grad_op", "fsdp_activation_checkpointing=true"], []),
+        # 3 pairs a step: 2 on one rank, 1 on the other, so micro-batches of unequal size:
+        # FSDP's per-forward collectives must still match across ranks
+        ("sgd", ["fsdp=full_shard"], ["optim.global_batch_size=3"]),
     ],
-    ids=["ddp-sgd", "ddp-adamw", "fsdp-full-shard", "fsdp-grad-op-act-ckpt"],
+    ids=["ddp-sgd", "ddp-adamw", "fsdp-full-shard", "fsdp-grad-op-act-ckpt", "fsdp-uneven"],
 )
-def test_two_processes_equal_one(tmp_path, optimizer, engine):
+def test_two_processes_equal_one(tmp_path, optimizer, engine, both):
     import torch
     from safetensors.torch import load_file
 
@@ -73,7 +76,7 @@ def test_two_processes_equal_one(tmp_path, optimizer, engine):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
-        [sys.executable, "-m", "inpo", "train", "cfg.yaml", "output_dir=one"],
+        [sys.executable, "-m", "inpo", "train", "cfg.yaml", "output_dir=one", *both],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -96,6 +99,7 @@ def test_two_processes_equal_one(tmp_path, optimizer, engine):
             "cfg.yaml",
             "output_dir=two",
             *engine,
+            *both,
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -26,6 +26,7 @@ from typing import Any
 from inpo.hashing import file_sha256
 
 __all__ = [
+    "IDENTITY",
     "MANIFEST",
     "StageStatus",
     "check_stage",
@@ -102,24 +103,56 @@ def check_stage(
     return StageStatus(True, "complete", manifest)
 
 
-def start_stage(folder: Path, config_hash: str, *, resume: bool = True) -> Path:
-    """Return the work folder ``<folder>.partial`` for a stage about to run.
+IDENTITY = ".identity.json"
+
+
+def start_stage(
+    folder: Path,
+    config_hash: str,
+    input_hashes: dict[str, str] | None = None,
+    *,
+    resume: bool = True,
+) -> tuple[Path, str | None]:
+    """Return the work folder ``<folder>.partial`` for a stage about to run, and why a leftover
+    one was discarded (``None`` when none was, or it is resumed).
 
     A stale finished folder is removed. A leftover ``.partial`` folder from a killed run is
-    kept when it was started for the same config (``resume``), so the stage can continue its own
-    work (e.g. training checkpoints); otherwise it is cleared.
+    kept only when it was started for the same identity — the stage's config hash *and* the
+    hashes of its inputs (``resume``) — so the stage continues its own work (e.g. training
+    checkpoints) and never work built on other inputs; otherwise it is cleared.
     """
     if folder.exists():
         shutil.rmtree(folder)
     work = folder.with_name(folder.name + ".partial")
-    marker = work / ".config_hash"
+    marker = work / IDENTITY
+    identity = {"config_hash": config_hash, "input_hashes": dict(input_hashes or {})}
+    discarded = None
     if work.exists():
-        same = marker.is_file() and marker.read_text().strip() == config_hash
-        if not (resume and same):
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            discarded = "its partial work has no identity record"
+        elif old.get("config_hash") != config_hash:
+            discarded = "its configuration changed since the partial work began"
+        elif old.get("input_hashes") != identity["input_hashes"]:
+            before = old.get("input_hashes") or {}
+            changed = sorted(
+                k
+                for k in set(before) | set(identity["input_hashes"])
+                if before.get(k) != identity["input_hashes"].get(k)
+            )
+            discarded = f"its inputs changed since the partial work began ({', '.join(changed)})"
+        elif not resume:
+            discarded = "resume is off"
+        if discarded is not None:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(config_hash)
-    return work
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, sort_keys=True))
+    os.replace(tmp, marker)
+    return work, discarded
 
 
 def finish_stage(
@@ -134,7 +167,7 @@ def finish_stage(
     started: float,
 ) -> dict[str, Any]:
     """Write the manifest into ``work`` (fsync'd) and atomically rename it to ``folder``."""
-    (work / ".config_hash").unlink(missing_ok=True)
+    (work / IDENTITY).unlink(missing_ok=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "stage": stage,

@@ -19,7 +19,7 @@ from typing import Any
 
 from inpo.config import config_hash
 from inpo.errors import InpoError
-from inpo.pipeline.artifacts import check_stage, finish_stage, start_stage
+from inpo.pipeline.artifacts import IDENTITY, check_stage, finish_stage, start_stage
 from inpo.pipeline.runtime import Ctx
 
 __all__ = ["Interrupted", "StageRunner", "stop_signals"]
@@ -77,8 +77,10 @@ class StageRunner:
                 if folder.exists() or status.manifest is not None:
                     ctx.log(f"[{rel}] redo: {status.reason}")
                     self.redone.append(str(rel))
-                partial = start_stage(folder, chash)
-                resumed = any(p.name != ".config_hash" for p in partial.iterdir())
+                partial, discarded = start_stage(folder, chash, inputs)
+                if discarded:
+                    ctx.log(f"[{rel}] discarding partial work: {discarded}")
+                resumed = any(p.name != IDENTITY for p in partial.iterdir())
                 ctx.log(f"[{rel}] {'resuming partial work' if resumed else 'running'}")
                 decision = ("run", None)
         decision = dist.broadcast(decision)

@@ -162,35 +162,68 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _files(folder: Path) -> dict[str, str]:
+    from inpo.hashing import file_sha256
+
+    return {
+        f.relative_to(folder).as_posix(): file_sha256(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+
+
+def cache_problem(folder: Path, key: str) -> str | None:
+    """Why the cached ``folder`` cannot be reused for ``key`` (``None``: it can). Its
+    manifest, written last, holds every file's SHA-256: a truncated or altered file is found."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return "absent" if not folder.exists() else "no readable manifest"
+    if manifest.get("key") != key:
+        return "built for other settings"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its manifest has no checksums (an older cache)"
+    if _files(folder) != files:
+        return "a file is missing, truncated or altered (checksum mismatch)"
+    return None
+
+
 def cached_build(
     final: Path, key: str, build: Callable[[Path], dict[str, Any]]
 ) -> tuple[Path, bool]:
-    """Reuse ``final`` if its manifest's ``key`` matches, else build it atomically.
+    """Reuse ``final`` if its manifest's ``key`` matches and its files match their checksums,
+    else build it atomically (a corrupt cache is rebuilt, with a warning).
 
     ``build(tmp)`` writes the folder's content into ``tmp`` and returns the manifest (``key``
-    is added). The folder is then renamed to ``final``; if another process got there first,
-    its folder is kept and ours discarded. Returns ``(final, built)``.
+    and the files' checksums are added, and it is written last). The folder is then renamed to
+    ``final``; if another process got there first, its folder is kept and ours discarded.
+    Returns ``(final, built)``.
     """
+    import logging
+
     final = Path(final)
-    manifest = read_manifest(final)
-    if manifest is not None and manifest.get("key") == key:
+    problem = cache_problem(final, key)
+    if problem is None:
         return final, False
+    if final.exists() and problem != "built for other settings":
+        logging.getLogger(__name__).warning(
+            "cached %s is not usable (%s): rebuilding", final, problem
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         manifest = {"key": key, **build(tmp)}
+        manifest["files"] = _files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if final.exists():  # a stale folder (different key or no manifest): replace it
-            existing = read_manifest(final)
-            if existing is not None and existing.get("key") == key:
+        if final.exists():  # a stale or corrupt folder: replace it
+            if cache_problem(final, key) is None:
                 return final, False  # a concurrent build finished first
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
-            existing = read_manifest(final)
-            if existing is None or existing.get("key") != key:
+            if cache_problem(final, key) is not None:
                 raise
             return final, False
         return final, True

@@ -10,16 +10,21 @@ Layout: ``output_dir/checkpoints/step_XXXXXX/`` with
   parameter name, a replicated run's by index — ``trainer_state.json`` says which);
 * ``rng_state.pt``: Python, NumPy, torch CPU (and CUDA) generator states;
 * ``trainer_state.json``: the optimizer step, the data position (epoch, step within the epoch,
-  the shuffling seed) and the resolved config.
+  the shuffling seed), the identity of its inputs (the training data's and the starting
+  weights' fingerprints) and the resolved config;
+* ``checksums.json``, written last: the SHA-256 of every other file.
 
 A checkpoint is written under a temporary name and renamed when complete, so any
 ``step_XXXXXX`` folder is complete; a crash mid-write leaves only a ``.tmp`` folder, which is
-ignored (and removed by the next save).
+ignored (and removed by the next save). :func:`verify_checkpoint` checks the checksums before a
+resume: a truncated or altered checkpoint is never loaded (:func:`find_latest_checkpoint` moves
+it aside as ``step_XXXXXX.corrupt`` and falls back to the previous one).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -31,14 +36,18 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CHECKSUMS",
     "capture_rng_state",
     "find_latest_checkpoint",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+CHECKSUMS = "checksums.json"
+log = logging.getLogger(__name__)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -137,6 +146,7 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(
         json.dumps({**trainer_state, "step": step}, indent=2, default=str)
     )
+    _write_checksums(tmp)
     if final.exists():  # re-saving the same step (e.g. a finished run re-run): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -155,10 +165,63 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def find_latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
-    """The newest complete ``step_XXXXXX`` folder under ``checkpoint_root``, or ``None``."""
-    found = _checkpoints(Path(checkpoint_root))
-    return found[-1] if found else None
+def _write_checksums(folder: Path) -> None:
+    """``checksums.json`` (every other file's SHA-256), fsync'd: the last file of a checkpoint."""
+    from inpo.hashing import file_sha256
+
+    sums = {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+    with open(folder / CHECKSUMS, "w") as fh:
+        json.dump(sums, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """Why the checkpoint folder ``path`` must not be loaded, or ``None`` if its files are the
+    ones written (every file's SHA-256 against ``checksums.json``)."""
+    from inpo.hashing import file_sha256
+
+    path = Path(path)
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"no readable {CHECKSUMS}"
+    if not isinstance(sums, dict) or "trainer_state.json" not in sums:
+        return f"{CHECKSUMS} is malformed"
+    for rel, digest in sums.items():
+        f = path / rel
+        if not f.is_file():
+            return f"'{rel}' is missing"
+        if file_sha256(f) != digest:
+            return f"'{rel}' does not match its checksum (truncated or altered)"
+    return None
+
+
+def find_latest_checkpoint(checkpoint_root: str | Path, *, verify: bool = True) -> Path | None:
+    """The newest complete ``step_XXXXXX`` folder under ``checkpoint_root``, or ``None``.
+
+    With ``verify``, a checkpoint whose files fail :func:`verify_checkpoint` is renamed
+    ``step_XXXXXX.corrupt`` (kept for inspection, never picked again), with a warning, and the
+    previous one is tried. Every process may call it: the rename is done once.
+    """
+    for path in reversed(_checkpoints(Path(checkpoint_root))):
+        if not verify:
+            return path
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        log.warning(
+            "checkpoint %s is not usable (%s): set aside, trying the previous one", path, reason
+        )
+        try:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        except OSError:  # another process moved it first, or a read-only folder
+            pass
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -28,6 +28,8 @@ lines), checkpoints (:func:`_save`, :func:`_restore`), the end (the model writte
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -47,6 +49,7 @@ from inpo.training.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    verify_checkpoint,
 )
 from inpo.training.config import TrainConfig
 from inpo.training.metrics import MetricsLogger
@@ -214,8 +217,6 @@ def _check_precompute_lengths(cfg: TrainConfig) -> None:
     manifest = Path(cfg.data.train_file) / "manifest.json"
     if not manifest.is_file():
         return
-    import json
-
     try:
         info = json.loads(manifest.read_text())
     except (OSError, ValueError):
@@ -283,6 +284,9 @@ def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"resume: '{path}' is not a checkpoint folder (no trainer_state.json)")
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise ConfigError(f"resume: checkpoint '{path}' is not usable: {reason}")
     return path
 
 
@@ -308,6 +312,7 @@ class _Data:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    fingerprint: str  # of the rows' content, whatever the file format
 
 
 def _load_data(cfg: TrainConfig) -> _Data:
@@ -343,7 +348,36 @@ def _load_data(cfg: TrainConfig) -> _Data:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         warmup=math.ceil(cfg.optim.warmup_ratio * total_steps),
+        fingerprint=hashlib.sha256(
+            json.dumps(rows, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16],
     )
+
+
+def _inputs_identity(cfg: TrainConfig, data: _Data) -> dict[str, str]:
+    """What a checkpoint was trained from: the data's and the starting weights' fingerprints."""
+    from inpo.hashing import model_fingerprint
+
+    return {"data": data.fingerprint, "model": model_fingerprint(cfg.model.path)}
+
+
+def _check_resume_inputs(path: Path, inputs: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint trained from other data or other starting weights."""
+    try:
+        trainer = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint {path}: unreadable trainer_state.json ({err})") from err
+    recorded = trainer.get("inputs")
+    if not isinstance(recorded, dict):
+        return  # written before checkpoints recorded their inputs
+    changed = [k for k in ("data", "model") if recorded.get(k) != inputs[k]]
+    if changed:
+        what = {"data": "data.train_file's rows", "model": "model.path's weights"}
+        raise ConfigError(
+            f"checkpoint {path} was trained from other inputs "
+            f"({', '.join(what[k] + ' differ' for k in changed)}); resuming it would mix two "
+            "trainings. Use another output_dir, or resume=never to start over."
+        )
 
 
 def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
@@ -573,6 +607,9 @@ def train(
     check_model_dir(cfg.model.path)
     _check_tracker(cfg.logging.report_to)
     resume_from = _resume_point(cfg, ckpt_root)
+    inputs = _inputs_identity(cfg, data)
+    if resume_from is not None:
+        _check_resume_inputs(resume_from, inputs)
     accelerator = _accelerator(cfg, _resolve_bf16(cfg.bf16))
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
@@ -628,7 +665,7 @@ def train(
 
     def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> Path | None:
         return _save(
-            cfg, accelerator, model, optimizer, scheduler, data, ckpt_root, step, rng_state
+            cfg, accelerator, model, optimizer, scheduler, data, ckpt_root, step, rng_state, inputs
         )
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -740,6 +777,9 @@ def _step(
     if cfg.data.group_by_length:
         local = sorted(local, key=lambda i: -data.lengths[i])
     micro = cfg.optim.per_device_batch_size
+    # FSDP gathers each layer's weights in every forward (a collective): every rank must run
+    # as many forwards, so one call per micro-batch, not one per length bucket
+    buckets = 1 if _is_fsdp(model) else cfg.data.length_buckets
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(8, dtype=torch.float64)
@@ -764,7 +804,7 @@ def _step(
                         batch["input_ids"],
                         batch["attention_mask"],
                         batch["completion_mask"],
-                        buckets=cfg.data.length_buckets,
+                        buckets=buckets,
                     )
             inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:]}
             for name in (*spec.precomputed_inputs, *spec.optional_inputs):
@@ -813,6 +853,7 @@ def _save(
     ckpt_root: Path,
     step: int,
     rng_state: dict[str, Any] | None,
+    inputs: dict[str, str],
 ) -> Path | None:
     """A checkpoint of the full state (every rank takes part in gathering; rank 0 writes)."""
     model_state = _full_model_state(accelerator, model)
@@ -836,6 +877,7 @@ def _save(
                 "shuffle_seed": cfg.seed,
                 "num_processes": accelerator.num_processes,
                 "optimizer_format": "fsdp" if _is_fsdp(model) else "replicated",
+                "inputs": inputs,
                 "config": config_to_dict(cfg),
             },
             rng_state=rng_state,
