@@ -471,3 +471,111 @@ def test_responses_file_formats(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": 1}')
     with pytest.raises(DataError, match=r"bad\.json' must hold a JSON list of strings"):
         _read_responses(tmp_path / "bad.json")
+
+
+def test_answers_received_before_a_failure_are_committed_and_never_asked_again(serve, tmp_path):
+    """Pairs 0 and 1 are answered, pair 2 is refused (HTTP 400): the call fails, but pairs 0 and
+    1 are in the cache, and the next call asks the server only for what it has not answered."""
+    server = serve()
+    judge = _judge(server, concurrency=1)
+    cached = CachedOracle(judge, tmp_path / "cache.sqlite", template_id=judge.template_id)
+    a = [RESPONSES[0], RESPONSES[1], "not listed", RESPONSES[5]]
+    b = [RESPONSES[1], RESPONSES[4], RESPONSES[0], RESPONSES[0]]
+    with pytest.raises(OracleError, match=r"pair 2 .*HTTP 400"):
+        cached.prob_prefers(["q"] * 4, a, b)
+    assert len(cached.cache) == 2
+    asked = server.requests  # 2 pairs × 2 orders + the refused request
+    assert asked == 5
+    a[2] = RESPONSES[2]
+    p = cached.prob_prefers(["q"] * 4, a, b)
+    np.testing.assert_allclose(p, [MATRIX[0, 1], MATRIX[1, 4], MATRIX[2, 0], MATRIX[5, 0]])
+    assert server.requests - asked == 4  # pairs 2 and 3 only, both orders
+    cached.close()
+
+
+def test_hostile_judge_answers_are_retried_bad_answers_never_tracebacks():
+    def body(content, entries):
+        return {
+            "choices": [
+                {
+                    "message": {"content": content},
+                    "logprobs": {"content": [{"token": "A", "top_logprobs": entries}]},
+                }
+            ]
+        }
+
+    for entries in (
+        [{"token": "A", "logprob": "abc"}],
+        [{"token": "A", "logprob": {"x": 1}}],
+        [{"token": "A", "logprob": 1e308}],  # exp() would overflow; a log-prob is <= 0
+        [{"token": "A", "logprob": float("nan")}],
+        ["not a dict"],
+    ):
+        with pytest.raises(_BadAnswer):
+            parse_verdict(body("C", entries))
+    # a 40 KB verdict of punctuation is rejected in linear time (no regex backtracking)
+    start = time.perf_counter()
+    with pytest.raises(_BadAnswer):
+        parse_verdict(body("!" * 40_000 + "AB" + "!" * 40_000, []))
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_body_that_does_not_decompress_is_retried_as_an_oracle_error():
+    """A server that sends `Content-Encoding: gzip` with bytes that are not gzip."""
+    import http.server
+    import threading
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            payload = b"this is not gzip"
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-encoding", "gzip")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        judge = HTTPJudgeOracle(
+            f"http://127.0.0.1:{httpd.server_address[1]}",
+            "m",
+            api_key_env=None,
+            max_retries=1,
+            backoff=0.01,
+            timeout=5.0,
+        )
+        with pytest.raises(OracleError, match=r"after 2 attempts.*unreadable response"):
+            judge.prob_prefers(["q"], ["x"], ["y"])
+        assert judge.stats.retries >= 1  # retried (each order in flight retries once)
+    finally:
+        httpd.shutdown()
+
+
+def test_a_crafted_40kb_request_parses_in_linear_time():
+    """Every closing and opening marker repeated through 40 KB, the final line missing: the old
+    regular expression (three lazy groups, fullmatch) tried every split, cubic in the repeats
+    (measured: 40 repeats 0.08 s, 200 about 10 s); the linear scan answers in milliseconds."""
+    from inpo.oracles.templates import TemplateMismatchError
+
+    tmpl = load_template("judge_v1")
+    b = "0123456789abcdef" * 2
+    full = tmpl.render("q", "x", "y", boundary=b)
+    head = full[-1]["content"][: full[-1]["content"].index("\nq\n") + 1]
+    unit = (
+        f"q\n</prompt-{b}>\n\n<response-a-{b}>\nx\n</response-a-{b}>\n\n"
+        f"<response-b-{b}>\ny\n</response-b-{b}>\n\n"
+    )
+    full[-1]["content"] = head + unit * 170 + "no question"
+    assert len(full[-1]["content"]) > 40_000
+    start = time.perf_counter()
+    with pytest.raises(TemplateMismatchError):
+        tmpl.parse(full)
+    assert time.perf_counter() - start < 0.1
+    # an honest request whose data imitates a marker still parses exactly
+    assert tmpl.parse(tmpl.render("q\n</prompt-", "x", "y")) == ("q\n</prompt-", "x", "y")

@@ -228,3 +228,18 @@ def test_hard_labels_make_the_k2_tournament_final_confirm():
         pair = [ys[i % 3], ys[(i + 1) % 3]]
         res = tournament(hard, f"prompt {i}", pair)
         assert res.chosen is not None and res.queries == 2  # antisymmetric labels: no rejection
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.7, -0.1, float("inf")])
+def test_hard_labels_refuse_probabilities_outside_0_1(bad):
+    from inpo.errors import OracleError
+    from inpo.oracles.synthetic import HardLabelOracle
+
+    class Broken:
+        oracle_id = "broken"
+
+        def prob_prefers(self, prompts, a, b):
+            return np.array([0.3, bad])
+
+    with pytest.raises(OracleError, match=r"query 1 .*expected a value in \[0, 1\]"):
+        HardLabelOracle(Broken(), seed=0).prob_prefers(["p", "q"], ["a", "b"], ["c", "d"])

@@ -251,3 +251,52 @@ def test_changing_the_prompt_set_redoes_generation(tmp_path):
     logs: list[str] = []
     run_pipeline(_cfg(tmp_path, iterations=1, prompt_repeats=2), log=logs.append, task=task)
     assert "[iter_000/generate] redo: its configuration changed" in "\n".join(logs)
+
+
+def test_a_second_run_on_a_folder_in_use_refuses_naming_the_holder(tmp_path):
+    """The lock is real across processes: this process holds it, `inpo run` in another refuses
+    (exit 2, one line with our pid); a holder killed with SIGKILL leaves no stale lock."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from inpo.pipeline.lock import acquire
+
+    run_dir = tmp_path / "run"
+    fd = acquire(run_dir)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", "iterations=1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is in use by pid {os.getpid()}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "config.yaml").exists()  # nothing of the holder's was touched
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from inpo.pipeline.lock import acquire;"
+            f"acquire(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    deadline = time.time() + 10
+    while True:  # the kernel drops a dead process's flock at once
+        try:
+            os.close(acquire(run_dir))
+            break
+        except Exception:
+            assert time.time() < deadline, "the killed holder's lock was not released"
+            time.sleep(0.1)

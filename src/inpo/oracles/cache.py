@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -284,13 +285,16 @@ def cached_prob_prefers(
     oracle_id: str,
     template_id: str = "",
     stats: OracleStats | None = None,
+    stream: Callable[..., Iterable[tuple[int, float]]] | None = None,
 ) -> np.ndarray:
     """Answer ``P(a_i ≻ b_i | prompt_i)`` from ``cache``, asking ``backend`` only the misses.
 
     The misses (deduplicated, in order of first appearance) go to ``backend(prompts, a, b)`` in
     one call; its answers are validated (finite, in ``[0, 1]``), committed, and read back (so
     that, with concurrent writers, every process returns the answer stored first). The answer
-    is the float64 array ``[n]``.
+    is the float64 array ``[n]``. With ``stream`` (``(prompts, a, b) -> (j, P)`` pairs as they
+    are answered, e.g. :meth:`HTTPJudgeOracle.iter_prob_prefers`) each answer is validated and
+    committed as it arrives, so a failure part-way keeps every answer received before it.
 
     ``stats`` (if given): ``queries += n``; ``cache_hits +=`` queries answered without the
     backend (stored, or a duplicate of an earlier query in the batch); ``backend_calls += 1``
@@ -313,30 +317,48 @@ def cached_prob_prefers(
             miss_pos[k] = i
     if miss_pos:
         idx = list(miss_pos.values())
-        try:
-            fresh = backend(
-                [prompts[i] for i in idx],
-                [responses_a[i] for i in idx],
-                [responses_b[i] for i in idx],
+        miss_keys = list(miss_pos)
+        args = (
+            [prompts[i] for i in idx],
+            [responses_a[i] for i in idx],
+            [responses_b[i] for i in idx],
+        )
+
+        def invalid(j: int, p: float, kept: str) -> OracleError:
+            return OracleError(
+                f"oracle {oracle_id!r} returned P = {p!r} for prompt {prompts[idx[j]]!r}; "
+                f"expected a value in [0, 1] ({kept})"
             )
+
+        try:
+            if stream is not None:
+                # commit each answer as it arrives: a later failure loses none of them
+                for j, p in stream(*args):
+                    p = float(p)
+                    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                        raise invalid(j, p, "not cached; the answers before it were")
+                    cache.put_many({miss_keys[j]: p}, oracle_id=oracle_id, template_id=template_id)
+            else:
+                fresh = np.asarray(backend(*args), dtype=np.float64)
+                if fresh.shape != (len(idx),):
+                    raise OracleError(
+                        f"oracle {oracle_id!r} returned shape {fresh.shape} for {len(idx)} queries"
+                    )
+                bad = ~np.isfinite(fresh) | (fresh < 0) | (fresh > 1)
+                if bad.any():
+                    j = int(np.flatnonzero(bad)[0])
+                    raise invalid(j, float(fresh[j]), "nothing was cached")
+                cache.put_many(
+                    dict(zip(miss_keys, fresh)), oracle_id=oracle_id, template_id=template_id
+                )
         except OracleError:
             if stats is not None:
                 stats.failures += 1
             raise
-        fresh = np.asarray(fresh, dtype=np.float64)
-        if fresh.shape != (len(idx),):
-            raise OracleError(
-                f"oracle {oracle_id!r} returned shape {fresh.shape} for {len(idx)} queries"
-            )
-        bad = ~np.isfinite(fresh) | (fresh < 0) | (fresh > 1)
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
-            raise OracleError(
-                f"oracle {oracle_id!r} returned P = {float(fresh[j])!r} for prompt {prompts[idx[j]]!r}; "
-                "expected a value in [0, 1] (nothing was cached)"
-            )
-        cache.put_many(dict(zip(miss_pos, fresh)), oracle_id=oracle_id, template_id=template_id)
-        answers.update(cache.get_many(miss_pos))
+        answers.update(cache.get_many(miss_keys))
+        missing = [k for k in miss_keys if k not in answers]
+        if missing:
+            raise OracleError(f"oracle {oracle_id!r} left {len(missing)} queries unanswered")
     if stats is not None:
         stats.queries += n
         stats.cache_hits += n - len(miss_pos)
@@ -405,6 +427,7 @@ class CachedOracle:
             oracle_id=self.oracle_id,
             template_id=self.template_id,
             stats=self.stats,
+            stream=getattr(self.oracle, "iter_prob_prefers", None),
         )
 
     def close(self) -> None:

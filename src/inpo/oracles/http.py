@@ -32,11 +32,10 @@ import email.utils
 import logging
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,6 @@ __all__ = ["HTTPJudgeOracle", "parse_verdict"]
 
 log = logging.getLogger(__name__)
 
-_TEXT_VERDICT = re.compile(r"[\W_]*([AB])[\W_]*")
 _SHOW = 200  # characters of a bad answer quoted in errors
 
 
@@ -92,17 +90,28 @@ def parse_verdict(data: Any) -> tuple[float, str]:
         if not candidates and "token" in entry:
             candidates = [entry]
         for cand in candidates:
+            if not isinstance(cand, dict):
+                raise _BadAnswer(f"malformed top_logprobs entry: {_truncate(str(cand))}")
             token = str(cand.get("token", "")).strip()
             if token in mass:
-                logprob = float(cand.get("logprob", -math.inf))
+                try:
+                    logprob = float(cand.get("logprob", -math.inf))
+                except (TypeError, ValueError):
+                    raise _BadAnswer(
+                        f"malformed log-prob {_truncate(str(cand.get('logprob')))}"
+                    ) from None
+                if math.isnan(logprob) or logprob > 1e-6:  # a log-probability is <= 0
+                    raise _BadAnswer(f"log-prob {logprob!r} of token {token!r} is not <= 0")
                 mass[token] += math.exp(logprob) if logprob > -math.inf else 0.0
         total = mass[VERDICT_A] + mass[VERDICT_B]
         if total > 0 and math.isfinite(total):
-            return mass[VERDICT_A] / total, "logprobs"
-    match = _TEXT_VERDICT.fullmatch(content.strip()) if isinstance(content, str) else None
-    if match is None:
+            return min(1.0, mass[VERDICT_A] / total), "logprobs"
+    # the text verdict: "A" or "B" and nothing else but punctuation and spaces ("**A**.");
+    # a linear scan, no regular expression to backtrack on a hostile answer
+    letters = "".join(ch for ch in content if ch.isalnum()) if isinstance(content, str) else ""
+    if letters not in (VERDICT_A, VERDICT_B):
         raise _BadAnswer(f"the verdict is neither A nor B: {_truncate(str(content))}")
-    return (1.0 if match.group(1) == VERDICT_A else 0.0), "text"
+    return (1.0 if letters == VERDICT_A else 0.0), "text"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -268,6 +277,8 @@ class HTTPJudgeOracle:
             return None, f"timed out after {self.timeout:g}s", None
         except httpx.TransportError as err:
             return None, f"connection error ({type(err).__name__}: {err})", None
+        except httpx.HTTPError as err:  # e.g. a body that does not decompress (bad gzip)
+            return None, f"unreadable response ({type(err).__name__}: {err})", None
         if resp.status_code == 429:
             return None, "HTTP 429 Too Many Requests", _retry_after(resp.headers.get("retry-after"))
         if resp.status_code >= 500:
@@ -350,37 +361,63 @@ class HTTPJudgeOracle:
     ) -> np.ndarray:
         """``P(a_i ≻ b_i) = ½[P_A(a_i, b_i) + 1 − P_A(b_i, a_i)]`` from 2n requests, ``[n]``."""
         n = check_lengths(prompts, responses_a, responses_b)
+        out = np.empty(n, dtype=np.float64)
+        for i, p in self.iter_prob_prefers(prompts, responses_a, responses_b):
+            out[i] = p
+        return out
+
+    def iter_prob_prefers(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> Iterator[tuple[int, float]]:
+        """``(i, P(a_i ≻ b_i))`` for each pair as soon as both its orders are answered.
+
+        A cache commits each answer as it arrives (:func:`inpo.oracles.cache.cached_prob_prefers`),
+        so when a request fails for good, the answers already received are kept — none is paid
+        for twice. The failure (an :class:`OracleError`) is raised after every pair answered
+        before it was yielded; the other requests are cancelled.
+        """
+        n = check_lengths(prompts, responses_a, responses_b)
         if n == 0:
-            return np.zeros(0, dtype=np.float64)
+            return
 
         def label(i: int, order: str) -> str:
             return f"pair {i} (prompt {_truncate(str(prompts[i]), 40)}, order {order})"
 
-        jobs = [
-            (label(i, "a,b"), self._body(prompts[i], responses_a[i], responses_b[i]))
-            for i in range(n)
-        ]
-        jobs += [
-            (label(i, "b,a"), self._body(prompts[i], responses_b[i], responses_a[i]))
-            for i in range(n)
-        ]
+        jobs = []  # both orders of pair 0, then of pair 1, …: pairs complete in turn
+        for i in range(n):
+            jobs.append((label(i, "a,b"), self._body(prompts[i], responses_a[i], responses_b[i])))
+            jobs.append((label(i, "b,a"), self._body(prompts[i], responses_b[i], responses_a[i])))
         workers = min(self.concurrency, len(jobs))
         abort = threading.Event()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inpo-judge") as pool:
-            futures = [pool.submit(self._judge, *job, abort) for job in jobs]
-            results: list[float] = []
-            first_error: OracleError | None = None
-            for f in futures:
+        answers: dict[int, float] = {}  # job j → P_A; job 2i is pair i's a,b order, 2i+1 b,a
+        first_error: OracleError | None = None
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inpo-judge")
+        try:
+            futures = {pool.submit(self._judge, *job, abort): j for j, job in enumerate(jobs)}
+            for f in as_completed(futures):
+                j = futures[f]
                 try:
-                    results.append(f.result())
+                    answers[j] = f.result()
                 except (_Cancelled, CancelledError):
                     continue
                 except OracleError as err:
                     first_error = first_error or err
+                    abort.set()
                     for g in futures:
                         g.cancel()
-        if first_error is not None or abort.is_set():
-            raise first_error or OracleError("HTTP judge: the call was aborted")
-        p = np.array(results, dtype=np.float64)
-        self._count("queries", n)
-        return combine_orders(p[:n], p[n:])
+                    continue
+                i = j // 2
+                if 2 * i in answers and 2 * i + 1 in answers:
+                    self._count("queries")
+                    pair = combine_orders(
+                        np.array([answers[2 * i]]), np.array([answers[2 * i + 1]])
+                    )
+                    yield i, float(pair[0])
+        finally:
+            abort.set()  # a consumer that stops early (or an error) stops the other requests
+            pool.shutdown(wait=True, cancel_futures=True)
+        if first_error is not None:
+            raise first_error

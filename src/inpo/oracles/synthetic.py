@@ -118,6 +118,13 @@ class HardLabelOracle:
         )
         if probs.shape != (n,):
             raise OracleError(f"inner oracle returned shape {probs.shape} for {n} queries")
+        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+        if bad.any():  # a label drawn from NaN or 1.7 would be cached as if it were an answer
+            j = int(np.flatnonzero(bad)[0])
+            raise OracleError(
+                f"inner oracle returned P = {float(probs[j])!r} for query {j} (prompt "
+                f"{str(prompts[j])[:60]!r}); expected a value in [0, 1]"
+            )
         self.stats.queries += n
         self.stats.backend_calls += 1
         return hard_labels(probs, prompts, responses_a, responses_b, seed=self.seed)

@@ -48,16 +48,38 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
     """Run (or continue) the pipeline of ``cfg`` on this process's share; return the run folder.
 
     ``task``: a workload object (default: :func:`inpo.pipeline.workloads.get_workload`).
+    Raises :class:`inpo.pipeline.lock.RunFolderBusy` (on every rank) if another run holds the
+    folder.
     """
+    import os
+
+    from inpo.pipeline.lock import RunFolderBusy, acquire
+
+    dist = get_dist()
+    run_dir = Path(cfg.run_dir)
+    fd, busy = None, None
+    if dist.is_main:
+        try:
+            fd = acquire(run_dir)
+        except RunFolderBusy as err:
+            busy = str(err)
+    busy = dist.broadcast(busy)
+    if busy:
+        raise RunFolderBusy(busy)
+    try:
+        return _run(cfg, run_dir, dist, log, task)
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the folder's lock
+
+
+def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     from inpo.oracles.cache import merge_rank_caches
     from inpo.pipeline.report import write_metrics, write_report
     from inpo.pipeline.workloads import get_workload
 
-    dist = get_dist()
-    run_dir = Path(cfg.run_dir)
     ctx = Ctx(cfg, run_dir, dist, log)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         # answers a killed multi-process run left in its rank files join the shared cache
         merge_rank_caches(run_dir / "oracle_cache.sqlite")

@@ -13,8 +13,10 @@ Injection defence: the data is copied verbatim between markers that carry the bo
 response cannot close its block early without knowing the code (drawn after the response was
 written), and the instructions say that block contents are data. Since no escaping is needed,
 :meth:`JudgeTemplate.parse` recovers the three texts *exactly* from a rendered request (what the
-server relies on): a regular expression compiled from the template, with the boundary group
-back-referenced.
+server relies on), in one linear scan: the text after each data block begins with a marker
+carrying the boundary, which the data cannot contain, so its first occurrence ends the block.
+(No regular expression runs on request data: lazy groups with a back-referenced boundary
+backtrack cubically on a crafted request.)
 
 :attr:`JudgeTemplate.template_id` is ``name#sha256[:12]`` of the file's text: editing a template
 changes the id, hence the oracle id and every cache key built from it.
@@ -113,7 +115,9 @@ class JudgeTemplate:
     text: str
     system: str | None
     user: str
-    _patterns: dict[str, re.Pattern[str]] = field(repr=False, compare=False, default_factory=dict)
+    _patterns: dict[str, list[tuple[str, str]]] = field(
+        repr=False, compare=False, default_factory=dict
+    )
 
     @property
     def sha(self) -> str:
@@ -179,33 +183,80 @@ class JudgeTemplate:
             content = message.get("content")
             if not isinstance(content, str):
                 raise TemplateMismatchError(f"the {role} message's content is not a string")
-            match = self._patterns[role].fullmatch(content)
-            if match is None:
+            values = _match(self._patterns[role], content, found.get("boundary"))
+            if values is None:
                 raise TemplateMismatchError(
                     f"the {role} message does not follow judge template {self.template_id}"
                 )
-            for key, value in match.groupdict().items():
+            for key, value in values.items():
                 if key in found and found[key] != value:
                     raise TemplateMismatchError(f"inconsistent '{key}' across messages")
                 found[key] = value
+        if any(found["boundary"] in found[k] for k in _DATA_FIELDS):
+            raise TemplateMismatchError("the boundary code occurs inside the data")
         return found["prompt"], found["response_a"], found["response_b"]
 
 
-def _compile(body: str) -> re.Pattern[str]:
-    parts: list[str] = []
-    seen: set[str] = set()
+_HEX = frozenset("0123456789abcdef")
+
+
+def _compile(body: str) -> list[tuple[str, str]]:
+    """The template body as tokens: ``("lit", text)``, ``("boundary", "")``, ``("field", name)``."""
+    tokens: list[tuple[str, str]] = []
     pos = 0
     for match in _PLACEHOLDER.finditer(body):
-        parts.append(re.escape(body[pos : match.start()]))
+        if match.start() > pos:
+            tokens.append(("lit", body[pos : match.start()]))
         name = match.group(1)
-        if name == "boundary":
-            parts.append("(?P=boundary)" if name in seen else "(?P<boundary>[0-9a-f]{32})")
-        else:
-            parts.append(f"(?P<{name}>.*?)")
-        seen.add(name)
+        tokens.append(("boundary", "") if name == "boundary" else ("field", name))
         pos = match.end()
-    parts.append(re.escape(body[pos:]))
-    return re.compile("".join(parts), re.DOTALL)
+    if pos < len(body):
+        tokens.append(("lit", body[pos:]))
+    return tokens
+
+
+def _match(
+    tokens: list[tuple[str, str]], content: str, boundary: str | None
+) -> dict[str, str] | None:
+    """The values of ``tokens``' placeholders in ``content`` (all of it), or ``None``.
+
+    One left-to-right scan. A data field ends at the first occurrence of the literal text that
+    follows it in the template, boundary substituted (the template check guarantees it holds
+    the boundary, which the data cannot contain): the exact split of a rendered message.
+    """
+    values: dict[str, str] = {}
+    pos = 0
+    for k, (kind, text) in enumerate(tokens):
+        if kind == "lit":
+            if not content.startswith(text, pos):
+                return None
+            pos += len(text)
+        elif kind == "boundary":
+            if boundary is None:
+                code = content[pos : pos + 32]
+                if len(code) != 32 or not set(code) <= _HEX:
+                    return None
+                boundary = values["boundary"] = code
+            elif not content.startswith(boundary, pos):
+                return None
+            else:
+                values["boundary"] = boundary
+            pos += 32
+        else:
+            if boundary is None:
+                return None  # a data block before any boundary: not one of our templates
+            tail = []
+            for kind2, text2 in tokens[k + 1 :]:
+                if kind2 == "field":
+                    break
+                tail.append(boundary if kind2 == "boundary" else text2)
+            end_marker = "".join(tail)
+            end = content.find(end_marker, pos) if end_marker else len(content)
+            if end < 0:
+                return None
+            values[text] = content[pos:end]
+            pos = end
+    return values if pos == len(content) else None
 
 
 def _new_boundary(texts: Sequence[str]) -> str:
