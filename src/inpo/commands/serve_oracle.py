@@ -8,6 +8,12 @@ Examples::
 
 Workers then annotate with ``HTTPJudgeOracle("http://HOST:PORT", MODEL_NAME)``, where
 ``MODEL_NAME`` is printed at start-up (the oracle id unless ``--served-model-name`` is given).
+
+Authentication: the key is the value of the environment variable named by ``--api-key-env``
+(default ``INPO_ORACLE_API_KEY``); when it is set, every request but ``/health`` needs
+``Authorization: Bearer <key>``. A server on a non-loopback host refuses to start without a
+key. On loopback with no key set it serves without one and says so; ``--no-auth`` (loopback
+only) serves without a key even when the variable is set.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from inpo.errors import ConfigError, DataError
 
-__all__ = ["build_oracle", "main"]
+__all__ = ["DEFAULT_KEY_ENV", "build_oracle", "main"]
+
+DEFAULT_KEY_ENV = "INPO_ORACLE_API_KEY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--served-model-name", help="model name clients send (default: oracle id)")
     p.add_argument("--template", action="append", help="judge template(s) accepted (default: all)")
-    p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on requests")
+    p.add_argument(
+        "--api-key-env",
+        default=DEFAULT_KEY_ENV,
+        help="environment variable holding the API key clients must send as "
+        f"'Authorization: Bearer KEY' (default {DEFAULT_KEY_ENV}; required off loopback)",
+    )
+    p.add_argument(
+        "--no-auth", action="store_true", help="serve without a key (only on a loopback host)"
+    )
     p.add_argument("--no-logprobs", action="store_true", help="answer with text verdicts only")
     p.add_argument("--batch-size", type=int, default=16, help="model forward batch size")
     p.add_argument("--max-batch", type=int, default=64, help="queries gathered per oracle call")
@@ -111,10 +126,36 @@ def build_oracle(args: argparse.Namespace):
     return TableOracle(matrix, _read_responses(Path(args.responses)))
 
 
+def _key_env(args: argparse.Namespace) -> str | None:
+    """The variable whose value every request must carry, or ``None`` (no auth); refuses the
+    combinations that would expose the oracle without a key."""
+    import os
+
+    from inpo.oracles.server import LOOPBACK
+
+    loopback = args.host in LOOPBACK
+    if args.no_auth:
+        if not loopback:
+            raise ConfigError(
+                f"--no-auth is only allowed on a loopback host, not {args.host}: a server "
+                "reachable from the network needs a key (--api-key-env)"
+            )
+        return None
+    if os.environ.get(args.api_key_env):
+        return args.api_key_env
+    if not loopback:
+        raise ConfigError(
+            f"listening on {args.host} needs an API key: set the environment variable "
+            f"{args.api_key_env} (or name another with --api-key-env)"
+        )
+    return None
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from inpo.oracles.server import FaultInjection, OracleServer
 
+    key_env = _key_env(args)  # before the oracle loads: a refusal costs nothing
     oracle = build_oracle(args)
     faults = FaultInjection(
         delay_s=args.fault_delay_s,
@@ -128,34 +169,35 @@ def main(argv: list[str]) -> int:
         port=args.port,
         templates=args.template,
         model_name=args.served_model_name,
-        api_key_env=args.api_key_env,
+        api_key_env=key_env,
         emit_logprobs=not args.no_logprobs,
         max_batch=args.max_batch,
         faults=faults,
     )
+    if key_env:
+        auth = f"API key from ${key_env}"
+    elif args.no_auth:
+        auth = "no API key: --no-auth"
+    else:
+        auth = f"no API key: ${args.api_key_env} is not set; loopback only"
     print(
-        f"inpo serve-oracle: serving {server.model_name!r} on {server.url} "
-        f"(templates: {', '.join(t.template_id for t in server.templates)})",
+        f"inpo serve-oracle: serving {server.model_name!r} on {server.url} ({auth}; "
+        f"templates: {', '.join(t.template_id for t in server.templates)})",
         file=sys.stderr,
         flush=True,
     )
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key_env:
-        print(
-            f"inpo serve-oracle: warning: listening on {args.host} without --api-key-env; "
-            "anyone who can reach this port can query the oracle",
-            file=sys.stderr,
-        )
-
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)  # `kill` stops as cleanly as Ctrl-C
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again for the
+    # handler it found: ours turns it into a clean exit (0)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("inpo serve-oracle: stopped", file=sys.stderr)
+        pass
     finally:
         server.shutdown()
+    print("inpo serve-oracle: stopped", file=sys.stderr)
     return 0

@@ -12,30 +12,35 @@ Many workers can then annotate against one model (``inpo serve-oracle``), each u
 - ``GET /v1/models`` — the one served model (named by the oracle id unless told otherwise).
 - ``GET /health`` — ``{"status": "ok", ...}`` with the oracle's query counters.
 
-Concurrent requests are gathered by one worker thread into batches of up to ``max_batch``
-queries (one ``prob_prefers`` call each), which also serialises access to the oracle. With
-``api_key_env`` set, requests must carry ``Authorization: Bearer <that variable's value>``.
+The HTTP stack is uvicorn (asyncio; one task per connection, not a thread) running a Starlette
+app: a listen backlog of 2048, a cap on concurrent connections (``limit_concurrency``; 503
+beyond it), idle keep-alive connections closed after 5 s, a bounded request body read within
+``body_timeout_s``. With an API key, ``Authorization: Bearer <key>`` is checked before a byte of
+the body is read. Every error is a JSON body ``{"error": {"message", "type", "code"}}`` with a
+4xx/5xx status. Request data never meets a regular expression (template parsing is a linear
+scan). Concurrent queries are gathered by one worker thread into batches of up to
+``max_batch`` (one ``prob_prefers`` call each), which also serialises access to the oracle.
 
 :class:`FaultInjection` holds TEST-ONLY knobs (delays, failing status codes, malformed JSON,
 unusable verdicts) used by the client's failure-mode tests and the throughput benchmark.
-Only the standard library (``http.server``) is used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +55,14 @@ from inpo.oracles.templates import (
     load_template,
 )
 
-__all__ = ["EPS", "FaultInjection", "OracleServer"]
+__all__ = ["EPS", "LOOPBACK", "FaultInjection", "OracleServer"]
 
 log = logging.getLogger(__name__)
 
 #: Probabilities are clipped to [EPS, 1 − EPS] before taking logs.
 EPS = 1e-12
-_MAX_BODY = 32 * 2**20
+#: Hosts that only this machine reaches.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -101,10 +107,11 @@ class _Batcher:
         self._thread = threading.Thread(target=self._run, name="inpo-oracle-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: str, a: str, b: str) -> float:
+    def submit(self, prompt: str, a: str, b: str) -> Future:
+        """Queue one query; the future resolves to its ``P`` (or the oracle's exception)."""
         future: Future = Future()
         self._queue.put((prompt, a, b, future))
-        return future.result()
+        return future
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -145,18 +152,24 @@ class _Batcher:
 
 
 class OracleServer:
-    """A threaded HTTP server exposing ``oracle`` with an OpenAI-compatible surface.
+    """An HTTP server exposing ``oracle`` with an OpenAI-compatible surface (uvicorn).
 
     Args:
         oracle: any :class:`~inpo.oracles.base.PreferenceOracle`.
-        host, port: where to listen (``port=0`` picks a free port; see :attr:`port`).
+        host, port: where to listen (``port=0`` picks a free port; see :attr:`port`). The socket
+            is bound here, so a taken port is a :class:`ConfigError` at once.
         templates: judge template names/paths accepted (default: all shipped templates).
         model_name: the served model name (default: the oracle's ``oracle_id``).
-        api_key_env: if set, require ``Authorization: Bearer $api_key_env``.
+        api_key_env: if set, require ``Authorization: Bearer $api_key_env`` (checked before the
+            body is read). The key is read from the environment once, never logged.
         emit_logprobs: return log-probs when asked (``False``: text-only answers, like a
             server without log-prob support).
         max_batch, batch_wait_s: gather up to ``max_batch`` concurrent queries, waiting at most
             ``batch_wait_s`` for more after the first.
+        max_body: the largest request body accepted (413 beyond).
+        body_timeout_s: the body must arrive within this many seconds (408 otherwise).
+        limit_concurrency: connections and requests served at once (503 beyond).
+        backlog: the listen backlog (connections the kernel queues before ``accept``).
         faults: TEST-ONLY :class:`FaultInjection`.
     """
 
@@ -172,6 +185,10 @@ class OracleServer:
         emit_logprobs: bool = True,
         max_batch: int = 64,
         batch_wait_s: float = 0.002,
+        max_body: int = 4 * 2**20,
+        body_timeout_s: float = 30.0,
+        limit_concurrency: int = 4096,
+        backlog: int = 2048,
         faults: FaultInjection | None = None,
     ) -> None:
         self.oracle = oracle
@@ -186,51 +203,54 @@ class OracleServer:
                     f"--api-key-env {api_key_env}: the environment variable is not set or empty"
                 )
         self.emit_logprobs = emit_logprobs
+        self.max_body = int(max_body)
+        self.body_timeout_s = float(body_timeout_s)
         self.faults = faults or FaultInjection()
         self.requests = 0  # chat-completion requests received
         self.in_flight = 0  # chat-completion requests being answered now
         self.max_in_flight = 0  # the most answered at once (shows client concurrency)
         self._count_lock = threading.Lock()
+        self._sock = _listen(host, port, backlog)
         self._batcher = _Batcher(oracle, max_batch, batch_wait_s)
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        except OSError as err:
-            self._batcher.stop()
-            raise ConfigError(f"cannot listen on {host}:{port}: {err}") from err
-        self.httpd.daemon_threads = True
-        self.httpd.app = self  # type: ignore[attr-defined]
+        self._uvicorn = _uvicorn_server(self._app(), limit_concurrency, backlog)
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----
     @property
     def host(self) -> str:
-        return str(self.httpd.server_address[0])
+        return str(self._sock.getsockname()[0])
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def serve_forever(self) -> None:
-        """Serve on this thread until :meth:`shutdown` (or Ctrl-C)."""
-        self.httpd.serve_forever(poll_interval=0.1)
+        """Serve on this thread until :meth:`shutdown`, Ctrl-C or SIGTERM."""
+        self._uvicorn.run(sockets=[self._sock])
 
     def start(self) -> OracleServer:
-        """Serve on a daemon thread; returns at once (already listening)."""
+        """Serve on a daemon thread; returns once the server accepts connections."""
         self._thread = threading.Thread(target=self.serve_forever, name="inpo-oracle-server")
         self._thread.daemon = True
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise InpoError(f"the oracle server on {self.url} did not start")
+            time.sleep(0.01)
         return self
 
     def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
         if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
             self._thread = None
-        self.httpd.server_close()
+        self._sock.close()
         self._batcher.stop()
 
     def __enter__(self) -> OracleServer:
@@ -239,7 +259,7 @@ class OracleServer:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    # ---- request logic (called by the handler) ----
+    # ---- request logic ----
     def check_auth(self, header: str | None) -> None:
         if self._secret is None:
             return
@@ -247,12 +267,12 @@ class OracleServer:
         if not header or not hmac.compare_digest(header.encode(), expected):
             raise _HTTPError(401, "missing or wrong API key", "authentication_error")
 
-    def next_request_number(self) -> int:
+    def _number(self) -> int:
         with self._count_lock:
             self.requests += 1
             return self.requests - 1
 
-    def enter(self, delta: int) -> None:
+    def _enter(self, delta: int) -> None:
         with self._count_lock:
             self.in_flight += delta
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -265,7 +285,7 @@ class OracleServer:
         model = body.get("model")
         if model != self.model_name:
             raise _HTTPError(
-                404, f"model {model!r} not found; this server serves {self.model_name!r}"
+                404, f"model {str(model)[:100]!r} not found; this server serves {self.model_name!r}"
             )
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -280,10 +300,10 @@ class OracleServer:
             400, "the messages follow none of the judge templates (" + "; ".join(problems) + ")"
         )
 
-    def complete(self, body: dict[str, Any], number: int) -> dict[str, Any]:
+    async def complete(self, body: Any, number: int) -> dict[str, Any]:
         prompt, a, b = self.parse_request(body)
         try:
-            p = self._batcher.submit(prompt, a, b)
+            p = await asyncio.wrap_future(self._batcher.submit(prompt, a, b))
         except (InpoError, ValueError, KeyError) as err:
             raise _HTTPError(400, f"the oracle rejected the query: {err}") from err
         except Exception as err:
@@ -345,89 +365,137 @@ class OracleServer:
             "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "inpo"}],
         }
 
+    # ---- the ASGI app ----
+    async def _read_body(self, request: Any) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body:
+                    raise _HTTPError(413, f"request body over {self.max_body} bytes")
+            except ValueError:
+                raise _HTTPError(400, "Content-Length is not a number") from None
+        chunks, size = [], 0
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "inpo-serve-oracle"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise _HTTPError(413, f"request body over {self.max_body} bytes")
+                chunks.append(chunk)
 
-    @property
-    def app(self) -> OracleServer:
-        return self.server.app  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: Any) -> None:  # never the headers (API keys)
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-            self.close_connection = True
+            await asyncio.wait_for(read(), self.body_timeout_s)
+        except TimeoutError:
+            raise _HTTPError(
+                408, f"the body did not arrive within {self.body_timeout_s:g}s"
+            ) from None
+        return b"".join(chunks)
 
-    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), headers)
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
 
-    def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+        def error(status: int, message: str, kind: str, headers: dict | None = None) -> Any:
+            body = {"error": {"message": message, "type": kind, "code": status}}
+            return JSONResponse(body, status_code=status, headers=headers)
 
-    def do_GET(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
-        try:
-            if path == "/health":
-                return self._json(200, self.app.health())
-            self.app.check_auth(self.headers.get("Authorization"))
-            if path == "/v1/models":
-                return self._json(200, self.app.models())
-        except _HTTPError as err:
-            return self._error(err.status, err.message, err.kind)
-        self._error(404, f"no route GET {path}", "not_found_error")
+        async def health(request: Any) -> Any:
+            return JSONResponse(self.health())
 
-    def do_POST(self) -> None:
-        app = self.app
-        path = self.path.split("?")[0].rstrip("/")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY:
-            self.close_connection = True
-            return self._error(413, f"request body over {_MAX_BODY} bytes", "invalid_request_error")
-        raw = self.rfile.read(length) if length else b""
-        if path != "/v1/chat/completions":
-            return self._error(404, f"no route POST {path}", "not_found_error")
-        try:
-            app.check_auth(self.headers.get("Authorization"))
-        except _HTTPError as err:
-            return self._error(err.status, err.message, err.kind)
-        number = app.next_request_number()
-        app.enter(+1)
-        try:
-            self._answer(app, raw, number)
-        finally:
-            app.enter(-1)
+        async def models(request: Any) -> Any:
+            try:
+                self.check_auth(request.headers.get("authorization"))
+            except _HTTPError as err:
+                return error(err.status, err.message, err.kind)
+            return JSONResponse(self.models())
 
-    def _answer(self, app: OracleServer, raw: bytes, number: int) -> None:
-        faults = app.faults
-        if faults.delay_s > 0 and (faults.delay_first_n < 0 or number < faults.delay_first_n):
-            time.sleep(faults.delay_s)
-        if number < faults.fail_first_n:
-            headers = {}
-            if faults.retry_after_s is not None:
-                headers["Retry-After"] = f"{faults.retry_after_s:g}"
-            return self._error(
-                faults.fail_status, f"injected failure #{number}", "injected_fault", headers
-            )
-        if number < faults.malformed_json_first_n:
-            return self._send(200, b'{"id": "chatcmpl-broken", "choices": [{"message": ')
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError:
-            return self._error(400, "the request body is not valid JSON", "invalid_request_error")
-        try:
-            self._json(200, app.complete(body, number))
-        except _HTTPError as err:
-            log.info("request %d: HTTP %d: %s", number, err.status, err.message)
-            self._error(err.status, err.message, err.kind)
+        async def completions(request: Any) -> Any:
+            try:
+                self.check_auth(request.headers.get("authorization"))  # before the body
+                raw = await self._read_body(request)
+            except _HTTPError as err:
+                return error(err.status, err.message, err.kind)
+            number = self._number()
+            self._enter(+1)
+            try:
+                faults = self.faults
+                if faults.delay_s > 0 and (
+                    faults.delay_first_n < 0 or number < faults.delay_first_n
+                ):
+                    await asyncio.sleep(faults.delay_s)
+                if number < faults.fail_first_n:
+                    headers = {}
+                    if faults.retry_after_s is not None:
+                        headers["Retry-After"] = f"{faults.retry_after_s:g}"
+                    return error(
+                        faults.fail_status, f"injected failure #{number}", "injected_fault", headers
+                    )
+                if number < faults.malformed_json_first_n:
+                    return Response(
+                        b'{"id": "chatcmpl-broken", "choices": [{"message": ',
+                        media_type="application/json",
+                    )
+                try:
+                    body = json.loads(raw or b"null")
+                except (ValueError, RecursionError):
+                    return error(400, "the request body is not valid JSON", "invalid_request_error")
+                try:
+                    return JSONResponse(await self.complete(body, number))
+                except _HTTPError as err:
+                    log.info("request %d: HTTP %d: %s", number, err.status, err.message)
+                    return error(err.status, err.message, err.kind)
+            finally:
+                self._enter(-1)
+
+        async def http_error(request: Any, exc: Any) -> Any:  # 404, 405 as JSON too
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            detail = f"no route {request.method} {request.url.path}"
+            return error(exc.status_code, detail, kind, getattr(exc, "headers", None))
+
+        async def server_error(request: Any, exc: Exception) -> Any:
+            log.exception("unexpected error answering %s", request.url.path)
+            return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+        return Starlette(
+            routes=[
+                Route("/health", health, methods=["GET"]),
+                Route("/v1/models", models, methods=["GET"]),
+                Route("/v1/chat/completions", completions, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: http_error, Exception: server_error},
+        )
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err}") from err
+    sock.setblocking(False)
+    return sock
+
+
+def _uvicorn_server(app: Any, limit_concurrency: int, backlog: int) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,  # an access log line would carry nothing secret, but is noise
+        server_header=False,
+        limit_concurrency=limit_concurrency,
+        backlog=backlog,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024,  # the request line and headers
+    )
+    return uvicorn.Server(config)
