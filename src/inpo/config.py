@@ -164,6 +164,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: s
     where = f" in {source}" if source else ""
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"config key {key!r}{where} at '{prefix or 'top level'}' is not a name"
+            )
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
@@ -197,6 +201,30 @@ def validate_config(cfg: Any) -> None:
     _validate(cfg)
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; every problem a one-line :class:`ConfigError`
+    naming the file (and line). ``safe_load``: a Python tag is refused, nothing executes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file '{path}'{where}: not valid YAML ({problem})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
@@ -210,15 +238,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml(path))
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source = f"{source} + overrides" if source else "overrides"

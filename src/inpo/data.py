@@ -93,22 +93,34 @@ def _read_records(path: Path, split: str | None) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows: list[Any] = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}: row {len(rows)} (line {line_no}): not UTF-8 text (byte "
+                        f"{err.start} of the line is {raw[err.start : err.start + 1]!r})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
+                except (json.JSONDecodeError, RecursionError) as err:
+                    msg = getattr(err, "msg", "nested too deeply")
                     raise DataError(
-                        f"{path}: row {len(rows)} (line {line_no}): invalid JSON ({err.msg})"
-                    ) from err
+                        f"{path}: row {len(rows)} (line {line_no}): invalid JSON ({msg})"
+                    ) from None
         return rows
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text (at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from err
+        except RecursionError:
+            raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
         is_splits = isinstance(data, Mapping) and all(
             isinstance(v, list) and v and all(isinstance(r, Mapping) for r in v)
             for v in data.values()

@@ -40,16 +40,14 @@ def parse_args(argv: list[str]) -> tuple[Path | None, list[str]]:
 
 def load_run_config(path: Path | None, overrides: list[str]):
     """Resolve the run config: task defaults first, then the YAML, then the overrides."""
-    import yaml
-
-    from inpo.config import load_config, parse_overrides
+    from inpo.config import load_config, parse_overrides, read_yaml
     from inpo.pipeline.config import RunConfig
     from inpo.pipeline.workloads import workload_defaults
 
     task = "default"
-    if path is not None and path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if isinstance(loaded, dict) and isinstance(loaded.get("task"), str):
+    if path is not None:
+        loaded = read_yaml(path)
+        if isinstance(loaded.get("task"), str):
             task = loaded["task"]
     task = parse_overrides(overrides).get("task", task)
     return load_config(RunConfig, path, overrides, base=workload_defaults(str(task)))

@@ -58,12 +58,16 @@ class GenerateConfig:
     def validate(self) -> None:
         if self.k < 2:
             raise ConfigError(f"generate.k must be >= 2 (pairs need two samples), got {self.k}")
-        if not self.temperature >= 0:
-            raise ConfigError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(
+                f"generate.temperature must be > 0, got {self.temperature} (greedy decoding "
+                "would give K identical samples: no pair to learn from)"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("generate.max_new_tokens and generate.batch_size must be >= 1")
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -91,6 +95,8 @@ class AnnotateConfig:
             raise ConfigError(f"annotate.model is required for annotate.oracle={self.oracle}")
         if self.oracle == "http" and not (self.url and self.judge_model):
             raise ConfigError("annotate.url and annotate.judge_model are required for http")
+        if self.batch_size < 1:
+            raise ConfigError(f"annotate.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -127,8 +133,18 @@ class TrainStageConfig:
     def validate(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-        if self.global_batch_size < 1 or self.per_device_batch_size < 1 or self.epochs < 1:
-            raise ConfigError("train batch sizes and epochs must be >= 1")
+        for key in ("global_batch_size", "per_device_batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ConfigError(f"train.save_steps must be >= 1 or null, got {self.save_steps}")
+        for key in ("max_prompt_length", "max_completion_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.fsdp == "none" and (self.fsdp_cpu_offload or self.fsdp_activation_checkpointing):
             raise ConfigError(
                 "train.fsdp_cpu_offload / train.fsdp_activation_checkpointing need "
@@ -152,6 +168,11 @@ class EvaluateConfig:
 
     num_prompts: int = 64
     k: int = 1
+
+    def validate(self) -> None:
+        for key in ("num_prompts", "k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"evaluate.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -213,8 +234,10 @@ class RunConfig:
             )
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
-        if self.prompt_repeats < 1 or (self.max_prompts is not None and self.max_prompts < 1):
-            raise ConfigError("prompt_repeats and max_prompts must be >= 1")
+        if self.prompt_repeats < 1:
+            raise ConfigError(f"prompt_repeats must be >= 1, got {self.prompt_repeats}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"max_prompts must be >= 1 or null, got {self.max_prompts}")
         if not (math.isfinite(self.eta) and self.eta > 0):
             raise ConfigError(f"eta must be > 0, got {self.eta}")
         tau = self.tau_value
@@ -228,6 +251,11 @@ class RunConfig:
             value = getattr(self, key)
             if value and not Path(value).exists():
                 raise ConfigError(f"{key}: path '{value}' does not exist")
+        from inpo.losses import get_loss
+        from inpo.training.config import check_loss_hyperparameters
+
+        name, hparams = self.loss_hparams()
+        check_loss_hyperparameters(get_loss(name), hparams, prefix="")
         if self.selection() == "all_pairs" and self.algorithm != "sppo":
             raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo")
         if self.algorithm == "sppo" and self.selection() != "all_pairs":

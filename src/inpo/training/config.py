@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from inpo.errors import ConfigError
 
@@ -146,8 +146,6 @@ class LossConfig:
         return {k: float(v) for k, v in values.items() if k in spec.hyperparameters}
 
     def validate(self) -> None:
-        import torch
-
         from inpo.losses import get_loss
 
         try:
@@ -160,23 +158,38 @@ class LossConfig:
                     f"loss.{key} is set but loss '{self.name}' does not take it "
                     f"(it takes: {', '.join(spec.hyperparameters)})"
                 )
-        hparams = self.hparams()
-        for key, value in hparams.items():
-            if not math.isfinite(value):
-                raise ConfigError(f"loss.{key} must be finite, got {value}")
-        # Run the loss's own range checks (e.g. 0 <= tau <= eta) on a one-pair dummy batch.
-        dummy = {name: torch.zeros(1) for name in spec.inputs}
-        dummy.update({name: torch.zeros(1) for name in spec.optional_inputs})
-        for name in ("chosen_lengths", "rejected_lengths"):
-            if name in dummy:
-                dummy[name] = torch.ones(1)
-        try:
-            spec(dummy, **hparams)
-        except ValueError as err:
-            msg = str(err)
-            named = next((k for k in hparams if msg.startswith(k)), None)
-            key = f"loss.{named}" if named else "loss"
-            raise ConfigError(f"{key}: {msg}") from err
+        check_loss_hyperparameters(spec, self.hparams(), prefix="loss.")
+
+
+def check_loss_hyperparameters(spec: Any, hparams: dict[str, float], *, prefix: str) -> None:
+    """The loss's own range checks (e.g. ``0 <= tau <= eta``), run on a one-pair dummy batch in
+    the dtype training uses, so a value the loss cannot compute with (a scale ``1/(2η)`` beyond
+    float32) is a :class:`ConfigError` naming the key, before any model loads."""
+    import torch
+
+    for key, value in hparams.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key} must be finite, got {value}")
+    dummy = {name: torch.zeros(1) for name in spec.inputs}
+    dummy.update({name: torch.zeros(1) for name in spec.optional_inputs})
+    for name in ("chosen_lengths", "rejected_lengths"):
+        if name in dummy:
+            dummy[name] = torch.ones(1)
+    try:
+        out = spec(dummy, **hparams)
+    except ValueError as err:
+        msg = str(err)
+        named = next((k for k in hparams if msg.startswith(k)), None)
+        key = f"{prefix}{named}" if named else prefix.rstrip(".") or "loss"
+        raise ConfigError(f"{key}: {msg}") from err
+    except (RuntimeError, OverflowError, ZeroDivisionError):
+        out = None
+    if out is None or not bool(torch.isfinite(out.losses).all()):
+        values = ", ".join(f"{prefix}{k}={v:g}" for k, v in hparams.items())
+        raise ConfigError(
+            f"{values}: the loss is not finite in float32 with these values (a scale such as "
+            "1/(2·eta) or 1/beta overflows); choose values within float32's range"
+        )
 
 
 @dataclass
