@@ -301,3 +301,68 @@ def test_threads_share_one_cached_oracle(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(0, 400, 20)))
     assert len(oracle.cache) == 40 and oracle.stats.queries == 400
+
+
+def _answers(n: int = 40) -> dict[str, float]:
+    return {query_key("o", "t", f"prompt {i}", "a", "b"): (i % 10) / 10 for i in range(n)}
+
+
+def test_an_altered_answer_fails_its_checksum_and_is_asked_again(tmp_path, caplog):
+    import sqlite3
+
+    store = QueryCache(tmp_path / "c.sqlite")
+    answers = _answers()
+    store.put_many(answers, oracle_id="o", template_id="t")
+    store.close()
+    key = next(iter(answers))
+    with sqlite3.connect(tmp_path / "c.sqlite") as con:  # someone edits one answer by hand
+        con.execute("UPDATE answers SET p = 0.99 WHERE key = ?", (key,))
+    store = QueryCache(tmp_path / "c.sqlite")
+    with caplog.at_level("WARNING"):
+        got = store.get_many(answers)
+    assert key not in got and len(got) == len(answers) - 1
+    assert all(got[k] == answers[k] for k in got)
+    assert "fail their checksum" in caplog.text
+    assert len(store) == len(answers) - 1  # deleted: the next lookup asks the backend
+
+
+@pytest.mark.parametrize("damage", ["header", "truncate"])
+def test_a_corrupt_cache_file_is_set_aside_and_the_run_goes_on(tmp_path, caplog, damage):
+    path = tmp_path / "c.sqlite"
+    store = QueryCache(path)
+    answers = _answers(2000)
+    store.put_many(answers, oracle_id="o", template_id="t")
+    store._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    raw = path.read_bytes()
+    if damage == "header":
+        path.write_bytes(b"this is not a database at all" * 4 + raw[116:])
+    else:
+        path.write_bytes(raw[: len(raw) // 2])
+    with caplog.at_level("WARNING"):
+        store = QueryCache(path)
+        got = store.get_many(answers)
+    assert "is corrupt" in caplog.text and "set aside" in caplog.text
+    assert len(list(tmp_path.glob("c.sqlite.corrupt-*"))) >= 1  # kept for inspection
+    assert all(got[k] == answers[k] for k in got)  # what was recovered is right
+    store.put_many({"new": 0.5}, oracle_id="o", template_id="t")  # and the cache works
+    assert store.get_many(["new"]) == {"new": 0.5}
+
+
+def test_a_cache_written_before_row_checksums_is_upgraded_in_place(tmp_path):
+    import sqlite3
+    import time as _time
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TABLE answers (key TEXT PRIMARY KEY, p REAL NOT NULL, oracle_id TEXT NOT "
+            "NULL, template_id TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID"
+        )
+        con.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT INTO meta VALUES ('schema', '1')")
+        con.execute("INSERT INTO answers VALUES ('k1', 0.25, 'o', 't', ?)", (_time.time(),))
+    store = QueryCache(path)
+    assert store.get_many(["k1"]) == {"k1": 0.25}
+    store.put_many({"k2": 0.75}, oracle_id="o", template_id="t")
+    assert store.get_many(["k1", "k2"]) == {"k1": 0.25, "k2": 0.75}

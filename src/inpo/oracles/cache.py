@@ -14,6 +14,11 @@ Guarantees:
   every reader then sees that one answer — fresh answers are read back after the write).
   Connections are per process (reopened after ``fork``) and guarded by a lock for threads.
 * **One backend call per batch**: only the misses, deduplicated, go to the backend, in one call.
+* **Verified rows**: each row carries a checksum of its key, answer and ids; a row whose
+  checksum fails (an edited or damaged answer) is reported, deleted and asked again, never used.
+* **A corrupt file is set aside**: a database SQLite cannot read is renamed
+  ``<name>.corrupt-<time>`` (kept for inspection), the rows that can still be read (and pass
+  their checksums) are copied into a fresh file, and the run goes on, saying how many.
 
 Building blocks for backends: :func:`query_key`, :class:`QueryCache` (the store) and
 :func:`cached_prob_prefers` (the lookup-forward-store step); :class:`CachedOracle` wraps any
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -46,12 +52,30 @@ __all__ = [
     "merge_rank_caches",
     "query_key",
     "rank_cache_path",
+    "row_check",
 ]
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 1  # part of every key: changing it would orphan every stored answer
 _SQL_CHUNK = 500  # keys per SELECT … IN (…), well under SQLite's variable limit
 
 Backend = Callable[[list[str], list[str], list[str]], np.ndarray]
+
+
+log = logging.getLogger(__name__)
+_COLUMNS = "key, p, oracle_id, template_id, created, chk"
+
+
+def row_check(key: str, p: float, oracle_id: str, template_id: str) -> str:
+    """The checksum stored with an answer (16 hex digits of SHA-256 of the row's content)."""
+    payload = json.dumps([key, float(p).hex(), oracle_id, template_id], separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in msg or "malformed" in msg or "corrupt" in msg
+    )
 
 
 def query_key(oracle_id: str, template_id: str, prompt: str, a: str, b: str) -> str:
@@ -94,31 +118,102 @@ class QueryCache:
             return self._conn
         # A connection inherited through fork must not be used (nor closed) by the child.
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
-            )
+            conn = self._open()
+        except sqlite3.Error as exc:
+            if not _is_corruption(exc):
+                raise OracleError(f"cannot open the oracle cache {self.path}: {exc}") from None
+            self._recover(str(exc))
+            try:
+                conn = self._open()
+            except sqlite3.Error as exc2:
+                raise OracleError(f"cannot open the oracle cache {self.path}: {exc2}") from None
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, p REAL NOT NULL, "
-                "oracle_id TEXT NOT NULL, template_id TEXT NOT NULL, created REAL NOT NULL) "
-                "WITHOUT ROWID"
+                "oracle_id TEXT NOT NULL, template_id TEXT NOT NULL, created REAL NOT NULL, "
+                "chk TEXT) WITHOUT ROWID"
             )
             conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(CACHE_SCHEMA),))
             (schema,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-        except sqlite3.Error as exc:
-            raise OracleError(f"cannot open the oracle cache {self.path}: {exc}") from None
-        if schema != str(CACHE_SCHEMA):
+            if schema != str(CACHE_SCHEMA):
+                raise OracleError(
+                    f"oracle cache {self.path} has schema {schema}; this inpo writes schema "
+                    f"{CACHE_SCHEMA} (use another cache file)"
+                )
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(answers)")]
+            if "chk" not in columns:  # a cache written before rows carried checksums
+                self._add_checksums(conn)
+        except BaseException:
             conn.close()
-            raise OracleError(
-                f"oracle cache {self.path} has schema {schema}; this inpo writes schema "
-                f"{CACHE_SCHEMA} (use another cache file)"
-            )
-        self._conn, self._pid = conn, os.getpid()
+            raise
         return conn
+
+    @staticmethod
+    def _add_checksums(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE answers ADD COLUMN chk TEXT")
+            rows = conn.execute("SELECT key, p, oracle_id, template_id FROM answers").fetchall()
+            conn.executemany(
+                "UPDATE answers SET chk = ? WHERE key = ?",
+                [(row_check(k, p, o, t), k) for k, p, o, t in rows],
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _recover(self, reason: str) -> None:
+        """Set the unreadable file aside and start a fresh one with every row still readable
+        (and passing its checksum)."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(Path(f"{self.path}{suffix}"), Path(f"{aside}{suffix}"))
+            except FileNotFoundError:  # absent, or another process set it aside first
+                pass
+        salvaged: list[tuple] = []
+        try:
+            old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+            try:
+                for row in old.execute(f"SELECT {_COLUMNS} FROM answers"):
+                    salvaged.append(row)
+            finally:
+                old.close()
+        except sqlite3.Error:
+            pass  # what was read before the damage is kept
+        good = [r for r in salvaged if r[5] is None or r[5] == row_check(*r[:4])]
+        fresh = self._open()
+        try:
+            fresh.execute("BEGIN IMMEDIATE")
+            fresh.executemany(
+                f"INSERT OR IGNORE INTO answers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                [(*r[:5], row_check(*r[:4])) for r in good],
+            )
+            fresh.execute("COMMIT")
+        finally:
+            fresh.close()
+        log.warning(
+            "oracle cache %s is corrupt (%s): set aside as %s; %d answers recovered into a fresh "
+            "cache, the others will be asked again",
+            self.path,
+            reason,
+            aside,
+            len(good),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -148,15 +243,41 @@ class QueryCache:
         with self._lock:
             conn = self._connection()
             try:
+                rows = []
                 for i in range(0, len(keys), _SQL_CHUNK):
                     chunk = keys[i : i + _SQL_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    rows = conn.execute(
-                        f"SELECT key, p FROM answers WHERE key IN ({marks})", chunk
+                    rows += conn.execute(
+                        f"SELECT key, p, oracle_id, template_id, chk FROM answers "
+                        f"WHERE key IN ({marks})",
+                        chunk,
                     ).fetchall()
-                    found.update(rows)
             except sqlite3.Error as exc:
-                raise OracleError(f"reading the oracle cache {self.path} failed: {exc}") from None
+                if not _is_corruption(exc):
+                    raise OracleError(
+                        f"reading the oracle cache {self.path} failed: {exc}"
+                    ) from None
+                self.close()
+                self._recover(str(exc))
+                return self.get_many(keys)
+            bad = []
+            for key, p, oracle_id, template_id, chk in rows:
+                valid = isinstance(p, float) and math.isfinite(p) and 0.0 <= p <= 1.0
+                if valid and chk == row_check(key, p, oracle_id, template_id):
+                    found[key] = p
+                else:
+                    bad.append(key)
+            if bad:
+                log.warning(
+                    "oracle cache %s: %d stored answer(s) fail their checksum (altered or "
+                    "damaged); deleted, they will be asked again",
+                    self.path,
+                    len(bad),
+                )
+                try:
+                    conn.executemany("DELETE FROM answers WHERE key = ?", [(k,) for k in bad])
+                except sqlite3.Error as exc:
+                    raise OracleError(f"cleaning the oracle cache {self.path}: {exc}") from None
         return found
 
     def put_many(
@@ -166,13 +287,19 @@ class QueryCache:
         if not answers:
             return
         now = time.time()
-        rows = [(k, float(p), oracle_id, template_id, now) for k, p in answers.items()]
+        rows = [
+            (k, float(p), oracle_id, template_id, now, row_check(k, p, oracle_id, template_id))
+            for k, p in answers.items()
+        ]
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)", rows)
+                    conn.executemany(
+                        f"INSERT OR IGNORE INTO answers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -258,11 +385,15 @@ def merge_rank_caches(shared: str | os.PathLike[str]) -> int:
     try:
         conn = store._connection()
         for f in files:
+            QueryCache(f).close()  # same layout as ours (checksums added to an older file)
             try:
                 conn.execute("ATTACH DATABASE ? AS r", (str(f),))
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.execute("INSERT OR IGNORE INTO answers SELECT * FROM r.answers")
+                    conn.execute(
+                        f"INSERT OR IGNORE INTO answers ({_COLUMNS}) "
+                        f"SELECT {_COLUMNS} FROM r.answers"
+                    )
                     conn.execute("COMMIT")
                 finally:
                     conn.execute("DETACH DATABASE r")
