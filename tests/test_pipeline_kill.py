@@ -148,3 +148,42 @@ def test_partial_work_on_old_inputs_is_discarded(baseline, fault):
     got, want = _weights(run_dir), _weights(clean)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", [20_000, 60_000, 300_000])
+def test_a_full_disk_is_one_line_and_loses_nothing(baseline, limit):
+    """Every write past ``limit`` bytes fails (RLIMIT_FSIZE: the kernel answers EFBIG, as a
+    full disk answers ENOSPC) — in the cache, a stage file or a checkpoint, by the limit. The
+    run stops with one line and exit 2, no traceback; re-run with room, it finishes with the
+    weights of a clean run."""
+    import resource
+    import signal
+
+    import torch
+
+    root, cache, weights, _rows = baseline
+    run_dir = root / f"full_{limit}"
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "INPO_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
+    env.pop("INPO_FAULT_KILL", None)
+    full = subprocess.run(
+        [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        preexec_fn=small_disk,
+    )
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("inpo run: error:") and "re-run the same command" in last
+    again = _run(run_dir, cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    got = _weights(run_dir)
+    for name in weights:
+        torch.testing.assert_close(got[name], weights[name], rtol=0, atol=1e-6)

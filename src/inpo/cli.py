@@ -40,6 +40,23 @@ def resolve(name: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
+#: How writers that raise their own exception types report a failed write.
+_IO_FAILURES = ("I/O error", "file write failed", "failed writing file", "No space left")
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a failed file-system call: what, where, and that finished work is kept."""
+    import errno
+
+    code = errno.errorcode.get(err.errno or 0, "")
+    what = err.strerror or str(err)
+    where = f" '{err.filename}'" if err.filename else ""
+    return (
+        f"{what}{f' ({code})' if code else ''}{where}: work already finished is kept on disk; "
+        "fix the cause (free space, permissions) and re-run the same command"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from inpo.errors import InpoError
 
@@ -69,6 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `inpo game | head`
         sys.stderr.close()
         return 0
+    except OSError as err:  # a full disk, a read-only folder, a file too large, …
+        print(f"inpo {name}: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # the same failures raised by writers that do not use OSError (safetensors, torch.save)
+        text = str(err)
+        if not any(m in text for m in _IO_FAILURES):
+            raise
+        first = text.strip().splitlines()[-1][:300]
+        print(
+            f"inpo {name}: error: writing a file failed ({type(err).__name__}: {first}); work "
+            "already finished is kept on disk; fix the cause (free space, permissions) and "
+            "re-run the same command",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"inpo {name}: interrupted", file=sys.stderr)
         return 130

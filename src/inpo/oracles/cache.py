@@ -71,6 +71,17 @@ def row_check(key: str, p: float, oracle_id: str, template_id: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def _failed(action: str, path: Path, exc: sqlite3.Error) -> OracleError:
+    """An OracleError for a failed SQLite call; a full disk or an I/O failure says what to do."""
+    msg = f"{action} the oracle cache {path} failed: {exc}"
+    if any(m in str(exc).lower() for m in ("disk i/o error", "disk is full", "readonly")):
+        msg += (
+            "; answers already stored are kept: fix the cause (free space, permissions) and "
+            "re-run the same command"
+        )
+    return OracleError(msg)
+
+
 def _is_corruption(exc: sqlite3.Error) -> bool:
     msg = str(exc).lower()
     return isinstance(exc, sqlite3.DatabaseError) and (
@@ -121,12 +132,12 @@ class QueryCache:
             conn = self._open()
         except sqlite3.Error as exc:
             if not _is_corruption(exc):
-                raise OracleError(f"cannot open the oracle cache {self.path}: {exc}") from None
+                raise _failed("opening", self.path, exc) from None
             self._recover(str(exc))
             try:
                 conn = self._open()
             except sqlite3.Error as exc2:
-                raise OracleError(f"cannot open the oracle cache {self.path}: {exc2}") from None
+                raise _failed("opening", self.path, exc2) from None
         self._conn, self._pid = conn, os.getpid()
         return conn
 
@@ -254,9 +265,7 @@ class QueryCache:
                     ).fetchall()
             except sqlite3.Error as exc:
                 if not _is_corruption(exc):
-                    raise OracleError(
-                        f"reading the oracle cache {self.path} failed: {exc}"
-                    ) from None
+                    raise _failed("reading", self.path, exc) from None
                 self.close()
                 self._recover(str(exc))
                 return self.get_many(keys)
@@ -305,7 +314,7 @@ class QueryCache:
                     raise
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise OracleError(f"writing the oracle cache {self.path} failed: {exc}") from None
+                raise _failed("writing", self.path, exc) from None
 
     def __len__(self) -> int:
         with self._lock:
