@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install run test test-fast lint format bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -23,6 +23,10 @@ test: $(STAMP)
 ## Unit tier only (the default pytest markers skip slow tests).
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+## Opt-in heavy tier (not in CI): kills, corruption and hostile input; writes its results.
+reliability: $(STAMP)
+	$(PYTHON) benchmarks/reliability.py
 
 lint: $(STAMP)
 	ruff check .
