@@ -47,9 +47,10 @@ ARGS = [
     "train.epochs=2",
     "train.save_steps=1",
 ]
-#: The units of each stage at this size (generation chunks, annotation batches, log-prob
-#: columns, optimizer steps, evaluations).
-UNITS = {"generate": 4, "annotate": 4, "logps": 2, "train": 3, "evaluate": 1}
+#: The kill points of each stage at this size: after generation chunk 1-4, after annotation
+#: batch 1-3 (of 4), after log-prob column 1-2, after optimizer step 1-3 (of 4), in the
+#: evaluation.
+UNITS = {"generate": 4, "annotate": 3, "logps": 2, "train": 3, "evaluate": 1}
 
 
 def run(run_dir: Path, cache: Path, *extra: str, fault: str | None = None, env=None):
