@@ -244,3 +244,42 @@ def test_500_simultaneous_clients():
     assert result["ok"] == 500 and result["wrong_verdict"] == 0, result
     assert result["crafted_40kb_ms"] < 100, result
     assert result["server_exit"] == 0, result
+
+
+def test_slow_clients_hold_no_thread_and_stall_no_one(server):
+    """60 clients that send half a request line and then nothing: no thread each (asyncio), and
+    /health answers at once while they hang."""
+    import threading
+
+    threads_before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(60):
+            s = socket.create_connection((server.host, server.port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            socks.append(s)
+        time.sleep(0.2)
+        start = time.perf_counter()
+        assert httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+        assert time.perf_counter() - start < 0.5
+        assert threading.active_count() <= threads_before + 2
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 70_000 + b"\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS hello
+        b"GET / HTTP/9.9\r\n\r\n",
+    ],
+    ids=["no-method", "negative-length", "huge-header", "tls-hello", "bad-version"],
+)
+def test_requests_http_cannot_parse_still_get_a_4xx(server, garbage):
+    """uvicorn answers what it cannot parse as HTTP with a 400 (plain text: no app sees it)."""
+    status, _, _ = raw(server, garbage)
+    assert 400 <= status < 500
