@@ -300,3 +300,21 @@ def test_a_second_run_on_a_folder_in_use_refuses_naming_the_holder(tmp_path):
         except Exception:
             assert time.time() < deadline, "the killed holder's lock was not released"
             time.sleep(0.1)
+
+
+def test_the_console_shows_each_iteration_and_no_library_bars(tmp_path):
+    import subprocess
+    import sys
+
+    args = [f"run_dir={tmp_path / 'run'}", "iterations=1", "max_prompts=4", "prompt_repeats=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "iteration 1 (inpo):" in proc.stderr and "duality gap" in proc.stderr
+    assert "seconds:" in proc.stderr
+    for noise in ("Loading weights", "Saving the dataset", "Writing model shards"):
+        assert noise not in proc.stderr, noise

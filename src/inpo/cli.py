@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from inpo.console import quiet_libraries
+
+    quiet_libraries()
     try:
         code = resolve(name)(rest)
     except InpoError as err:

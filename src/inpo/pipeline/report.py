@@ -88,6 +88,48 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+#: What the console shows after each iteration: (key, label, lower is better?).
+SUMMARY = (
+    ("duality_gap", "duality gap", True),
+    ("exploitability", "exploitability", True),
+    ("win_rate_vs_ref", "win rate vs π_ref", False),
+    ("kl_to_ref", "KL(π ‖ π_ref)", None),
+    ("mean_length", "mean length", None),
+    ("oracle_queries", "oracle queries", None),
+    ("pairs", "pairs", None),
+    ("train_loss", "train loss", True),
+)
+
+
+def iteration_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """A short table of the newest iteration's metrics, the previous row's and the change."""
+    now, before = rows[-1], rows[-2] if len(rows) > 1 else {}
+    lines = [f"iteration {now.get('iteration')} ({now.get('algorithm')}):"]
+    width = max(len(label) for _, label, _ in SUMMARY)
+    lines.append(f"  {'':{width}}  {'before':>10}  {'now':>10}  {'change':>10}")
+    for key, label, lower_better in SUMMARY:
+        if now.get(key) is None:
+            continue
+        value, prev = now[key], before.get(key)
+        change = ""
+        if isinstance(value, int | float) and isinstance(prev, int | float):
+            delta = value - prev
+            change = f"{delta:+.4g}"
+            if lower_better is not None and delta != 0:
+                change += " ✓" if (delta < 0) == lower_better else " ✗"
+        extra = ""
+        if key == "win_rate_vs_ref" and now.get("win_rate_ci"):
+            lo, hi = now["win_rate_ci"]
+            extra = f"  [{lo:.3f}, {hi:.3f}]"
+        lines.append(f"  {label:{width}}  {_fmt(prev):>10}  {_fmt(value):>10}  {change:>10}{extra}")
+    seconds = now.get("seconds")
+    if isinstance(seconds, dict) and seconds:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if v is not None)
+        total = sum(v for v in seconds.values() if v is not None)
+        lines.append(f"  seconds: {total:.1f} ({parts})")
+    return "\n".join(lines)
+
+
 COLUMNS = (
     "algorithm",
     "iteration",

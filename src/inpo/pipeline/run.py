@@ -75,7 +75,7 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 
 def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     from inpo.oracles.cache import merge_rank_caches
-    from inpo.pipeline.report import write_metrics, write_report
+    from inpo.pipeline.report import iteration_summary, write_metrics, write_report
     from inpo.pipeline.workloads import get_workload
 
     ctx = Ctx(cfg, run_dir, dist, log)
@@ -200,6 +200,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                 rows.append(row)
                 if dist.is_main:
                     write_metrics(run_dir, rows)
+                    ctx.log(iteration_summary(rows))
         except KeyboardInterrupt as err:
             if dist.is_main:
                 write_metrics(run_dir, rows)
