@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("inpo.commands.precompute:main", "write reference/previous log-probs"),
     "serve-oracle": ("inpo.commands.serve_oracle:main", "serve a local oracle over HTTP"),
     "export": ("inpo.commands.export:main", "write a model's answers for AlpacaEval etc."),
+    "config": ("inpo.commands.config:main", "list the keys of run/train, show a resolved config"),
 }
 
 

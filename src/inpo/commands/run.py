@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-USAGE = """usage: inpo run [CONFIG.yaml] [key=value ...]
+USAGE = """usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]
 
 Runs INPO (or algorithm=online_ipo|inpo_no_kl|dpo|ipo|sppo) for `iterations` rounds of
 generate → annotate → logps → train → evaluate, one folder per iteration and stage under
@@ -28,8 +28,19 @@ def parse_args(argv: list[str]) -> tuple[Path | None, list[str]]:
 
     path = None
     overrides = []
-    for arg in argv:
-        if "=" in arg:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config", "-c"):  # as TRL and torchtune users type it
+            if not args:
+                raise ConfigError(f"{arg} needs a CONFIG.yaml after it")
+            arg = args.pop(0)
+            if path is not None:
+                raise ConfigError("two config files given; pass one (and key=value overrides)")
+            path = Path(arg)
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        elif "=" in arg:
             overrides.append(arg)
         elif path is None and arg.endswith((".yaml", ".yml")):
             path = Path(arg)
@@ -55,7 +66,11 @@ def load_run_config(path: Path | None, overrides: list[str]):
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
+        from inpo.commands.config import key_table
+
         print(USAGE)
+        print("all keys (type, default; `inpo config show run` prints a resolved config):")
+        print(key_table("run"))
         return 0
     path, overrides = parse_args(argv)
     cfg = load_run_config(path, overrides)

@@ -32,14 +32,30 @@ def main(argv: list[str]) -> int:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="YAML config file (inpo.training.TrainConfig)")
+    parser.add_argument("config", nargs="?", help="YAML config file (inpo.training.TrainConfig)")
+    parser.add_argument(
+        "--config", "-c", dest="config_flag", metavar="CONFIG.yaml", help="the same, as a flag"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="dotted overrides, e.g. optim.max_steps=10",
     )
+    if any(a in ("-h", "--help") for a in argv):
+        from inpo.commands.config import key_table
+
+        parser.epilog = (parser.epilog or "") + "\nall keys (type, default):\n" + key_table("train")
     args = parser.parse_args(argv)
+    if args.config and "=" in args.config:  # `inpo train --config X.yaml key=value`
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.config_flag:
+        if args.config:
+            parser.error("give the config file once (positional or --config)")
+        args.config = args.config_flag
+    if not args.config:
+        parser.error("a CONFIG.yaml is required (positional or --config)")
 
     from inpo.config import load_config
     from inpo.training import TrainConfig, train

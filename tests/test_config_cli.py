@@ -1,0 +1,57 @@
+"""`inpo config` and the --help of run/train: the keys are discoverable, a resolved config is
+printable and loads back as the same config."""
+
+from __future__ import annotations
+
+import yaml
+
+from inpo.cli import main
+
+
+def test_keys_of_run_and_train_are_listed(capsys):
+    assert main(["config", "keys", "run"]) == 0
+    out = capsys.readouterr().out
+    for key in ("generate.temperature", "annotate.oracle", "train.fsdp", "iterations", "eta"):
+        assert f"  {key} " in out, key
+    assert main(["config", "keys", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "  optim.learning_rate " in out and "  loss.name " in out
+
+
+def test_show_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
+    from inpo.commands.run import load_run_config
+
+    assert main(["config", "show", "run", "iterations=2", "generate.k=4"]) == 0
+    text = capsys.readouterr().out
+    shown = yaml.safe_load(text)
+    assert shown["iterations"] == 2 and shown["generate"]["k"] == 4
+    assert shown["eta"] == load_run_config(None, []).eta  # the task's defaults, resolved
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    assert load_run_config(path, []) == load_run_config(None, ["iterations=2", "generate.k=4"])
+
+
+def test_show_train_says_what_is_missing(capsys):
+    assert main(["config", "show", "train", "loss.name=dpo"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# not yet valid: ") and "model.path" in out
+    assert yaml.safe_load(out)["loss"]["name"] == "dpo"
+
+
+def test_help_lists_every_key_and_config_is_a_flag_too(tmp_path, capsys):
+    from inpo.commands.run import parse_args
+
+    assert main(["run", "--help"]) == 0
+    assert "  train.learning_rate " in capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("iterations: 1\n")
+    assert parse_args(["--config", str(tmp_path / "c.yaml"), "seed=3"]) == (
+        tmp_path / "c.yaml",
+        ["seed=3"],
+    )
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0 and "  optim.max_grad_norm " in capsys.readouterr().out
+    assert main(["config", "frobnicate", "run"]) == 2
+    assert "usage: inpo config" in capsys.readouterr().err
