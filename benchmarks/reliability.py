@@ -254,7 +254,9 @@ def hostile_trials(work: Path) -> list[dict]:
         lines = proc.stderr.strip().splitlines()
         out.append(
             {
-                "trial": "`inpo " + " ".join(a if len(a) < 40 else "…" for a in argv[3:]) + "`",
+                "trial": "`inpo "
+                + " ".join(a.replace(f"{work}/", "") if len(a) < 200 else "…" for a in argv[3:])
+                + "`",
                 "ok": proc.returncode == 2 and bool(lines) and " error: " in lines[-1],
                 "identical": None,
                 "repeated_queries": None,
