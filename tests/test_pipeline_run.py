@@ -318,3 +318,21 @@ def test_the_console_shows_each_iteration_and_no_library_bars(tmp_path):
     assert "seconds:" in proc.stderr
     for noise in ("Loading weights", "Saving the dataset", "Writing model shards"):
         assert noise not in proc.stderr, noise
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path):
+    """A real file-system refusal (here: the run folder's parent is a file): exit 2, one line
+    naming the path, no traceback — the same handler as a full disk or a read-only folder."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "run", f"run_dir={tmp_path / 'a_file' / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("inpo run: error:") and "a_file" in last
