@@ -345,6 +345,17 @@ def test_output_loads_with_from_pretrained_and_generates(tiny, tmp_path):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,loss") and len(rows) == 3
     assert max_diff(weights(out), weights(tiny[0])) > 1e-5
+    # the model card: Hub front matter, what was trained from what, how to reproduce
+    import yaml
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "inpo" in front["tags"]
+    assert "| optimizer steps | 2 |" in card and "eta=0.1" in card
+    assert "inpo train train_config.yaml" in card and str(Path.home()) not in card
+    # a re-run that trains nothing keeps the card of the run that trained
+    train(make_cfg(tiny, out, "optim.max_steps=2"))
+    assert (out / "README.md").read_text() == card
 
 
 @pytest.mark.slow

@@ -746,6 +746,17 @@ def train(
         if start_step < total_steps or find_latest_checkpoint(ckpt_root) is None:
             checkpoint(total_steps)
         _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
+        if is_main and (row is not None or not (out_dir / "README.md").exists()):
+            from inpo.training.modelcard import write_model_card
+
+            write_model_card(
+                out_dir,
+                cfg,
+                hparams=data.hparams,
+                pairs=len(data.rows),
+                steps=total_steps,
+                last=row,
+            )
     finally:
         bar.close()
         metrics.close()
