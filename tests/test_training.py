@@ -509,3 +509,26 @@ def test_old_checkpoints_are_pruned_and_each_is_complete(tiny, tmp_path):
     assert expected | {"trainer_state.json", "config.json"} <= files
     state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (3, 1, 0)  # 12 pairs / 4
+
+
+def test_a_finished_training_is_not_returned_for_other_settings(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(tiny, out, "optim.max_steps=2"))
+    saved = (out / "train_config.yaml").read_text()
+    model = (out / "model.safetensors").read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"finished training with other settings \(changed: loss\.eta"
+    ):
+        train(make_cfg(tiny, out, "optim.max_steps=2", "loss.eta=0.2"))
+    assert (out / "train_config.yaml").read_text() == saved  # still describes the model
+    assert (out / "model.safetensors").read_bytes() == model
+    # settings that do not change the model (logging, checkpoint cadence) are fine
+    assert train(make_cfg(tiny, out, "optim.max_steps=2", "save_steps=7")).finished
+
+
+def test_resuming_with_another_lora_rank_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "run"
+    lora = "model.lora={r: 8, alpha: 16.0, dropout: 0.0, target_modules: [q_proj, v_proj]}"
+    train(make_cfg(tiny, out, "optim.max_steps=3", "save_steps=1", lora), stop_after=1)
+    with pytest.raises(ConfigError, match=r"does not fit the model .*LoRA"):
+        train(make_cfg(tiny, out, "optim.max_steps=3", "save_steps=1", lora.replace("8", "16")))

@@ -361,6 +361,28 @@ def _inputs_identity(cfg: TrainConfig, data: _Data) -> dict[str, str]:
     return {"data": data.fingerprint, "model": model_fingerprint(cfg.model.path)}
 
 
+def _check_finished_settings(cfg: TrainConfig, path: Path, total_steps: int) -> None:
+    """A finished training is not silently returned for other settings (nor its saved config
+    rewritten to claim them): re-running with changed settings is refused, naming them."""
+    try:
+        trainer = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return
+    if int(trainer.get("step", -1)) < total_steps or "config" not in trainer:
+        return  # an unfinished run resumes (with a warning if settings changed)
+    changed = [
+        k
+        for k in _config_diff(trainer["config"], config_to_dict(cfg))
+        if k.split(".")[0] not in _RESUME_IRRELEVANT
+    ]
+    if changed:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a finished training with other settings (changed: "
+            f"{', '.join(changed[:6])}); its model and train_config.yaml are left as they are. "
+            "Choose another output_dir, or resume=never to train again from model.path"
+        )
+
+
 def _check_resume_inputs(path: Path, inputs: dict[str, str]) -> None:
     """Refuse to resume a checkpoint trained from other data or other starting weights."""
     try:
@@ -521,7 +543,15 @@ def _full_optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[
 
 
 def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: e.g. LoRA r=8 weights into an r=16 model
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "")
+        raise ConfigError(
+            f"checkpoint {path} does not fit the model ({first or 'shapes differ'}); was it "
+            "written with another model.path or LoRA setting? Use the same settings, another "
+            "output_dir, or resume=never"
+        ) from None
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # written once when tied
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -610,6 +640,7 @@ def train(
     inputs = _inputs_identity(cfg, data)
     if resume_from is not None:
         _check_resume_inputs(resume_from, inputs)
+        _check_finished_settings(cfg, resume_from, total_steps)
     accelerator = _accelerator(cfg, _resolve_bf16(cfg.bf16))
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
