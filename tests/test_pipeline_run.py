@@ -95,6 +95,10 @@ def test_pipeline_runs_and_skips_complete_stages(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "iter_001" / "train" / "model")
+    import yaml
+
+    saved = yaml.safe_load((run / "iter_001" / "train" / "model" / "train_config.yaml").read_text())
+    assert saved["output_dir"] == str(run / "iter_001" / "train" / "model")  # not the .partial
     # Re-running the same command does nothing new.
     logs.clear()
     run_pipeline(_cfg(tmp_path), log=logs.append, task=task)

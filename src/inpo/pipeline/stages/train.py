@@ -98,7 +98,15 @@ def work(ctx: Ctx, data: Path, policy: Path, seed: int, folder: Path) -> dict[st
 def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     import json
 
+    import yaml
+
     shutil.rmtree(folder / "model" / "checkpoints", ignore_errors=True)
+    # the saved config names the folder the model will be in, not the .partial it was built in
+    saved = folder / "model" / "train_config.yaml"
+    final = folder.with_name(folder.name.removesuffix(".partial")) / "model"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["output_dir"] = str(final)
+    saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
     summary_file = folder / "train_summary.json"
     summary = json.loads(summary_file.read_text())
     summary_file.unlink()
