@@ -414,10 +414,22 @@ def test_gradient_checkpointing_gives_the_same_training(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensorboard_reporting_writes_events(tiny, tmp_path):
+def test_tensorboard_through_accelerate_under_trl_names(tiny, tmp_path, monkeypatch):
+    """accelerate's TensorBoard tracker gets TRL's metric names, each step; the project a user
+    set in $WANDB_PROJECT is kept, not overridden."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
     out = tmp_path / "tb"
-    train(make_cfg(tiny, out, "optim.max_steps=1", "logging.report_to=tensorboard"))
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    train(make_cfg(tiny, out, "optim.max_steps=2", "logging.report_to=tensorboard"))
+    folder = out / "trackers" / "my-project"
+    assert list(folder.rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for name in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "grad_norm"):
+        assert name in tags, (name, tags)
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
 
 
 def test_gradient_checkpointing_option_recomputes_the_layers(tiny):
@@ -435,6 +447,13 @@ def test_gradient_checkpointing_option_recomputes_the_layers(tiny):
         logps = sequence_logps(model, ids, mask, torch.tensor([[0, 0, 1, 1]] * 2))
         logps.sum().backward()
         assert len(calls) == expected_calls
+
+
+def test_an_unknown_tracker_is_named_with_a_suggestion(tiny, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"unknown tracker 'tensorbord'.*did you mean 'tensorboard'"
+    ):
+        make_cfg(tiny, tmp_path / "x", "logging.report_to=mlflow,tensorbord")
 
 
 def test_report_to_wandb_without_wandb_is_a_clear_error(tiny, tmp_path):

@@ -129,8 +129,17 @@ class TrainStageConfig:
     fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
     fsdp_cpu_offload: bool = False
     fsdp_activation_checkpointing: bool = False
+    #: Experiment trackers through accelerate for each iteration's training (``tensorboard``,
+    #: ``wandb``, ``mlflow``, ``trackio``, …; see ``inpo train``'s ``logging.report_to``).
+    report_to: str = "none"
 
     def validate(self) -> None:
+        from inpo.training.config import LoggingConfig
+
+        try:
+            LoggingConfig(report_to=self.report_to).validate()
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("logging.report_to", "train.report_to")) from None
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         for key in ("global_batch_size", "per_device_batch_size", "epochs"):

@@ -13,6 +13,7 @@ own checks, run once on a dummy batch at validation time.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -234,13 +235,46 @@ class OptimConfig:
             raise ConfigError(f"optim.max_steps must be >= 1 or null, got {self.max_steps}")
 
 
+#: The experiment trackers accelerate ships (``accelerate.utils.LoggerType``), each needing
+#: its own package (the package to install, for the error message).
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+}
+
+
 @dataclass
 class LoggingConfig:
-    """Metrics go to ``metrics.jsonl`` and ``metrics.csv`` always, plus ``report_to``."""
+    """Metrics go to ``metrics.jsonl`` and ``metrics.csv`` always, plus ``report_to``: trackers
+    through accelerate (``tensorboard``, ``wandb``, ``mlflow``, ``trackio``, …; several with
+    commas), under TRL's metric names (``rewards/chosen``, ``rewards/margins``, …).
+    ``project``: the tracker's project (default: ``$WANDB_PROJECT`` if set, else ``inpo``)."""
 
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    wandb_project: str | None = None
+    report_to: str = "none"
+    project: str | None = None
     progress_bar: bool = True
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def validate(self) -> None:
+        for name in self.trackers:
+            if name not in TRACKERS:
+                hint = difflib.get_close_matches(name, TRACKERS, n=1)
+                raise ConfigError(
+                    f"logging.report_to: unknown tracker '{name}' (accelerate's: "
+                    f"{', '.join(TRACKERS)}, or none)"
+                    + (f"; did you mean '{hint[0]}'?" if hint else "")
+                )
 
 
 @dataclass

@@ -290,15 +290,40 @@ def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def _check_tracker(report_to: str) -> None:
+def _check_trackers(cfg: TrainConfig) -> None:
+    """Each tracker's package is installed (a clear error before any model loads)."""
     import importlib.util
 
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise ConfigError(
-            f"logging.report_to={report_to} needs the {package} package: pip install {package} "
-            "(or set logging.report_to=none)"
-        )
+    from inpo.training.config import TRACKERS
+
+    for name in cfg.logging.trackers:
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logging.report_to={name} needs the {package} package: pip install {package} "
+                "(or set logging.report_to=none)"
+            )
+
+
+def _start_trackers(cfg: TrainConfig, accelerator: Any) -> None:
+    """accelerate's trackers, named by ``logging.project`` (else ``$WANDB_PROJECT``, else
+    ``inpo``: a project the user set in the environment is not overridden)."""
+    import os
+
+    if not cfg.logging.trackers:
+        return
+    project = cfg.logging.project or os.environ.get("WANDB_PROJECT") or "inpo"
+    accelerator.init_trackers(project, config=_flat(config_to_dict(cfg)))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
 
 
 @dataclass
@@ -416,6 +441,9 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
         "mixed_precision": "bf16" if bf16 else "no",
         "cpu": not torch.cuda.is_available(),
     }
+    if cfg.logging.trackers:
+        kwargs["log_with"] = cfg.logging.trackers
+        kwargs["project_dir"] = str(Path(cfg.output_dir) / "trackers")
     plugin = None
     if cfg.fsdp != "none":
         plugin = FullyShardedDataParallelPlugin(
@@ -635,7 +663,7 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     _check_precompute_lengths(cfg)
     check_model_dir(cfg.model.path)
-    _check_tracker(cfg.logging.report_to)
+    _check_trackers(cfg)
     resume_from = _resume_point(cfg, ckpt_root)
     inputs = _inputs_identity(cfg, data)
     if resume_from is not None:
@@ -685,12 +713,11 @@ def train(
         max_completion_length=cfg.data.max_completion_length,
         share_prompt=cfg.data.share_prompt,
     )
+    _start_trackers(cfg, accelerator)
     metrics = MetricsLogger(
         out_dir,
-        report_to=cfg.logging.report_to,
+        accelerator=accelerator,
         resume_step=start_step if resume_from is not None else None,
-        run_config=config_to_dict(cfg),
-        wandb_project=cfg.logging.wandb_project,
         enabled=is_main,
     )
 

@@ -1,5 +1,5 @@
-"""Per-optimizer-step metrics: ``metrics.jsonl`` and ``metrics.csv`` always, TensorBoard or W&B
-on request (imported lazily, only when asked for).
+"""Per-optimizer-step metrics: ``metrics.jsonl`` and ``metrics.csv`` always, and any of
+accelerate's experiment trackers on request (``logging.report_to``), under TRL's names.
 
 On resume, rows logged after the checkpoint's step (by the interrupted run) are dropped first, so
 the files hold each step once.
@@ -13,9 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from inpo.errors import ConfigError
-
-__all__ = ["METRIC_FIELDS", "MetricsLogger"]
+__all__ = ["METRIC_FIELDS", "TRACKER_NAMES", "MetricsLogger", "tracker_row"]
 
 #: Columns of ``metrics.csv``, in order.
 METRIC_FIELDS = (
@@ -37,15 +35,39 @@ METRIC_FIELDS = (
 )
 
 
+#: TRL's names for the metrics trackers receive (so TRL dashboards carry over); ours that TRL
+#: does not log go under ``inpo/``.
+TRACKER_NAMES = {
+    "loss": "loss",
+    "chosen_rewards": "rewards/chosen",
+    "rejected_rewards": "rewards/rejected",
+    "accuracy": "rewards/accuracies",
+    "margins_mean": "rewards/margins",
+    "grad_norm": "grad_norm",
+    "lr": "learning_rate",
+    "epoch": "epoch",
+}
+
+
+def tracker_row(row: dict[str, Any]) -> dict[str, float]:
+    """One step's metrics under the trackers' names (finite numbers only)."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or not isinstance(value, int | float) or value != value:
+            continue
+        out[TRACKER_NAMES.get(key, f"inpo/{key}")] = float(value)
+    return out
+
+
 class MetricsLogger:
-    """Append one row per optimizer step to ``metrics.jsonl``/``metrics.csv`` (+ a tracker).
+    """Append one row per optimizer step to ``metrics.jsonl``/``metrics.csv``, and send it to
+    the experiment trackers of ``accelerator`` (accelerate's ``log``) under TRL's names.
 
     Args:
         output_dir: where the files go.
-        report_to: ``none``, ``tensorboard`` (``output_dir/tensorboard``) or ``wandb``.
+        accelerator: trackers already started with ``init_trackers`` (``None``: files only).
         resume_step: keep only rows with ``step <= resume_step`` already in the files
             (``None``: start the files afresh).
-        run_config: logged to W&B as the run's config.
         enabled: ``False`` on non-main processes (writes nothing).
     """
 
@@ -53,17 +75,14 @@ class MetricsLogger:
         self,
         output_dir: str | Path,
         *,
-        report_to: str = "none",
+        accelerator: Any = None,
         resume_step: int | None = None,
-        run_config: dict[str, Any] | None = None,
-        wandb_project: str | None = None,
         enabled: bool = True,
     ):
         self.enabled = enabled
         self.jsonl = Path(output_dir) / "metrics.jsonl"
         self.csv = Path(output_dir) / "metrics.csv"
-        self._tracker: Any = None
-        self._kind = report_to
+        self.accelerator = accelerator
         if not enabled:
             return
         rows = self._old_rows(resume_step)
@@ -72,26 +91,6 @@ class MetricsLogger:
             writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:  # pragma: no cover - tensorboard is in the dev extra
-                raise ConfigError(
-                    "logging.report_to=tensorboard needs the tensorboard package: "
-                    "pip install 'inpo[tensorboard]'"
-                ) from err
-            self._tracker = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError as err:
-                raise ConfigError(
-                    "logging.report_to=wandb needs the wandb package: pip install wandb "
-                    "(or set logging.report_to=none)"
-                ) from err
-            self._tracker = wandb.init(
-                project=wandb_project or "inpo", config=run_config or {}, dir=str(output_dir)
-            )
 
     def _old_rows(self, resume_step: int | None) -> list[dict[str, Any]]:
         if resume_step is None or not self.jsonl.exists():
@@ -114,20 +113,9 @@ class MetricsLogger:
             fh.write(json.dumps(row) + "\n")
         with self.csv.open("a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
-        step = int(row["step"])
-        scalars = {
-            k: v for k, v in row.items() if k != "step" and isinstance(v, int | float) and v == v
-        }
-        if self._kind == "tensorboard":
-            for key, value in scalars.items():
-                self._tracker.add_scalar(f"train/{key}", value, step)
-        elif self._kind == "wandb":
-            self._tracker.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log(tracker_row(row), step=int(row["step"]))
 
     def close(self) -> None:
-        if self._tracker is not None:
-            if self._kind == "tensorboard":
-                self._tracker.close()
-            else:
-                self._tracker.finish()
-            self._tracker = None
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.end_training()

@@ -60,7 +60,7 @@ def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path
             optimizer=t.optimizer,
             epochs=t.epochs,
         ),
-        logging=LoggingConfig(progress_bar=True),
+        logging=LoggingConfig(progress_bar=True, report_to=t.report_to),
         seed=seed,
         bf16=t.bf16,
         fsdp=t.fsdp,
