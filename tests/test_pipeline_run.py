@@ -343,3 +343,20 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("inpo run: error:") and "a_file" in last
+
+
+def test_quiet_shows_the_iteration_tables_only(tmp_path):
+    import subprocess
+    import sys
+
+    args = [f"run_dir={tmp_path / 'run'}", "iterations=1", "max_prompts=4", "prompt_repeats=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "-q", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "iteration 1 (inpo):" in proc.stderr
+    assert "[iter_000/" not in proc.stderr and "it/s" not in proc.stderr  # no stage lines, bars
+    assert "report:" in proc.stdout

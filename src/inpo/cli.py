@@ -30,7 +30,8 @@ def _usage() -> str:
     for name, (_, help_text) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {help_text}")
     lines.append("")
-    lines.append("Run `inpo <command> --help` for a command's options.")
+    lines.append("Run `inpo <command> --help` for a command's options. Anywhere on the line:")
+    lines.append("  -q / --quiet   only results and errors    -v / -vv   info / debug logs too")
     return "\n".join(lines)
 
 
@@ -70,6 +71,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"inpo {__version__}")
         return 0
+    level = 0  # -q / -v / -vv, before or after the command
+    kept = []
+    for arg in argv:
+        if arg in ("-q", "--quiet"):
+            level = -1
+        elif arg in ("-v", "--verbose"):
+            level = max(level, 0) + 1
+        elif arg == "-vv":
+            level = 2
+        else:
+            kept.append(arg)
+    argv = kept
+    if not argv:
+        print(_usage())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
@@ -79,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from inpo.console import quiet_libraries
+    from inpo.console import quiet_libraries, set_verbosity
 
+    set_verbosity(level)
     quiet_libraries()
     try:
         code = resolve(name)(rest)

@@ -12,7 +12,35 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["quiet_libraries"]
+__all__ = ["quiet_libraries", "set_verbosity", "verbosity"]
+
+#: ``-q``: only results and errors; ``-v``: also ``inpo``'s info logs and the libraries' bars;
+#: ``-vv``: debug logs too.
+LEVELS = {"quiet": -1, "normal": 0, "verbose": 1, "debug": 2}
+
+
+def set_verbosity(level: int) -> None:
+    """Apply a console level (see :data:`LEVELS`) to this process and the ones it starts."""
+    import logging
+
+    os.environ["INPO_VERBOSITY"] = str(level)
+    if level < 0:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    if level >= 1:
+        os.environ["INPO_LIBRARY_PROGRESS"] = "1"
+        logging.basicConfig(
+            level=logging.DEBUG if level >= 2 else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+
+
+def verbosity() -> int:
+    """The console level in force (``0`` unless ``-q``/``-v`` was given)."""
+    try:
+        return int(os.environ.get("INPO_VERBOSITY", "0"))
+    except ValueError:
+        return 0
+
 
 _SWITCHES = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' bars follow it

@@ -74,10 +74,17 @@ def main(argv: list[str]) -> int:
         return 0
     path, overrides = parse_args(argv)
     cfg = load_run_config(path, overrides)
+    from inpo.console import verbosity
     from inpo.distributed import get_dist
     from inpo.pipeline.run import run_pipeline
 
-    run_dir = run_pipeline(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    quiet = verbosity() < 0
+
+    def log(msg: str) -> None:  # -q: the per-iteration tables only, not each stage's lines
+        if not (quiet and msg.startswith("[")):
+            print(msg, file=sys.stderr, flush=True)
+
+    run_dir = run_pipeline(cfg, log=log)
     if get_dist().is_main:
         print(
             f"run folder: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"

@@ -733,7 +733,8 @@ def train(
         total=total_steps,
         initial=start_step,
         desc=f"train {spec.name}",
-        disable=not (is_main and cfg.logging.progress_bar),
+        # off on other ranks or when asked; else tqdm's own default and TQDM_DISABLE decide
+        **({} if is_main and cfg.logging.progress_bar else {"disable": True}),
         dynamic_ncols=True,
     )
     row = None
