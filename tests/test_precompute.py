@@ -223,3 +223,27 @@ def test_non_finite_log_probs_are_an_error(data_file, tmp_path):
     with pytest.raises(DataError, match=r"non-finite log-probs for 11 row\(s\) \(row_id 0, 1, 2"):
         precompute_logps(data_file, path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_users_extra_columns_survive_precompute(models, tmp_path):
+    from datasets import load_from_disk
+
+    from inpo.precompute import precompute_logps
+
+    ref, _ = models
+    rows = [
+        {"prompt": "hello", "chosen": " yes", "rejected": " no", "source": "s1", "score": 1.5},
+        {"prompt": "bye", "chosen": " ok", "rejected": " never", "source": "s2", "score": -2.0},
+    ]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    precompute_logps(src, ref, tmp_path / "a", columns="ref")
+    precompute_logps(tmp_path / "a", ref, tmp_path / "b", columns="prev")
+    ds = load_from_disk(str(tmp_path / "b"))
+    assert ds["source"] == ["s1", "s2"] and ds["score"] == [1.5, -2.0]
+    assert {"ref_chosen_logps", "prev_chosen_logps", "row_id"} <= set(ds.column_names)
+    # mixed types in a kept column are one error naming it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "score": "high"}) + "\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=r"column 'score' cannot be kept"):
+        precompute_logps(bad, ref, tmp_path / "c", columns="ref")

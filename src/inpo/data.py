@@ -288,7 +288,11 @@ def _normalise_row(
 
 
 def load_preference_dataset(
-    path: str | Path, *, split: str | None = None, skip_bad_rows: bool = False
+    path: str | Path,
+    *,
+    split: str | None = None,
+    skip_bad_rows: bool = False,
+    keep_columns: bool = False,
 ) -> datasets.Dataset:
     """Load and validate a preference dataset into a ``datasets.Dataset``.
 
@@ -298,6 +302,8 @@ def load_preference_dataset(
             ``DatasetDict``; ``split`` picks one, default ``"train"`` or the only split).
         split: the split to read (folders with a ``DatasetDict`` and JSON dicts of splits).
         skip_bad_rows: skip malformed rows instead of raising; they are counted.
+        keep_columns: carry the source's other columns (``source``, ``score``, …) through
+            unchanged (``inpo precompute`` does, so a user's columns survive it).
 
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (all strings, or all message
@@ -338,6 +344,8 @@ def load_preference_dataset(
         for rec in records
     )
 
+    known = {"prompt", "chosen", "rejected", "row_id", *OPTIONAL_COLUMNS}
+    extra = sorted(k for k in present if isinstance(k, str) and k not in known)
     rows: list[dict[str, Any]] = []
     reasons: list[str] = []
     for index, raw in enumerate(records):
@@ -352,15 +360,29 @@ def load_preference_dataset(
             reasons.append(message)
             continue
         row["row_id"] = int(raw["row_id"]) if keep_ids else index
+        if keep_columns:
+            for key in extra:
+                row[key] = raw.get(key)
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: every row is malformed ({len(reasons)}); first: {reasons[0]}")
     if reasons:
         log.warning("%s: skipped %d malformed row(s); first: %s", path, len(reasons), reasons[0])
 
-    columns: dict[str, list[Any]] = {key: [r[key] for r in rows] for key in rows[0]}
+    extras = extra if keep_columns else []
+    columns: dict[str, list[Any]] = {
+        key: [r[key] for r in rows] for key in rows[0] if key not in extras
+    }
     features = _features(conversational, optional)
     ds = datasets.Dataset.from_dict(columns, features=features)
+    for key in extras:  # their types inferred by datasets, as it would for the file alone
+        try:
+            ds = ds.add_column(key, [r[key] for r in rows])
+        except (TypeError, ValueError) as err:
+            kind = type(err).__name__
+            raise DataError(
+                f"{path}: column '{key}' cannot be kept: its values are not of one type ({kind})"
+            ) from None
     ds.skipped_rows = len(reasons)
     ds.skip_reasons = reasons[:20]
     return ds

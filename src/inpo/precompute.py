@@ -211,7 +211,9 @@ def precompute_logps(
         )
 
     started = time.perf_counter()
-    ds = load_preference_dataset(dataset_path, split=split, skip_bad_rows=skip_bad_rows)
+    ds = load_preference_dataset(
+        dataset_path, split=split, skip_bad_rows=skip_bad_rows, keep_columns=True
+    )
     skipped_rows = getattr(ds, "skipped_rows", 0)
     tokenizer = _load_tokenizer(tokenizer_path)
     collator = PreferenceCollator(
