@@ -138,7 +138,8 @@ def test_corrupt_artifact_is_redone(tmp_path):
     [
         ("algorithm", "inpoo", "did you mean 'inpo'"),
         ("tau", 1.0, "tau must satisfy 0 <= tau <= eta"),
-        ("policy", "/does/not/exist", "policy: path '/does/not/exist' does not exist"),
+        ("policy", "/does/not/exist", "policy '/does/not/exist' does not exist"),
+        ("reference", "acme/not-cached", "reference 'acme/not-cached' is not a local folder"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, key, value, needle):

@@ -551,3 +551,26 @@ def test_resuming_with_another_lora_rank_is_a_clear_error(tiny, tmp_path):
     train(make_cfg(tiny, out, "optim.max_steps=3", "save_steps=1", lora), stop_after=1)
     with pytest.raises(ConfigError, match=r"does not fit the model .*LoRA"):
         train(make_cfg(tiny, out, "optim.max_steps=3", "save_steps=1", lora.replace("8", "16")))
+
+
+def test_a_hub_id_in_the_local_cache_is_a_model_path(tiny, tmp_path, monkeypatch):
+    """`model.path=acme/tiny-llama` trains when the id is in the local Hugging Face cache (the
+    cache laid out as huggingface_hub writes it); an id that is not cached is one line saying
+    how to fetch it. Nothing is downloaded."""
+    import shutil
+
+    model_dir, _ = tiny
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(model_dir, snap)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "run"
+    result = train(make_cfg(tiny, out, "optim.max_steps=1", "model.path=acme/tiny-llama"))
+    assert result.finished and (out / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match=r"'acme/other' is not a local folder.*hf download"):
+        train(make_cfg(tiny, tmp_path / "x", "model.path=acme/other"))

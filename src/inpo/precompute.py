@@ -152,10 +152,14 @@ def precompute_logps(
     import torch
 
     from inpo.data import PreferenceCollator, load_preference_dataset
+    from inpo.hub import resolve_model
     from inpo.logprobs import sequence_logps
 
-    dataset_path, model_path, output_dir = Path(dataset_path), Path(model_path), Path(output_dir)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else model_path
+    dataset_path, output_dir = Path(dataset_path), Path(output_dir)
+    model_path = resolve_model(model_path, "--model")  # a folder, or a cached hub id
+    tokenizer_path = (
+        resolve_model(tokenizer_path, "--tokenizer") if tokenizer_path is not None else model_path
+    )
     if columns not in ("ref", "prev"):
         raise ConfigError(f"columns must be 'ref' or 'prev', got '{columns}'")
     if dtype not in DTYPES:

@@ -256,10 +256,15 @@ class RunConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         from pathlib import Path
 
-        for key in ("policy", "reference", "prompts", "eval_prompts"):
+        for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
             if value and not Path(value).exists():
                 raise ConfigError(f"{key}: path '{value}' does not exist")
+        from inpo.hub import resolve_model
+
+        for key in ("policy", "reference"):  # a folder, or a hub id in the local HF cache
+            if getattr(self, key):
+                resolve_model(getattr(self, key), key)
         from inpo.losses import get_loss
         from inpo.training.config import check_loss_hyperparameters
 

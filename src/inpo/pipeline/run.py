@@ -33,6 +33,7 @@ from typing import Any
 from inpo.config import save_config
 from inpo.distributed import get_dist
 from inpo.hashing import model_fingerprint
+from inpo.hub import resolve_model
 from inpo.pipeline.artifacts import manifest_hash
 from inpo.pipeline.config import RunConfig
 from inpo.pipeline.runner import Interrupted, StageRunner, stop_signals
@@ -90,11 +91,19 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         try:
             # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
             if dist.is_main:
-                ref = Path(cfg.reference) if cfg.reference else workload.reference_model(run_dir)
+                ref = (
+                    resolve_model(cfg.reference, "reference")
+                    if cfg.reference
+                    else workload.reference_model(run_dir)
+                )
             dist.barrier()
             if not dist.is_main:
-                ref = Path(cfg.reference) if cfg.reference else workload.reference_model(run_dir)
-            policy = Path(cfg.policy) if cfg.policy else ref
+                ref = (
+                    resolve_model(cfg.reference, "reference")
+                    if cfg.reference
+                    else workload.reference_model(run_dir)
+                )
+            policy = resolve_model(cfg.policy, "policy") if cfg.policy else ref
             ref_id = model_fingerprint(ref)
             oracle = workload.oracle(
                 cfg.annotate,

@@ -382,8 +382,9 @@ def _load_data(cfg: TrainConfig) -> _Data:
 def _inputs_identity(cfg: TrainConfig, data: _Data) -> dict[str, str]:
     """What a checkpoint was trained from: the data's and the starting weights' fingerprints."""
     from inpo.hashing import model_fingerprint
+    from inpo.training.modeling import check_model_dir
 
-    return {"data": data.fingerprint, "model": model_fingerprint(cfg.model.path)}
+    return {"data": data.fingerprint, "model": model_fingerprint(check_model_dir(cfg.model.path))}
 
 
 def _check_finished_settings(cfg: TrainConfig, path: Path, total_steps: int) -> None:

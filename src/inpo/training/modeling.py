@@ -27,8 +27,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def check_model_dir(path: str) -> Path:
-    """The model folder, or a ConfigError naming ``model.path`` (checked before loading)."""
-    folder = Path(path)
+    """The model folder (a local folder, or a hub id in the local Hugging Face cache), or a
+    ConfigError naming ``model.path`` (checked before loading)."""
+    from inpo.hub import resolve_model
+
+    folder = resolve_model(path, "model.path")
     if not (folder / "config.json").is_file():
         raise ConfigError(
             f"model.path '{path}' is not a folder with a config.json (save a model there with "

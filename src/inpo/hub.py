@@ -1,0 +1,43 @@
+"""Model names as users type them: a local folder, or a Hugging Face hub id already in the
+local cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``).
+
+Nothing is downloaded at run time: a hub id that is not cached is a :class:`ConfigError` that
+says how to fetch it. ``huggingface_hub`` is imported only for a name that is not a folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from inpo.errors import ConfigError
+
+__all__ = ["resolve_model"]
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
+def resolve_model(name: str | Path, key: str) -> Path:
+    """The local folder of model ``name`` (a folder, or a cached hub id); ``key`` names the
+    setting in errors (``model.path``, ``policy``, ``--model`` …)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name)
+    if _REPO_ID.fullmatch(text) and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=text, local_files_only=True))
+        except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+            pass
+        except Exception:  # not cached (LocalEntryNotFoundError and kin): said below
+            pass
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ConfigError(
+            f"{key} '{text}' is not a local folder, nor a hub id in the local Hugging Face cache "
+            f"({HF_HUB_CACHE}); nothing is downloaded at run time: fetch it first "
+            f"(`hf download {text}`) or give a folder"
+        )
+    raise ConfigError(f"{key} '{text}' does not exist (a model folder or a cached hub id)")
