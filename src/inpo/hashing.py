@@ -1,6 +1,7 @@
 """The one way to hash a file and to fingerprint a model folder.
 
 * :func:`file_sha256`: SHA-256 of a file's bytes (stage manifests, data identity).
+* :func:`folder_sha256`: that of every file in a folder (stage, checkpoint and cache manifests).
 * :func:`model_fingerprint`: a short, content-based identity of a local checkpoint folder
   (config, tokenizer and weight files). Files up to 64 MiB are hashed whole; larger ones by
   size plus 16 evenly spaced 1 MiB samples, which catches any fine-tuning in practice without
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["file_sha256", "model_fingerprint"]
+__all__ = ["file_sha256", "folder_sha256", "model_fingerprint"]
 
 _FULL_HASH_LIMIT = 64 * 2**20
 _SAMPLE = 2**20
@@ -30,6 +31,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_sha256(folder: str | Path, *, exclude: str) -> dict[str, str]:
+    """``{relative posix path: SHA-256}`` of every file under ``folder`` but the one named
+    ``exclude`` (the manifest that will hold these sums)."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): file_sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != exclude
+    }
 
 
 def _file_digest(path: Path) -> str:

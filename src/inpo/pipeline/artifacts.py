@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inpo.hashing import file_sha256
+from inpo.hashing import file_sha256, folder_sha256
 
 __all__ = [
     "IDENTITY",
@@ -39,14 +39,6 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def _output_files(folder: Path) -> dict[str, str]:
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            out[path.relative_to(folder).as_posix()] = file_sha256(path)
-    return out
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -174,7 +166,7 @@ def finish_stage(
         "iteration": iteration,
         "config_hash": config_hash,
         "input_hashes": input_hashes,
-        "files": _output_files(work),
+        "files": folder_sha256(work, exclude=MANIFEST),
         "summary": summary,
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

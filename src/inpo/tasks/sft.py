@@ -163,13 +163,9 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def _files(folder: Path) -> dict[str, str]:
-    from inpo.hashing import file_sha256
+    from inpo.hashing import folder_sha256
 
-    return {
-        f.relative_to(folder).as_posix(): file_sha256(f)
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
+    return folder_sha256(folder, exclude=MANIFEST)
 
 
 def cache_problem(folder: Path, key: str) -> str | None:

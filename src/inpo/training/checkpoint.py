@@ -167,13 +167,9 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def _write_checksums(folder: Path) -> None:
     """``checksums.json`` (every other file's SHA-256), fsync'd: the last file of a checkpoint."""
-    from inpo.hashing import file_sha256
+    from inpo.hashing import folder_sha256
 
-    sums = {
-        p.relative_to(folder).as_posix(): file_sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != CHECKSUMS
-    }
+    sums = folder_sha256(folder, exclude=CHECKSUMS)
     with open(folder / CHECKSUMS, "w") as fh:
         json.dump(sums, fh, indent=1, sort_keys=True)
         fh.flush()

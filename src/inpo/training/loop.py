@@ -387,13 +387,23 @@ def _inputs_identity(cfg: TrainConfig, data: _Data) -> dict[str, str]:
     return {"data": data.fingerprint, "model": model_fingerprint(check_model_dir(cfg.model.path))}
 
 
-def _check_finished_settings(cfg: TrainConfig, path: Path, total_steps: int) -> None:
-    """A finished training is not silently returned for other settings (nor its saved config
-    rewritten to claim them): re-running with changed settings is refused, naming them."""
+def _check_resume(cfg: TrainConfig, path: Path, inputs: dict[str, str], total_steps: int) -> None:
+    """Refuse to resume a checkpoint trained from other data or starting weights, and to return
+    a finished training for other settings (nor rewrite its saved config to claim them)."""
     try:
         trainer = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint {path}: unreadable trainer_state.json ({err})") from err
+    recorded = trainer.get("inputs")  # absent: written before checkpoints recorded them
+    if isinstance(recorded, dict):
+        changed = [k for k in ("data", "model") if recorded.get(k) != inputs[k]]
+        if changed:
+            what = {"data": "data.train_file's rows", "model": "model.path's weights"}
+            raise ConfigError(
+                f"checkpoint {path} was trained from other inputs "
+                f"({', '.join(what[k] + ' differ' for k in changed)}); resuming it would mix two "
+                "trainings. Use another output_dir, or resume=never to start over."
+            )
     if int(trainer.get("step", -1)) < total_steps or "config" not in trainer:
         return  # an unfinished run resumes (with a warning if settings changed)
     changed = [
@@ -406,25 +416,6 @@ def _check_finished_settings(cfg: TrainConfig, path: Path, total_steps: int) -> 
             f"{cfg.output_dir} holds a finished training with other settings (changed: "
             f"{', '.join(changed[:6])}); its model and train_config.yaml are left as they are. "
             "Choose another output_dir, or resume=never to train again from model.path"
-        )
-
-
-def _check_resume_inputs(path: Path, inputs: dict[str, str]) -> None:
-    """Refuse to resume a checkpoint trained from other data or other starting weights."""
-    try:
-        trainer = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"checkpoint {path}: unreadable trainer_state.json ({err})") from err
-    recorded = trainer.get("inputs")
-    if not isinstance(recorded, dict):
-        return  # written before checkpoints recorded their inputs
-    changed = [k for k in ("data", "model") if recorded.get(k) != inputs[k]]
-    if changed:
-        what = {"data": "data.train_file's rows", "model": "model.path's weights"}
-        raise ConfigError(
-            f"checkpoint {path} was trained from other inputs "
-            f"({', '.join(what[k] + ' differ' for k in changed)}); resuming it would mix two "
-            "trainings. Use another output_dir, or resume=never to start over."
         )
 
 
@@ -668,8 +659,7 @@ def train(
     resume_from = _resume_point(cfg, ckpt_root)
     inputs = _inputs_identity(cfg, data)
     if resume_from is not None:
-        _check_resume_inputs(resume_from, inputs)
-        _check_finished_settings(cfg, resume_from, total_steps)
+        _check_resume(cfg, resume_from, inputs, total_steps)
     accelerator = _accelerator(cfg, _resolve_bf16(cfg.bf16))
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
