@@ -361,3 +361,60 @@ def test_quiet_shows_the_iteration_tables_only(tmp_path):
     assert "iteration 1 (inpo):" in proc.stderr
     assert "[iter_000/" not in proc.stderr and "it/s" not in proc.stderr  # no stage lines, bars
     assert "report:" in proc.stdout
+
+
+def test_report_to_tensorboard_is_one_run_on_the_global_training_step(tmp_path, monkeypatch):
+    """`inpo run report_to=tensorboard`: one tracker run under RUN/trackers, training metrics
+    under TRL's names at the global step, each iteration's metrics at the step it ended."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    run = run_pipeline(
+        _cfg(tmp_path, report_to="tensorboard"), log=lambda m: None, task=ToyTask(tmp_path)
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    folder = run / "trackers" / "inpo"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "loss",
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "learning_rate",
+        "oracle/queries",
+        "iteration",
+        "eval/logp_red",
+    ):
+        assert tag in tags, tag
+    steps = [e.step for e in events.Scalars("loss")]
+    per_iter = [r["train_steps"] for r in rows[1:]]
+    assert steps == list(range(1, sum(per_iter) + 1))  # one axis across iterations
+    ends = [e.step for e in events.Scalars("iteration")]
+    assert ends == [0, per_iter[0], per_iter[0] + per_iter[1]]
+    queries = [e.value for e in events.Scalars("oracle/queries")]
+    assert queries == [r["oracle_queries"] for r in rows]
+    # no tracker run per iteration inside the model folders
+    assert not (run / "iter_000" / "train" / "model" / "trackers").exists()
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("report_to=tensorbord", "report_to: unknown tracker 'tensorbord'.*did you mean"),
+        ("report_to=wandb", "report_to=wandb needs the wandb package"),
+        ("train.report_to=wandb", "train.report_to"),
+    ],
+)
+def test_report_to_is_checked_before_any_model_loads(override, needle):
+    import importlib.util
+
+    from inpo.commands.run import load_run_config
+    from inpo.errors import ConfigError
+
+    if "wandb" in override and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(None, [override])

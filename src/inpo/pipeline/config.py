@@ -129,17 +129,8 @@ class TrainStageConfig:
     fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
     fsdp_cpu_offload: bool = False
     fsdp_activation_checkpointing: bool = False
-    #: Experiment trackers through accelerate for each iteration's training (``tensorboard``,
-    #: ``wandb``, ``mlflow``, ``trackio``, …; see ``inpo train``'s ``logging.report_to``).
-    report_to: str = "none"
 
     def validate(self) -> None:
-        from inpo.training.config import LoggingConfig
-
-        try:
-            LoggingConfig(report_to=self.report_to).validate()
-        except ConfigError as err:
-            raise ConfigError(str(err).replace("logging.report_to", "train.report_to")) from None
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         for key in ("global_batch_size", "per_device_batch_size", "epochs"):
@@ -208,6 +199,13 @@ class RunConfig:
     #: ``prompt_repeats`` times per iteration (``K`` fresh samples and one selection each).
     max_prompts: int | None = None
     prompt_repeats: int = 1
+    #: Experiment trackers through accelerate, one run for the whole pipeline: ``tensorboard``,
+    #: ``wandb``, ``mlflow``, ``trackio`` (local-first), … (several with commas; none: off).
+    report_to: str = "none"
+    #: The trackers' project (null: ``$WANDB_PROJECT`` if set, else ``inpo``).
+    project: str | None = None
+    #: Where file-based trackers write (empty: ``run_dir/trackers``).
+    tracker_dir: str = ""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
@@ -236,6 +234,14 @@ class RunConfig:
         return ALGORITHMS[self.algorithm]["selection"]
 
     def validate(self) -> None:
+        from inpo.training.config import LoggingConfig, require_tracker_packages
+
+        try:
+            trackers = LoggingConfig(report_to=self.report_to)
+            trackers.validate()
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("logging.report_to", "report_to")) from None
+        require_tracker_packages(trackers.trackers, "report_to")
         if self.algorithm not in ALGORITHMS:
             hint = did_you_mean(self.algorithm, ALGORITHMS)
             raise ConfigError(

@@ -87,7 +87,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     workload = task or get_workload(cfg)
     stage = StageRunner(ctx)
     rows: list[dict[str, Any]] = []
-    with stop_signals():
+    trackers = _trackers(cfg, run_dir, dist)
+    with stop_signals(), trackers:
         try:
             # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
             if dist.is_main:
@@ -132,6 +133,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                 policy,
             )
             rows.append(_row(cfg, 0, summary, {}, 0))
+            trackers.iteration_done(rows[0], train_steps=0)
             queries_total = 0
             for t in range(cfg.iterations):
                 it = run_dir / f"iter_{t:03d}"
@@ -191,7 +193,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     {"loss": cfg.loss_hparams(), "train": asdict(cfg.train), "seed": cfg.seed},
                     {"logps": manifest_hash(lp_folder), "policy": policy_id},
                     lambda w, lp=lp_folder, p=policy, s=train_seed: train.work(
-                        ctx, lp / "data", p, s, w
+                        ctx, lp / "data", p, s, w, trackers.training_hook()
                     ),
                     lambda w: train.merge(ctx, w),
                 )
@@ -207,6 +209,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                 row = _row(cfg, t + 1, ev, ann, queries_total, train=tr, gen=gen)
                 row["seconds"] = _timings(it)
                 rows.append(row)
+                trackers.iteration_done(row, train_steps=int(tr.get("steps") or 0))
                 if dist.is_main:
                     write_metrics(run_dir, rows)
                     ctx.log(iteration_summary(rows))
@@ -222,6 +225,45 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         write_report(run_dir, rows, cfg)
     dist.barrier()
     return run_dir
+
+
+class _Trackers:
+    """The run's trackers (rank 0; nothing elsewhere or with ``report_to=none``), on the global
+    training step: the training loop's rows as they come, each iteration's row at its end."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.global_step = 0  # optimizer steps of the iterations before the current one
+
+    def __enter__(self) -> _Trackers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.run is not None:
+            self.run.close()
+
+    def training_hook(self) -> Any:
+        if self.run is None:
+            return None
+        from inpo.training.metrics import tracker_row
+
+        offset = self.global_step
+        return lambda row: self.run.log(tracker_row(row), step=offset + int(row["step"]))
+
+    def iteration_done(self, row: dict[str, Any], *, train_steps: int) -> None:
+        self.global_step += train_steps
+        if self.run is not None:
+            from inpo.pipeline.tracking import iteration_values
+
+            self.run.log(iteration_values(row), step=self.global_step)
+
+
+def _trackers(cfg: RunConfig, run_dir: Path, dist: Any) -> _Trackers:
+    if not dist.is_main or cfg.report_to in ("", "none"):
+        return _Trackers(None)
+    from inpo.pipeline.tracking import start_run_trackers
+
+    return _Trackers(start_run_trackers(cfg, run_dir))
 
 
 def _training_prompts(cfg: RunConfig, workload: Any) -> list[Any]:

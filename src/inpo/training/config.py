@@ -250,6 +250,19 @@ TRACKERS = {
 }
 
 
+def require_tracker_packages(names: list[str], key: str) -> None:
+    """Each tracker's package is installed: a :class:`ConfigError` naming ``key`` if not."""
+    import importlib.util
+
+    for name in names:
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{key}={name} needs the {package} package: pip install {package} "
+                f"(or set {key}=none; trackio is a local-first choice: pip install trackio)"
+            )
+
+
 @dataclass
 class LoggingConfig:
     """Metrics go to ``metrics.jsonl`` and ``metrics.csv`` always, plus ``report_to``: trackers

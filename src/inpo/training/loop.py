@@ -292,17 +292,9 @@ def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
 
 def _check_trackers(cfg: TrainConfig) -> None:
     """Each tracker's package is installed (a clear error before any model loads)."""
-    import importlib.util
+    from inpo.training.config import require_tracker_packages
 
-    from inpo.training.config import TRACKERS
-
-    for name in cfg.logging.trackers:
-        package = TRACKERS[name]
-        if importlib.util.find_spec(package) is None:
-            raise ConfigError(
-                f"logging.report_to={name} needs the {package} package: pip install {package} "
-                "(or set logging.report_to=none)"
-            )
+    require_tracker_packages(cfg.logging.trackers, "logging.report_to")
 
 
 def _start_trackers(cfg: TrainConfig, accelerator: Any) -> None:
@@ -608,6 +600,7 @@ def train(
     *,
     logps_fn: LogpsFn | None = None,
     stop_after: int | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train the policy of ``cfg.model`` on ``cfg.data`` with loss ``cfg.loss``.
 
@@ -620,6 +613,8 @@ def train(
             completion log-probs (default :func:`inpo.logprobs.sequence_logps`).
         stop_after: stop, as if killed, once this many optimizer steps are done (for tests of
             resumption); the final model is not written.
+        on_metrics: called on the main process with each optimizer step's metrics row (as
+            written to ``metrics.jsonl``); ``inpo run`` sends them to its run's trackers.
 
     Returns:
         A :class:`TrainResult`. The output folder holds the model (safetensors), tokenizer,
@@ -710,6 +705,7 @@ def train(
         accelerator=accelerator,
         resume_step=start_step if resume_from is not None else None,
         enabled=is_main,
+        on_row=on_metrics,
     )
 
     def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> Path | None:
@@ -783,6 +779,8 @@ def train(
                 "tokens_per_s": s[5] / elapsed,
                 "truncated_prompts": int(s[6]),
                 "truncated_completions": int(s[7]),
+                "logps_chosen": s[8] / n_pairs,
+                "logps_rejected": s[9] / n_pairs,
             }
             metrics.log(row)
             bar.update(1)
@@ -827,7 +825,7 @@ def _step(
     """One optimizer step's forward/backward over this rank's share of ``step_rows``.
 
     Returns the step's diagnostic sums over *all* ranks (loss, margin, chosen/rejected rewards,
-    correct, tokens, truncated prompts and completions), the largest |margin|, and the row ids
+    correct, tokens, truncated prompts and completions, policy chosen/rejected log-probs), the largest |margin|, and the row ids
     whose loss was not finite on this rank.
     """
     from contextlib import nullcontext
@@ -843,7 +841,7 @@ def _step(
     buckets = 1 if _is_fsdp(model) else cfg.data.length_buckets
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
-    sums = torch.zeros(8, dtype=torch.float64)
+    sums = torch.zeros(10, dtype=torch.float64)
     abs_max = torch.zeros(1, dtype=torch.float64)
     bad: list[int] = []
     for m in range(n_micro):
@@ -892,6 +890,8 @@ def _step(
                     _pair_tokens(batch).double().cpu(),
                     batch["num_truncated_prompts"].double().cpu(),
                     batch["num_truncated_completions"].double().cpu(),
+                    logps[:b].detach().double().sum().cpu(),
+                    logps[b:].detach().double().sum().cpu(),
                 ]
             )
             abs_max = torch.maximum(abs_max, mg.abs().max().cpu().reshape(1))

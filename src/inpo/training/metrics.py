@@ -32,6 +32,8 @@ METRIC_FIELDS = (
     "tokens_per_s",
     "truncated_prompts",
     "truncated_completions",
+    "logps_chosen",
+    "logps_rejected",
 )
 
 
@@ -46,6 +48,8 @@ TRACKER_NAMES = {
     "grad_norm": "grad_norm",
     "lr": "learning_rate",
     "epoch": "epoch",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
 }
 
 
@@ -69,6 +73,7 @@ class MetricsLogger:
         resume_step: keep only rows with ``step <= resume_step`` already in the files
             (``None``: start the files afresh).
         enabled: ``False`` on non-main processes (writes nothing).
+        on_row: called with each row after it is written (e.g. ``inpo run``'s trackers).
     """
 
     def __init__(
@@ -78,8 +83,10 @@ class MetricsLogger:
         accelerator: Any = None,
         resume_step: int | None = None,
         enabled: bool = True,
+        on_row: Any = None,
     ):
         self.enabled = enabled
+        self.on_row = on_row
         self.jsonl = Path(output_dir) / "metrics.jsonl"
         self.csv = Path(output_dir) / "metrics.csv"
         self.accelerator = accelerator
@@ -115,6 +122,8 @@ class MetricsLogger:
             csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(tracker_row(row), step=int(row["step"]))
+        if self.on_row is not None:
+            self.on_row(row)
 
     def close(self) -> None:
         if self.accelerator is not None and self.accelerator.trackers:

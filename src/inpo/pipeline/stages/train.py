@@ -60,7 +60,7 @@ def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path
             optimizer=t.optimizer,
             epochs=t.epochs,
         ),
-        logging=LoggingConfig(progress_bar=True, report_to=t.report_to),
+        logging=LoggingConfig(progress_bar=True),
         seed=seed,
         bf16=t.bf16,
         fsdp=t.fsdp,
@@ -74,12 +74,15 @@ def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path
     return tc
 
 
-def work(ctx: Ctx, data: Path, policy: Path, seed: int, folder: Path) -> dict[str, Any]:
+def work(
+    ctx: Ctx, data: Path, policy: Path, seed: int, folder: Path, on_metrics: Any = None
+) -> dict[str, Any]:
+    """Train this rank's share; ``on_metrics`` (rank 0) receives each step's metrics row."""
     from inpo.training import train
 
     tc = train_config(ctx, data, policy, seed, folder / "model")
     stop = train_stop_after()
-    result = train(tc, stop_after=stop)
+    result = train(tc, stop_after=stop, on_metrics=on_metrics)
     if not result.finished:  # the test hook: die as a SIGKILL would, checkpoint written
         os.kill(os.getpid(), signal.SIGKILL)
     last = result.last_metrics or {}
