@@ -45,8 +45,39 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's ``#:`` comment (the lines just above it in the class body), joined."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        name = text.split(":", 1)[0]
+        if pending and name.isidentifier() and ":" in text and not text.startswith("def "):
+            docs[name] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def _one_line(doc: str, width: int = 96) -> str:
+    """The first sentence of ``doc``, cut to ``width`` characters."""
+    first = doc.replace("``", "").split(". ")[0].rstrip(".")
+    return first if len(first) <= width else first[: width - 1] + "…"
+
+
+def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) of every settable key of ``cls``, nested sections flattened
+    (an optional section such as ``model.lora`` lists its keys with their defaults)."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     out = []
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("secret"):
@@ -57,24 +88,47 @@ def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        if dataclasses.is_dataclass(default) or (
-            isinstance(tp, type) and dataclasses.is_dataclass(tp)
-        ):
-            out += _rows(
-                type(default) if default is not dataclasses.MISSING else tp, f"{prefix}{f.name}."
-            )
+        section = _section_class(tp, default)
+        if section is not None:
+            if default is None:  # optional: null turns it off; any key below turns it on
+                doc = docs.get(f.name, "")
+                out.append((prefix + f.name, "section or null", "null", _one_line(doc)))
+            out += _rows(section, f"{prefix}{f.name}.")
             continue
         shown = "(required)" if default is dataclasses.MISSING else json.dumps(default, default=str)
-        out.append((prefix + f.name, _type_name(tp), shown))
+        out.append((prefix + f.name, _type_name(tp), shown, _one_line(docs.get(f.name, ""))))
     return out
 
 
+def _section_class(tp: Any, default: Any) -> type | None:
+    """The dataclass a field holds (``X`` or ``X | None``), else ``None``."""
+    if dataclasses.is_dataclass(default):
+        return type(default)
+    for candidate in (tp, *typing.get_args(tp)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
 def key_table(kind: str) -> str:
-    """Every key of ``inpo run``/``inpo train``'s config: type and default (``--help`` shows it)."""
-    rows = _rows(_config_class(kind))
-    w1 = max(len(r[0]) for r in rows)
-    w2 = min(40, max(len(r[1]) for r in rows))
-    return "\n".join(f"  {k:{w1}}  {t:{w2}}  {d}" for k, t, d in rows)
+    """Every key of ``inpo run``/``inpo train``'s config: ``key  type = default`` and its
+    one-line doc beneath (``--help`` and ``inpo config keys`` show it)."""
+    lines = []
+    for key, tp, default, doc in _rows(_config_class(kind)):
+        lines.append(f"  {key}  {tp} = {default}")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def config_help(kind: str, usage: str, description: str, examples: str) -> str:
+    """The ``--help`` of ``inpo run``/``inpo train``: one style for both."""
+    return (
+        f"{usage}\n\n{description.strip()}\n\nexamples:\n{examples.rstrip()}\n\n"
+        "Later settings win: defaults < CONFIG.yaml < key=value. The resolved config:\n"
+        f"  inpo config show {kind} [CONFIG.yaml] [key=value ...]\n\n"
+        f"keys (section.key=value), type = default:\n{key_table(kind)}"
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-USAGE = """usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]
+USAGE = "usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
 
+DESCRIPTION = """
 Runs INPO (or algorithm=online_ipo|inpo_no_kl|dpo|ipo|sppo) for `iterations` rounds of
 generate → annotate → logps → train → evaluate, one folder per iteration and stage under
-run_dir (default ./inpo-run). Re-run the same command to continue an interrupted run.
+run_dir (default ./inpo-run). With no arguments: the embedded default task (no download, no
+GPU). Re-run the same command to continue an interrupted run.
+"""
 
-common keys: run_dir, task (default|prompts), algorithm, iterations, seed, eta, tau, beta,
-  policy, reference, prompts, generate.k, generate.temperature, generate.max_new_tokens,
-  annotate.oracle (task|task_bt|reward_model|pairwise|http), annotate.selection,
-  train.learning_rate, train.global_batch_size, train.per_device_batch_size
+EXAMPLES = """\
+  inpo run
+  inpo run run_dir=runs/inpo iterations=3 seed=0 report_to=tensorboard
+  inpo run task=prompts prompts=prompts.jsonl reference=MODEL_DIR annotate.oracle=reward_model annotate.model=RM_DIR
+  torchrun --standalone --nproc_per_node 2 -m inpo run run_dir=runs/two
 """
 
 
@@ -66,11 +70,9 @@ def load_run_config(path: Path | None, overrides: list[str]):
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        from inpo.commands.config import key_table
+        from inpo.commands.config import config_help
 
-        print(USAGE)
-        print("all keys (type, default; `inpo config show run` prints a resolved config):")
-        print(key_table("run"))
+        print(config_help("run", USAGE, DESCRIPTION, EXAMPLES))
         return 0
     path, overrides = parse_args(argv)
     cfg = load_run_config(path, overrides)

@@ -8,30 +8,35 @@ checkpoint in ``output_dir/checkpoints`` (``resume=auto``; ``resume=never`` star
 
 from __future__ import annotations
 
-import argparse
-
 __all__ = ["main"]
 
-_EPILOG = """\
-examples:
-  inpo train examples/train_inpo.yaml
-  inpo train examples/train_inpo.yaml output_dir=runs/it1 optim.max_steps=100
-  inpo train examples/train_inpo.yaml loss.name=dpo loss.eta=null loss.beta=0.1
+USAGE = "usage: inpo train [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
 
-output_dir gets the trained model (safetensors + tokenizer; loads with
+DESCRIPTION = """
+Trains a causal LM on preference pairs (TRL's formats) with INPO, IPO, DPO, SPPO or TODO.
+output_dir gets the trained model (safetensors + tokenizer + model card; loads with
 AutoModelForCausalLM.from_pretrained), train_config.yaml, metrics.jsonl/.csv and checkpoints/.
 Losses: inpo (needs ref_* and prev_* log-prob columns: run `inpo precompute` first), ipo, dpo,
 todo (reads a `tie` column), sppo (needs prev_* and chosen_winrate/rejected_winrate).
+Re-running the same command continues from the newest checkpoint (resume=never starts over).
+"""
+
+EXAMPLES = """\
+  inpo train examples/train_inpo.yaml
+  inpo train examples/train_inpo.yaml output_dir=runs/it1 optim.max_steps=100
+  inpo train --config examples/train_inpo.yaml loss.name=dpo loss.eta=null loss.beta=0.1
 """
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="inpo train",
-        description="Train a causal LM on preference pairs with INPO, IPO, DPO, SPPO or TODO.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from inpo.commands._args import ArgumentParser
+
+    if any(a in ("-h", "--help") for a in argv):
+        from inpo.commands.config import config_help
+
+        print(config_help("train", USAGE, DESCRIPTION, EXAMPLES))
+        return 0
+    parser = ArgumentParser(prog="inpo train", add_help=False)
     parser.add_argument("config", nargs="?", help="YAML config file (inpo.training.TrainConfig)")
     parser.add_argument(
         "--config", "-c", dest="config_flag", metavar="CONFIG.yaml", help="the same, as a flag"
@@ -42,10 +47,6 @@ def main(argv: list[str]) -> int:
         metavar="key=value",
         help="dotted overrides, e.g. optim.max_steps=10",
     )
-    if any(a in ("-h", "--help") for a in argv):
-        from inpo.commands.config import key_table
-
-        parser.epilog = (parser.epilog or "") + "\nall keys (type, default):\n" + key_table("train")
     args = parser.parse_args(argv)
     if args.config and "=" in args.config:  # `inpo train --config X.yaml key=value`
         args.overrides.insert(0, args.config)

@@ -48,11 +48,17 @@ ALGORITHMS: dict[str, dict[str, str]] = {
 class GenerateConfig:
     """Stage 1: ``k`` samples a prompt from ``π_t``."""
 
+    #: Samples a prompt (K; the tournament asks 3K/2 − 1 queries).
     k: int = 8
+    #: Sampling temperature (> 0: greedy decoding would give K identical samples).
     temperature: float = 1.0
+    #: Nucleus sampling: keep the smallest set of tokens with this much probability.
     top_p: float = 1.0
+    #: Longest response in tokens (longer samples are cut and counted as truncated).
     max_new_tokens: int = 512
+    #: Prompts a generation batch (samples do not depend on it: seeds are per sample).
     batch_size: int = 16
+    #: ``transformers`` (generate with a KV cache) or ``vllm`` (``pip install vllm``).
     backend: Literal["transformers", "vllm"] = "transformers"
 
     def validate(self) -> None:
@@ -80,14 +86,23 @@ class AnnotateConfig:
     ``url``; the key from the environment variable ``api_key_env``).
     """
 
+    #: Who labels the pairs: the task's own, its Bradley–Terry fit, a local model, an HTTP judge.
     oracle: Literal["task", "task_bt", "reward_model", "pairwise", "http"] = "task"
+    #: The reward or pairwise model (a folder or a cached hub id) for those oracles.
     model: str = ""
+    #: The OpenAI-compatible judge's base URL (``oracle=http``).
     url: str = ""
+    #: The model name the HTTP judge is asked for.
     judge_model: str = ""
+    #: The environment variable holding the judge's API key (never stored in a config).
     api_key_env: str = "OPENAI_API_KEY"
+    #: How pairs are chosen from K samples (auto: the algorithm's rule; INPO's tournament).
     selection: Literal["auto", "tournament", "best_worst", "all_pairs"] = "auto"
+    #: What a tied comparison does: first-listed wins, a coin flip, drop it, or keep a tie.
     tie_policy: Literal["first", "random", "drop", "tie"] = "first"
+    #: Binary labels (a Bernoulli draw from P(a ≻ b)) rather than the probability itself.
     hard_labels: bool = True
+    #: Prompts an oracle batch.
     batch_size: int = 64
 
     def validate(self) -> None:
@@ -103,19 +118,31 @@ class AnnotateConfig:
 class TrainStageConfig:
     """Stage 4: the training loop's settings (``inpo.training``) for each iteration."""
 
+    #: Peak learning rate (the paper's 5e-7 for 8B models).
     learning_rate: float = 5e-7
+    #: Decay after warm-up.
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    #: Fraction of the steps spent warming the learning rate up from 0.
     warmup_ratio: float = 0.03
+    #: Pairs an optimizer step, over all processes (gradient accumulation fills the rest).
     global_batch_size: int = 128
+    #: Pairs a forward pass on each process.
     per_device_batch_size: int = 8
+    #: Passes over each iteration's pairs.
     epochs: int = 1
+    #: Clip the gradient's global norm to this (null: no clipping).
     max_grad_norm: float | None = 1.0
+    #: AdamW (the paper's) or plain SGD.
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    #: Prompt tokens kept (the end is kept).
     max_prompt_length: int = 512
+    #: Response tokens kept (the start is kept).
     max_completion_length: int = 512
+    #: Recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = False
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
+    #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50
     #: The weights' dtype. Mixed precision is ``bf16`` (autocast over fp32 weights).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -127,7 +154,9 @@ class TrainStageConfig:
     lora: LoraSettings | None = None
     #: FSDP2 sharding across processes (``none`` = DDP; see ``inpo train``'s ``fsdp``).
     fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
+    #: FSDP: keep the sharded parameters and optimizer state in CPU memory.
     fsdp_cpu_offload: bool = False
+    #: FSDP: recompute each decoder layer's activations in the backward pass.
     fsdp_activation_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -166,7 +195,9 @@ class TrainStageConfig:
 class EvaluateConfig:
     """Stage 5: exact metrics where the task allows them, else oracle win rates."""
 
+    #: Held-out prompts evaluated (tasks with exact metrics use all of theirs).
     num_prompts: int = 64
+    #: Responses sampled a held-out prompt for the win rate.
     k: int = 1
 
     def validate(self) -> None:
@@ -179,28 +210,38 @@ class EvaluateConfig:
 class RunConfig:
     """Top level of ``inpo run`` (see the README)."""
 
+    #: The run's folder: one sub-folder per iteration and stage; re-run to continue.
     run_dir: str = "inpo-run"
+    #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
     task: str = "default"
+    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo: the loss and the selection rule.
     algorithm: str = "inpo"
+    #: Rounds of generate → annotate → logps → train → evaluate.
     iterations: int = 3
+    #: Seeds sampling, labels and training (each stage derives its own).
     seed: int = 0
+    #: INPO's η: the step is 1/η; the loss's target margin is 1/(2η).
     eta: float = 0.005
+    #: INPO's τ: the KL strength towards π_ref (null: η/3, the paper's).
     tau: float | None = None
+    #: β of DPO and IPO.
     beta: float = 0.1
-    #: The starting policy π_0 and the reference π_ref: local model folders; empty = the
-    #: task's reference model (the default task builds one by a short SFT, cached).
+    #: The starting policy π_0: a model folder or cached hub id (empty: the reference).
     policy: str = ""
+    #: The reference π_ref: a model folder or cached hub id (empty: the task's own; the
+    #: default task builds one by a short SFT, cached).
     reference: str = ""
-    #: Prompts for a non-default task: JSONL/Parquet/`datasets` folder in TRL's prompt-only
+    #: Training prompts (task=prompts): JSONL/Parquet/`datasets` folder in TRL's prompt-only
     #: format (a ``prompt`` column of text or messages).
     prompts: str = ""
+    #: Held-out evaluation prompts, in the same format as ``prompts``.
     eval_prompts: str = ""
-    #: Use only the first ``max_prompts`` training prompts (null: all); each is sampled
-    #: ``prompt_repeats`` times per iteration (``K`` fresh samples and one selection each).
+    #: Use only the first this many training prompts (null: all).
     max_prompts: int | None = None
+    #: Times each prompt is sampled an iteration (K fresh samples and one selection each).
     prompt_repeats: int = 1
-    #: Experiment trackers through accelerate, one run for the whole pipeline: ``tensorboard``,
-    #: ``wandb``, ``mlflow``, ``trackio`` (local-first), … (several with commas; none: off).
+    #: Trackers for the whole run, via accelerate: tensorboard, wandb, mlflow, trackio, … (commas).
+    #: One tracker run; trackio is the local-first choice (``pip install trackio``).
     report_to: str = "none"
     #: The trackers' project (null: ``$WANDB_PROJECT`` if set, else ``inpo``).
     project: str | None = None

@@ -51,9 +51,13 @@ _HPARAMS = ("eta", "tau", "beta", "alpha", "label_smoothing")
 class LoraSettings:
     """LoRA adapter (Hu et al. 2021) via PEFT; merged into the weights when the model is saved."""
 
+    #: The adapter's rank.
     r: int = 16
+    #: LoRA's scale numerator (the update is scaled by alpha / r).
     alpha: float = 32.0
+    #: Dropout on the adapter's input.
     dropout: float = 0.0
+    #: The modules that get an adapter.
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -71,10 +75,15 @@ class LoraSettings:
 class ModelConfig:
     """The policy to train: a local ``from_pretrained`` folder (``trust_remote_code`` stays off)."""
 
+    #: The policy to train: a ``save_pretrained`` folder or a hub id in the local HF cache.
     path: str = ""
+    #: The weights' dtype (mixed precision is ``bf16``: autocast over fp32 weights).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: Recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = False
+    #: ``sdpa``, ``eager``, ``flash_attention_2``… (null: the model's default).
     attn_implementation: str | None = None
+    #: A LoRA adapter (``model.lora.r=16`` …; null: full fine-tuning), merged when saved.
     lora: LoraSettings | None = None
 
     def validate(self) -> None:
@@ -86,13 +95,18 @@ class ModelConfig:
 class DataConfig:
     """The preference pairs (see :func:`inpo.data.load_preference_dataset`)."""
 
+    #: Pairs in TRL's preference format: JSONL/JSON/Parquet, or a ``datasets`` folder.
     train_file: str = ""
+    #: The split of a ``datasets`` folder with several (null: its only one, or ``train``).
     split: str | None = None
-    #: Truncation (prompt: keep the end; completion: keep the start). Use the limits that
-    #: ``inpo precompute`` used, so reference log-probs score the same tokens (null: no limit).
+    #: Prompt tokens kept, from the end (null: no limit). Use the limits that ``inpo
+    #: precompute`` used, so reference log-probs score the same tokens.
     max_prompt_length: int | None = 512
+    #: Response tokens kept, from the start (null: no limit); as ``inpo precompute`` used.
     max_completion_length: int | None = 512
+    #: Skip and count malformed rows instead of stopping at the first (named) one.
     skip_bad_rows: bool = False
+    #: Shuffle the pairs each epoch (seeded).
     shuffle: bool = True
     #: Sort the micro-batches of each optimizer step by length, so that each is padded to a
     #: similar length. The step's gradient is a sum over its pairs, so this changes no maths.
@@ -128,11 +142,17 @@ class LossConfig:
     Unset hyper-parameters take :data:`PAPER_DEFAULTS`; INPO's ``tau`` defaults to ``eta / 3``.
     """
 
+    #: inpo | ipo | ipo_length_normalized | dpo | sppo | todo.
     name: str = "inpo"
+    #: INPO/SPPO's η (null: the paper's, 0.005 for INPO, 1e-3 for SPPO).
     eta: float | None = None
+    #: INPO's τ (null: η/3).
     tau: float | None = None
+    #: β of DPO, IPO and TODO (null: 0.1).
     beta: float | None = None
+    #: TODO's tie margin α.
     alpha: float | None = None
+    #: DPO's label smoothing (conservative DPO).
     label_smoothing: float | None = None
 
     def hparams(self) -> dict[str, float]:
@@ -202,18 +222,31 @@ class OptimConfig:
     ``ceil(global / (per_device × processes))``. ``max_steps`` (if set) overrides ``epochs``.
     """
 
+    #: Peak learning rate (the paper's 5e-7 for 8B models).
     learning_rate: float = 5e-7
+    #: Decay after warm-up.
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    #: Fraction of the steps spent warming the learning rate up from 0.
     warmup_ratio: float = 0.03
+    #: Pairs an optimizer step, over all processes (gradient accumulation fills the rest).
     global_batch_size: int = 128
+    #: Pairs a forward pass on each process.
     per_device_batch_size: int = 8
+    #: Clip the gradient's global norm to this (null: no clipping).
     max_grad_norm: float | None = 1.0
+    #: AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    #: AdamW (the paper's) or plain SGD.
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    #: AdamW's β₁.
     adam_beta1: float = 0.9
+    #: AdamW's β₂.
     adam_beta2: float = 0.999
+    #: AdamW's ε.
     adam_epsilon: float = 1e-8
+    #: Passes over the data.
     epochs: int = 1
+    #: Stop after this many optimizer steps (null: ``epochs`` decide).
     max_steps: int | None = None
 
     def validate(self) -> None:
@@ -270,8 +303,11 @@ class LoggingConfig:
     commas), under TRL's metric names (``rewards/chosen``, ``rewards/margins``, …).
     ``project``: the tracker's project (default: ``$WANDB_PROJECT`` if set, else ``inpo``)."""
 
+    #: Experiment trackers through accelerate: tensorboard, wandb, mlflow, trackio, … (commas).
     report_to: str = "none"
+    #: The trackers' project (null: ``$WANDB_PROJECT`` if set, else ``inpo``).
     project: str | None = None
+    #: Show the training progress bar (on the main process).
     progress_bar: bool = True
 
     @property
@@ -294,12 +330,14 @@ class LoggingConfig:
 class TrainConfig:
     """Top level of ``inpo train``'s config (see ``examples/train_inpo.yaml``)."""
 
+    #: Where the model, its card, metrics and checkpoints go.
     output_dir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: Seeds data order, dropout and LoRA initialisation.
     seed: int = 42
     #: bf16 autocast over the fp32 (``model.dtype``) master weights: ``auto`` uses it only
     #: where CUDA supports bf16.
