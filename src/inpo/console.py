@@ -2,17 +2,29 @@
 
 :func:`quiet_libraries` turns off the progress bars and info chatter of transformers, datasets
 and huggingface_hub ("Loading weights", "Saving the dataset", "Writing model shards"), which
-say nothing to a user of ``inpo`` and drown its own lines; ``inpo``'s own bars (tqdm) stay.
-It only sets the libraries' own environment switches (before they are imported; a value the
-user set wins), so it costs nothing and imports nothing. ``INPO_LIBRARY_PROGRESS=1`` keeps
-the libraries' bars (for debugging a slow load).
+say nothing to a user of ``inpo`` and drown its own lines. It only sets the libraries' own
+environment switches (before they are imported; a value the user set wins), so it costs
+nothing and imports nothing. ``INPO_LIBRARY_PROGRESS=1`` keeps the libraries' bars (for
+debugging a slow load).
+
+:func:`progress` is ``inpo``'s one progress display for a unit of work (a stage, the training
+loop, the reference's fine-tune): on a terminal a ``rich`` bar with counts, elapsed time, ETA
+and live figures (loss, tokens/s), cleared when the work ends (the stage's one-line result
+stays); in a log file or a CI console (not a terminal) no bar — a plain line every
+``INPO_PROGRESS_SECONDS`` seconds (default 30) with the count, the rate and the ETA, so a long
+stage still shows it is moving. Off on ranks other than 0, with ``-q`` and with
+``TQDM_DISABLE=1``.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["quiet_libraries", "set_verbosity", "verbosity"]
+import sys
+import time
+from typing import Any
+
+__all__ = ["progress", "quiet_libraries", "set_verbosity", "verbosity"]
 
 #: ``-q``: only results and errors; ``-v``: also ``inpo``'s info logs and the libraries' bars;
 #: ``-vv``: debug logs too.
@@ -56,3 +68,119 @@ def quiet_libraries() -> None:
         return
     for key, value in _SWITCHES.items():
         os.environ.setdefault(key, value)
+
+
+def _progress_off() -> bool:
+    return verbosity() < 0 or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+def progress(total: int, desc: str, *, enabled: bool = True, initial: int = 0, unit: str = ""):
+    """A progress display for ``total`` units of work (see the module docstring).
+
+    Returns an object with ``update(n=1)``, ``set_postfix(**figures)`` and ``close()`` (also a
+    context manager). ``enabled=False`` (e.g. on ranks other than 0) gives one that does
+    nothing.
+    """
+    if not enabled or total <= 0 or _progress_off():
+        return _Silent()
+    stream = sys.stderr
+    if getattr(stream, "isatty", lambda: False)() and os.environ.get("TERM") != "dumb":
+        return _RichBar(total, desc, initial, unit)
+    return _PlainLines(total, desc, initial, unit, stream)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **figures: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _PlainLines(_Silent):
+    """Not a terminal: a line now and then, never a carriage return."""
+
+    def __init__(self, total: int, desc: str, initial: int, unit: str, stream: Any):
+        self.total, self.desc, self.n, self.unit, self.stream = total, desc, initial, unit, stream
+        self.start_n = initial
+        self.t0 = self.last = time.monotonic()
+        try:
+            self.every = float(os.environ.get("INPO_PROGRESS_SECONDS", "30"))
+        except ValueError:
+            self.every = 30.0
+        self.figures: dict[str, Any] = {}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            elapsed = now - self.t0
+            rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+            eta = _clock((self.total - self.n) / rate) if rate > 0 else "?"
+            figures = "".join(f", {k} {v}" for k, v in self.figures.items())
+            pct = 100 * self.n / self.total
+            print(
+                f"  {self.desc}: {self.n}/{self.total}{self.unit} ({pct:.0f}%), "
+                f"{_clock(elapsed)} elapsed, eta {eta}{figures}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def set_postfix(self, **figures: Any) -> None:
+        self.figures = figures
+
+
+class _RichBar(_Silent):
+    """A terminal: a rich bar, removed when the work ends."""
+
+    def __init__(self, total: int, desc: str, initial: int, unit: str):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("  [bold]{task.description}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TextColumn(unit) if unit else TextColumn(""),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[figures]}"),
+            console=Console(file=sys.stderr),
+            transient=True,
+        )
+        self.task = self.progress.add_task(desc, total=total, completed=initial, figures="")
+        self.progress.start()
+
+    def update(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def set_postfix(self, **figures: Any) -> None:
+        text = "  ".join(f"{k} {v}" for k, v in figures.items())
+        self.progress.update(self.task, figures=text)
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -246,11 +246,11 @@ def precompute_logps(
     )
     chosen = [0.0] * len(rows)
     rejected = [0.0] * len(rows)
-    n_batches = -(-len(order) // batch_size)
-    with torch.no_grad():
-        for k, start in enumerate(range(0, len(order), batch_size)):
-            if k and k % max(1, n_batches // 10) == 0:
-                log.info("scored %d / %d pairs", start, len(order))
+    from inpo.console import progress
+
+    bar = progress(len(order), f"log-probs ({columns})", enabled=dist.is_main, unit=" pairs")
+    with torch.no_grad(), bar:
+        for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collator([rows[i] for i in idx])
             logps = sequence_logps(
@@ -264,6 +264,7 @@ def precompute_logps(
             for j, i in enumerate(idx):
                 chosen[i] = float(logps[j])
                 rejected[i] = float(logps[b + j])
+            bar.update(b)
     if dist.world > 1:
         truncated = (collator.truncated_prompts, collator.truncated_completions)
         parts = dist.gather(

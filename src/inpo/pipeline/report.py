@@ -121,12 +121,31 @@ def iteration_summary(rows: Sequence[dict[str, Any]]) -> str:
         if key == "win_rate_vs_ref" and now.get("win_rate_ci"):
             lo, hi = now["win_rate_ci"]
             extra = f"  [{lo:.3f}, {hi:.3f}]"
-        lines.append(f"  {label:{width}}  {_fmt(prev):>10}  {_fmt(value):>10}  {change:>10}{extra}")
+        row = f"  {label:{width}}  {_fmt(prev):>10}  {_fmt(value):>10}  {change:>10}{extra}"
+        lines.append(row.rstrip())
     seconds = now.get("seconds")
     if isinstance(seconds, dict) and seconds:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if v is not None)
         total = sum(v for v in seconds.values() if v is not None)
         lines.append(f"  seconds: {total:.1f} ({parts})")
+    return "\n".join(lines)
+
+
+def run_summary(rows: Sequence[dict[str, Any]], seconds: float) -> str:
+    """The end of a run in a few lines: each headline metric from π_0 to the last iterate."""
+    first, last = rows[0], rows[-1]
+    lines = [
+        f"done: {last.get('algorithm')}, {last.get('iteration')} iteration(s) in {seconds:.1f}s"
+        f", {last.get('oracle_queries_total', 0)} oracle queries"
+    ]
+    for key, label, _ in SUMMARY[:5]:
+        a, b = first.get(key), last.get(key)
+        if not (isinstance(a, int | float) and isinstance(b, int | float)):
+            continue
+        ratio = f"  ({b / a:.2f}× π_0's)" if key == "duality_gap" and a > 0 else ""
+        ci = last.get("win_rate_ci") if key == "win_rate_vs_ref" else None
+        interval = f"  95% [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        lines.append(f"  {label:18}  {_fmt(a):>8} → {_fmt(b):<8}{ratio}{interval}".rstrip())
     return "\n".join(lines)
 
 

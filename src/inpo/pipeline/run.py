@@ -76,10 +76,18 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 
 def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     from inpo.oracles.cache import merge_rank_caches
-    from inpo.pipeline.report import iteration_summary, write_metrics, write_report
+    from inpo.pipeline.report import iteration_summary, run_summary, write_metrics, write_report
     from inpo.pipeline.workloads import get_workload
 
+    import time
+
+    started = time.time()
     ctx = Ctx(cfg, run_dir, dist, log)
+    procs = f", {dist.world} processes" if dist.world > 1 else ""
+    ctx.log(
+        f"inpo run: {cfg.algorithm} on task '{cfg.task}', {cfg.iterations} iteration(s), "
+        f"K = {cfg.generate.k}{procs} → {run_dir}"
+    )
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         # answers a killed multi-process run left in its rank files join the shared cache
@@ -92,11 +100,15 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         try:
             # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
             if dist.is_main:
+                t0 = time.time()
                 ref = (
                     resolve_model(cfg.reference, "reference")
                     if cfg.reference
                     else workload.reference_model(run_dir)
                 )
+                took = time.time() - t0
+                built = f"built in {took:.1f}s, cached" if took > 1 else "ready"
+                ctx.log(f"[reference] π_ref {built}: {ref}")
             dist.barrier()
             if not dist.is_main:
                 ref = (
@@ -223,6 +235,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     if dist.is_main:
         write_metrics(run_dir, rows)
         write_report(run_dir, rows, cfg)
+        ctx.log(run_summary(rows, time.time() - started))
     dist.barrier()
     return run_dir
 

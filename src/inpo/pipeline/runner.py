@@ -22,7 +22,37 @@ from inpo.errors import InpoError
 from inpo.pipeline.artifacts import IDENTITY, check_stage, finish_stage, start_stage
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["Interrupted", "StageRunner", "stop_signals"]
+__all__ = ["Interrupted", "StageRunner", "stage_result", "stop_signals"]
+
+
+def stage_result(name: str, summary: Any) -> str:
+    """What a finished stage produced, in a few words (``": 672 prompts × 8 samples"``)."""
+    if not isinstance(summary, dict):
+        return ""
+    s = summary
+    parts: list[str] = []
+    if name == "generate" and "prompts" in s:
+        k = s.get("samples", 0) // max(1, s["prompts"])
+        parts.append(f"{s['prompts']} prompts × {k} samples")
+        if s.get("truncated"):
+            parts.append(f"{s['truncated']} cut at max_new_tokens")
+    elif name == "annotate" and "pairs" in s:
+        parts.append(f"{s['pairs']} pairs from {s.get('oracle_queries', 0)} oracle queries")
+        fresh = s.get("backend_queries")
+        if fresh is not None and fresh != s.get("oracle_queries"):
+            parts.append(f"{fresh} asked anew")
+        if s.get("ties"):
+            parts.append(f"{s['ties']} ties")
+    elif name == "logps" and s.get("columns"):
+        parts.append(f"{len(s['columns'])} log-prob columns")
+    elif name == "train" and "steps" in s:
+        loss = s.get("loss")
+        parts.append(f"{s['steps']} steps" + (f", last loss {loss:.4g}" if loss is not None else ""))
+    elif name == "evaluate":
+        for key, label in (("duality_gap", "duality gap"), ("win_rate_vs_ref", "win rate")):
+            if isinstance(s.get(key), int | float):
+                parts.append(f"{label} {s[key]:.4g}")
+    return f": {', '.join(parts)}" if parts else ""
 
 
 class Interrupted(InpoError):
@@ -104,6 +134,6 @@ class StageRunner:
                 summary=summary,
                 started=started,
             )
-            ctx.log(f"[{rel}] done in {manifest['seconds']:.1f}s")
+            ctx.log(f"[{rel}] done in {manifest['seconds']:.1f}s{stage_result(name, summary)}")
         summary = dist.broadcast(summary)
         return folder, summary

@@ -11,7 +11,7 @@ from typing import Any
 from inpo.distributed import Dist
 from inpo.pipeline.config import RunConfig
 
-__all__ = ["Ctx", "load_model", "quiet_unless_main", "stage_seed"]
+__all__ = ["Ctx", "load_model", "stage_seed"]
 
 
 @dataclass
@@ -43,9 +43,3 @@ def stage_seed(cfg: RunConfig, iteration: int, what: str) -> int:
     """The seed of one stage of one iteration (``what``: ``gen``, ``train``)."""
     digest = hashlib.sha256(f"{cfg.seed}:{iteration}:{what}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def quiet_unless_main(dist: Dist) -> dict[str, bool]:
-    """tqdm keyword arguments: no bar on ranks other than 0. Rank 0 passes no ``disable``, so
-    tqdm's own default and ``TQDM_DISABLE`` still decide there."""
-    return {} if dist.is_main else {"disable": True}

@@ -266,6 +266,7 @@ class DefaultTask:
             learning_rate=c.sft_learning_rate,
             seed=c.seed,
             pad_token_id=tok.pad_token_id,
+            desc="π_ref (SFT)",
         )
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id

@@ -714,15 +714,14 @@ def train(
         )
 
     # ---- the loop ------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    from inpo.console import progress
 
-    bar = tqdm(
-        total=total_steps,
+    bar = progress(
+        total_steps,
+        f"train {spec.name}",
+        enabled=is_main and cfg.logging.progress_bar,  # and not with -q or TQDM_DISABLE=1
         initial=start_step,
-        desc=f"train {spec.name}",
-        # off on other ranks or when asked; else tqdm's own default and TQDM_DISABLE decide
-        **({} if is_main and cfg.logging.progress_bar else {"disable": True}),
-        dynamic_ncols=True,
+        unit=" steps",
     )
     row = None
     order: list[int] = []

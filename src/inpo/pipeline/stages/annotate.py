@@ -18,7 +18,7 @@ from inpo.distributed import shard
 from inpo.errors import InpoError
 from inpo.pipeline.faults import fault
 from inpo.pipeline.oracle import oracle_prompt
-from inpo.pipeline.runtime import Ctx, quiet_unless_main
+from inpo.pipeline.runtime import Ctx
 
 __all__ = ["merge", "work"]
 
@@ -71,7 +71,7 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
 
 
 def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
-    from tqdm import tqdm
+    from inpo.console import progress
 
     dist, cfg = ctx.dist, ctx.cfg
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
@@ -80,7 +80,7 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
     rule, bs = cfg.selection(), cfg.annotate.batch_size
     pairs, queries = [], 0
-    bar = tqdm(total=len(mine), desc=f"annotate ({rule})", leave=False, **quiet_unless_main(dist))
+    bar = progress(len(mine), f"annotate ({rule})", enabled=dist.is_main, unit=" prompts")
     for start in range(0, len(mine), bs):
         if start:
             fault("annotate", start // bs)

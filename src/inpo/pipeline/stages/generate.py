@@ -16,7 +16,7 @@ from typing import Any
 from inpo.distributed import shard
 from inpo.errors import DataError
 from inpo.pipeline.faults import fault
-from inpo.pipeline.runtime import Ctx, load_model, quiet_unless_main
+from inpo.pipeline.runtime import Ctx, load_model
 
 __all__ = ["merge", "work"]
 
@@ -34,8 +34,7 @@ def _valid_lines(path: Path) -> list[str]:
 
 
 def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) -> None:
-    from tqdm import tqdm
-
+    from inpo.console import progress
     from inpo.generation import GenerationSettings, generate_chunks
 
     g, dist = ctx.cfg.generate, ctx.dist
@@ -63,8 +62,10 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
                 fh.write(json.dumps({"index": i, "responses": responses, "truncated": 0}) + "\n")
         return
     model, tok = load_model(policy, dist.device)
-    bar = tqdm(
-        total=len(todo), desc="generate", leave=False, **quiet_unless_main(dist), dynamic_ncols=True
+    done_before = len(shard(prompts, dist.rank, dist.world)) - len(todo)
+    bar = progress(
+        done_before + len(todo), "generate", enabled=dist.is_main, initial=done_before,
+        unit=" prompts",
     )
     with open(own, "a") as fh:
         for start, samples, truncated in generate_chunks(
