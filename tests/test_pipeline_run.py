@@ -418,3 +418,43 @@ def test_report_to_is_checked_before_any_model_loads(override, needle):
         pytest.skip("wandb is installed here")
     with pytest.raises(ConfigError, match=needle):
         load_run_config(None, [override])
+
+
+def test_prompts_from_a_hub_dataset_in_the_cache_or_a_folder_of_files(tmp_path, monkeypatch):
+    """`prompts=acme/prompts prompts_split=… eval_prompts_split=…`: read through
+    `datasets.load_dataset` from the local Hugging Face cache (nothing downloads), or from a
+    plain folder of data files; a split that is not there is one line naming the splits."""
+    from inpo.commands.run import load_run_config
+    from inpo.errors import ConfigError, DataError
+    from inpo.pipeline.workloads import PromptFileWorkload, load_prompts
+
+    repo = tmp_path / "hub" / "datasets--acme--prompts"
+    snap = repo / "snapshots" / "feed"
+    (snap / "data").mkdir(parents=True)
+    (snap / "data" / "train.jsonl").write_text('{"prompt": "say red"}\n{"prompt": "say blue"}\n')
+    (snap / "data" / "test.jsonl").write_text('{"prompt": "describe a circle"}\n')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("feed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    policy = ToyTask(tmp_path).reference_model(tmp_path)
+    cfg = load_run_config(
+        None,
+        [
+            "task=prompts",
+            "prompts=acme/prompts",
+            "eval_prompts=acme/prompts",
+            "eval_prompts_split=test",
+            f"reference={policy}",
+        ],
+    )
+    work = PromptFileWorkload(cfg)
+    assert work.train_prompts() == ["say red", "say blue"]
+    assert work.eval_prompts() == ["describe a circle"]
+    assert load_prompts(snap / "data", split="test") == ["describe a circle"]
+    with pytest.raises(DataError, match=r"split 'dev' not found \(splits: train, test\)"):
+        load_prompts("acme/prompts", split="dev")
+    with pytest.raises(ConfigError, match="prompts 'acme/other' is not a local file"):
+        load_run_config(None, ["task=prompts", "prompts=acme/other", f"reference={policy}"])

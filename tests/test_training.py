@@ -574,3 +574,39 @@ def test_a_hub_id_in_the_local_cache_is_a_model_path(tiny, tmp_path, monkeypatch
     assert result.finished and (out / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match=r"'acme/other' is not a local folder.*hf download"):
         train(make_cfg(tiny, tmp_path / "x", "model.path=acme/other"))
+
+
+def test_a_hub_dataset_in_the_local_cache_trains_as_its_file_does(tiny, tmp_path, monkeypatch):
+    """`data.dataset_name=acme/prefs` (+ `data.split`) reads a hub dataset through
+    `datasets.load_dataset` from the local cache (laid out as huggingface_hub writes it; parquet
+    files, two splits) and trains the same weights as the same rows from a file; the model card
+    names the dataset; an id that is not cached is one line; nothing is downloaded."""
+    from inpo.data import load_preference_dataset
+
+    _, data = tiny
+    rows = load_preference_dataset(data).remove_columns("row_id")
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--acme--prefs"
+    snap = repo / "snapshots" / "0123abcd"
+    (snap / "data").mkdir(parents=True)
+    rows.to_parquet(str(snap / "data" / "train-00000-of-00001.parquet"))
+    rows.select(range(4)).to_parquet(str(snap / "data" / "test-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert len(load_preference_dataset("acme/prefs", split="test")) == 4
+    hub = train(
+        make_cfg(tiny, tmp_path / "hub_run", "data.train_file=", "data.dataset_name=acme/prefs")
+    )
+    from_file = train(make_cfg(tiny, tmp_path / "file_run"))
+    a, b = weights(hub.output_dir), weights(from_file.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = (hub.output_dir / "README.md").read_text()
+    assert "datasets:\n- acme/prefs" in card
+    with pytest.raises(ConfigError, match=r"'acme/nope' is not a local file.*--repo-type dataset"):
+        make_cfg(tiny, tmp_path / "x", "data.train_file=", "data.dataset_name=acme/nope")
+    with pytest.raises(ConfigError, match="set one of data.train_file"):
+        make_cfg(tiny, tmp_path / "x", "data.dataset_name=acme/prefs")  # both

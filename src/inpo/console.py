@@ -19,7 +19,6 @@ stage still shows it is moving. Off on ranks other than 0, with ``-q`` and with
 from __future__ import annotations
 
 import os
-
 import sys
 import time
 from typing import Any
@@ -107,7 +106,7 @@ class _Silent:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 

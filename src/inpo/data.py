@@ -66,8 +66,61 @@ Text = str | list[dict[str, str]]
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_records(path: Path, split: str | None) -> list[Any]:
-    """Return the raw rows of ``path`` (one entry per source row, in file order)."""
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_dataset_rows(
+    source: str | Path, *, config: str | None = None, split: str | None = None, key: str = "data"
+) -> list[dict[str, Any]]:
+    """The rows of a dataset that ``datasets.load_dataset`` reads: a folder of data files
+    (Parquet/JSON/CSV, with or without a dataset card), or a hub id already in the local
+    Hugging Face cache (resolved offline: nothing is downloaded). ``split`` defaults to
+    ``train`` (or the only split); ``key`` names the setting in errors."""
+    from inpo.hub import looks_like_hub_id, resolve_dataset
+
+    name = str(source)
+    folder = resolve_dataset(name, key) if looks_like_hub_id(name) else Path(source)
+    where = name if key == name else f"{key} '{name}'"
+    suffixes = (".parquet", ".jsonl", ".json", ".csv", ".arrow", ".txt")
+    if not any(p.suffix in suffixes for p in folder.rglob("*") if p.is_file()):
+        raise DataError(
+            f"{where}: neither a `datasets.save_to_disk` folder nor a folder of data files "
+            f"({', '.join(suffixes)})"
+        )
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(folder), name=config)
+    except Exception as err:  # datasets' own errors: a bad config name, no data files, …
+        while err.__cause__ is not None or err.__context__ is not None:  # the root cause says why
+            err = err.__cause__ or err.__context__
+        text = str(err).strip()
+        first = (
+            f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+        )
+        raise DataError(f"{where}: datasets.load_dataset cannot read it ({first})") from None
+    names = list(loaded)
+    chosen = split if split is not None else ("train" if "train" in loaded else None)
+    if chosen is None and len(names) == 1:
+        chosen = names[0]
+    if chosen not in loaded:
+        raise DataError(
+            f"{where}: split '{split}' not found (splits: {', '.join(names)})"
+            if split is not None
+            else f"{where}: several splits ({', '.join(names)}); choose one with a split key"
+        )
+    return loaded[chosen].to_list()
+
+
+def _read_records(path: Path, split: str | None, config: str | None = None) -> list[Any]:
+    """Return the raw rows of ``path`` (one entry per source row, in file order): a file, a
+    ``save_to_disk`` folder, a folder of data files or a cached hub dataset id."""
+    from inpo.hub import looks_like_hub_id
+
+    if looks_like_hub_id(path) or (path.is_dir() and not _is_saved_dataset(path)):
+        return load_dataset_rows(path, config=config, split=split, key=str(path))
     if path.is_dir():
         import datasets
 
@@ -293,6 +346,7 @@ def load_preference_dataset(
     split: str | None = None,
     skip_bad_rows: bool = False,
     keep_columns: bool = False,
+    config: str | None = None,
 ) -> datasets.Dataset:
     """Load and validate a preference dataset into a ``datasets.Dataset``.
 
@@ -300,7 +354,9 @@ def load_preference_dataset(
         path: a ``.jsonl`` / ``.json`` (a list of rows, a dict of columns, or a dict of splits) /
             ``.parquet`` file, or a folder written by ``datasets.save_to_disk`` (a ``Dataset`` or a
             ``DatasetDict``; ``split`` picks one, default ``"train"`` or the only split).
-        split: the split to read (folders with a ``DatasetDict`` and JSON dicts of splits).
+        split: the split to read (folders with a ``DatasetDict``, JSON dicts of splits, hub
+            datasets; default ``train`` or the only split).
+        config: a hub dataset's configuration (``datasets.load_dataset``'s ``name``).
         skip_bad_rows: skip malformed rows instead of raising; they are counted.
         keep_columns: carry the source's other columns (``source``, ``score``, …) through
             unchanged (``inpo precompute`` does, so a user's columns survive it).
@@ -328,7 +384,7 @@ def load_preference_dataset(
     import datasets
 
     path = Path(path)
-    records = _read_records(path, split)
+    records = _read_records(path, split, config)
     if not records:
         raise DataError(f"{path}: no rows")
     first = records[0] if isinstance(records[0], Mapping) else {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from inpo.errors import ConfigError
 
-__all__ = ["resolve_model"]
+__all__ = ["looks_like_hub_id", "resolve_dataset", "resolve_model"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
@@ -41,3 +41,28 @@ def resolve_model(name: str | Path, key: str) -> Path:
             f"(`hf download {text}`) or give a folder"
         )
     raise ConfigError(f"{key} '{text}' does not exist (a model folder or a cached hub id)")
+
+
+def looks_like_hub_id(name: str | Path) -> bool:
+    """``owner/name`` that is not an existing path."""
+    return bool(_REPO_ID.fullmatch(str(name))) and not Path(name).expanduser().exists()
+
+
+def resolve_dataset(name: str, key: str) -> Path:
+    """The local snapshot folder of hub dataset ``name`` in the Hugging Face cache (nothing is
+    downloaded); ``key`` names the setting in errors (``data.dataset_name``, ``prompts`` …)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True))
+    except ImportError:  # pragma: no cover - huggingface_hub comes with datasets
+        pass
+    except Exception:  # not cached: said below
+        pass
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    raise ConfigError(
+        f"{key} '{name}' is not a local file or folder, nor a hub dataset in the local Hugging "
+        f"Face cache ({HF_HUB_CACHE}); nothing is downloaded at run time: fetch it first "
+        f"(`hf download --repo-type dataset {name}`) or give a file or folder"
+    )

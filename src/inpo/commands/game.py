@@ -166,10 +166,10 @@ def main(argv: list[str]) -> int:
     shape = p.shape[:2]
     ref = _load_reference(args.reference, shape) if args.reference else np.full(shape, 1 / shape[1])
 
-    from tqdm import tqdm
+    from inpo.console import progress
 
     total = args.iterations * len(names)
-    bar = tqdm(total=total, desc="inpo game", disable=total < 2000 or None, file=sys.stderr)
+    bar = progress(total, "inpo game", enabled=total >= 2000, unit=" iterations")
     results: dict[str, dict] = {}
     for name in names:
         try:

@@ -236,6 +236,12 @@ class RunConfig:
     prompts: str = ""
     #: Held-out evaluation prompts, in the same format as ``prompts``.
     eval_prompts: str = ""
+    #: The split of ``prompts`` when it is a hub dataset or a folder of data files (null: train).
+    prompts_split: str | None = None
+    #: The split of ``eval_prompts`` when it is a hub dataset or a folder of data files.
+    eval_prompts_split: str | None = None
+    #: The configuration of a hub dataset given as ``prompts``/``eval_prompts``.
+    dataset_config: str | None = None
     #: Use only the first this many training prompts (null: all).
     max_prompts: int | None = None
     #: Times each prompt is sampled an iteration (K fresh samples and one selection each).
@@ -303,9 +309,13 @@ class RunConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         from pathlib import Path
 
+        from inpo.hub import looks_like_hub_id, resolve_dataset
+
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
-            if value and not Path(value).exists():
+            if value and looks_like_hub_id(value):
+                resolve_dataset(value, key)  # in the local cache, or one line saying how
+            elif value and not Path(value).exists():
                 raise ConfigError(f"{key}: path '{value}' does not exist")
         from inpo.hub import resolve_model
 

@@ -75,11 +75,11 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 
 
 def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
+    import time
+
     from inpo.oracles.cache import merge_rank_caches
     from inpo.pipeline.report import iteration_summary, run_summary, write_metrics, write_report
     from inpo.pipeline.workloads import get_workload
-
-    import time
 
     started = time.time()
     ctx = Ctx(cfg, run_dir, dist, log)

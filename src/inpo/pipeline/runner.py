@@ -47,7 +47,9 @@ def stage_result(name: str, summary: Any) -> str:
         parts.append(f"{len(s['columns'])} log-prob columns")
     elif name == "train" and "steps" in s:
         loss = s.get("loss")
-        parts.append(f"{s['steps']} steps" + (f", last loss {loss:.4g}" if loss is not None else ""))
+        parts.append(
+            f"{s['steps']} steps" + (f", last loss {loss:.4g}" if loss is not None else "")
+        )
     elif name == "evaluate":
         for key, label in (("duality_gap", "duality gap"), ("win_rate_vs_ref", "win rate")):
             if isinstance(s.get(key), int | float):

@@ -89,10 +89,20 @@ class Workload:
         return metrics
 
 
-def load_prompts(path: str | Path) -> list[Any]:
-    """Prompts in TRL's prompt-only format: a ``prompt`` column (text or a message list)."""
+def load_prompts(
+    path: str | Path, *, split: str | None = None, config: str | None = None, key: str = "prompts"
+) -> list[Any]:
+    """Prompts in TRL's prompt-only format: a ``prompt`` column (text or a message list), from
+    a JSONL/JSON/Parquet file, a ``save_to_disk`` folder, a folder of data files or a hub
+    dataset in the local cache (``split``/``config`` for those two, via ``load_dataset``)."""
+    from inpo.data import _is_saved_dataset, load_dataset_rows
+    from inpo.hub import looks_like_hub_id
+
+    original = str(path)
     path = Path(path)
-    if path.is_dir():
+    if looks_like_hub_id(original) or (path.is_dir() and not _is_saved_dataset(path)):
+        rows = load_dataset_rows(original, config=config, split=split, key=key)
+    elif path.is_dir():
         from datasets import load_from_disk
 
         data = load_from_disk(str(path))
@@ -154,12 +164,32 @@ class PromptFileWorkload(Workload):
         if not cfg.policy and not cfg.reference:
             raise ConfigError("task=prompts needs reference=MODEL_DIR (and optionally policy=)")
         self.cfg = cfg
-        self._train = load_prompts(cfg.prompts)
-        self._eval = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+        self._train = load_prompts(
+            cfg.prompts, split=cfg.prompts_split, config=cfg.dataset_config, key="prompts"
+        )
+        self._eval = (
+            load_prompts(
+                cfg.eval_prompts,
+                split=cfg.eval_prompts_split,
+                config=cfg.dataset_config,
+                key="eval_prompts",
+            )
+            if cfg.eval_prompts
+            else None
+        )
         self._oracle = None
 
     def describe(self) -> dict[str, Any]:
-        return {"task": "prompts", "prompts": self.cfg.prompts, "eval": self.cfg.eval_prompts}
+        c = self.cfg
+        return {
+            "task": "prompts",
+            "prompts": c.prompts,
+            "eval": c.eval_prompts,
+            # only when set, so the stage hashes of runs from before these keys stay the same
+            **({"prompts_split": c.prompts_split} if c.prompts_split else {}),
+            **({"eval_prompts_split": c.eval_prompts_split} if c.eval_prompts_split else {}),
+            **({"dataset_config": c.dataset_config} if c.dataset_config else {}),
+        }
 
     def train_prompts(self) -> list[Any]:
         return list(self._train)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from inpo.errors import ConfigError
@@ -97,7 +98,12 @@ class DataConfig:
 
     #: Pairs in TRL's preference format: JSONL/JSON/Parquet, or a ``datasets`` folder.
     train_file: str = ""
-    #: The split of a ``datasets`` folder with several (null: its only one, or ``train``).
+    #: Instead of train_file: a hub dataset id in the local HF cache, or a folder of data files.
+    #: Read with ``datasets.load_dataset`` (offline: nothing is downloaded).
+    dataset_name: str = ""
+    #: The hub dataset's configuration (``load_dataset``'s ``name``; null: its default).
+    dataset_config: str | None = None
+    #: The split to read (null: ``train``, or the only one).
     split: str | None = None
     #: Prompt tokens kept, from the end (null: no limit). Use the limits that ``inpo
     #: precompute`` used, so reference log-probs score the same tokens.
@@ -122,11 +128,27 @@ class DataConfig:
     share_prompt: bool = False
 
     def validate(self) -> None:
-        if not self.train_file:
+        if bool(self.train_file) == bool(self.dataset_name):
             raise ConfigError(
-                "data.train_file is required (a JSONL/JSON/Parquet file of pairs, or the "
-                "folder `inpo precompute` writes)"
+                "set one of data.train_file (a JSONL/JSON/Parquet file of pairs, or the folder "
+                "`inpo precompute` writes) and data.dataset_name (a hub dataset in the local "
+                "Hugging Face cache)" + (", not both" if self.train_file else "")
             )
+        if self.dataset_name:
+            from inpo.hub import looks_like_hub_id, resolve_dataset
+
+            if looks_like_hub_id(self.dataset_name):
+                resolve_dataset(self.dataset_name, "data.dataset_name")
+            elif not Path(self.dataset_name).is_dir():
+                raise ConfigError(
+                    f"data.dataset_name '{self.dataset_name}' is neither a folder nor a hub id "
+                    "(owner/name)"
+                )
+
+    @property
+    def source(self) -> str:
+        """Where the pairs come from: ``train_file`` or ``dataset_name``."""
+        return self.train_file or self.dataset_name
         if self.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
         for key in ("max_prompt_length", "max_completion_length"):

@@ -214,6 +214,8 @@ def bucketed_shared_logps(
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
     """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
     a pair truncated differently has reference log-probs of another completion."""
+    if not cfg.data.train_file:
+        return
     manifest = Path(cfg.data.train_file) / "manifest.json"
     if not manifest.is_file():
         return
@@ -337,9 +339,13 @@ def _load_data(cfg: TrainConfig) -> _Data:
 
     spec = get_loss(cfg.loss.name)
     dataset = load_preference_dataset(
-        cfg.data.train_file, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows
+        cfg.data.source,
+        split=cfg.data.split,
+        skip_bad_rows=cfg.data.skip_bad_rows,
+        config=cfg.data.dataset_config,
     )
-    check_loss_columns(spec, dataset.column_names, f"data.train_file '{cfg.data.train_file}'")
+    key = "data.train_file" if cfg.data.train_file else "data.dataset_name"
+    check_loss_columns(spec, dataset.column_names, f"{key} '{cfg.data.source}'")
     rows = dataset.to_list()
     reads = {BATCH_COLUMNS.get(n, n) for n in (*spec.inputs, *spec.optional_inputs)}
     ignored = [c for c in dataset.column_names if c in BATCH_COLUMNS.values() and c not in reads]

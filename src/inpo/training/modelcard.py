@@ -38,13 +38,17 @@ def write_model_card(
         "tags:",
         *[f"- {t}" for t in dict.fromkeys(["inpo", "preference-optimization", loss])],
         f"base_model: {_name(cfg.model.path)}",
-        "---",
     ]
+    from inpo.hub import looks_like_hub_id
+
+    if cfg.data.dataset_name and looks_like_hub_id(cfg.data.dataset_name):
+        front += ["datasets:", f"- {cfg.data.dataset_name}"]
+    front.append("---")
     o = cfg.optim
     rows = [
         ("loss", f"`{loss}` ({hp})" if hp else f"`{loss}`"),
         ("starting weights", f"`{_name(cfg.model.path)}`"),
-        ("training data", f"`{_name(str(cfg.data.train_file))}` ({pairs} pairs)"),
+        ("training data", f"`{_name(str(cfg.data.source))}` ({pairs} pairs)"),
         ("optimizer steps", str(steps)),
         (
             "optimizer",

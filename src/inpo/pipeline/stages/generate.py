@@ -64,7 +64,10 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
     model, tok = load_model(policy, dist.device)
     done_before = len(shard(prompts, dist.rank, dist.world)) - len(todo)
     bar = progress(
-        done_before + len(todo), "generate", enabled=dist.is_main, initial=done_before,
+        done_before + len(todo),
+        "generate",
+        enabled=dist.is_main,
+        initial=done_before,
         unit=" prompts",
     )
     with open(own, "a") as fh:
