@@ -75,3 +75,35 @@ def test_help_gives_every_key_its_type_default_and_a_one_line_doc(capsys):
     for text in (out, train_help):
         assert text.startswith("usage: inpo ") and "\nexamples:\n" in text
         assert "keys (section.key=value), type = default:" in text
+
+
+def test_push_to_hub_is_validated_before_any_model_loads(tmp_path, monkeypatch):
+    """The option is checked (repository id, a token from the environment or `hf auth login`);
+    the upload itself is never exercised here (no network)."""
+    import pytest
+
+    from inpo.commands.run import load_run_config
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+    from inpo.training import TrainConfig
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token either
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "tokens"))
+    train = [f"output_dir={tmp_path / 'o'}", "model.path=m", "data.train_file=d"]
+    with pytest.raises(ConfigError, match="hub_model_id must be a hub repository id"):
+        load_config(TrainConfig, None, [*train, "push_to_hub=true"])
+    with pytest.raises(ConfigError, match=r"needs a Hugging Face token: set \$HF_TOKEN"):
+        load_config(TrainConfig, None, [*train, "push_to_hub=true", "hub_model_id=me/m"])
+    with pytest.raises(ConfigError, match="needs a Hugging Face token"):
+        load_run_config(None, ["push_to_hub=true", "hub_model_id=me/inpo-run"])
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    cfg = load_config(TrainConfig, None, [*train, "push_to_hub=true", "hub_model_id=me/m"])
+    assert cfg.push_to_hub and cfg.hub_model_id == "me/m"
+    assert load_run_config(None, ["push_to_hub=true", "hub_model_id=me/inpo-run"]).push_to_hub
+    from inpo.config import config_to_dict
+
+    assert "hf_test_token" not in str(config_to_dict(cfg))  # the token is never in a config

@@ -608,5 +608,5 @@ def test_a_hub_dataset_in_the_local_cache_trains_as_its_file_does(tiny, tmp_path
     assert "datasets:\n- acme/prefs" in card
     with pytest.raises(ConfigError, match=r"'acme/nope' is not a local file.*--repo-type dataset"):
         make_cfg(tiny, tmp_path / "x", "data.train_file=", "data.dataset_name=acme/nope")
-    with pytest.raises(ConfigError, match="set one of data.train_file"):
+    with pytest.raises(ConfigError, match=r"set one of data\.train_file"):
         make_cfg(tiny, tmp_path / "x", "data.dataset_name=acme/prefs")  # both

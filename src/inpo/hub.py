@@ -12,7 +12,13 @@ from pathlib import Path
 
 from inpo.errors import ConfigError
 
-__all__ = ["looks_like_hub_id", "resolve_dataset", "resolve_model"]
+__all__ = [
+    "check_push_to_hub",
+    "looks_like_hub_id",
+    "push_model",
+    "resolve_dataset",
+    "resolve_model",
+]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
@@ -66,3 +72,37 @@ def resolve_dataset(name: str, key: str) -> Path:
         f"Face cache ({HF_HUB_CACHE}); nothing is downloaded at run time: fetch it first "
         f"(`hf download --repo-type dataset {name}`) or give a file or folder"
     )
+
+
+def check_push_to_hub(repo_id: str | None, key: str) -> None:
+    """``push_to_hub=true`` can work: ``repo_id`` is ``owner/name`` and a token is available
+    (``$HF_TOKEN`` or ``hf auth login``'s stored one; never from a config file). A
+    :class:`ConfigError` naming ``key`` otherwise, before any model loads."""
+    if not repo_id or not _REPO_ID.fullmatch(repo_id):
+        raise ConfigError(
+            f"{key} must be a hub repository id 'owner/name' when push_to_hub=true, got "
+            f"'{repo_id or ''}'"
+        )
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ConfigError(
+            "push_to_hub=true needs a Hugging Face token: set $HF_TOKEN or run `hf auth login` "
+            "(a token is never read from a config file)"
+        )
+
+
+def push_model(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
+    """Upload a saved model folder (weights, tokenizer, model card; no checkpoints) to the hub
+    repository ``repo_id`` (created if missing); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=message,
+        ignore_patterns=["checkpoints/*", "*.partial/*", "trackers/*"],
+    )
+    return f"https://huggingface.co/{repo_id}"

@@ -253,6 +253,13 @@ class RunConfig:
     project: str | None = None
     #: Where file-based trackers write (empty: ``run_dir/trackers``).
     tracker_dir: str = ""
+    #: Upload the last iteration's model to ``hub_model_id`` when the run ends (the token from
+    #: ``$HF_TOKEN`` or ``hf auth login``, never from a config).
+    push_to_hub: bool = False
+    #: The hub repository to push to (``owner/name``).
+    hub_model_id: str | None = None
+    #: Create the hub repository as private.
+    hub_private_repo: bool = True
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
@@ -289,6 +296,10 @@ class RunConfig:
         except ConfigError as err:
             raise ConfigError(str(err).replace("logging.report_to", "report_to")) from None
         require_tracker_packages(trackers.trackers, "report_to")
+        if self.push_to_hub:
+            from inpo.hub import check_push_to_hub
+
+            check_push_to_hub(self.hub_model_id, "hub_model_id")
         if self.algorithm not in ALGORITHMS:
             hint = did_you_mean(self.algorithm, ALGORITHMS)
             raise ConfigError(

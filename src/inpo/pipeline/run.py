@@ -236,6 +236,10 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         write_metrics(run_dir, rows)
         write_report(run_dir, rows, cfg)
         ctx.log(run_summary(rows, time.time() - started))
+        if cfg.push_to_hub:
+            from inpo.training.loop import _push
+
+            _push(Path(policy), cfg.hub_model_id, private=cfg.hub_private_repo, what=cfg.algorithm)
     dist.barrier()
     return run_dir
 

@@ -381,10 +381,21 @@ class TrainConfig:
     #: ``auto`` continues from the newest complete checkpoint in ``output_dir/checkpoints``;
     #: ``never`` starts over; anything else is a checkpoint folder to resume from.
     resume: str = "auto"
+    #: Upload the trained model (weights, tokenizer, card) to ``hub_model_id`` when done.
+    #: The token comes from ``$HF_TOKEN`` or ``hf auth login``, never from a config.
+    push_to_hub: bool = False
+    #: The hub repository to push to (``owner/name``).
+    hub_model_id: str | None = None
+    #: Create the hub repository as private.
+    hub_private_repo: bool = True
 
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir is required")
+        if self.push_to_hub:
+            from inpo.hub import check_push_to_hub
+
+            check_push_to_hub(self.hub_model_id, "hub_model_id")
         if self.save_steps is not None and self.save_steps < 1:
             raise ConfigError(f"save_steps must be >= 1 or null, got {self.save_steps}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
