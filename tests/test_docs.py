@@ -1,11 +1,13 @@
 """Every command the pages under ``docs/`` show runs, at CPU size.
 
-The pages show commands for 8 GPUs and several nodes. Each command runs here as written, with
-only these substitutions (:data:`CPU_SIZE`): 8 processes become 2, a free port is named
-(never torchrun's default 29500), SLURM's variables get one node's values, ``/shared/`` is the
-test's folder, and the files a page names (``config.yaml``, ``train.yaml``, ``sft/``,
-``pairs.jsonl``) are made first from a one-iteration ``inpo run``. Lines of a script that are
-SLURM's own (``#SBATCH``, ``scontrol``, ``srun``) are not run.
+Each page's commands run in order in one folder, as a newcomer would type them. The scale page
+shows commands for 8 GPUs and several nodes; they run here with only these substitutions
+(:func:`cpu_size`): 8 processes become 2, a free port is named (never torchrun's default
+29500), SLURM's variables get one node's values, ``/shared/`` is the test's folder, and the
+files that page names (``config.yaml``, ``train.yaml``, ``sft/``, ``pairs.jsonl``) are made
+first from a one-iteration ``inpo run``. Lines of a script that are SLURM's own (``#SBATCH``,
+``scontrol``, ``srun``) are not run. A server started with ``&`` is waited for and stopped at
+``kill %1``; port 8000 becomes a free one.
 """
 
 from __future__ import annotations
@@ -93,19 +95,90 @@ def _prepare(work: Path, env: dict) -> None:
     (work / "train.yaml").write_text(yaml.safe_dump(cfg))
 
 
+#: CPU-size variants of the pipeline commands (appended: later keys win), as the README test
+#: does: the commands and their flow run, at a size that keeps the suite short.
+FAST = {
+    "run": "iterations=1 max_prompts=4 prompt_repeats=1 generate.batch_size=8",
+    "compare": "iterations=1 max_prompts=4 prompt_repeats=2",
+}
+_PIPELINE = re.compile(r"\binpo (?:-q )?(run|compare)\b")
+
+
+def fast(cmd: str) -> str:
+    found = _PIPELINE.search(cmd)
+    if found is None or ">" in cmd or " --help" in cmd:
+        return cmd
+    return f"{cmd} {FAST[found.group(1)]}"
+
+
+#: Shell syntax a command may use (redirection, pipes, an inline environment variable).
+_SHELL = re.compile(r"[<>|;]|^[A-Z_][A-Z0-9_]*=")
+
+
+def _wait_healthy(port: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"background command exited ({proc.returncode})"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("the background server did not answer /health")
+
+
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
 def test_every_command_of_the_page_runs(page, tmp_path):
+    """Each command as a user types it, in order, in one folder (``examples/`` copied in).
+    ``cmd &`` starts in the background (a server: the test waits for its /health), ``kill %1``
+    stops it; port 8000 becomes a free port; shell syntax runs through bash."""
     cmds = doc_commands(page)
     assert cmds, f"{page.name} has a bash block with no command"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    _prepare(tmp_path, env)
-    for cmd in cmds:
-        argv = cpu_size(cmd, tmp_path)
-        if argv is None:
-            continue
-        if argv[0] == "python" or argv[0].endswith("python"):
-            argv[0] = sys.executable
-        proc = subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-        )
-        assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    text = page.read_text()
+    if "train.yaml" in text or "sft/" in text:
+        _prepare(tmp_path, env)
+    port = str(free_port())
+    background: list[subprocess.Popen] = []
+    try:
+        for cmd in cmds:
+            cmd = cmd.replace(":8000", f":{port}").replace("--port 8000", f"--port {port}")
+            if page.name != "scale.md":  # its commands are sized by cpu_size
+                cmd = fast(cmd)
+            if cmd.startswith("kill %"):
+                for proc in background:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                background.clear()
+                continue
+            if cmd.endswith("&"):
+                proc = subprocess.Popen(
+                    ["bash", "-c", cmd.removesuffix("&").strip()],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                background.append(proc)
+                _wait_healthy(port, proc)
+                continue
+            if _SHELL.search(cmd):
+                argv = ["bash", "-c", cmd]
+            else:
+                argv = cpu_size(cmd, tmp_path)
+                if argv is None:
+                    continue
+                if argv[0] == "python" or argv[0].endswith("python"):
+                    argv[0] = sys.executable
+            proc = subprocess.run(
+                argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+            )
+            assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
+            assert "Traceback" not in proc.stderr, f"`{cmd}`:\n{proc.stderr[-3000:]}"
+    finally:
+        for proc in background:
+            proc.kill()

@@ -458,3 +458,20 @@ def test_prompts_from_a_hub_dataset_in_the_cache_or_a_folder_of_files(tmp_path, 
         load_prompts("acme/prompts", split="dev")
     with pytest.raises(ConfigError, match="prompts 'acme/other' is not a local file"):
         load_run_config(None, ["task=prompts", "prompts=acme/other", f"reference={policy}"])
+
+
+def test_a_tracker_added_to_a_finished_run_gets_the_whole_run(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    task = ToyTask(tmp_path)
+    run_pipeline(_cfg(tmp_path), log=lambda m: None, task=task)
+    logs: list[str] = []
+    run = run_pipeline(_cfg(tmp_path, report_to="tensorboard"), log=logs.append, task=task)
+    assert not any("running" in line for line in logs)  # nothing redone
+    events = EventAccumulator(str(run / "trackers" / "inpo"))
+    events.Reload()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(1, sum(r["train_steps"] for r in rows[1:]) + 1))
+    assert len(events.Scalars("iteration")) == len(rows)

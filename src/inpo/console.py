@@ -163,7 +163,7 @@ class _RichBar(_Silent):
             TextColumn("  [bold]{task.description}"),
             BarColumn(bar_width=30),
             MofNCompleteColumn(),
-            TextColumn(unit) if unit else TextColumn(""),
+            TextColumn(unit.strip()),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),

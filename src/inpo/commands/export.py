@@ -42,6 +42,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument(
+        "--prompt-format",
+        choices=("auto", "chat", "text"),
+        default="auto",
+        help="chat: through the tokenizer's chat template; text: the turns as plain text (for a "
+        "model trained on text prompts); auto (default): chat if the tokenizer has a template",
+    )
     return p
 
 
@@ -87,7 +94,14 @@ def _turns(row: dict[str, Any], fmt: str, path: Path, i: int) -> list[str]:
 
 
 class _Answerer:
-    def __init__(self, model_dir: Path, max_new_tokens: int, temperature: float, batch_size: int):
+    def __init__(
+        self,
+        model_dir: Path,
+        max_new_tokens: int,
+        temperature: float,
+        batch_size: int,
+        prompt_format: str = "auto",
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from inpo.generation import GenerationSettings
@@ -96,7 +110,12 @@ class _Answerer:
             raise InpoError(f"--model '{model_dir}' is not a folder")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
         self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        self.chat = getattr(self.tok, "chat_template", None) is not None
+        has_template = getattr(self.tok, "chat_template", None) is not None
+        if prompt_format == "chat" and not has_template:
+            raise InpoError(
+                f"--prompt-format chat: the tokenizer of '{model_dir}' has no chat template"
+            )
+        self.chat = has_template if prompt_format == "auto" else prompt_format == "chat"
         self.settings = GenerationSettings(temperature, 1.0, max_new_tokens, batch_size)
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -117,7 +136,9 @@ def main(argv: list[str]) -> int:
     rows = _read(args.questions)[: args.limit]
     turns = [_turns(r, args.format, args.questions, i) for i, r in enumerate(rows)]
     name = args.name or args.model.name
-    answer = _Answerer(args.model, args.max_new_tokens, args.temperature, args.batch_size)
+    answer = _Answerer(
+        args.model, args.max_new_tokens, args.temperature, args.batch_size, args.prompt_format
+    )
     # Answer turn by turn: turn j of every question at once, in its conversation so far.
     convs: list[list[dict[str, str]]] = [[] for _ in rows]
     answers: list[list[str]] = [[] for _ in rows]

@@ -100,6 +100,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         try:
             # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
             if dist.is_main:
+                plan = None if cfg.reference else workload.reference_plan()
+                if plan:
+                    ctx.log(f"[reference] {plan}")
                 t0 = time.time()
                 ref = (
                     resolve_model(cfg.reference, "reference")
@@ -210,6 +213,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     lambda w: train.merge(ctx, w),
                 )
                 policy = tr_folder / "model"
+                if stage.skipped:  # its steps were logged by the run that trained it: again
+                    trackers.replay(tr_folder / "model" / "metrics.jsonl")
                 # 5. metrics of π_{t+1}
                 ev = evaluation(
                     it / "evaluate",
@@ -266,6 +271,19 @@ class _Trackers:
 
         offset = self.global_step
         return lambda row: self.run.log(tracker_row(row), step=offset + int(row["step"]))
+
+    def replay(self, metrics_file: Path) -> None:
+        """A finished training's rows (its ``metrics.jsonl``), as the loop logged them."""
+        hook = self.training_hook()
+        if hook is None or not metrics_file.is_file():
+            return
+        import json
+
+        for line in metrics_file.read_text().splitlines():
+            try:
+                hook(json.loads(line))
+            except (ValueError, KeyError, TypeError):  # a damaged line: skip it
+                continue
 
     def iteration_done(self, row: dict[str, Any], *, train_steps: int) -> None:
         self.global_step += train_steps

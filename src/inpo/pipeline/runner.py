@@ -86,6 +86,7 @@ class StageRunner:
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
         self.redone: list[str] = []
+        self.skipped = False  # whether the last call reused a finished folder
 
     def __call__(
         self,
@@ -116,6 +117,7 @@ class StageRunner:
                 ctx.log(f"[{rel}] {'resuming partial work' if resumed else 'running'}")
                 decision = ("run", None)
         decision = dist.broadcast(decision)
+        self.skipped = decision[0] == "skip"
         if decision[0] == "skip":
             ctx.log(f"[{rel}] complete, skipped")
             return folder, decision[1]

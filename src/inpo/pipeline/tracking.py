@@ -14,10 +14,10 @@ optimizer steps of all iterations so far), which trackers such as W&B require to
   ``oracle/queries_total``, ``data/pairs`` and ``time/<stage>_s``. Plot them against
   ``iteration`` for the per-iteration view.
 
-A re-run of an interrupted run logs every iteration's row again (finished ones from their
-manifests) but training metrics only for the steps it trains, so a new tracker run (W&B) has
-the whole per-iteration curve and file-based trackers (TensorBoard, in the same folder) show
-the union of both runs' points.
+Every invocation logs the whole run so far: a re-run (to continue an interrupted run, or to add
+a tracker to a finished one) logs the finished iterations again from their files
+(``metrics.jsonl`` of each trained model, each iteration's row), so a new tracker run (W&B) is
+complete; file-based trackers (TensorBoard) get a second event file with the same points.
 """
 
 from __future__ import annotations

@@ -73,6 +73,10 @@ class Workload:
     rank 0 alone, the default below) or their own sharded ``evaluate_shard``/``evaluate_merge``.
     """
 
+    def reference_plan(self) -> str | None:
+        """What :meth:`reference_model` is about to do when it is slow (``None``: nothing)."""
+        return None
+
     def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
@@ -269,6 +273,16 @@ class DefaultWorkload(Workload):
 
     def reference_model(self, run_dir: Path) -> Path:
         return self.task.build_reference()
+
+    def reference_plan(self) -> str | None:
+        from inpo.tasks.default import default_cache_dir
+        from inpo.tasks.sft import cache_problem
+
+        key = self.task.reference_key()
+        folder = default_cache_dir() / f"default-{key}"
+        if cache_problem(folder, key) is None:
+            return None
+        return f"building π_ref (a tiny Llama fine-tuned on the task; once, cached in {folder})"
 
     def oracle(self, acfg: AnnotateConfig, *, cache: Path, rank=0, world=1, device=None):
         base = self.task.bt_reward_oracle() if acfg.oracle == "task_bt" else self.task.panel()

@@ -1,0 +1,82 @@
+"""The console's one progress display: a rich bar on a terminal, plain lines elsewhere, off
+with -q / TQDM_DISABLE and on other ranks."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+from inpo import console
+
+
+def test_not_a_terminal_gets_plain_lines_with_count_rate_and_eta(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setenv("INPO_PROGRESS_SECONDS", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("INPO_VERBOSITY", raising=False)
+    with console.progress(4, "generate", unit=" prompts") as bar:
+        for _ in range(4):
+            bar.set_postfix(loss="1.5")
+            bar.update(1)
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("  generate: 1/4 prompts (25%)") and "eta" in lines[0]
+    assert "loss 1.5" in lines[0]
+    assert len(lines) == 3  # no line for the finished count: the stage's own line follows
+
+
+def test_quiet_tqdm_disable_and_other_ranks_show_nothing(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setenv("INPO_PROGRESS_SECONDS", "0")
+    monkeypatch.setenv("INPO_VERBOSITY", "-1")
+    console.progress(3, "x").update(3)
+    monkeypatch.setenv("INPO_VERBOSITY", "0")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    console.progress(3, "x").update(3)
+    monkeypatch.delenv("TQDM_DISABLE")
+    console.progress(3, "x", enabled=False).update(3)
+    assert out.getvalue() == ""
+
+
+def test_a_terminal_gets_a_rich_bar_with_eta():
+    """In a real pseudo-terminal: the bar (rich's) with its count and ETA is drawn."""
+    import pty
+
+    code = (
+        "import time\n"
+        "from inpo.console import progress\n"
+        "bar = progress(5, 'train inpo', unit=' steps')\n"
+        "for _ in range(5):\n"
+        "    time.sleep(0.15); bar.set_postfix(loss='0.5'); bar.update(1)\n"
+        "bar.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "INPO_VERBOSITY")}
+    env["TERM"] = "xterm-256color"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(leader)
+    import re
+
+    raw = b"".join(chunks).decode("utf-8", "replace")
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)  # colours and cursor moves
+    assert proc.returncode == 0, screen
+    assert "train inpo" in screen and "━" in screen and "eta" in screen
+    assert "/5 steps" in screen and "loss 0.5" in screen
