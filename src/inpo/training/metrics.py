@@ -44,7 +44,8 @@ TRACKER_NAMES = {
     "chosen_rewards": "rewards/chosen",
     "rejected_rewards": "rewards/rejected",
     "accuracy": "rewards/accuracies",
-    "margins_mean": "rewards/margins",
+    # the quantity the loss acts on (INPO's h_t; DPO's β-scaled log-ratio difference)
+    "margins_mean": "inpo/h_margin",
     "grad_norm": "grad_norm",
     "lr": "learning_rate",
     "epoch": "epoch",
@@ -60,6 +61,8 @@ def tracker_row(row: dict[str, Any]) -> dict[str, float]:
         if key == "step" or not isinstance(value, int | float) or value != value:
             continue
         out[TRACKER_NAMES.get(key, f"inpo/{key}")] = float(value)
+    if "rewards/chosen" in out and "rewards/rejected" in out:  # TRL's: chosen − rejected
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return out
 
 
