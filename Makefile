@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast lint format bench reliability clean
+.PHONY: install run test test-fast faults lint format bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -18,7 +18,11 @@ run: $(STAMP)
 
 ## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
 test: $(STAMP)
-	$(PYTHON) -m pytest -m "not gpu" -q
+	$(PYTHON) -m pytest -m "not gpu and not faults" -q
+
+## Opt-in: the whole kill / SIGTERM / full-disk matrix, one case per stage (not in CI).
+faults: $(STAMP)
+	$(PYTHON) -m pytest -m faults -q
 
 ## Unit tier only (the default pytest markers skip slow tests).
 test-fast: $(STAMP)

@@ -70,7 +70,20 @@ def baseline(tmp_path_factory):
     return root, cache, _weights(root / "base"), _cache_rows(root / "base")
 
 
-@pytest.mark.parametrize("fault", ["generate:2", "annotate:2", "logps:1", "train:2", "evaluate:1"])
+#: CI runs one case of each matrix; `make faults` (-m faults) runs every stage.
+_ALL = pytest.mark.faults
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param("generate:2", marks=_ALL),
+        pytest.param("annotate:2", marks=_ALL),
+        pytest.param("logps:1", marks=_ALL),
+        "train:2",
+        pytest.param("evaluate:1", marks=_ALL),
+    ],
+)
 def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
     import torch
 
@@ -99,7 +112,7 @@ def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
     assert [m["iteration"] for m in metrics] == [0, 1]
 
 
-@pytest.mark.parametrize("fault", ["generate:2", "annotate:2"])
+@pytest.mark.parametrize("fault", ["generate:2", pytest.param("annotate:2", marks=_ALL)])
 def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
     """SIGTERM (sent by the fault hook at a fixed point) stops the run with a one-line message
     and exit code 2; re-running the command finishes with the same weights."""
@@ -126,7 +139,7 @@ def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
         torch.testing.assert_close(got[name], weights[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("fault", ["train:2", "logps:1"])
+@pytest.mark.parametrize("fault", ["train:2", pytest.param("logps:1", marks=_ALL)])
 def test_partial_work_on_old_inputs_is_discarded(baseline, fault):
     """Kill inside a stage, change an *upstream* setting, re-run: the stage's partial work was
     built on the old inputs, so it is discarded (and says why), and the final weights are those
@@ -150,7 +163,7 @@ def test_partial_work_on_old_inputs_is_discarded(baseline, fault):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("limit", [20_000, 300_000])
+@pytest.mark.parametrize("limit", [pytest.param(20_000, marks=_ALL), 300_000])
 def test_a_full_disk_is_one_line_and_loses_nothing(baseline, limit):
     """Every write past ``limit`` bytes fails (RLIMIT_FSIZE: the kernel answers EFBIG, as a
     full disk answers ENOSPC) — in the cache, a stage file or a checkpoint, by the limit. The

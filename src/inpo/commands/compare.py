@@ -38,7 +38,18 @@ def main(argv: list[str]) -> int:
     from inpo.pipeline.run import run_pipeline
 
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        from inpo.commands.config import config_help
+
+        usage = (
+            "usage: inpo compare [CONFIG.yaml | --config CONFIG.yaml] "
+            f"[algorithms={DEFAULT}] [equal_budget=true|false] [key=value ...]"
+        )
+        examples = (
+            "  inpo compare run_dir=runs/compare\n"
+            "  inpo compare run_dir=runs/compare algorithms=inpo,online_ipo iterations=2 seed=1\n"
+        )
+        description = __doc__.split("\n\n", 1)[1]
+        print(config_help("run", usage, description, examples))
         return 0
     algorithms = DEFAULT
     equal_budget = True
