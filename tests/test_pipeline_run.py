@@ -475,3 +475,41 @@ def test_a_tracker_added_to_a_finished_run_gets_the_whole_run(tmp_path, monkeypa
     steps = [e.step for e in events.Scalars("loss")]
     assert steps == list(range(1, sum(r["train_steps"] for r in rows[1:]) + 1))
     assert len(events.Scalars("iteration")) == len(rows)
+
+
+def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_path, monkeypatch):
+    """task=prompts evaluates π_t against π_ref's answers; those (a fixed seed) are sampled once
+    per run, not once per iteration, and the metrics are bit-identical to sampling them anew."""
+    import inpo.generation as generation
+    from inpo.commands.run import load_run_config
+    from inpo.pipeline.workloads import PromptFileWorkload
+
+    task = ToyTask(tmp_path)
+    policy = task.reference_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task.train_prompts()))
+    cfg = load_run_config(
+        None,
+        [
+            "task=prompts",
+            f"prompts={prompts}",
+            f"reference={policy}",
+            "generate.max_new_tokens=4",
+            "evaluate.k=2",
+        ],
+    )
+    calls = []
+    real = generation.sample_responses  # counted, not replaced
+    monkeypatch.setattr(
+        generation, "sample_responses", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+
+    def workload():
+        work = PromptFileWorkload(cfg)
+        work._oracle = task.oracle(cfg.annotate, cache=tmp_path / f"cache{len(calls)}.sqlite")
+        return work
+
+    work = workload()
+    first, second = work.evaluate(policy, policy), work.evaluate(policy, policy)
+    assert len(calls) == 3  # π_t twice, π_ref once
+    assert first == second == workload().evaluate(policy, policy)

@@ -610,3 +610,19 @@ def test_a_hub_dataset_in_the_local_cache_trains_as_its_file_does(tiny, tmp_path
         make_cfg(tiny, tmp_path / "x", "data.train_file=", "data.dataset_name=acme/nope")
     with pytest.raises(ConfigError, match=r"set one of data\.train_file"):
         make_cfg(tiny, tmp_path / "x", "data.dataset_name=acme/prefs")  # both
+
+
+def test_final_checkpoint_false_writes_no_last_checkpoint_and_reruns_to_the_same_weights(
+    tiny, tmp_path
+):
+    """`inpo run`'s train stage sets final_checkpoint=false (its merge deleted the last
+    checkpoint anyway): only the periodic ones are written, and a re-run from the newest of them
+    ends with the same weights."""
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny, out, "optim.max_steps=3", "save_steps=2", "final_checkpoint=false")
+    train(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
+    first = weights(out)
+    again = train(cfg)
+    assert again.resumed_from is not None and again.resumed_from.name == "step_000002"
+    assert all(torch.equal(first[k], weights(out)[k]) for k in first)

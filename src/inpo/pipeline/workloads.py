@@ -182,6 +182,7 @@ class PromptFileWorkload(Workload):
             else None
         )
         self._oracle = None
+        self._ref_samples: dict[Any, list[list[str]]] = {}
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
@@ -233,7 +234,13 @@ class PromptFileWorkload(Workload):
         lp_pol = completion_logps(model, tok, flat_p, flat_y)
         del model
         ref_model, ref_tok = load_model(ref, _device())
-        yr = sample_responses(ref_model, ref_tok, prompts, k, settings, seed=54321)
+        # π_ref's answers do not change between iterations (a fixed seed): sampled once a run
+        key = (str(Path(ref).resolve()), repr(prompts), k, repr(settings))
+        if key not in self._ref_samples:
+            self._ref_samples[key] = sample_responses(
+                ref_model, ref_tok, prompts, k, settings, seed=54321
+            )
+        yr = self._ref_samples[key]
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
         flat_r = [y for rs in yr for y in rs]
@@ -309,9 +316,12 @@ class DefaultWorkload(Workload):
         if not mine:
             return
         sub = [prompts[i] for i in mine]
-        model, tok = self.task.load_reference(policy)
-        table = self.task.policy_table(model, tok, sub)
         ref_table = self._ref_table(ref, sub)
+        if Path(policy).resolve() == Path(ref).resolve():  # π_0 = π_ref: the same table
+            table = ref_table
+        else:
+            model, tok = self.task.load_reference(policy)
+            table = self.task.policy_table(model, tok, sub)
         np.savez(
             work / f"eval.rank{rank:03d}.npz",
             indices=np.asarray(mine),

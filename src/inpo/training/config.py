@@ -376,6 +376,9 @@ class TrainConfig:
     fsdp_activation_checkpointing: bool = False
     #: Write a checkpoint every ``save_steps`` optimizer steps (and always at the end).
     save_steps: int | None = 500
+    #: Checkpoint after the last step too, so re-running a finished output_dir is a no-op
+    #: (``inpo run`` turns it off: its stage manifest says the stage is finished).
+    final_checkpoint: bool = True
     #: Keep only the newest ``keep_checkpoints`` checkpoints (null keeps all).
     keep_checkpoints: int | None = 2
     #: ``auto`` continues from the newest complete checkpoint in ``output_dir/checkpoints``;

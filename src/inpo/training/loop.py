@@ -275,7 +275,17 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
-_RESUME_IRRELEVANT = {"resume", "save_steps", "keep_checkpoints", "logging", "output_dir"}
+_RESUME_IRRELEVANT = {
+    "resume",
+    "save_steps",
+    "keep_checkpoints",
+    "final_checkpoint",
+    "logging",
+    "output_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+}
 
 
 def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
@@ -796,7 +806,9 @@ def train(
             if stop_after is not None and done >= stop_after and done < total_steps:
                 return TrainResult(out_dir, done, total_steps, resume_from, row, finished=False)
         # ---- the end: a last checkpoint (so a re-run is a no-op) and the model ----------------
-        if start_step < total_steps or find_latest_checkpoint(ckpt_root) is None:
+        if cfg.final_checkpoint and (
+            start_step < total_steps or find_latest_checkpoint(ckpt_root) is None
+        ):
             checkpoint(total_steps)
         _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
         if is_main and (row is not None or not (out_dir / "README.md").exists()):

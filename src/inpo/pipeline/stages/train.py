@@ -68,6 +68,7 @@ def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path
         fsdp_activation_checkpointing=t.fsdp_activation_checkpointing,
         save_steps=t.save_steps,
         keep_checkpoints=1,
+        final_checkpoint=False,  # the merge deletes checkpoints; the manifest marks the end
         resume="auto",
     )
     validate_config(tc)

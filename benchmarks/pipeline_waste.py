@@ -1,0 +1,137 @@
+"""Repeated work removed from the pipeline: a default ``inpo run`` now against before.
+
+The baseline is the commit before the change (``BASELINE_COMMIT``: every stage computed as it
+was), extracted with ``git archive`` and run from there; the candidate is this tree. Both run
+the embedded default task (3 iterations, the reference already cached) into fresh folders, in
+interleaved rounds (baseline, candidate, baseline, …), on one idle machine. Reported: the wall
+time of the whole run and per stage, their ratios per round and the median, and whether every
+metric of ``metrics.jsonl`` is bit-identical (pure waste removal must not change a result).
+
+What was repeated:
+- ``reference/evaluate`` computed π_ref's exact table twice when π_0 = π_ref (once as the
+  policy, once as the reference);
+- every train stage wrote a final checkpoint that its merge then deleted;
+- with ``task=prompts``, π_ref's evaluation answers (a fixed seed) were sampled again every
+  iteration (not on the default task, which evaluates exactly; see the test).
+
+    python benchmarks/pipeline_waste.py [--rounds 3] [--out benchmarks/results/pipeline_waste.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_COMMIT = "aec86c4"
+STAGES = ("generate", "annotate", "logps", "train", "evaluate")
+
+
+def extract(commit: str, dest: Path) -> Path:
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", commit, "src"], capture_output=True, check=True
+    ).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
+def run(src: Path, run_dir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "-q", "run", f"run_dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = {s: 0.0 for s in ("reference", *STAGES)}
+    ref = json.loads((run_dir / "reference" / "evaluate" / "manifest.json").read_text())
+    seconds["reference"] = ref["seconds"]
+    for r in rows[1:]:
+        for s in STAGES:
+            seconds[s] += r["seconds"][s]
+    metrics = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return {"wall": wall, "seconds": seconds, "metrics": metrics}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_waste.md"))
+    args = ap.parse_args()
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base_src = extract(BASELINE_COMMIT, tmp / "base")
+        # the reference is built (once, cached) before timing anything
+        run(ROOT / "src", tmp / "warm")
+        results = []
+        for i in range(args.rounds):
+            base = run(base_src, tmp / f"base-{i}")
+            cand = run(ROOT / "src", tmp / f"cand-{i}")
+            results.append((base, cand))
+            print(
+                f"round {i + 1}: baseline {base['wall']:.1f}s, now {cand['wall']:.1f}s "
+                f"({base['wall'] / cand['wall']:.2f}x)",
+                flush=True,
+            )
+    identical = all(b["metrics"] == c["metrics"] for b, c in results)
+    wall = [b["wall"] / c["wall"] for b, c in results]
+    median = statistics.median(wall)
+    verdicts = [
+        ("every metric bit-identical to the baseline's", identical),
+        ("the whole default run is faster (median ratio > 1)", median > 1.0),
+        ("the issue's goal: an iteration >= 1.3x faster", median >= 1.3),
+    ]
+    for text, ok in verdicts:
+        print(f"{'MET' if ok else 'NOT MET'}: {text}")
+    rows = []
+    for stage in ("reference", *STAGES):
+        b = statistics.median(r[0]["seconds"][stage] for r in results)
+        c = statistics.median(r[1]["seconds"][stage] for r in results)
+        rows.append(f"| {stage} | {b:.2f} | {c:.2f} | {b / c if c else float('nan'):.2f}× |")
+    lines = [
+        "# Repeated work removed from the pipeline",
+        "",
+        f"`python benchmarks/pipeline_waste.py --rounds {args.rounds}`: the default `inpo run` "
+        f"(3 iterations, reference cached) from commit `{BASELINE_COMMIT}` (before) and from this "
+        f"tree (after), interleaved, on {os.cpu_count()} CPU cores; load average before the "
+        f"runs {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.",
+        "",
+        "| round | before (s) | after (s) | before / after |",
+        "|---|---|---|---|",
+        *[
+            f"| {i + 1} | {b['wall']:.1f} | {c['wall']:.1f} | {b['wall'] / c['wall']:.2f}× |"
+            for i, (b, c) in enumerate(results)
+        ],
+        f"| **median** | | | **{median:.2f}×** |",
+        "",
+        "Median seconds per stage (summed over the 3 iterations; `reference` is π_0's "
+        "evaluation), from the stage manifests:",
+        "",
+        "| stage | before | after | before / after |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        *[f"- {'MET' if ok else 'NOT MET'}: {text}" for text, ok in verdicts],
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
