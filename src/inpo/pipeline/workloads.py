@@ -227,8 +227,11 @@ class PromptFileWorkload(Workload):
         g = self.cfg.generate
         settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
         k = self.cfg.evaluate.k
+        from inpo.console import progress
+
         model, tok = load_model(policy, _device())
-        ys = sample_responses(model, tok, prompts, k, settings, seed=12345)
+        with progress(len(prompts), "evaluate (π_t's answers)", unit=" prompts") as bar:
+            ys = sample_responses(model, tok, prompts, k, settings, seed=12345, progress=bar.update)
         flat_p = [p for p, rs in zip(prompts, ys) for _ in rs]
         flat_y = [y for rs in ys for y in rs]
         lp_pol = completion_logps(model, tok, flat_p, flat_y)
@@ -237,9 +240,10 @@ class PromptFileWorkload(Workload):
         # π_ref's answers do not change between iterations (a fixed seed): sampled once a run
         key = (str(Path(ref).resolve()), repr(prompts), k, repr(settings))
         if key not in self._ref_samples:
-            self._ref_samples[key] = sample_responses(
-                ref_model, ref_tok, prompts, k, settings, seed=54321
-            )
+            with progress(len(prompts), "evaluate (π_ref's answers)", unit=" prompts") as bar:
+                self._ref_samples[key] = sample_responses(
+                    ref_model, ref_tok, prompts, k, settings, seed=54321, progress=bar.update
+                )
         yr = self._ref_samples[key]
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
