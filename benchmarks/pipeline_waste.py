@@ -7,7 +7,8 @@ interleaved rounds (baseline, candidate, baseline, …), on one idle machine. Re
 time of the whole run and per stage, their ratios per round and the median, and whether every
 metric of ``metrics.jsonl`` is bit-identical (pure waste removal must not change a result).
 
-What was repeated:
+What was repeated (and generation, which prefilled each prompt K times; see
+``generation_prefill.py``):
 - ``reference/evaluate`` computed π_ref's exact table twice when π_0 = π_ref (once as the
   policy, once as the reference);
 - every train stage wrote a final checkpoint that its merge then deleted;
