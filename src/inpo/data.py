@@ -101,17 +101,22 @@ def load_dataset_rows(
             f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
         )
         raise DataError(f"{where}: datasets.load_dataset cannot read it ({first})") from None
-    names = list(loaded)
-    chosen = split if split is not None else ("train" if "train" in loaded else None)
+    return loaded[_pick_split(list(loaded), split, where, "a split key")].to_list()
+
+
+def _pick_split(names: list[str], split: str | None, where: str, how: str, kind: str = "splits"):
+    """``split``, else ``train``, else the only one; a :class:`DataError` naming the ``names``
+    there are (``how``: the setting that chooses one)."""
+    chosen = split if split is not None else ("train" if "train" in names else None)
     if chosen is None and len(names) == 1:
         chosen = names[0]
-    if chosen not in loaded:
+    if chosen not in names:
         raise DataError(
-            f"{where}: split '{split}' not found (splits: {', '.join(names)})"
+            f"{where}: split '{split}' not found ({kind}: {', '.join(names)})"
             if split is not None
-            else f"{where}: several splits ({', '.join(names)}); choose one with a split key"
+            else f"{where}: several splits ({', '.join(names)}); choose one with {how}"
         )
-    return loaded[chosen].to_list()
+    return chosen
 
 
 def _read_records(path: Path, split: str | None, config: str | None = None) -> list[Any]:
@@ -129,17 +134,7 @@ def _read_records(path: Path, split: str | None, config: str | None = None) -> l
         except Exception as err:  # datasets raises FileNotFoundError / ValueError variants
             raise DataError(f"{path}: not a `datasets.save_to_disk` folder ({err})") from err
         if isinstance(ds, datasets.DatasetDict):
-            names = list(ds)
-            name = split if split is not None else ("train" if "train" in ds else None)
-            if name is None and len(names) == 1:
-                name = names[0]
-            if name not in ds:
-                raise DataError(
-                    f"{path}: split '{split}' not found (splits: {', '.join(names)})"
-                    if split is not None
-                    else f"{path}: several splits ({', '.join(names)}); choose one with split="
-                )
-            ds = ds[name]
+            ds = ds[_pick_split(list(ds), split, str(path), "split=")]
         return ds.to_list()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -179,16 +174,7 @@ def _read_records(path: Path, split: str | None, config: str | None = None) -> l
             for v in data.values()
         )
         if isinstance(data, Mapping) and (split is not None or is_splits):
-            name = split if split is not None else ("train" if "train" in data else None)
-            if name is None and len(data) == 1:
-                name = next(iter(data))
-            if name not in data:
-                raise DataError(
-                    f"{path}: split '{split}' not found (keys: {', '.join(data)})"
-                    if split is not None
-                    else f"{path}: several splits ({', '.join(data)}); choose one with split="
-                )
-            data = data[name]
+            data = data[_pick_split(list(data), split, str(path), "split=", kind="keys")]
         if isinstance(data, Mapping) and all(isinstance(v, list) for v in data.values()):
             lengths = {len(v) for v in data.values()}
             if len(lengths) > 1:
