@@ -95,7 +95,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     workload = task or get_workload(cfg)
     stage = StageRunner(ctx)
     rows: list[dict[str, Any]] = []
-    trackers = _trackers(cfg, run_dir, dist)
+    from inpo.pipeline.tracking import start_run_trackers
+
+    trackers = start_run_trackers(cfg, run_dir, is_main=dist.is_main)
     with stop_signals(), trackers:
         try:
             # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
@@ -247,58 +249,6 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             _push(Path(policy), cfg.hub_model_id, private=cfg.hub_private_repo, what=cfg.algorithm)
     dist.barrier()
     return run_dir
-
-
-class _Trackers:
-    """The run's trackers (rank 0; nothing elsewhere or with ``report_to=none``), on the global
-    training step: the training loop's rows as they come, each iteration's row at its end."""
-
-    def __init__(self, run: Any):
-        self.run = run
-        self.global_step = 0  # optimizer steps of the iterations before the current one
-
-    def __enter__(self) -> _Trackers:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.run is not None:
-            self.run.close()
-
-    def training_hook(self) -> Any:
-        if self.run is None:
-            return None
-        from inpo.training.metrics import tracker_row
-
-        offset = self.global_step
-        return lambda row: self.run.log(tracker_row(row), step=offset + int(row["step"]))
-
-    def replay(self, metrics_file: Path) -> None:
-        """A finished training's rows (its ``metrics.jsonl``), as the loop logged them."""
-        hook = self.training_hook()
-        if hook is None or not metrics_file.is_file():
-            return
-        import json
-
-        for line in metrics_file.read_text().splitlines():
-            try:
-                hook(json.loads(line))
-            except (ValueError, KeyError, TypeError):  # a damaged line: skip it
-                continue
-
-    def iteration_done(self, row: dict[str, Any], *, train_steps: int) -> None:
-        self.global_step += train_steps
-        if self.run is not None:
-            from inpo.pipeline.tracking import iteration_values
-
-            self.run.log(iteration_values(row), step=self.global_step)
-
-
-def _trackers(cfg: RunConfig, run_dir: Path, dist: Any) -> _Trackers:
-    if not dist.is_main or cfg.report_to in ("", "none"):
-        return _Trackers(None)
-    from inpo.pipeline.tracking import start_run_trackers
-
-    return _Trackers(start_run_trackers(cfg, run_dir))
 
 
 def _training_prompts(cfg: RunConfig, workload: Any) -> list[Any]:

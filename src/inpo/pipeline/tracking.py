@@ -22,7 +22,7 @@ complete; file-based trackers (TensorBoard) get a second event file with the sam
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ def iteration_values(row: dict[str, Any]) -> dict[str, float]:
 
 
 class RunTrackers:
-    """accelerate's trackers for one run (no-ops when ``names`` is empty).
+    """accelerate's trackers for one run, on the global training step (no-ops when ``names``
+    is empty, as on ranks other than 0 or with ``report_to=none``).
 
     Args:
         names: tracker names (``tensorboard``, ``wandb``, ``mlflow``, ``trackio`` …).
@@ -70,12 +71,20 @@ class RunTrackers:
         config: flat hyper-parameters stored with the run.
     """
 
-    def __init__(self, names: list[str], project: str, logging_dir: Path, config: dict[str, Any]):
+    def __init__(
+        self,
+        names: Sequence[str] = (),
+        project: str = "inpo",
+        logging_dir: Path | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self.trackers: list[Any] = []
+        self.global_step = 0  # optimizer steps of the iterations before the current one
         if not names:
             return
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+        assert logging_dir is not None
         logging_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             cls = LOGGER_TYPE_TO_CLASS[name]
@@ -84,26 +93,64 @@ class RunTrackers:
             else:
                 tracker = cls(project)
             tracker.start()
-            tracker.store_init_configuration(config)
+            tracker.store_init_configuration(config or {})
             self.trackers.append(tracker)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
+    def training_hook(self) -> Any:
+        """A callback for :func:`inpo.training.train`'s ``on_metrics`` (``None`` when off):
+        each optimizer step's row under TRL's names, after the earlier iterations' steps."""
+        if not self.trackers:
+            return None
+        from inpo.training.metrics import tracker_row
+
+        offset = self.global_step
+        return lambda row: self.log(tracker_row(row), step=offset + int(row["step"]))
+
+    def replay(self, metrics_file: Path) -> None:
+        """A finished training's rows (its ``metrics.jsonl``), as the loop logged them."""
+        hook = self.training_hook()
+        if hook is None or not metrics_file.is_file():
+            return
+        import json
+
+        for line in metrics_file.read_text().splitlines():
+            try:
+                hook(json.loads(line))
+            except (ValueError, KeyError, TypeError):  # a damaged line: skip it
+                continue
+
+    def iteration_done(self, row: dict[str, Any], *, train_steps: int) -> None:
+        """An iteration's row, at the global step its training ended."""
+        self.global_step += train_steps
+        if self.trackers:
+            self.log(iteration_values(row), step=self.global_step)
+
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
 
+    def __enter__(self) -> RunTrackers:
+        return self
 
-def start_run_trackers(cfg: Any, run_dir: Path) -> RunTrackers:
-    """The trackers ``cfg.report_to`` names, for ``cfg``'s run (rank 0 only)."""
-    from inpo.config import config_to_dict
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def start_run_trackers(cfg: Any, run_dir: Path, *, is_main: bool) -> RunTrackers:
+    """The trackers ``cfg.report_to`` names for ``cfg``'s run, on the main process (elsewhere
+    a :class:`RunTrackers` that does nothing)."""
     from inpo.training.config import LoggingConfig
+
+    logging = LoggingConfig(report_to=cfg.report_to, project=cfg.project)
+    if not is_main or not logging.trackers:
+        return RunTrackers()
+    from inpo.config import config_to_dict
     from inpo.training.loop import _flat
 
-    names = LoggingConfig(report_to=cfg.report_to).trackers
-    project = cfg.project or os.environ.get("WANDB_PROJECT") or "inpo"
     folder = Path(cfg.tracker_dir) if cfg.tracker_dir else run_dir / "trackers"
-    return RunTrackers(names, project, folder, _flat(config_to_dict(cfg)))
+    return RunTrackers(logging.trackers, logging.project_name, folder, _flat(config_to_dict(cfg)))

@@ -333,6 +333,14 @@ class LoggingConfig:
     progress_bar: bool = True
 
     @property
+    def project_name(self) -> str:
+        """``project``, else ``$WANDB_PROJECT`` (a project set in the environment is not
+        overridden), else ``inpo``."""
+        import os
+
+        return self.project or os.environ.get("WANDB_PROJECT") or "inpo"
+
+    @property
     def trackers(self) -> list[str]:
         names = [t.strip() for t in self.report_to.split(",") if t.strip()]
         return [] if names in ([], ["none"]) else names

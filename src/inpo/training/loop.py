@@ -312,12 +312,9 @@ def _check_trackers(cfg: TrainConfig) -> None:
 def _start_trackers(cfg: TrainConfig, accelerator: Any) -> None:
     """accelerate's trackers, named by ``logging.project`` (else ``$WANDB_PROJECT``, else
     ``inpo``: a project the user set in the environment is not overridden)."""
-    import os
-
     if not cfg.logging.trackers:
         return
-    project = cfg.logging.project or os.environ.get("WANDB_PROJECT") or "inpo"
-    accelerator.init_trackers(project, config=_flat(config_to_dict(cfg)))
+    accelerator.init_trackers(cfg.logging.project_name, config=_flat(config_to_dict(cfg)))
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
