@@ -31,14 +31,9 @@ def resolve_model(name: str | Path, key: str) -> Path:
         return path
     text = str(name)
     if _REPO_ID.fullmatch(text) and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(repo_id=text, local_files_only=True))
-        except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-            pass
-        except Exception:  # not cached (LocalEntryNotFoundError and kin): said below
-            pass
+        cached = _cached_snapshot(text, "model")
+        if cached is not None:
+            return cached
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise ConfigError(
@@ -49,6 +44,19 @@ def resolve_model(name: str | Path, key: str) -> Path:
     raise ConfigError(f"{key} '{text}' does not exist (a model folder or a cached hub id)")
 
 
+def _cached_snapshot(repo_id: str, repo_type: str) -> Path | None:
+    """The local snapshot folder of a hub repository in the cache, or ``None`` (never a
+    download: ``local_files_only``)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, local_files_only=True))
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    except Exception:  # not cached (LocalEntryNotFoundError and kin)
+        return None
+
+
 def looks_like_hub_id(name: str | Path) -> bool:
     """``owner/name`` that is not an existing path."""
     return bool(_REPO_ID.fullmatch(str(name))) and not Path(name).expanduser().exists()
@@ -57,14 +65,9 @@ def looks_like_hub_id(name: str | Path) -> bool:
 def resolve_dataset(name: str, key: str) -> Path:
     """The local snapshot folder of hub dataset ``name`` in the Hugging Face cache (nothing is
     downloaded); ``key`` names the setting in errors (``data.dataset_name``, ``prompts`` …)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True))
-    except ImportError:  # pragma: no cover - huggingface_hub comes with datasets
-        pass
-    except Exception:  # not cached: said below
-        pass
+    cached = _cached_snapshot(name, "dataset")
+    if cached is not None:
+        return cached
     from huggingface_hub.constants import HF_HUB_CACHE
 
     raise ConfigError(
@@ -94,15 +97,28 @@ def check_push_to_hub(repo_id: str | None, key: str) -> None:
 
 def push_model(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
     """Upload a saved model folder (weights, tokenizer, model card; no checkpoints) to the hub
-    repository ``repo_id`` (created if missing); returns its URL."""
+    repository ``repo_id`` (created if missing); returns its URL. A failure is one
+    :class:`InpoError` saying the model is kept and how to retry."""
+    import logging
+
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message=message,
-        ignore_patterns=["checkpoints/*", "*.partial/*", "trackers/*"],
-    )
-    return f"https://huggingface.co/{repo_id}"
+    from inpo.errors import InpoError
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=message,
+            ignore_patterns=["checkpoints/*", "*.partial/*", "trackers/*"],
+        )
+    except Exception as err:
+        raise InpoError(
+            f"push_to_hub to '{repo_id}' failed ({type(err).__name__}: {str(err)[:200]}); the "
+            f"model is saved in {folder}: re-run the same command to retry the upload"
+        ) from None
+    url = f"https://huggingface.co/{repo_id}"
+    logging.getLogger(__name__).warning("pushed %s to %s", folder, url)
+    return url

@@ -244,9 +244,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         write_report(run_dir, rows, cfg)
         ctx.log(run_summary(rows, time.time() - started))
         if cfg.push_to_hub:
-            from inpo.training.loop import _push
+            from inpo.hub import push_model
 
-            _push(Path(policy), cfg.hub_model_id, private=cfg.hub_private_repo, what=cfg.algorithm)
+            push_model(
+                Path(policy),
+                str(cfg.hub_model_id),
+                private=cfg.hub_private_repo,
+                message=f"inpo run ({cfg.algorithm}, {cfg.iterations} iterations)",
+            )
     dist.barrier()
     return run_dir
 

@@ -820,26 +820,18 @@ def train(
                 last=row,
             )
         if is_main and cfg.push_to_hub:
-            _push(out_dir, cfg.hub_model_id, private=cfg.hub_private_repo, what=spec.name)
+            from inpo.hub import push_model
+
+            push_model(
+                out_dir,
+                str(cfg.hub_model_id),
+                private=cfg.hub_private_repo,
+                message=f"inpo train ({spec.name})",
+            )
     finally:
         bar.close()
         metrics.close()
     return TrainResult(out_dir, total_steps, total_steps, resume_from, row, finished=True)
-
-
-def _push(out_dir: Path, repo_id: str | None, *, private: bool, what: str) -> None:
-    """Upload the saved model; a failure is one error that says the model is kept."""
-    from inpo.errors import InpoError
-    from inpo.hub import push_model
-
-    try:
-        url = push_model(out_dir, str(repo_id), private=private, message=f"inpo train ({what})")
-    except Exception as err:
-        raise InpoError(
-            f"push_to_hub to '{repo_id}' failed ({type(err).__name__}: {str(err)[:200]}); the "
-            f"model is saved in {out_dir}: re-run the same command to retry the upload"
-        ) from None
-    log.warning("pushed %s to %s", out_dir, url)
 
 
 def _step(
