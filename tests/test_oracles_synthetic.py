@@ -243,3 +243,45 @@ def test_hard_labels_refuse_probabilities_outside_0_1(bad):
 
     with pytest.raises(OracleError, match=r"query 1 .*expected a value in \[0, 1\]"):
         HardLabelOracle(Broken(), seed=0).prob_prefers(["p", "q"], ["a", "b"], ["c", "d"])
+
+
+def test_the_three_label_estimators_through_the_run_config(tmp_path):
+    """``annotate.labels``: ``sample`` draws Bernoulli(P) (mean P over many pairs),
+    ``threshold`` is the INPO authors' ``P > ½`` (biased), ``soft`` is P itself; each is its
+    own oracle id, so switching never reuses the other's cached answers."""
+    from inpo.pipeline.config import AnnotateConfig
+    from inpo.pipeline.oracle import build_oracle
+
+    p = 0.7
+    table = np.array([[0.5, p], [1 - p, 0.5]])
+    base = TableOracle(table, ["u", "v"])
+    prompts = [f"x{i}" for i in range(2000)]
+    got, ids = {}, set()
+    for kind in ("sample", "threshold", "soft"):
+        oracle = build_oracle(
+            AnnotateConfig(oracle="task", labels=kind),
+            tmp_path / f"{kind}.sqlite",
+            task_oracle=base,
+            seed=1,
+        )
+        ids.add(oracle.oracle_id)
+        got[kind] = oracle.prob_prefers(prompts, ["u"] * 2000, ["v"] * 2000)
+    assert len(ids) == 3
+    assert set(np.unique(got["sample"])) == {0.0, 1.0}
+    assert abs(got["sample"].mean() - p) < 0.04  # unbiased: E[label] = P
+    assert (got["threshold"] == 1.0).all()  # P = 0.7 > ½: always a win
+    assert np.allclose(got["soft"], p)
+    half = build_oracle(
+        AnnotateConfig(oracle="task", labels="threshold"),
+        tmp_path / "h.sqlite",
+        task_oracle=base,
+        seed=1,
+    )
+    assert half.prob_prefers(["x"], ["u"], ["u"])[0] == 0.5  # a tie stays a tie
+
+
+def test_hard_labels_key_still_maps_onto_labels():
+    from inpo.pipeline.config import AnnotateConfig
+
+    assert AnnotateConfig(hard_labels=True).labels == "sample"
+    assert AnnotateConfig(hard_labels=False).labels == "soft"

@@ -196,6 +196,18 @@ def test_tie_policy_first_keeps_the_first_listed():
     assert (res.chosen, res.rejected, res.is_tie, res.queries) == (0, 3, False, 5)
 
 
+def test_a_tied_final_keeps_no_pair_by_default():
+    """The paper keeps (y_w, y_l) only if y_w wins, and the INPO authors' annotation code drops
+    a tied final: the default is ``drop`` (bracket ties still go to the first-listed)."""
+    oracle, ys = all_ties(4)
+    res = tournament(oracle, "x", ys)
+    assert (res.chosen, res.rejected, res.winner, res.loser) == (None, None, 0, 3)
+    assert res.p_final == 0.5 and res.queries == 5
+    (batched,) = tournament_batch(oracle, ["x"], [ys])
+    assert batched.chosen is None
+    assert best_worst_by_reward(lambda p, r: np.zeros(len(r)), "x", ys).chosen is None
+
+
 def test_tie_policy_drop_and_tie():
     oracle, ys = all_ties(4)
     dropped = tournament(oracle, "x", ys, tie_policy="drop")
@@ -222,7 +234,9 @@ def test_tie_tol_treats_near_half_as_a_tie():
     p = np.array([[0.5, 0.51], [0.49, 0.5]])
     oracle = TableOracle(p, ["u", "v"])
     assert tournament(oracle, "x", ["v", "u"]).chosen == 1
-    assert tournament(oracle, "x", ["v", "u"], tie_tol=0.05).chosen == 0  # tie → first-listed
+    # a tied final: dropped by default, to the first-listed with "first"
+    assert tournament(oracle, "x", ["v", "u"], tie_tol=0.05).chosen is None
+    assert tournament(oracle, "x", ["v", "u"], tie_tol=0.05, tie_policy="first").chosen == 0
     assert tournament(oracle, "x", ["v", "u"], tie_tol=0.05, tie_policy="tie").is_tie
 
 

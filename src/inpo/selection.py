@@ -162,7 +162,7 @@ def tournament(
     prompt: str,
     responses: Sequence[str],
     *,
-    tie_policy: TiePolicy = "first",
+    tie_policy: TiePolicy = "drop",
     rng: RngLike = None,
     tie_tol: float = 0.0,
 ) -> TournamentResult:
@@ -197,12 +197,14 @@ def tournament(
     A match ``(a, b)`` is won by ``a`` if ``P(a ≻ b) > ½ + tie_tol``, by ``b`` if
     ``P(a ≻ b) < ½ − tie_tol``, and is a tie otherwise. ``tie_policy``:
 
-    * ``"first"`` (the paper): every tie goes to the first-listed response; in the final that
-      is ``y_w``, so a tied final keeps the pair.
+    * ``"drop"`` (the default, the paper's rule and the INPO authors' annotation code): bracket
+      ties go to the first-listed response; a tied final keeps no pair (``chosen is None``),
+      since the paper keeps ``(y_w, y_l)`` only if ``y_w`` wins.
+    * ``"first"``: every tie goes to the first-listed response; in the final that is ``y_w``,
+      so a tied final keeps the pair (inpo's default before 0.2).
     * ``"random"``: every tie (bracket or final) is decided by a fair coin from ``rng``
       (a ``numpy.random.Generator`` or an int seed; ``None`` means seed 0). The rng is drawn
       from only on ties.
-    * ``"drop"``: bracket ties go to the first-listed response; a tied final keeps no pair.
     * ``"tie"``: bracket ties go to the first-listed response; a tied final keeps the pair with
       ``is_tie=True`` (a tie label, for losses that accept one).
 
@@ -224,7 +226,7 @@ def tournament_batch(
     prompts: Sequence[str],
     responses_per_prompt: Sequence[Sequence[str]],
     *,
-    tie_policy: TiePolicy = "first",
+    tie_policy: TiePolicy = "drop",
     rng: RngLike | Sequence[np.random.Generator] = None,
     tie_tol: float = 0.0,
 ) -> list[TournamentResult]:
@@ -362,7 +364,7 @@ def best_worst_by_reward(
     prompt: str,
     responses: Sequence[str],
     *,
-    tie_policy: TiePolicy = "first",
+    tie_policy: TiePolicy = "drop",
     rng: RngLike = None,
 ) -> TournamentResult:
     """Best-of-K and worst-of-K by a scalar reward (SPEC "Pair selection", last line).
@@ -388,7 +390,7 @@ def best_worst_by_reward_batch(
     prompts: Sequence[str],
     responses_per_prompt: Sequence[Sequence[str]],
     *,
-    tie_policy: TiePolicy = "first",
+    tie_policy: TiePolicy = "drop",
     rng: RngLike | Sequence[np.random.Generator] = None,
 ) -> list[TournamentResult]:
     """:func:`best_worst_by_reward` for many prompts with one reward call for all responses."""

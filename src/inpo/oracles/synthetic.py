@@ -30,12 +30,14 @@ __all__ = [
     "HardLabelOracle",
     "TableOracle",
     "Taste",
+    "ThresholdLabelOracle",
     "brevity",
     "hard_labels",
     "keyword",
     "lexicographic",
     "pair_uniform",
     "score_taste",
+    "threshold_labels",
     "validate_preference_matrix",
 ]
 
@@ -127,7 +129,31 @@ class HardLabelOracle:
             )
         self.stats.queries += n
         self.stats.backend_calls += 1
+        return self._label(probs, prompts, responses_a, responses_b)
+
+    def _label(self, probs, prompts, responses_a, responses_b):
         return hard_labels(probs, prompts, responses_a, responses_b, seed=self.seed)
+
+
+def threshold_labels(probs: np.ndarray) -> np.ndarray:
+    """``1`` where ``P(a ≻ b) > ½``, ``0`` where ``P < ½``, ``½`` at ``½``: the INPO authors'
+    labels (their annotation code thresholds the preference model's probability at ½).
+    Deterministic, antisymmetric, and biased where the theory's Bernoulli draw is not:
+    ``E[label] ≠ P`` unless ``P ∈ {0, ½, 1}``."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.where(probs > 0.5, 1.0, np.where(probs < 0.5, 0.0, 0.5))
+
+
+class ThresholdLabelOracle(HardLabelOracle):
+    """Any probabilistic oracle, answering with :func:`threshold_labels` (``annotate.labels=
+    threshold``)."""
+
+    def __init__(self, oracle: PreferenceOracle) -> None:
+        super().__init__(oracle, seed=0)
+        self.oracle_id = f"threshold-labels-v{_VERSION}/{self.oracle_id.split('/', 1)[1]}"
+
+    def _label(self, probs, prompts, responses_a, responses_b):
+        return threshold_labels(probs)
 
 
 # ---------------------------------------------------------------------------------------------

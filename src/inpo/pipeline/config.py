@@ -98,14 +98,28 @@ class AnnotateConfig:
     api_key_env: str = "OPENAI_API_KEY"
     #: How pairs are chosen from K samples (auto: the algorithm's rule; INPO's tournament).
     selection: Literal["auto", "tournament", "best_worst", "all_pairs"] = "auto"
-    #: What a tied comparison does: first-listed wins, a coin flip, drop it, or keep a tie.
-    tie_policy: Literal["first", "random", "drop", "tie"] = "first"
-    #: Binary labels (a Bernoulli draw from P(a ≻ b)) rather than the probability itself.
-    hard_labels: bool = True
+    #: A tied final (y_w vs y_l): drop the pair (the paper's and the INPO authors' rule), keep it
+    #: for the first-listed, a coin flip, or keep it as a tie label. Bracket ties go to the first.
+    tie_policy: Literal["drop", "first", "random", "tie"] = "drop"
+    #: The label an oracle query gives: ``sample`` (a Bernoulli draw with mean P, what the
+    #: theory assumes), ``threshold`` (1 if P > ½, 0 if P < ½, ½ at ½: the INPO authors' code),
+    #: ``soft`` (P itself).
+    labels: Literal["sample", "threshold", "soft"] = "sample"
+    #: Deprecated: ``true`` is ``labels=sample``, ``false`` is ``labels=soft`` (null: use labels).
+    hard_labels: bool | None = None
     #: Prompts an oracle batch.
     batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        if self.hard_labels is not None:  # the old key, mapped once onto the new one
+            self.labels = "sample" if self.hard_labels else "soft"
+            self.hard_labels = None
+
     def validate(self) -> None:
+        if self.labels not in ("sample", "threshold", "soft"):
+            raise ConfigError(
+                f"annotate.labels must be sample, threshold or soft, got '{self.labels}'"
+            )
         if self.oracle in ("reward_model", "pairwise") and not self.model:
             raise ConfigError(f"annotate.model is required for annotate.oracle={self.oracle}")
         if self.oracle == "http" and not (self.url and self.judge_model):

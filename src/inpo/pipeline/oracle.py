@@ -45,7 +45,6 @@ def build_oracle(
     Reward-model oracles keep their ``rewards`` method for best-of-K/worst-of-K selection.
     """
     from inpo.oracles.cache import CachedOracle
-    from inpo.oracles.synthetic import HardLabelOracle
 
     device_kw = {"device": str(device)} if device is not None else {}
     if acfg.oracle in ("task", "task_bt"):
@@ -65,13 +64,22 @@ def build_oracle(
 
         base = HTTPJudgeOracle(acfg.url, acfg.judge_model, api_key_env=acfg.api_key_env)
     store = _store(cache, rank, world)
+    labelled = _labels(acfg.labels, base, seed)
     if hasattr(base, "rewards") and not hasattr(base, "preference_matrix"):
         # Selection by reward needs rewards; a BT reward oracle's labels are σ(r_a − r_b).
-        if acfg.hard_labels:
-            return _RewardCached(base, HardLabelOracle(base, seed=seed), store)
-        return _RewardCached(base, base, store)
-    oracle = HardLabelOracle(base, seed=seed) if acfg.hard_labels else base
-    return CachedOracle(oracle, store)
+        return _RewardCached(base, labelled, store)
+    return CachedOracle(labelled, store)
+
+
+def _labels(kind: str, base: Any, seed: int) -> Any:
+    """The oracle answering with the configured labels (``annotate.labels``)."""
+    from inpo.oracles.synthetic import HardLabelOracle, ThresholdLabelOracle
+
+    if kind == "sample":
+        return HardLabelOracle(base, seed=seed)
+    if kind == "threshold":
+        return ThresholdLabelOracle(base)
+    return base
 
 
 class _RewardCached:
