@@ -288,8 +288,14 @@ def test_chat_template_that_is_not_prefix_stable_is_rejected():
 
 def test_conversation_needs_a_chat_template_and_matching_types():
     tok = char_tokenizer()
-    with pytest.raises(DataError, match="prompt is a conversation but the completion is a string"):
-        tokenize_pair(tok, [user("q")], "a", max_prompt_length=None, max_completion_length=None)
+    # a text completion after a conversation is its assistant turn (what generation samples)
+    assert tokenize_pair(
+        tok, [user("q")], "a", max_prompt_length=None, max_completion_length=None
+    ) == tokenize_pair(
+        tok, [user("q")], [assistant("a")], max_prompt_length=None, max_completion_length=None
+    )
+    with pytest.raises(DataError, match="completion is a conversation but the prompt is a string"):
+        tokenize_pair(tok, "q", [assistant("a")], max_prompt_length=None, max_completion_length=None)  # fmt: skip
     tok.chat_template = None
     with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
         tokenize_pair(tok, [user("q")], [assistant("a")], max_prompt_length=None, max_completion_length=None)  # fmt: skip

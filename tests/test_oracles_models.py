@@ -13,7 +13,7 @@ import torch
 
 from inpo.errors import ConfigError, OracleError
 from inpo.oracles.http import HTTPJudgeOracle
-from inpo.oracles.pairwise import RLHFLOW_TEMPLATE, PairwisePreferenceOracle, combine_orders
+from inpo.oracles.pairwise import PairwisePreferenceOracle, combine_orders
 from inpo.oracles.reward_model import RewardModelOracle, length_batches
 from inpo.oracles.server import OracleServer
 from inpo.selection import best_worst_by_reward, tournament, win_rates
@@ -169,30 +169,39 @@ def test_reward_model_feeds_best_worst_of_k(rm_path):
 # ---- pairwise preference model ----
 
 
-def _manual_prob_first(path, prompt: str, a: str, b: str) -> float:
+def _model_card_prob_first(path, conversation, a: str, b: str) -> float:
+    """The RLHFlow model card's code, line for line (``tokenizer_plain`` with the card's
+    template renders the context; the comparison is the user turn rendered without a generation
+    prompt, BOS removed, encoded without special tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    from inpo.oracles.pairwise import RLHFLOW_CONTEXT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer_plain = AutoTokenizer.from_pretrained(path)
+    tokenizer_plain.chat_template = RLHFLOW_CONTEXT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    user = RLHFLOW_TEMPLATE.format(prompt=prompt, response_a=a, response_b=b)
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
-    assert (
-        text == f"<|user|>[CONTEXT] {prompt} [RESPONSE A] {a} [RESPONSE B] {b} \n</s><|assistant|>"
-    )
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    prompt_template = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
+    context = tokenizer_plain.apply_chat_template(conversation, tokenize=False)
+    prompt = prompt_template.format(context=context, response_A=a, response_B=b)
+    message = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(message, tokenize=False)
+    if tokenizer.bos_token:
+        text = text.replace(tokenizer.bos_token, "")
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids=ids).logits[0, -1].double(), -1)
-    id_a, id_b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
-    return float(probs[id_a] / (probs[id_a] + probs[id_b]))
+        logits = model(input_ids=ids).logits[0, -1].double()
+    id_a = tokenizer.encode("A", add_special_tokens=False)[0]
+    id_b = tokenizer.encode("B", add_special_tokens=False)[0]
+    return float(torch.softmax(logits[[id_a, id_b]], -1)[0])
 
 
 def test_pairwise_matches_a_manual_forward_pass_both_orders(pm_path):
     oracle = PairwisePreferenceOracle(pm_path, batch_size=4, device="cpu")
     a, b = SAMPLES[1], SAMPLES[3]
-    x = _manual_prob_first(pm_path, PROMPT, a, b)
-    y = _manual_prob_first(pm_path, PROMPT, b, a)
+    conv = [{"role": "user", "content": PROMPT}]
+    x = _model_card_prob_first(pm_path, conv, a, b)
+    y = _model_card_prob_first(pm_path, conv, b, a)
     p = oracle.prob_prefers([PROMPT], [a], [b])
     np.testing.assert_allclose(p, [0.5 * (x + 1.0 - y)], atol=1e-6)
     assert abs(x - 0.5) > 0.01 and abs(x - (1 - y)) > 1e-4  # a visible position bias, averaged out
@@ -272,3 +281,55 @@ def test_serve_oracle_builds_model_oracles(rm_path, pm_path):
     pm = build_oracle(_parser().parse_args(["--oracle", "pairwise", "--model", str(pm_path)]))
     assert isinstance(rm, RewardModelOracle) and isinstance(pm, PairwisePreferenceOracle)
     assert rm.oracle_id == RewardModelOracle(rm_path, max_length=2048).oracle_id
+
+
+@pytest.fixture(scope="module")
+def llama3_pm_path(tmp_path_factory):
+    """A pairwise model whose template writes ``{{ bos_token }}`` (Llama-3 style)."""
+    from inpo.tiny import chat_tokenizer
+
+    path = tmp_path_factory.mktemp("pm3")
+    tok = chat_tokenizer("llama3")
+    model = tiny_causal_lm("llama", tok, seed=2, hidden_size=32, num_hidden_layers=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_pairwise_renders_the_rlhflow_model_cards_format(llama3_pm_path):
+    """A multi-turn conversation, rendered and scored exactly as the model card's code does:
+    the ``<turn> user`` context, no generation prompt, no BOS (the template's is removed)."""
+    from inpo.oracles.pairwise import RLHFLOW_CONTEXT_TEMPLATE, rlhflow_context
+    from inpo.tiny import chat_tokenizer
+
+    conv = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another one?"},
+    ]
+    plain = chat_tokenizer("llama3")
+    plain.chat_template = RLHFLOW_CONTEXT_TEMPLATE
+    assert rlhflow_context(conv, plain) == plain.apply_chat_template(conv, tokenize=False)
+    assert "<turn> assistant\n Red." in rlhflow_context(conv, chat_tokenizer("llama3"))
+    assert rlhflow_context("Hi", plain) == plain.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False
+    )
+    oracle = PairwisePreferenceOracle(llama3_pm_path, device="cpu")
+    ids = oracle.render(conv, "Blue.", "?")
+    tok = oracle.tokenizer
+    assert tok.bos_token_id not in ids
+    text = tok.decode(ids)
+    assert text.startswith(
+        "<|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] \n\n<turn> user\n Name a colour."
+    )
+    assert text.endswith("[RESPONSE B] ? \n<|eot_id|>")  # no generation prompt after the turn
+    a, b = "Blue.", "?"
+    x = _model_card_prob_first(llama3_pm_path, conv, a, b)
+    y = _model_card_prob_first(llama3_pm_path, conv, b, a)
+    np.testing.assert_allclose(
+        oracle.prob_prefers([conv], [a], [b]), [0.5 * (x + 1 - y)], atol=1e-6
+    )
+    # the same conversation as a text prompt is a different query (one user turn)
+    assert oracle.render("Name a colour.", a, b) != ids

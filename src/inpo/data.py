@@ -39,8 +39,14 @@ __all__ = [
     "OPTIONAL_COLUMNS",
     "EncodedPair",
     "PreferenceCollator",
+    "as_completion",
+    "check_prompt",
+    "completion_text",
+    "encode_completion",
     "encode_pair",
+    "encode_prompt",
     "load_preference_dataset",
+    "prompt_text",
     "tokenize_pair",
 ]
 
@@ -304,7 +310,9 @@ def _normalise_row(
             raise _RowError(field, "missing")
     if explicit:
         if conversational:
-            prompt: Text = _check_messages(raw["prompt"], "prompt")
+            if not isinstance(raw["prompt"], list):
+                raise _RowError("prompt", "expected a list of messages (as the first row has)")
+            prompt: Text = check_prompt(raw["prompt"], "prompt")
         else:
             if not isinstance(raw["prompt"], str):
                 raise _RowError("prompt", f"expected a string, got {type(raw['prompt']).__name__}")
@@ -470,12 +478,88 @@ def _ids(encoded: Any) -> list[int]:
 
 
 def encode_prompt(tokenizer: Any, prompt: Text) -> list[int]:
-    """The prompt's ids: ``tokenizer(prompt)`` (its own special tokens) or the chat template with
-    the generation prompt (the template supplies any BOS; no special tokens are added twice)."""
+    """The prompt's token ids: the one place a prompt becomes ids, for generation (both
+    backends), log-probs, training, evaluation and export.
+
+    * Text: ``tokenizer(prompt)`` (the tokenizer's own special tokens, e.g. Llama's BOS). A text
+      that already starts with the BOS string (a prompt templated by hand) keeps that one BOS:
+      the tokenizer's is not added on top.
+    * A conversation (message list): the chat template with the generation prompt, tokenised
+      without adding special tokens (the template writes its own BOS when it has one).
+    """
     if isinstance(prompt, str):
-        return _ids(tokenizer(prompt))
+        ids = _ids(tokenizer(prompt))
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # "<s>text" plus the tokenizer's own "<s>": one is the prompt's
+        return ids
     _require_template(tokenizer)
     return _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+
+
+def as_completion(prompt: Text, text: str) -> Text:
+    """A sampled response in its prompt's format: the assistant turn ``[{"role": "assistant",
+    "content": text}]`` after a conversation (TRL's conversational preference format), the text
+    itself after a text prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def completion_text(completion: Text) -> str:
+    """The text of a completion (an assistant turn's content, or the text itself)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)
+
+
+def prompt_text(prompt: Text) -> str:
+    """A prompt as plain text, for oracles with no format of their own (a single user turn is
+    its content; a longer conversation is ``User: …`` / ``Assistant: …`` paragraphs)."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return str(prompt[0]["content"])
+    return "\n\n".join(f"{str(m['role']).capitalize()}: {m['content']}" for m in prompt)
+
+
+#: Roles a prompt's messages may have.
+PROMPT_ROLES = ("system", "user", "assistant")
+
+
+def check_prompt(value: Any, field: str = "prompt") -> Text:
+    """A prompt as the pipeline accepts it: non-empty text, or a conversation that a chat
+    template can answer — an optional first ``system`` turn, then ``user`` and ``assistant``
+    turns alternating from ``user`` and ending with ``user``, none empty. Raises ``_RowError``
+    naming the message and field (the loaders add the file and row)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(field, "empty prompt")
+        return value
+    msgs = _check_messages(value, field)
+    expected = "user"
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        where = f"{field}[{i}]"
+        if role not in PROMPT_ROLES:
+            raise _RowError(f"{where}.role", f"unknown role '{role}' (system, user, assistant)")
+        if not m["content"].strip():
+            raise _RowError(f"{where}.content", f"empty {role} turn")
+        if role == "system":
+            if i:
+                raise _RowError(f"{where}.role", "a system turn must come first")
+            continue
+        if role != expected:
+            raise _RowError(
+                f"{where}.role",
+                f"expected a '{expected}' turn here: turns alternate user/assistant, "
+                "starting with user",
+            )
+        expected = "assistant" if role == "user" else "user"
+    if msgs[-1]["role"] != "user":
+        raise _RowError(
+            f"{field}[{len(msgs) - 1}].role",
+            f"a prompt must end with a user turn (the model answers it), not '{msgs[-1]['role']}'",
+        )
+    return msgs
 
 
 def _require_template(tokenizer: Any) -> None:
@@ -490,13 +574,14 @@ def encode_completion(tokenizer: Any, prompt: Text, completion: Text) -> list[in
     """The completion's ids as the model produces them after the prompt.
 
     Text: ``tokenizer(completion, add_special_tokens=False)`` then EOS (as TRL does).
-    Conversational: the template renders prompt + completion; the prompt's render (with the
+    Conversational (a text completion after a conversation is its assistant turn,
+    :func:`as_completion`): the template renders prompt + completion; the prompt's render (with the
     generation prompt) must be a prefix of it, and the remainder (the assistant turn, including
     whatever end-of-turn marker the template writes) is tokenised without special tokens.
     """
+    if isinstance(completion, str) and isinstance(prompt, list):
+        completion = as_completion(prompt, completion)  # the assistant turn it is
     if isinstance(completion, str):
-        if isinstance(prompt, list):
-            raise DataError("prompt is a conversation but the completion is a string")
         ids = _ids(tokenizer(completion, add_special_tokens=False))
         eos = tokenizer.eos_token_id
         return [*ids, int(eos)] if eos is not None else ids

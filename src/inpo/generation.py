@@ -11,8 +11,11 @@ So the samples of a prompt do not depend on the batch size, on which other promp
 batch, on how many processes split the prompts, or on whether the run was interrupted.
 Text prompts are tokenised as ``tokenizer(prompt)`` gives them (the same as
 :func:`inpo.data.tokenize_pair`), conversational prompts (message lists) through the chat
-template with the generation prompt. A completion is the decoded new tokens up to EOS (special
-tokens removed); a sample that stops at ``max_new_tokens`` is kept and counted as truncated.
+template with the generation prompt (:func:`inpo.data.encode_prompt`, the one place a prompt
+becomes ids). A completion is the decoded new tokens up to the first end token — the tokenizer's
+EOS or any ``eos_token_id`` of the model's ``generation_config.json`` (:func:`end_token_ids`) —
+special tokens removed; a sample that stops at ``max_new_tokens`` is kept and counted as
+truncated.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 __all__ = [
     "GenerationSettings",
     "RowSampler",
+    "end_token_ids",
     "generate_chunks",
     "sample_responses",
     "sample_seed",
@@ -130,6 +134,17 @@ def _cache_kwarg() -> str:
     return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 
+def end_token_ids(tokenizer: Any, generation_config: Any = None, extra: Any = None) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, every ``eos_token_id`` of the model's
+    ``generation_config.json`` (a chat model lists its end-of-turn token there, e.g. Llama 3's
+    ``<|eot_id|>``) and ``extra``; in that order, without repeats."""
+    ids: list[Any] = [tokenizer.eos_token_id]
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids += list(eos) if isinstance(eos, list | tuple) else [eos]
+    ids += list(extra or [])
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def _encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
     from inpo.data import encode_prompt
 
@@ -167,8 +182,9 @@ def generate_chunks(
     bs = max(1, settings.batch_size)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = [tokenizer.eos_token_id, *(settings.stop_token_ids or [])]
-    eos = [int(e) for e in eos if e is not None]
+    eos = end_token_ids(
+        tokenizer, getattr(model, "generation_config", None), settings.stop_token_ids
+    )
     was_training = model.training
     model.eval()
     try:

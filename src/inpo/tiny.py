@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "CHATML_TEMPLATE",
     "CHAT_TEMPLATE",
+    "LLAMA3_TEMPLATE",
     "SPECIAL_TOKENS",
     "char_tokenizer",
+    "chat_tokenizer",
+    "save_tiny_chat_lm",
     "save_tiny_lm",
     "tiny_causal_lm",
     "tiny_reward_model",
@@ -52,6 +56,112 @@ def _wrap(tk: Any, add_bos: bool):
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+#: A Llama-3-style template: ``{{ bos_token }}`` once, then
+#: ``<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`` per turn.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+#: A ChatML (Qwen2) template: ``<|im_start|>role\ncontent<|im_end|>\n`` per turn, no BOS.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CHAT_STYLES: dict[str, dict[str, Any]] = {
+    # special tokens, then which is which; Llama 3 adds its BOS to every text it tokenises
+    "llama3": {
+        "specials": (
+            "<|pad|>",
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
+        "pad": "<|pad|>",
+        "bos": "<|begin_of_text|>",
+        "eos": "<|end_of_text|>",
+        "end_of_turn": "<|eot_id|>",
+        "add_bos": True,
+        "template": LLAMA3_TEMPLATE,
+    },
+    # Qwen2-Instruct: no BOS; the tokenizer's EOS is the end of turn
+    "chatml": {
+        "specials": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "add_bos": False,
+        "template": CHATML_TEMPLATE,
+    },
+}
+
+
+def chat_tokenizer(style: Literal["llama3", "chatml"] = "llama3"):
+    """A character-level tokenizer with a real chat model's special tokens and template.
+
+    ``llama3``: ``<|begin_of_text|>`` is the BOS, which both the template (``{{ bos_token }}``)
+    and ``tokenizer(text)`` write (so a pipeline that tokenises a rendered template again gets
+    two: the pitfall the tests guard against); turns end with ``<|eot_id|>``, the tokenizer's EOS
+    is ``<|end_of_text|>`` (the model's ``generation_config.json`` lists both, see
+    :func:`save_tiny_chat_lm`). ``chatml``: Qwen2's ``<|im_start|>``/``<|im_end|>``, no BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    spec = _CHAT_STYLES[style]
+    chars = "\n" + "".join(chr(c) for c in range(32, 127))
+    vocab = {t: i for i, t in enumerate([*spec["specials"], "<unk>", *dict.fromkeys(chars)])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    named = {spec["pad"], spec["bos"], spec["eos"]}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token=spec["pad"],
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        unk_token="<unk>",
+        additional_special_tokens=[t for t in spec["specials"] if t not in named],
+    )
+    tok.chat_template = spec["template"]
+    return tok
+
+
+def save_tiny_chat_lm(
+    path: str | Path,
+    style: Literal["llama3", "chatml"] = "llama3",
+    *,
+    seed: int = 0,
+    **sizes: int,
+) -> Path:
+    """A tiny Llama with :func:`chat_tokenizer`'s tokenizer, saved as a chat model ships: its
+    ``generation_config.json`` lists every end token (``<|eot_id|>`` and ``<|end_of_text|>``
+    for ``llama3``, ``<|im_end|>`` and ``<|endoftext|>`` for ``chatml``)."""
+    from transformers import GenerationConfig
+
+    path = Path(path)
+    tok = chat_tokenizer(style)
+    model = tiny_causal_lm("llama", tok, seed=seed, **sizes)
+    spec = _CHAT_STYLES[style]
+    ends = [tok.convert_tokens_to_ids(spec["end_of_turn"])]
+    other = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
+    ends.append(tok.convert_tokens_to_ids(other))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=ends, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def char_tokenizer(*, add_bos: bool = False, alphabet: str | None = None):

@@ -13,8 +13,10 @@ The questions come from the benchmark's own file (nothing is downloaded):
   of ``{"content": ...}`` or a ``prompt``) → the same answer layout with turns of
   ``{"content", "token_len"}``.
 
-Prompts go through the model's chat template when it has one; decoding is greedy unless
-``--temperature`` is set.
+Prompts are given in the model's own format (``--prompt-format auto``): the format inpo trained
+it on (``inpo.json`` beside a model inpo trained), else the chat template when the tokenizer has
+one, else plain text; the prompt becomes token ids as in training
+(:func:`inpo.data.encode_prompt`). Decoding is greedy unless ``--temperature`` is set.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ def _parser() -> ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--questions", required=True, type=Path, help="the benchmark's question file")
     p.add_argument("--output", required=True, type=Path, help="the answer file to write")
-    p.add_argument("--name", default=None, help="model name in the output (default: folder name)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="model name in the output (default: RUN-iter_00t for a run's model, else the "
+        "folder's name)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -46,8 +53,9 @@ def _parser() -> ArgumentParser:
         "--prompt-format",
         choices=("auto", "chat", "text"),
         default="auto",
-        help="chat: through the tokenizer's chat template; text: the turns as plain text (for a "
-        "model trained on text prompts); auto (default): chat if the tokenizer has a template",
+        help="chat: through the tokenizer's chat template; text: the turns as plain text; auto "
+        "(default): the format inpo trained the model on, else chat if the tokenizer has a "
+        "template",
     )
     return p
 
@@ -115,7 +123,15 @@ class _Answerer:
             raise InpoError(
                 f"--prompt-format chat: the tokenizer of '{model_dir}' has no chat template"
             )
-        self.chat = has_template if prompt_format == "auto" else prompt_format == "chat"
+        if prompt_format == "auto":
+            from inpo.training.loop import read_prompt_format
+
+            prompt_format = read_prompt_format(model_dir) or ("chat" if has_template else "text")
+            if prompt_format == "chat" and not has_template:
+                raise InpoError(
+                    f"'{model_dir}' was trained on conversations but has no chat template"
+                )
+        self.chat = prompt_format == "chat"
         self.settings = GenerationSettings(temperature, 1.0, max_new_tokens, batch_size)
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -131,11 +147,23 @@ class _Answerer:
         ]
 
 
+def default_name(model_dir: Path) -> str:
+    """``RUN-iter_00t`` for a run's ``RUN/iter_00t/train/model``, else the folder's name."""
+    path = Path(model_dir).resolve()
+    if (
+        path.name == "model"
+        and path.parent.name == "train"
+        and path.parent.parent.name.startswith("iter_")
+    ):
+        return f"{path.parent.parent.parent.name}-{path.parent.parent.name}"
+    return path.name
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     rows = _read(args.questions)[: args.limit]
     turns = [_turns(r, args.format, args.questions, i) for i, r in enumerate(rows)]
-    name = args.name or args.model.name
+    name = args.name or default_name(args.model)
     answer = _Answerer(
         args.model, args.max_new_tokens, args.temperature, args.batch_size, args.prompt_format
     )

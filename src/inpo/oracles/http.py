@@ -255,10 +255,12 @@ class HTTPJudgeOracle:
             else:
                 self.stats.extra[key] = self.stats.extra.get(key, 0) + value
 
-    def _body(self, prompt: str, first: str, second: str) -> dict[str, Any]:
+    def _body(self, prompt: Any, first: str, second: str) -> dict[str, Any]:
+        from inpo.data import prompt_text
+
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": self.template.render(prompt, first, second),
+            "messages": self.template.render(prompt_text(prompt), first, second),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }

@@ -1,12 +1,17 @@
 """A pairwise preference model (a causal LM that reads two responses and names the better one).
 
-The RLHFlow pair-preference format (Dong et al. 2024, "RLHF Workflow", §2; model
-``RLHFlow/pair-preference-model-LLaMA3-8B``): the comparison text
+The RLHFlow pair-preference format (Dong et al. 2024, "RLHF Workflow", §2; the model card of
+``RLHFlow/pair-preference-model-LLaMA3-8B``, which the INPO authors' annotation code follows):
 
-    ``[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \\n``
+1. the context (the conversation; a text prompt is one user turn) is rendered with the card's
+   plain template (:func:`rlhflow_context`: ``<turn> user\\n {content}`` /
+   ``<turn> assistant\\n {content}`` per turn, newlines between);
+2. the comparison text
+   ``[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \\n``
+   is the user turn of the model's own chat template, rendered as text *without* a generation
+   prompt, every BOS string removed, and tokenised without special tokens;
 
-is the user turn of the model's own chat template, followed by the generation prompt; the model's
-next-token distribution then puts mass on the tokens ``"A"`` and ``"B"``, and
+the model's next-token distribution at the last position then puts mass on ``"A"`` and ``"B"``:
 
     ``P_A(a, b) = p_A / (p_A + p_B) = σ(logit_A − logit_B)``.
 
@@ -16,12 +21,14 @@ Such a model has a position bias, so both orders are queried and combined
 
 Batches are left-padded with explicit ``position_ids``, so a batched query equals a one-by-one
 query up to float rounding. A tokenizer without a chat template gets the comparison text alone
-(plus its own special tokens).
+(plus its own special tokens). ``format="chat"`` is for other pairwise models: ``{prompt}`` is
+the prompt as plain text and the comparison is the user turn followed by the generation prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from collections.abc import Sequence
@@ -41,10 +48,30 @@ from inpo.oracles.reward_model import (
     sigmoid,
 )
 
-__all__ = ["RLHFLOW_TEMPLATE", "PairwisePreferenceOracle", "combine_orders"]
+__all__ = ["RLHFLOW_TEMPLATE", "PairwisePreferenceOracle", "combine_orders", "rlhflow_context"]
 
 #: The RLHFlow pair-preference comparison text (user turn). Placeholders: prompt, response_a/b.
 RLHFLOW_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
+
+#: The model card's plain context template (``tokenizer_plain.chat_template``), for reference
+#: and the test that :func:`rlhflow_context` renders what it renders.
+RLHFLOW_CONTEXT_TEMPLATE = (
+    "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n "
+    "{{ message['content'] }}{% else %}\n\n<turn> assistant\n {{ message['content'] }}"
+    "{% endif %}{% endfor %}\n\n\n"
+)
+
+
+def rlhflow_context(prompt: Any, tokenizer: Any) -> str:
+    """The conversation as the RLHFlow model card renders its context: ``tokenizer``'s
+    ``apply_chat_template`` with the card's template (:data:`RLHFLOW_CONTEXT_TEMPLATE`, turns by
+    position: even ones the user's, odd ones the assistant's; a text prompt is one user turn),
+    so the whitespace is what the card's code gets (jinja's ``trim_blocks`` included)."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    turns = [m for m in turns if m.get("role") != "system"]  # the card's format has no system
+    return tokenizer.apply_chat_template(
+        turns, chat_template=RLHFLOW_CONTEXT_TEMPLATE, tokenize=False
+    )
 
 
 def combine_orders(p_first: np.ndarray, p_swapped: np.ndarray) -> np.ndarray:
@@ -67,6 +94,8 @@ class PairwisePreferenceOracle:
         path: local folder (or hub id) of a causal LM whose tokenizer has single tokens for
             ``token_a`` and ``token_b``.
         template: the comparison text with ``{prompt}``, ``{response_a}``, ``{response_b}``.
+        format: ``rlhflow`` (the model card's rendering, above) or ``chat`` (``{prompt}`` as plain
+            text; the comparison as a user turn plus the generation prompt).
         token_a, token_b: the verdict tokens.
         batch_size: comparison prompts per forward pass (each pair costs two).
         max_length: longest comparison prompt; longer ones raise :class:`OracleError` (cutting
@@ -80,6 +109,7 @@ class PairwisePreferenceOracle:
         path: str | Path,
         *,
         template: str = RLHFLOW_TEMPLATE,
+        format: str = "rlhflow",
         token_a: str = "A",
         token_b: str = "B",
         batch_size: int = 8,
@@ -96,6 +126,9 @@ class PairwisePreferenceOracle:
                 raise ConfigError(f"pairwise template must contain '{field}' exactly once")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if format not in ("rlhflow", "chat"):
+            raise ConfigError(f"pairwise format must be rlhflow or chat, got '{format}'")
+        self.format = format
         _check_local(path, "pairwise preference model")
         self.path = str(path)
         self.template = template
@@ -119,7 +152,11 @@ class PairwisePreferenceOracle:
         self.stats = OracleStats(extra={"sequences_scored": 0})
         self._lock = threading.Lock()
         tmpl_sha = hashlib.sha256(f"{template}|{token_a}|{token_b}".encode()).hexdigest()[:8]
-        rendering = "chat" if self.has_chat_template else "plain"
+        rendering = (
+            (self.format if self.format == "rlhflow" else "chat")
+            if self.has_chat_template
+            else "plain"
+        )
         self.oracle_id = (
             f"pairwise:{Path(self.path).name}@{model_fingerprint(self.path)}"
             f":{rendering}:t{tmpl_sha}"
@@ -138,17 +175,27 @@ class PairwisePreferenceOracle:
         return int(ids[0])
 
     # ---- rendering ----
-    def render(self, prompt: str, response_a: str, response_b: str) -> list[int]:
+    def render(self, prompt: Any, response_a: str, response_b: str) -> list[int]:
         """Token ids of the comparison prompt (A = ``response_a`` shown first)."""
+        from inpo.data import prompt_text
+
         tok = self.tokenizer
+        context = rlhflow_context(prompt, tok) if self.format == "rlhflow" else prompt_text(prompt)
         # Single-pass substitution: a response that contains "{response_b}" stays as it is.
-        values = {"{prompt}": prompt, "{response_a}": response_a, "{response_b}": response_b}
+        values = {"{prompt}": context, "{response_a}": response_a, "{response_b}": response_b}
         text = re.sub(
             r"\{prompt\}|\{response_a\}|\{response_b\}",
             lambda m: values[m.group(0)],
             self.template,
         )
-        if self.has_chat_template:
+        if self.has_chat_template and self.format == "rlhflow":
+            # the card: apply_chat_template(tokenize=False) without a generation prompt, every
+            # BOS string removed, encoded without special tokens
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+            if tok.bos_token:
+                text = text.replace(tok.bos_token, "")
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        elif self.has_chat_template:
             text = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
@@ -159,7 +206,7 @@ class PairwisePreferenceOracle:
         if len(ids) > self.max_length:
             raise OracleError(
                 f"pairwise comparison prompt of {len(ids)} tokens exceeds max_length "
-                f"{self.max_length} (prompt starts {prompt[:60]!r})"
+                f"{self.max_length} (prompt starts {prompt_text(prompt)[:60]!r})"
             )
         return list(ids)
 
@@ -204,11 +251,14 @@ class PairwisePreferenceOracle:
         n = check_lengths(prompts, responses_a, responses_b)
         with self._lock:
             # Both orders of every pair; identical comparison texts are scored once.
-            keys = [(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
-            keys += [(p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
+            # a conversation is keyed by its JSON (lists are not hashable)
+            hashable = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
+            original = dict(zip(hashable, prompts))
+            keys = [(p, a, b) for p, a, b in zip(hashable, responses_a, responses_b)]
+            keys += [(p, b, a) for p, a, b in zip(hashable, responses_a, responses_b)]
             unique = list(dict.fromkeys(keys))
             self.stats.cache_hits += len(keys) - len(unique)
-            probs = self.prob_first([self.render(*k) for k in unique])
+            probs = self.prob_first([self.render(original[p], a, b) for p, a, b in unique])
             lookup = dict(zip(unique, probs))
             p_all = np.array([lookup[k] for k in keys], dtype=np.float64)
             self.stats.queries += n

@@ -20,6 +20,7 @@ with :mod:`inpo.oracles.pairwise`.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -174,30 +175,35 @@ class RewardModelOracle:
         return f"RewardModelOracle({self.path!r}, device={self.device!r}, dtype={self.dtype})"
 
     # ---- rendering ----
-    def render(self, prompt: str, response: str) -> list[int]:
-        """Token ids of ``[user: prompt, assistant: response]`` in the RM's own format."""
+    def render(self, prompt: Any, response: str) -> list[int]:
+        """Token ids of the conversation ``prompt`` + the assistant turn ``response`` in the
+        RM's own format: its tokenizer's chat template (a text prompt is one user turn), or,
+        without one, ``prompt\n\nresponse`` (a conversation as plain text,
+        :func:`inpo.data.prompt_text`)."""
+        from inpo.data import prompt_text
+
         tok = self.tokenizer
         if self.has_chat_template:
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                tokenize=False,
+                [*turns, {"role": "assistant", "content": response}], tokenize=False
             )
             # The template writes its own BOS when it wants one; never add a second.
             bos = tok.bos_token
             add_special = not (bos and text.startswith(bos))
             ids = tok(text, add_special_tokens=add_special)["input_ids"]
         else:
-            ids = tok(f"{prompt}\n\n{response}")["input_ids"]
+            ids = tok(f"{prompt_text(prompt)}\n\n{response}")["input_ids"]
         if len(ids) > self.max_length:
             self.stats.extra["truncated"] += 1
             ids = ids[-self.max_length :]
         return list(ids)
 
     # ---- scoring ----
-    def _score(self, keys: list[tuple[str, str]]) -> list[float]:
+    def _score(self, items: list[tuple[Any, str]]) -> list[float]:
         torch = self._torch
-        encoded = [self.render(p, r) for p, r in keys]
-        out = [0.0] * len(keys)
+        encoded = [self.render(p, r) for p, r in items]
+        out = [0.0] * len(items)
         pad = self.model.config.pad_token_id  # the id the classifier pools around
         for idx in length_batches([len(e) for e in encoded], self.batch_size, self.max_padding):
             width = max(len(encoded[i]) for i in idx)
@@ -223,12 +229,16 @@ class RewardModelOracle:
         """Scalar rewards ``r(x_i, y_i)``, float64 ``[n]``; cached per (prompt, response)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        keys = [(str(p), str(r)) for p, r in zip(prompts, responses)]
+        # a conversation is keyed by its JSON (lists are not hashable)
+        keys = [
+            (p if isinstance(p, str) else json.dumps(p), str(r)) for p, r in zip(prompts, responses)
+        ]
+        items = dict(zip(keys, zip(prompts, responses)))
         with self._lock:
             missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
             self.stats.cache_hits += sum(1 for k in keys if k in self._cache)
             if missing:
-                for key, value in zip(missing, self._score(missing)):
+                for key, value in zip(missing, self._score([items[k] for k in missing])):
                     self._cache[key] = value
             return np.array([self._cache[k] for k in keys], dtype=np.float64)
 

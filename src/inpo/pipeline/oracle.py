@@ -14,14 +14,7 @@ from typing import Any
 from inpo.errors import ConfigError
 from inpo.pipeline.config import AnnotateConfig
 
-__all__ = ["build_oracle", "oracle_prompt"]
-
-
-def oracle_prompt(prompt: Any) -> str:
-    """The text an oracle sees for a prompt (a conversation as ``role: content`` lines)."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+__all__ = ["build_oracle"]
 
 
 def _store(cache: Path, rank: int, world: int) -> Any:

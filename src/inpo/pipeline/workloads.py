@@ -132,17 +132,16 @@ def load_prompts(
         rows = list(Dataset.from_parquet(str(path)))
     else:
         raise DataError(f"{path}: prompts must be .jsonl, .json, .parquet or a datasets folder")
+    from inpo.data import _RowError, check_prompt
+
     prompts = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{path}: row {i}: missing field 'prompt'")
-        p = row["prompt"]
-        ok = (isinstance(p, str) and p.strip()) or (
-            isinstance(p, list) and p and all(isinstance(m, dict) and "content" in m for m in p)
-        )
-        if not ok:
-            raise DataError(f"{path}: row {i}: field 'prompt' must be non-empty text or messages")
-        prompts.append(p)
+        try:
+            prompts.append(check_prompt(row["prompt"], "prompt"))
+        except _RowError as err:
+            raise DataError(f"{path}: row {i}: field '{err.field}': {err.message}") from None
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -220,7 +219,6 @@ class PromptFileWorkload(Workload):
 
         from inpo.generation import GenerationSettings, sample_responses
         from inpo.logprobs import completion_logps
-        from inpo.pipeline.oracle import oracle_prompt
         from inpo.pipeline.runtime import load_model
 
         prompts = self.eval_prompts()
@@ -248,8 +246,7 @@ class PromptFileWorkload(Workload):
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
         flat_r = [y for rs in yr for y in rs]
-        oprompts = [oracle_prompt(p) for p in flat_p]
-        probs = self._oracle.prob_prefers(oprompts, flat_y, flat_r)
+        probs = self._oracle.prob_prefers(flat_p, flat_y, flat_r)
         n = len(probs)
         wins = float(sum(probs))
         lo, hi = wilson_interval(wins, n)

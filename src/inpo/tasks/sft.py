@@ -50,6 +50,7 @@ def task_tokenizer(words: Sequence[str]):
     from inpo.tiny import word_tokenizer
 
     tok = word_tokenizer(words)
+    tok.chat_template = None  # the task's prompts are text; no template to apply by mistake
     backend = tok.backend_tokenizer
     specials = [(t, backend.token_to_id(t)) for t in ("<s>", "<|assistant|>")]
     backend.post_processor = processors.TemplateProcessing(

@@ -808,6 +808,9 @@ def train(
         ):
             checkpoint(total_steps)
         _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
+        if is_main:  # how prompts were given to it, for whoever prompts it next (inpo export)
+            conversational = bool(data.rows) and isinstance(data.rows[0]["prompt"], list)
+            write_prompt_format(out_dir, "chat" if conversational else "text")
         if is_main and (row is not None or not (out_dir / "README.md").exists()):
             from inpo.training.modelcard import write_model_card
 
@@ -1007,6 +1010,27 @@ def _restore(
     if accelerator.is_main_process:
         print(f"inpo train: resuming from {path} (step {step}/{trainer.get('total_steps')})")
     return step
+
+
+#: The file beside a trained model saying how it was prompted: ``{"prompt_format": "chat"}``
+#: (the chat template) or ``"text"`` (plain text, the template unused).
+PROMPT_FORMAT_FILE = "inpo.json"
+
+
+def write_prompt_format(model_dir: Path, prompt_format: str) -> None:
+    (Path(model_dir) / PROMPT_FORMAT_FILE).write_text(
+        json.dumps({"prompt_format": prompt_format}) + "\n"
+    )
+
+
+def read_prompt_format(model_dir: Path) -> str | None:
+    """``chat`` or ``text`` if inpo trained the model in ``model_dir`` (else ``None``)."""
+    path = Path(model_dir) / PROMPT_FORMAT_FILE
+    try:
+        value = json.loads(path.read_text()).get("prompt_format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if value in ("chat", "text") else None
 
 
 def _write_model(

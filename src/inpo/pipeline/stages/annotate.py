@@ -17,7 +17,6 @@ from typing import Any
 from inpo.distributed import shard
 from inpo.errors import InpoError
 from inpo.pipeline.faults import fault
-from inpo.pipeline.oracle import oracle_prompt
 from inpo.pipeline.runtime import Ctx
 
 __all__ = ["merge", "work"]
@@ -26,8 +25,11 @@ __all__ = ["merge", "work"]
 def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[list[dict], int]:
     """The selected pairs of a batch of sample rows, and the queries the rule asked."""
     from inpo import selection as sel
+    from inpo.data import as_completion
 
-    oprompts = [oracle_prompt(r["prompt"]) for r in chunk]
+    # Oracles get the prompt as it is (a conversation stays a message list) and render it in
+    # their own format; the pairs are in TRL's format (an assistant turn after a conversation).
+    oprompts = [r["prompt"] for r in chunk]
     resp = [r["responses"] for r in chunk]
     pairs, queries = [], 0
     if rule in ("tournament", "best_worst"):
@@ -44,8 +46,8 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
                 {
                     "index": r["index"],
                     "prompt": r["prompt"],
-                    "chosen": r["responses"][res.chosen],
-                    "rejected": r["responses"][res.rejected],
+                    "chosen": as_completion(r["prompt"], r["responses"][res.chosen]),
+                    "rejected": as_completion(r["prompt"], r["responses"][res.rejected]),
                     "tie": tie,
                 }
             )
@@ -61,8 +63,8 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
                 {
                     "index": r["index"],
                     "prompt": r["prompt"],
-                    "chosen": r["responses"][best],
-                    "rejected": r["responses"][worst],
+                    "chosen": as_completion(r["prompt"], r["responses"][best]),
+                    "rejected": as_completion(r["prompt"], r["responses"][worst]),
                     "chosen_winrate": float(rates[best]),
                     "rejected_winrate": float(rates[worst]),
                 }
@@ -99,6 +101,7 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
 
 def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     """``pairs.jsonl`` in prompt order; the ranks' query counts summed."""
+    from inpo.data import completion_text
     from inpo.oracles.cache import merge_rank_caches
 
     merge_rank_caches(ctx.run_dir / "oracle_cache.sqlite")
@@ -110,7 +113,11 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     # The data loader rejects empty completions (a malformed row in a dataset); a sampled
     # response that is only EOS cannot be trained on through it, so such pairs are dropped and
     # counted.
-    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    kept = [
+        p
+        for p in pairs
+        if completion_text(p["chosen"]).strip() and completion_text(p["rejected"]).strip()
+    ]
     n_prompts = sum(c["prompts"] for c in counts)
     if not kept:
         raise InpoError(
