@@ -237,7 +237,7 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
         "train.learning_rate=1e-3",
         "train.global_batch_size=4",
         "train.per_device_batch_size=2",
-        "evaluate.num_prompts=4",
+        "evaluate.num_prompts=1",  # no eval_prompts: the file's last prompt is held out
         "evaluate.k=2",
     ]
     proc = subprocess.run(
@@ -249,7 +249,11 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["win_rate_vs_ref"] is not None and len(rows[0]["win_rate_ci"]) == 2
-    assert rows[1]["oracle_queries"] == 4 * 4  # best/worst of K = 4: K reward calls a prompt
+    assert rows[1]["oracle_queries"] == 3 * 4  # best/worst of K = 4: K reward calls a prompt
+    assert rows[1]["eval_prompts"] == 1
+    samples = (tmp_path / "run" / "iter_000" / "generate" / "samples.jsonl").read_text()
+    assert "describe the square" not in samples  # the held-out prompt is never trained on
+    assert "[data] prompts" in proc.stderr and "held out for evaluation" in proc.stderr
     assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0
 
 
@@ -496,6 +500,7 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
             f"reference={policy}",
             "generate.max_new_tokens=4",
             "evaluate.k=2",
+            "evaluate.num_prompts=2",
         ],
     )
     calls = []

@@ -246,17 +246,20 @@ class RunConfig:
     #: default task builds one by a short SFT, cached).
     reference: str = ""
     #: Training prompts (task=prompts): JSONL/Parquet/`datasets` folder in TRL's prompt-only
-    #: format (a ``prompt`` column of text or messages).
-    prompts: str = ""
-    #: Held-out evaluation prompts, in the same format as ``prompts``.
+    #: format (a ``prompt`` column of text or messages); a list (or commas) gives one source an
+    #: iteration, cycling, as the INPO paper trains each iteration on fresh prompts.
+    prompts: str | list[str] = ""
+    #: Held-out evaluation prompts, in the same format as ``prompts``; never trained on (an
+    #: error if they overlap). Empty: the last evaluate.num_prompts of the first source, held out.
     eval_prompts: str = ""
-    #: The split of ``prompts`` when it is a hub dataset or a folder of data files (null: train).
-    prompts_split: str | None = None
+    #: The split of ``prompts`` when it is a hub dataset or a folder of data files (null: train);
+    #: a list gives one split a source.
+    prompts_split: str | list[str] | None = None
     #: The split of ``eval_prompts`` when it is a hub dataset or a folder of data files.
     eval_prompts_split: str | None = None
     #: The configuration of a hub dataset given as ``prompts``/``eval_prompts``.
     dataset_config: str | None = None
-    #: Use only the first this many training prompts (null: all).
+    #: Use only the first this many training prompts of each iteration (null: all).
     max_prompts: int | None = None
     #: Times each prompt is sampled an iteration (K fresh samples and one selection each).
     prompt_repeats: int = 1
@@ -335,13 +338,19 @@ class RunConfig:
         from pathlib import Path
 
         from inpo.hub import looks_like_hub_id, resolve_dataset
+        from inpo.pipeline.workloads import prompt_sources
 
+        if self.task == "default" and (self.prompts or self.eval_prompts):
+            raise ConfigError(
+                "task=default has its own training and held-out prompts (its evaluation is "
+                "exact); prompts= and eval_prompts= are for task=prompts"
+            )
         for key in ("prompts", "eval_prompts"):
-            value = getattr(self, key)
-            if value and looks_like_hub_id(value):
-                resolve_dataset(value, key)  # in the local cache, or one line saying how
-            elif value and not Path(value).exists():
-                raise ConfigError(f"{key}: path '{value}' does not exist")
+            for value in prompt_sources(getattr(self, key)):
+                if looks_like_hub_id(value):
+                    resolve_dataset(value, key)  # in the local cache, or one line saying how
+                elif not Path(value).exists():
+                    raise ConfigError(f"{key}: path '{value}' does not exist")
         from inpo.hub import resolve_model
 
         for key in ("policy", "reference"):  # a folder, or a hub id in the local HF cache

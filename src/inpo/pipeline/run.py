@@ -93,6 +93,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         # answers a killed multi-process run left in its rank files join the shared cache
         merge_rank_caches(run_dir / "oracle_cache.sqlite")
     workload = task or get_workload(cfg)
+    plan = getattr(workload, "data_plan", lambda: None)()
+    if plan:
+        ctx.log(plan)
     stage = StageRunner(ctx)
     rows: list[dict[str, Any]] = []
     from inpo.pipeline.tracking import start_run_trackers
@@ -155,7 +158,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             for t in range(cfg.iterations):
                 it = run_dir / f"iter_{t:03d}"
                 policy_id = model_fingerprint(policy)
-                prompts = _training_prompts(cfg, workload)
+                prompts = _training_prompts(cfg, workload, t)
                 gen_seed, train_seed = stage_seed(cfg, t, "gen"), stage_seed(cfg, t, "train")
 
                 # 1. K samples a prompt from π_t
@@ -166,7 +169,11 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     {
                         "generate": asdict(cfg.generate),
                         "seed": cfg.seed,
-                        "prompts": workload.describe(),
+                        "prompts": (
+                            workload.describe_iteration(t)
+                            if hasattr(workload, "describe_iteration")
+                            else workload.describe()
+                        ),
                         "max_prompts": cfg.max_prompts,
                         "prompt_repeats": cfg.prompt_repeats,
                     },
@@ -256,8 +263,13 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     return run_dir
 
 
-def _training_prompts(cfg: RunConfig, workload: Any) -> list[Any]:
-    prompts = workload.train_prompts()[: cfg.max_prompts]
+def _training_prompts(cfg: RunConfig, workload: Any, iteration: int) -> list[Any]:
+    """Iteration ``iteration``'s prompts: the workload's for it, the first ``max_prompts``,
+    each ``prompt_repeats`` times."""
+    if hasattr(workload, "train_prompts_for"):
+        prompts = workload.train_prompts_for(iteration)[: cfg.max_prompts]
+    else:
+        prompts = workload.train_prompts()[: cfg.max_prompts]
     return [p for p in prompts for _ in range(cfg.prompt_repeats)]
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Workload",
     "get_workload",
     "load_prompts",
+    "prompt_sources",
     "wilson_interval",
     "workload_defaults",
 ]
@@ -75,6 +76,18 @@ class Workload:
 
     def reference_plan(self) -> str | None:
         """What :meth:`reference_model` is about to do when it is slow (``None``: nothing)."""
+        return None
+
+    def train_prompts_for(self, iteration: int) -> list[Any]:
+        """Iteration ``iteration``'s training prompts (default: the same every iteration)."""
+        return self.train_prompts()
+
+    def describe_iteration(self, iteration: int) -> dict[str, Any]:
+        """What iteration ``iteration``'s generation depends on (default: :meth:`describe`)."""
+        return self.describe()
+
+    def data_plan(self) -> str | None:
+        """A line on where the prompts come from, for the run's header (``None``: nothing)."""
         return None
 
     def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:  # pragma: no cover
@@ -158,18 +171,55 @@ def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def prompt_sources(value: str | list[str]) -> list[str]:
+    """``prompts=`` as a list of sources: a YAML list, or one string (commas separate several
+    unless the whole string names an existing path)."""
+    if isinstance(value, list):
+        return [str(v) for v in value if str(v).strip()]
+    if not value:
+        return []
+    if "," in value and not Path(value).exists():
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def _as_list(value: str | list[str] | None, n: int) -> list[str | None]:
+    """A per-source setting (one value for all, or one per source)."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [value] * max(n, 1)
+
+
+def _prompt_key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
 class PromptFileWorkload(Workload):
-    """Prompts from a file, any oracle backend, evaluation by win rate against the reference."""
+    """Prompts from files (one a iteration, cycling), any oracle backend, evaluation by win rate
+    against the reference on held-out prompts.
+
+    The data schedule (the INPO paper trains each iteration on fresh prompts): ``prompts`` is one
+    source or a list, iteration ``t`` taking source ``t mod n`` (``prompts_split`` likewise, one
+    split or one a source), its first ``max_prompts``. ``eval_prompts`` are held out: an error if
+    any of them is a training prompt. Without ``eval_prompts`` the last ``evaluate.num_prompts``
+    prompts of the first source are held out of every iteration's training.
+    """
 
     def __init__(self, cfg: RunConfig):
-        if not cfg.prompts:
+        self.cfg = cfg
+        self.sources = prompt_sources(cfg.prompts)
+        if not self.sources:
             raise ConfigError("task=prompts needs prompts=FILE (TRL prompt-only format)")
         if not cfg.policy and not cfg.reference:
             raise ConfigError("task=prompts needs reference=MODEL_DIR (and optionally policy=)")
-        self.cfg = cfg
-        self._train = load_prompts(
-            cfg.prompts, split=cfg.prompts_split, config=cfg.dataset_config, key="prompts"
-        )
+        splits = _as_list(cfg.prompts_split, len(self.sources))
+        if len(splits) != len(self.sources):
+            raise ConfigError(
+                f"prompts_split has {len(splits)} splits for {len(self.sources)} prompt sources; "
+                "give one split, or one a source"
+            )
+        self.splits = splits
+        self._loaded: dict[int, list[Any]] = {}
         self._eval = (
             load_prompts(
                 cfg.eval_prompts,
@@ -180,8 +230,40 @@ class PromptFileWorkload(Workload):
             if cfg.eval_prompts
             else None
         )
+        self.held_out: set[str] = set()
+        n_eval = cfg.evaluate.num_prompts
+        if self._eval is None:  # hold the first source's last prompts out of training
+            first = self._source(0)
+            if len(first) <= n_eval:
+                raise ConfigError(
+                    f"prompts '{self.sources[0]}' has {len(first)} prompts: holding out "
+                    f"evaluate.num_prompts={n_eval} for evaluation leaves none to train on; "
+                    "set eval_prompts=FILE or a smaller evaluate.num_prompts"
+                )
+            self._eval = first[-n_eval:]
+            self.held_out = {_prompt_key(x) for x in self._eval}
+        else:
+            evals = {_prompt_key(x) for x in self._eval[:n_eval]}
+            for i, source in enumerate(self.sources):
+                clash = evals & {_prompt_key(x) for x in self._source(i)}
+                if clash:
+                    raise ConfigError(
+                        f"eval_prompts '{cfg.eval_prompts}' shares {len(clash)} prompt(s) with "
+                        f"the training prompts '{source}' (e.g. {sorted(clash)[0][:60]!r}); "
+                        "held-out prompts must never be trained on"
+                    )
         self._oracle = None
         self._ref_samples: dict[Any, list[list[str]]] = {}
+
+    def _source(self, i: int) -> list[Any]:
+        if i not in self._loaded:
+            self._loaded[i] = load_prompts(
+                self.sources[i],
+                split=self.splits[i],
+                config=self.cfg.dataset_config,
+                key="prompts",
+            )
+        return self._loaded[i]
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
@@ -193,15 +275,47 @@ class PromptFileWorkload(Workload):
             **({"prompts_split": c.prompts_split} if c.prompts_split else {}),
             **({"eval_prompts_split": c.eval_prompts_split} if c.eval_prompts_split else {}),
             **({"dataset_config": c.dataset_config} if c.dataset_config else {}),
+            **({"held_out": "last"} if not c.eval_prompts else {}),
+        }
+
+    def describe_iteration(self, iteration: int) -> dict[str, Any]:
+        """What iteration ``iteration`` trains on (its source alone: adding a source for later
+        iterations leaves the earlier ones' stages as they are)."""
+        if len(self.sources) == 1:
+            return self.describe()
+        i = iteration % len(self.sources)
+        return {
+            **self.describe(),
+            "prompts": self.sources[i],
+            "prompts_split": self.splits[i],
+            "source": i,
         }
 
     def train_prompts(self) -> list[Any]:
-        return list(self._train)
+        return self.train_prompts_for(0)
+
+    def train_prompts_for(self, iteration: int) -> list[Any]:
+        prompts = self._source(iteration % len(self.sources))
+        if self.held_out:
+            prompts = [x for x in prompts if _prompt_key(x) not in self.held_out]
+        return list(prompts)
+
+    def data_plan(self) -> str:
+        """One line on where training and evaluation prompts come from."""
+        n = len(self.sources)
+        src = (
+            f"{n} prompt sources, one an iteration (cycling)"
+            if n > 1
+            else f"prompts {self.sources[0]}"
+        )
+        if self.held_out:
+            ev = f"the last {len(self._eval)} of {self.sources[0]} held out for evaluation"
+        else:
+            ev = f"{len(self.eval_prompts())} held-out prompts from {self.cfg.eval_prompts}"
+        return f"[data] {src}; {ev}"
 
     def eval_prompts(self) -> list[Any]:
-        if self._eval is not None:
-            return self._eval[: self.cfg.evaluate.num_prompts]
-        return self._train[-self.cfg.evaluate.num_prompts :]
+        return self._eval[: self.cfg.evaluate.num_prompts]
 
     def reference_model(self, run_dir: Path) -> Path:
         return Path(self.cfg.reference or self.cfg.policy)
