@@ -106,7 +106,7 @@ _PIPELINE = re.compile(r"\binpo (?:-q )?(run|compare)\b")
 
 def fast(cmd: str) -> str:
     found = _PIPELINE.search(cmd)
-    if found is None or ">" in cmd or " --help" in cmd:
+    if found is None or ">" in cmd or " --help" in cmd or "task=prompts" in cmd:
         return cmd
     return f"{cmd} {FAST[found.group(1)]}"
 

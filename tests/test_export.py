@@ -125,3 +125,34 @@ def test_bad_questions_file(model_dir, tmp_path, capsys):
     )
     assert code == 2
     assert "row 0: missing field 'turns'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_task_model_answers_in_its_own_text_format(tmp_path, capsys):
+    """A model inpo trained on text prompts is prompted with text (``inpo.json``), even when its
+    tokenizer carries a chat template: its answers are non-empty and named after the run."""
+    import shutil
+
+    from inpo.tasks.default import DefaultTask, DefaultTaskConfig
+    from inpo.training.loop import read_prompt_format, write_prompt_format
+    from inpo.tiny import CHAT_TEMPLATE
+
+    task = DefaultTask(DefaultTaskConfig())
+    model = tmp_path / "run" / "iter_001" / "train" / "model"
+    shutil.copytree(task.build_reference(), model)
+    write_prompt_format(model, "text")  # what the training loop writes beside its model
+    assert read_prompt_format(model) == "text"
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE  # an older π_ref cache had one: it must not be used
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps([{"instruction": p} for p in task.prompts_eval[:6]]))
+    out = tmp_path / "model_outputs.json"
+    args = ["export", "--model", str(model), "--format", "alpaca_eval", "--questions", str(q)]
+    assert main([*args, "--output", str(out), "--max-new-tokens", "6"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data) == 6 and all(d["output"].strip() for d in data), data
+    assert {d["generator"] for d in data} == {"run-iter_001"}
+    chat = tmp_path / "chat.json"
+    assert main([*args, "--output", str(chat), "--prompt-format", "chat", "--name", "x"]) == 0
+    assert [d["output"] for d in json.loads(chat.read_text())] != [d["output"] for d in data]

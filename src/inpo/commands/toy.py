@@ -9,6 +9,12 @@ Everything ``task=prompts`` needs, built here from a config (nothing is download
 
 so the commands of ``docs/your-model.md`` run as written; replace them with your own model
 folders (or hub ids in your local Hugging Face cache) and prompt files.
+
+``inpo toy DIR --chat`` writes a chat model's kit instead: the policy has a Llama-3-style chat
+template (``<|begin_of_text|>``, ``<|eot_id|>`` in its ``generation_config.json``), a reward model
+and an RLHFlow-style pairwise model with the same tokenizer, ``prompts_1.jsonl`` …
+``prompts_3.jsonl`` (one file an iteration, conversations in TRL's format) and
+``eval_prompts.jsonl``.
 """
 
 from __future__ import annotations
@@ -46,7 +52,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("dir", help="the folder to write (created; existing files are replaced)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--chat", action="store_true", help="a chat model and conversational prompt files"
+    )
     args = parser.parse_args(argv)
+    if args.chat:
+        return _chat(Path(args.dir), args.seed)
 
     from inpo.tiny import save_tiny_lm, tiny_reward_model, word_tokenizer
 
@@ -64,5 +75,50 @@ def main(argv: list[str]) -> int:
     print(
         f"wrote {out}/policy, {out}/reward_model, {out}/prompts.jsonl ({len(train)} prompts) "
         f"and {out}/eval_prompts.jsonl ({len(held_out)})"
+    )
+    return 0
+
+
+def _chat(out: Path, seed: int) -> int:
+    from inpo.tiny import chat_tokenizer, save_tiny_chat_lm, tiny_causal_lm, tiny_reward_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2}
+    save_tiny_chat_lm(out / "policy", "llama3", seed=seed, **sizes)
+    tok = chat_tokenizer("llama3")
+    for name, model in (
+        ("reward_model", tiny_reward_model("llama", tok, seed=seed + 1, **sizes)),
+        ("pairwise_model", tiny_causal_lm("llama", tok, seed=seed + 2, **sizes)),
+    ):
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    every = [
+        f"{verb} a {size} {c} {shape}."
+        for verb in ("Draw", "Describe")
+        for size in ("small", "large")
+        for c in _COLOURS
+        for shape in _SHAPES
+    ]  # 36 requests: 3 training files of 8, 8 held out, 4 spare
+
+    def conversation(text: str, i: int) -> list[dict[str, str]]:
+        turns = [{"role": "user", "content": text}]
+        if i % 4 == 3:  # some multi-turn histories, with a system turn
+            turns = [
+                {"role": "system", "content": "Answer in one line."},
+                {"role": "user", "content": "Hello."},
+                {"role": "assistant", "content": "Hello!"},
+                *turns,
+            ]
+        return turns
+
+    files = {f"prompts_{t + 1}.jsonl": every[8 * t : 8 * t + 8] for t in range(3)}
+    files["eval_prompts.jsonl"] = every[24:32]
+    for name, texts in files.items():
+        rows = [{"prompt": conversation(x, i)} for i, x in enumerate(texts)]
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(
+        f"wrote {out}/policy (a chat template), {out}/reward_model, {out}/pairwise_model, "
+        f"{out}/prompts_1.jsonl … prompts_3.jsonl (8 conversations each) and "
+        f"{out}/eval_prompts.jsonl (8)"
     )
     return 0

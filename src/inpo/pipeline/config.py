@@ -261,6 +261,9 @@ class RunConfig:
     dataset_config: str | None = None
     #: Use only the first this many training prompts of each iteration (null: all).
     max_prompts: int | None = None
+    #: Skip (and count) prompts that cannot be used — a conversation for a model without a chat
+    #: template, a prompt longer than its context — instead of stopping at the first.
+    skip_bad_rows: bool = False
     #: Times each prompt is sampled an iteration (K fresh samples and one selection each).
     prompt_repeats: int = 1
     #: Trackers for the whole run, via accelerate: tensorboard, wandb, mlflow, trackio, … (commas).

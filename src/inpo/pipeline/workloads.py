@@ -230,6 +230,9 @@ class PromptFileWorkload(Workload):
             if cfg.eval_prompts
             else None
         )
+        self.skipped = 0
+        if self._eval is not None:
+            self._eval = self._fit_model(self._eval, cfg.eval_prompts)
         self.held_out: set[str] = set()
         n_eval = cfg.evaluate.num_prompts
         if self._eval is None:  # hold the first source's last prompts out of training
@@ -257,13 +260,62 @@ class PromptFileWorkload(Workload):
 
     def _source(self, i: int) -> list[Any]:
         if i not in self._loaded:
-            self._loaded[i] = load_prompts(
+            prompts = load_prompts(
                 self.sources[i],
                 split=self.splits[i],
                 config=self.cfg.dataset_config,
                 key="prompts",
             )
+            self._loaded[i] = self._fit_model(prompts, self.sources[i])
         return self._loaded[i]
+
+    def _tokenizer_and_context(self) -> tuple[Any, int | None, str]:
+        if not hasattr(self, "_tok"):
+            from transformers import AutoConfig, AutoTokenizer
+
+            from inpo.hub import resolve_model
+
+            name = self.cfg.policy or self.cfg.reference
+            key = "policy" if self.cfg.policy else "reference"
+            path = resolve_model(name, key)
+            self._tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+            self._ctx = getattr(config, "max_position_embeddings", None)
+            self._model_name = name
+        return self._tok, self._ctx, self._model_name
+
+    def _fit_model(self, prompts: list[Any], source: str) -> list[Any]:
+        """Every prompt checked against the policy before any model loads: a conversation needs
+        a chat template; a prompt must fit the context with room for one token. A bad row is an
+        error naming the file and row, or (``skip_bad_rows``) skipped and counted."""
+        from inpo.data import encode_prompt
+
+        tok, ctx, name = self._tokenizer_and_context()
+        template = getattr(tok, "chat_template", None) is not None
+        kept = []
+        for i, prompt in enumerate(prompts):
+            problem = None
+            if isinstance(prompt, list) and not template:
+                problem = f"a conversation, but the tokenizer of '{name}' has no chat template"
+            elif ctx is not None:
+                n = len(encode_prompt(tok, prompt))
+                if n >= ctx:
+                    problem = (
+                        f"{n} tokens, longer than the context of '{name}' "
+                        f"({ctx} positions, one needed for the answer)"
+                    )
+            if problem is None:
+                kept.append(prompt)
+            elif self.cfg.skip_bad_rows:
+                self.skipped += 1
+            else:
+                raise DataError(
+                    f"{source}: row {i}: field 'prompt': {problem} "
+                    "(skip_bad_rows=true skips such rows, counted)"
+                )
+        if not kept:
+            raise DataError(f"{source}: every prompt was skipped ({len(prompts)})")
+        return kept
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
@@ -312,7 +364,8 @@ class PromptFileWorkload(Workload):
             ev = f"the last {len(self._eval)} of {self.sources[0]} held out for evaluation"
         else:
             ev = f"{len(self.eval_prompts())} held-out prompts from {self.cfg.eval_prompts}"
-        return f"[data] {src}; {ev}"
+        skipped = f"; {self.skipped} bad prompts skipped" if self.skipped else ""
+        return f"[data] {src}; {ev}{skipped}"
 
     def eval_prompts(self) -> list[Any]:
         return self._eval[: self.cfg.evaluate.num_prompts]
