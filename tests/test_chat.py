@@ -16,7 +16,7 @@ import torch
 
 from inpo.data import PreferenceCollator, as_completion, encode_prompt
 from inpo.generation import GenerationSettings, generate_chunks
-from inpo.tiny import char_tokenizer, chat_tokenizer, save_tiny_chat_lm, save_tiny_lm
+from inpo.tiny import always_say, char_tokenizer, chat_tokenizer, save_tiny_chat_lm, save_tiny_lm
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -77,26 +77,6 @@ def test_generation_training_and_precompute_condition_on_the_same_ids(kind, tmp_
     assert tok.decode(completion) == "x" + end
 
 
-def _always_say(path: Path, token: str) -> None:
-    """Make the saved model emit ``token`` at every step: layers contribute nothing, every
-    embedding is the first unit vector, and only ``token``'s output row reads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = model.get_input_embeddings().weight
-        emb.zero_()
-        emb[:, 0] = 1.0
-        head = model.get_output_embeddings().weight
-        head.zero_()
-        head[tok.convert_tokens_to_ids(token), 0] = 50.0
-    model.save_pretrained(path)
-
-
 def test_generation_stops_at_the_end_tokens_of_generation_config(tmp_path):
     """``<|eot_id|>`` is not the tokenizer's EOS; the model's ``generation_config.json`` lists it,
     and a sample ends there (empty, not truncated). Without it listed, the same model runs to
@@ -104,7 +84,7 @@ def test_generation_stops_at_the_end_tokens_of_generation_config(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = save_tiny_chat_lm(tmp_path / "m", "llama3", hidden_size=32)
-    _always_say(path, "<|eot_id|>")
+    always_say(path, "<|eot_id|>")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == "<|end_of_text|>"

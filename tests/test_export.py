@@ -134,8 +134,8 @@ def test_the_default_task_model_answers_in_its_own_text_format(tmp_path, capsys)
     import shutil
 
     from inpo.tasks.default import DefaultTask, DefaultTaskConfig
-    from inpo.training.loop import read_prompt_format, write_prompt_format
     from inpo.tiny import CHAT_TEMPLATE
+    from inpo.training.loop import read_prompt_format, write_prompt_format
 
     task = DefaultTask(DefaultTaskConfig())
     model = tmp_path / "run" / "iter_001" / "train" / "model"

@@ -179,12 +179,11 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
         pytest.skip("vLLM is installed")
     except ImportError:
         pass
+    from inpo.config import load_config
     from inpo.errors import ConfigError
 
-    cfg = _cfg(tmp_path, iterations=1)
-    cfg.generate.backend = "vllm"
-    with pytest.raises(ConfigError, match="needs vLLM installed"):
-        run_pipeline(cfg, log=lambda m: None, task=ToyTask(tmp_path))
+    with pytest.raises(ConfigError, match=r"generate\.backend=vllm needs vLLM"):
+        load_config(RunConfig, None, ["generate.backend=vllm"])  # at the config check
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "LLAMA3_TEMPLATE",
     "SPECIAL_TOKENS",
+    "always_say",
     "char_tokenizer",
     "chat_tokenizer",
     "save_tiny_chat_lm",
@@ -265,3 +266,25 @@ def save_tiny_lm(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def always_say(path: str | Path, token: str) -> None:
+    """Rewrite the tiny Llama saved in ``path`` so it emits ``token`` at every step, whatever
+    the input (for tests of end tokens and truncation): the layers add nothing to the residual
+    stream, every embedding is the first unit vector, and only ``token``'s output row reads it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.get_input_embeddings().weight
+        emb.zero_()
+        emb[:, 0] = 1.0
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[tok.convert_tokens_to_ids(token), 0] = 50.0
+    model.save_pretrained(path)

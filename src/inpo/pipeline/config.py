@@ -58,8 +58,13 @@ class GenerateConfig:
     max_new_tokens: int = 512
     #: Prompts a generation batch (samples do not depend on it: seeds are per sample).
     batch_size: int = 16
-    #: ``transformers`` (generate with a KV cache) or ``vllm`` (``pip install vllm``).
+    #: ``transformers`` (generate with a KV cache) or ``vllm`` (``pip install 'inpo[vllm]'``;
+    #: an engine in its own process, one a rank; prompts passed as token ids).
     backend: Literal["transformers", "vllm"] = "transformers"
+    #: vLLM: GPUs an engine shards the model over (each rank's engine under torchrun).
+    tensor_parallel_size: int = 1
+    #: vLLM: the fraction of each GPU's memory the engine may take.
+    gpu_memory_utilization: float = 0.85
 
     def validate(self) -> None:
         if self.k < 2:
@@ -71,9 +76,18 @@ class GenerateConfig:
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
-        for key in ("max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "batch_size", "tensor_parallel_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"generate.gpu_memory_utilization must be in (0, 1], got "
+                f"{self.gpu_memory_utilization}"
+            )
+        if self.backend == "vllm":
+            from inpo.vllm_backend import check_vllm
+
+            check_vllm()
 
 
 @dataclass

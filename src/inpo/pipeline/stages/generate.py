@@ -53,13 +53,26 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
         return
     settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
     subset = [prompts[i] for i in todo]
-    if g.backend == "vllm":
-        from inpo.generation import vllm_sample
+    if g.backend == "vllm":  # its own process, so its memory is gone before the next stage
+        from inpo.vllm_backend import vllm_generate
 
-        samples = vllm_sample(str(policy), subset, g.k, settings, seed=seed, indices=todo)
+        samples, truncated, _ = vllm_generate(
+            policy,
+            subset,
+            todo,
+            g.k,
+            settings,
+            seed=seed,
+            work_dir=folder / f"vllm.rank{dist.rank:03d}",
+            tensor_parallel_size=g.tensor_parallel_size,
+            local_rank=dist.local_rank,
+            gpu_memory_utilization=g.gpu_memory_utilization,
+        )
         with open(own, "a") as fh:
-            for i, responses in zip(todo, samples):
-                fh.write(json.dumps({"index": i, "responses": responses, "truncated": 0}) + "\n")
+            for i, responses, cut in zip(todo, samples, truncated):
+                row = {"index": i, "responses": responses, "truncated": cut}
+                fh.write(json.dumps(row) + "\n")
+        (folder / f"vllm.rank{dist.rank:03d}").rmdir()
         return
     model, tok = load_model(policy, dist.device)
     done_before = len(shard(prompts, dist.rank, dist.world)) - len(todo)
