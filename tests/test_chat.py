@@ -302,3 +302,31 @@ def test_the_papers_shape_on_a_tiny_chat_model(oracle, tmp_path):
     answers = json.loads(out.read_text())
     assert [a["generator"] for a in answers] == ["run-iter_002"] * 2
     assert json.loads((model / "inpo.json").read_text()) == {"prompt_format": "chat"}
+
+
+def test_without_eval_prompts_the_first_files_last_prompts_are_held_out(tmp_path):
+    """The public command has no eval_prompts: the last evaluate.num_prompts prompts of the
+    first file (at most half of it) are held out of every iteration's training; given
+    eval_prompts that overlap the training prompts are an error."""
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+    from inpo.pipeline.config import RunConfig
+    from inpo.pipeline.workloads import PromptFileWorkload
+
+    model = save_tiny_chat_lm(tmp_path / "m", "chatml", hidden_size=32)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    conv = [[{"role": "user", "content": f"q{i}"}] for i in range(6)]
+    a.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conv[:4]))
+    b.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conv[2:]))
+    cfg = load_config(RunConfig, None, ["task=prompts", f"prompts={a},{b}", f"reference={model}"])
+    work = PromptFileWorkload(cfg)  # evaluate.num_prompts=64, capped at half of a's 4
+    assert work.eval_prompts() == conv[2:4]
+    assert work.train_prompts_for(0) == conv[:2]  # a, without the held-out two
+    assert work.train_prompts_for(1) == conv[4:]  # b, likewise
+    assert work.train_prompts_for(2) == conv[:2]  # cycling
+    assert "held out for evaluation" in work.data_plan()
+    cfg = load_config(
+        RunConfig, None, ["task=prompts", f"prompts={a}", f"eval_prompts={b}", f"reference={model}"]
+    )
+    with pytest.raises(ConfigError, match="shares 2 prompt"):
+        PromptFileWorkload(cfg)

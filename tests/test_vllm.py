@@ -135,3 +135,36 @@ def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
     assert [r["prompt"] for r in v] == [r["prompt"] for r in t]
     assert all(len(r["responses"]) == 4 for r in v)
     assert Path(tmp_path / "vllm" / "iter_000" / "train" / "model" / "model.safetensors").exists()
+
+
+def test_one_engine_a_rank_under_torchrun_gives_the_same_samples(chat_model, tmp_path):
+    """Two ranks, each with its own engine on its share of the prompts: ``samples.jsonl`` is
+    the same bytes as one process's (a seed a prompt, whatever the batch)."""
+    import os
+    import socket
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}]} for w in "abcdefgh"]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "run", "task=prompts", f"prompts={prompts}", f"reference={chat_model}",
+        "generate.backend=vllm", "generate.k=2", "generate.max_new_tokens=4",
+        "iterations=1", "eta=0.5", "train.global_batch_size=2", "train.per_device_batch_size=1",
+        "evaluate.num_prompts=2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    runs = {}
+    for n in (1, 2):
+        launch = [sys.executable, "-m", "inpo"]
+        if n > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--master_port", str(port), "-m", "inpo"]  # fmt: skip
+        run = tmp_path / f"run{n}"
+        proc = subprocess.run([*launch, *args, f"run_dir={run}"], capture_output=True,
+                              text=True, env=env, timeout=1200)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[n] = (run / "iter_000" / "generate" / "samples.jsonl").read_bytes()
+    assert runs[1] == runs[2]

@@ -29,11 +29,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLLM_MISSING", "check_vllm", "vllm_generate"]
+__all__ = ["LAST_GENERATE_SECONDS", "VLLM_MISSING", "check_vllm", "vllm_generate"]
+
+#: Seconds the last :func:`vllm_generate` spent in ``LLM.generate`` (the engine's start-up
+#: excluded), for benchmarks.
+LAST_GENERATE_SECONDS: float | None = None
 
 VLLM_MISSING = (
     "generate.backend=vllm needs vLLM: `pip install 'inpo[vllm]'` on a CUDA machine, or the "
@@ -131,8 +136,11 @@ def vllm_generate(
             f"the vLLM engine for '{model_path}' failed (exit {proc.returncode}):\n{tail}"
         )
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    job_file.unlink()
-    out_file.unlink()
+    seconds_file = out_file.with_name(out_file.name + ".seconds")
+    global LAST_GENERATE_SECONDS
+    LAST_GENERATE_SECONDS = json.loads(seconds_file.read_text())["generate"]
+    for f in (job_file, out_file, seconds_file):
+        f.unlink()
     tokens = [r["prompt_token_ids"] for r in rows]
     samples = [[tok.decode(ids, skip_special_tokens=True) for ids in r["token_ids"]] for r in rows]
     return samples, [int(r["truncated"]) for r in rows], tokens
@@ -142,8 +150,14 @@ def _serve_job(job_file: str, out_file: str) -> int:
     """The child: one engine, every request, the outputs as JSON lines, then exit."""
     from vllm import LLM, SamplingParams
 
+    import torch
+
     job = json.loads(Path(job_file).read_text())
+    # The CPU build cannot rewind a seeded request's generator (``CPU Generator does not use
+    # offset``), which vLLM does when a prefill is split over steps: on CPU, prefills are whole.
+    cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
     llm = LLM(
+        **cpu,
         model=job["model"],
         tokenizer=job["model"],
         trust_remote_code=False,
@@ -167,7 +181,10 @@ def _serve_job(job_file: str, out_file: str) -> int:
         for r in job["requests"]
     ]
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in job["requests"]]
+    t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    Path(out_file + ".seconds").write_text(json.dumps({"generate": seconds}))
     stops = set(job["stop_token_ids"])
     with open(out_file, "w") as fh:
         for out in outputs:

@@ -264,7 +264,8 @@ class RunConfig:
     #: iteration, cycling, as the INPO paper trains each iteration on fresh prompts.
     prompts: str | list[str] = ""
     #: Held-out evaluation prompts, in the same format as ``prompts``; never trained on (an
-    #: error if they overlap). Empty: the last evaluate.num_prompts of the first source, held out.
+    #: error if they overlap). Empty: the last evaluate.num_prompts of the first source (at most
+    #: half of it), held out of training.
     eval_prompts: str = ""
     #: The split of ``prompts`` when it is a hub dataset or a folder of data files (null: train);
     #: a list gives one split a source.

@@ -202,7 +202,8 @@ class PromptFileWorkload(Workload):
     source or a list, iteration ``t`` taking source ``t mod n`` (``prompts_split`` likewise, one
     split or one a source), its first ``max_prompts``. ``eval_prompts`` are held out: an error if
     any of them is a training prompt. Without ``eval_prompts`` the last ``evaluate.num_prompts``
-    prompts of the first source are held out of every iteration's training.
+    prompts of the first source (at most half of it) are held out of every iteration's
+    training.
     """
 
     def __init__(self, cfg: RunConfig):
@@ -237,11 +238,11 @@ class PromptFileWorkload(Workload):
         n_eval = cfg.evaluate.num_prompts
         if self._eval is None:  # hold the first source's last prompts out of training
             first = self._source(0)
-            if len(first) <= n_eval:
+            n_eval = min(n_eval, len(first) // 2)  # at most half the file
+            if n_eval < 1:
                 raise ConfigError(
-                    f"prompts '{self.sources[0]}' has {len(first)} prompts: holding out "
-                    f"evaluate.num_prompts={n_eval} for evaluation leaves none to train on; "
-                    "set eval_prompts=FILE or a smaller evaluate.num_prompts"
+                    f"prompts '{self.sources[0]}' has {len(first)} prompt: none can be held out "
+                    "for evaluation; set eval_prompts=FILE (held-out prompts)"
                 )
             self._eval = first[-n_eval:]
             self.held_out = {_prompt_key(x) for x in self._eval}
@@ -361,7 +362,11 @@ class PromptFileWorkload(Workload):
             else f"prompts {self.sources[0]}"
         )
         if self.held_out:
-            ev = f"the last {len(self._eval)} of {self.sources[0]} held out for evaluation"
+            ev = (
+                f"the last {len(self._eval)} of {self.sources[0]} held out for evaluation "
+                f"(evaluate.num_prompts={self.cfg.evaluate.num_prompts}, at most half the "
+                "file; eval_prompts=FILE to choose them)"
+            )
         else:
             ev = f"{len(self.eval_prompts())} held-out prompts from {self.cfg.eval_prompts}"
         skipped = f"; {self.skipped} bad prompts skipped" if self.skipped else ""
