@@ -71,6 +71,9 @@ def test_generation_training_and_precompute_condition_on_the_same_ids(kind, tmp_
     expected = 0 if kind == "chatml" else 1
     assert generated.count(bos) == expected if bos is not None else True
     assert (row == (bos if bos is not None else -1)).sum().item() == expected
+    if kind != "text":  # a prompt templated by hand keeps the template's one BOS
+        rendered = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert encode_prompt(tok, rendered) == generated
     # the completion is the assistant turn with its end-of-turn token, as TRL writes it
     completion = row[batch["completion_mask"][0] == 1].tolist()
     end = {"text": tok.eos_token, "llama3": "<|eot_id|>", "chatml": "<|im_end|>\n"}[kind]
