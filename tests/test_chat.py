@@ -162,6 +162,10 @@ def _run_args(tmp_path: Path, model: Path, files: list[Path], ev: Path) -> list[
         "train.max_completion_length=16",
         "evaluate.num_prompts=2",
         "evaluate.k=2",
+        # an oracle is named (the workloads below are built, not run; later keys win)
+        "annotate.oracle=http",
+        "annotate.url=http://127.0.0.1:9",
+        "annotate.judge_model=judge",
     ]
 
 
@@ -321,7 +325,10 @@ def test_without_eval_prompts_the_first_files_last_prompts_are_held_out(tmp_path
     conv = [[{"role": "user", "content": f"q{i}"}] for i in range(6)]
     a.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conv[:4]))
     b.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conv[2:]))
-    cfg = load_config(RunConfig, None, ["task=prompts", f"prompts={a},{b}", f"reference={model}"])
+    judge = ["annotate.oracle=http", "annotate.url=http://127.0.0.1:9", "annotate.judge_model=j"]
+    cfg = load_config(
+        RunConfig, None, ["task=prompts", f"prompts={a},{b}", f"reference={model}", *judge]
+    )
     work = PromptFileWorkload(cfg)  # evaluate.num_prompts=64, capped at half of a's 4
     assert work.eval_prompts() == conv[2:4]
     assert work.train_prompts_for(0) == conv[:2]  # a, without the held-out two
@@ -329,7 +336,13 @@ def test_without_eval_prompts_the_first_files_last_prompts_are_held_out(tmp_path
     assert work.train_prompts_for(2) == conv[:2]  # cycling
     assert "held out for evaluation" in work.data_plan()
     cfg = load_config(
-        RunConfig, None, ["task=prompts", f"prompts={a}", f"eval_prompts={b}", f"reference={model}"]
+        RunConfig,
+        None,
+        ["task=prompts", f"prompts={a}", f"eval_prompts={b}", f"reference={model}", *judge],
     )
     with pytest.raises(ConfigError, match="shares 2 prompt"):
+        PromptFileWorkload(cfg)
+    cfg = load_config(RunConfig, None, ["task=prompts", f"prompts={a}", f"reference={model}"])
+    assert cfg.annotate.oracle == "task"  # the default
+    with pytest.raises(ConfigError, match="task=prompts has no oracle of its own"):
         PromptFileWorkload(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from inpo.pipeline.run import run_pipeline
 from inpo.pipeline.workloads import Workload
 
 WORDS = "red blue green circle square say describe a the".split()
+#: An oracle named for task=prompts configs whose workload is built but whose oracle is not used.
+JUDGE = ["annotate.oracle=http", "annotate.url=http://127.0.0.1:9", "annotate.judge_model=j"]
 
 
 class ToyTask(Workload):
@@ -451,6 +454,7 @@ def test_prompts_from_a_hub_dataset_in_the_cache_or_a_folder_of_files(tmp_path, 
             "eval_prompts=acme/prompts",
             "eval_prompts_split=test",
             f"reference={policy}",
+            *JUDGE,
         ],
     )
     work = PromptFileWorkload(cfg)
@@ -500,6 +504,7 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
             "generate.max_new_tokens=4",
             "evaluate.k=2",
             "evaluate.num_prompts=2",
+            *JUDGE,
         ],
     )
     calls = []
@@ -510,7 +515,8 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
 
     def workload():
         work = PromptFileWorkload(cfg)
-        work._oracle = task.oracle(cfg.annotate, cache=tmp_path / f"cache{len(calls)}.sqlite")
+        toy = dataclasses.replace(cfg.annotate, oracle="task")  # the toy's own panel
+        work._oracle = task.oracle(toy, cache=tmp_path / f"cache{len(calls)}.sqlite")
         return work
 
     work = workload()

@@ -143,6 +143,11 @@ def test_one_engine_a_rank_under_torchrun_gives_the_same_samples(chat_model, tmp
     import os
     import socket
 
+    from inpo.tiny import chat_tokenizer, tiny_reward_model
+
+    tok = chat_tokenizer("llama3")
+    tiny_reward_model("llama", tok, hidden_size=32).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "p.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}]} for w in "abcdefgh"]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -152,6 +157,7 @@ def test_one_engine_a_rank_under_torchrun_gives_the_same_samples(chat_model, tmp
     args = [
         "run", "task=prompts", f"prompts={prompts}", f"reference={chat_model}",
         "generate.backend=vllm", "generate.k=2", "generate.max_new_tokens=4",
+        "annotate.oracle=reward_model", f"annotate.model={tmp_path / 'rm'}",
         "iterations=1", "eta=0.5", "train.global_batch_size=2", "train.per_device_batch_size=1",
         "evaluate.num_prompts=2",
     ]  # fmt: skip

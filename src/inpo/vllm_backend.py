@@ -148,9 +148,8 @@ def vllm_generate(
 
 def _serve_job(job_file: str, out_file: str) -> int:
     """The child: one engine, every request, the outputs as JSON lines, then exit."""
-    from vllm import LLM, SamplingParams
-
     import torch
+    from vllm import LLM, SamplingParams
 
     job = json.loads(Path(job_file).read_text())
     # The CPU build cannot rewind a seeded request's generator (``CPU Generator does not use

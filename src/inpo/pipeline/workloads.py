@@ -213,6 +213,11 @@ class PromptFileWorkload(Workload):
             raise ConfigError("task=prompts needs prompts=FILE (TRL prompt-only format)")
         if not cfg.policy and not cfg.reference:
             raise ConfigError("task=prompts needs reference=MODEL_DIR (and optionally policy=)")
+        if cfg.annotate.oracle in ("task", "task_bt") and type(self) is PromptFileWorkload:
+            raise ConfigError(
+                f"annotate.oracle={cfg.annotate.oracle}: task=prompts has no oracle of its own; "
+                "set annotate.oracle=reward_model, pairwise (with annotate.model=...) or http"
+            )
         splits = _as_list(cfg.prompts_split, len(self.sources))
         if len(splits) != len(self.sources):
             raise ConfigError(
