@@ -50,6 +50,26 @@ def _parser() -> ArgumentParser:
     )
     p.add_argument("--iterations", type=int, default=100, help="number of updates (default 100)")
     p.add_argument(
+        "--schedule",
+        choices=("constant", "decay"),
+        default="constant",
+        help="eta of each update: constant (--eta), or decay: INPO's Theorem 4 "
+        "eta_t = tau (t + 2) / 2 (needs tau > 0; --eta unused)",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="std of Gaussian noise on the win rates P(y > pi_t) of every update (a sampled "
+        "oracle's estimation error; inpo, online_ipo, sppo, mmd; seeded by --seed)",
+    )
+    p.add_argument(
+        "--average",
+        action="store_true",
+        help="also report the uniform mixture of the iterates so far (INPO's Theorem 3 bounds "
+        "its duality gap by O(1/sqrt(T)) with eta ~ sqrt(T))",
+    )
+    p.add_argument(
         "--size", type=int, default=8, help="responses for random/bt/gpm games (default 8)"
     )
     p.add_argument("--prompts", type=int, default=1, help="prompts (independent games) (default 1)")
@@ -108,6 +128,17 @@ def _validate(args) -> list[str]:
             raise InpoError(f"unknown algorithm '{name}' (allowed: {', '.join(ALGORITHMS)}){hint}")
         if name in NEEDS_TAU and args.tau == 0:
             raise InpoError(f"algorithm '{name}' needs --tau > 0 (allowed: (0, eta]), got 0")
+    if not (math.isfinite(args.noise) and args.noise >= 0):
+        raise InpoError(f"--noise must be a number >= 0, got {args.noise!r}")
+    from inpo.game.algorithms import NOISY
+
+    if args.noise and set(names) - NOISY:
+        raise InpoError(
+            f"--noise is supported for {', '.join(sorted(NOISY))}; not for "
+            f"{', '.join(sorted(set(names) - NOISY))}"
+        )
+    if args.schedule == "decay" and args.tau == 0:
+        raise InpoError("--schedule decay (eta_t = tau (t + 2) / 2) needs --tau > 0")
     return names
 
 
@@ -135,7 +166,11 @@ def plot_convergence(results: dict, path: Path, title: str) -> None:
     for k, (name, res) in enumerate(results.items()):
         for ax, key in zip(axes, ("gap", "exploitability")):
             ys = np.maximum(np.asarray([res[f"initial_{key}"], *res[key]]), 1e-17)
-            ax.plot(np.arange(len(ys)), ys, label=name, lw=1.5, ls=styles[k % 4])
+            (line,) = ax.plot(np.arange(len(ys)), ys, label=name, lw=1.5, ls=styles[k % 4])
+            if f"avg_{key}" in res:  # the iterates' uniform mixture, thin, in the same colour
+                avg = np.maximum(np.asarray([res[f"initial_{key}"], *res[f"avg_{key}"]]), 1e-17)
+                ax.plot(np.arange(len(avg)), avg, label=f"{name} (average)", lw=0.8,
+                        color=line.get_color(), alpha=0.7)  # fmt: skip
     for ax, label in zip(axes, ("duality gap (regularised game)", "exploitability (τ = 0)")):
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
@@ -181,6 +216,10 @@ def main(argv: list[str]) -> int:
                 tau=args.tau,
                 iterations=args.iterations,
                 callback=lambda _t: bar.update(1),
+                schedule=args.schedule,
+                average=args.average,
+                noise=args.noise,
+                seed=args.seed,
             )
         except (ValueError, RuntimeError) as err:
             raise InpoError(f"{name}: {err}") from err
@@ -191,9 +230,15 @@ def main(argv: list[str]) -> int:
             "initial_exploitability": tr.initial_exploitability,
             "final_policy": tr.policy.tolist(),
         }
+        if args.average:
+            results[name]["avg_gap"] = tr.avg_gap
+            results[name]["avg_exploitability"] = tr.avg_exploitability
     bar.close()
 
-    title = f"{game_name}: eta={args.eta:g}, tau={args.tau:g}, {shape[0]} prompt(s) × {shape[1]} responses"
+    eta_text = "eta_t=tau(t+2)/2" if args.schedule == "decay" else f"eta={args.eta:g}"
+    title = (
+        f"{game_name}: {eta_text}, tau={args.tau:g}, {shape[0]} prompt(s) × {shape[1]} responses"
+    )
     plot_path = None if args.plot.lower() == "none" else Path(args.plot)
     if plot_path is not None:
         plot_convergence(results, plot_path, title)
@@ -201,6 +246,8 @@ def main(argv: list[str]) -> int:
         out = {
             "game": game_name,
             "eta": args.eta,
+            "schedule": args.schedule,
+            "noise": args.noise,
             "tau": args.tau,
             "iterations": args.iterations,
             "results": results,
@@ -213,13 +260,20 @@ def main(argv: list[str]) -> int:
     print(title)
     rows = _rows(args.iterations, args.every)
     width = max(11, *(len(n) + 1 for n in names))
-    for key, label in (
+    blocks = [
         ("gap", f"duality gap of the tau={args.tau:g}-regularised game (mean over prompts)"),
         ("exploitability", "exploitability max_y P(y > pi) - 1/2 (unregularised)"),
-    ):
+    ]
+    if args.average:
+        blocks += [
+            ("avg_gap", "duality gap of the uniform mixture of the iterates so far"),
+            ("avg_exploitability", "exploitability of the uniform mixture of the iterates so far"),
+        ]
+    for key, label in blocks:
         print(f"\n{label}, after each update:")
         print("iter".rjust(6) + "".join(n.rjust(width) for n in names))
-        print("0".rjust(6) + "".join(f"{results[n]['initial_' + key]:{width}.2e}" for n in names))
+        initial = "initial_" + key.removeprefix("avg_")  # the mixture of π_0 alone is π_0
+        print("0".rjust(6) + "".join(f"{results[n][initial]:{width}.2e}" for n in names))
         for t in rows:
             print(f"{t + 1:6d}" + "".join(f"{results[n][key][t]:{width}.2e}" for n in names))
     if plot_path is not None:

@@ -48,6 +48,8 @@ from inpo.game.exact import _TINY, _p, _pi, duality_gap, exploitability, regular
 
 __all__ = [
     "ALGORITHMS",
+    "NOISY",
+    "SCHEDULES",
     "Trajectory",
     "bt_fit",
     "comal_step",
@@ -60,6 +62,7 @@ __all__ = [
     "nash_md_step",
     "online_ipo_step",
     "run_algorithm",
+    "schedule_eta",
     "sppo_step",
 ]
 
@@ -84,27 +87,33 @@ def _check(eta: float, tau: float) -> None:
         raise ValueError(f"tau must satisfy 0 <= tau <= eta ({eta!r}), got {tau!r}")
 
 
-def inpo_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
-    """``π_{t+1} ∝ π_ref^{τ/η} · π_t^{1−τ/η} · exp(P(y ≻ π_t)/η)`` (SPEC, INPO exact update)."""
+def inpo_step(p, pi, ref, *, eta: float, tau: float, noise=None) -> np.ndarray:
+    """``π_{t+1} ∝ π_ref^{τ/η} · π_t^{1−τ/η} · exp(P(y ≻ π_t)/η)`` (SPEC, INPO exact update).
+    ``noise`` ``[M, N]`` is added to the win rates (an estimate's error; see ``run_algorithm``)."""
     p, pi, ref = _prep(p, pi, ref)
     _check(eta, tau)
     r = tau / eta
-    return _normalize(r * _log(ref) + (1 - r) * _log(pi) + win_rates(p, pi) / eta)
+    return _normalize(r * _log(ref) + (1 - r) * _log(pi) + _wr(p, pi, noise) / eta)
 
 
-def online_ipo_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
+def _wr(p, opponent, noise):
+    w = win_rates(p, opponent)
+    return w if noise is None else w + noise
+
+
+def online_ipo_step(p, pi, ref, *, eta: float, tau: float, noise=None) -> np.ndarray:
     """``π_{t+1} ∝ π_ref exp(P(y ≻ π_t)/τ)``: INPO with ``η = τ`` (``r = 1``)."""
     p, pi, ref = _prep(p, pi, ref)
     if not tau > 0:
         raise ValueError("online_ipo needs tau > 0 (it is IPO with beta = tau)")
-    return _normalize(_log(ref) + win_rates(p, pi) / tau)
+    return _normalize(_log(ref) + _wr(p, pi, noise) / tau)
 
 
-def sppo_step(p, pi, ref, *, eta: float, tau: float = 0.0) -> np.ndarray:
+def sppo_step(p, pi, ref, *, eta: float, tau: float = 0.0, noise=None) -> np.ndarray:
     """Multiplicative weights ``π_{t+1} ∝ π_t exp(P(y ≻ π_t)/η)`` (SPPO's exact update)."""
     p, pi, ref = _prep(p, pi, ref)
     _check(eta, 0.0)
-    return _normalize(_log(pi) + win_rates(p, pi) / eta)
+    return _normalize(_log(pi) + _wr(p, pi, noise) / eta)
 
 
 def nash_md_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
@@ -116,16 +125,16 @@ def nash_md_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
     return _normalize(_log(mix) + win_rates(p, mix) / eta)
 
 
-def _mmd(p, pi, opponent, ref, eta, tau):
+def _mmd(p, pi, opponent, ref, eta, tau, noise=None):
     r = tau / eta
-    return _normalize((_log(pi) + r * _log(ref) + win_rates(p, opponent) / eta) / (1 + r))
+    return _normalize((_log(pi) + r * _log(ref) + _wr(p, opponent, noise) / eta) / (1 + r))
 
 
-def mmd_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
+def mmd_step(p, pi, ref, *, eta: float, tau: float, noise=None) -> np.ndarray:
     """Magnetic mirror descent: ``π_{t+1} ∝ (π_t π_ref^{τ/η} exp(P(·≻π_t)/η))^{1/(1+τ/η)}``."""
     p, pi, ref = _prep(p, pi, ref)
     _check(eta, tau)
-    return _mmd(p, pi, pi, ref, eta, tau)
+    return _mmd(p, pi, pi, ref, eta, tau, noise)
 
 
 def extragradient_step(p, pi, ref, *, eta: float, tau: float) -> np.ndarray:
@@ -210,7 +219,11 @@ ALGORITHMS: dict[str, tuple[Callable[..., np.ndarray], str]] = {
 
 @dataclass
 class Trajectory:
-    """Per-iteration metrics of one algorithm, averaged over prompts (index t = after update t+1)."""
+    """Per-iteration metrics of one algorithm, averaged over prompts (index t = after update t+1).
+
+    With ``average=True``, ``avg_gap``/``avg_exploitability`` are the same metrics of the uniform
+    mixture ``(π_1 + … + π_{t+1}) / (t+1)`` of the iterates so far (INPO's Theorem 3 bounds its
+    duality gap); ``etas`` are the ``η`` each update used (see ``schedule``)."""
 
     algorithm: str
     gap: list[float]
@@ -218,6 +231,30 @@ class Trajectory:
     policy: np.ndarray  # the last iterate [M, N]
     initial_gap: float
     initial_exploitability: float
+    avg_gap: list[float] | None = None
+    avg_exploitability: list[float] | None = None
+    etas: list[float] | None = None
+
+
+#: Algorithms whose update takes ``noise`` on its win rates (``run_algorithm(noise=...)``).
+NOISY = frozenset({"inpo", "online_ipo", "sppo", "mmd"})
+
+#: ``η`` schedules: ``constant`` (``η`` every update) and ``decay``, INPO's Theorem 4
+#: ``η_t = τ (t + 2) / 2`` for update ``t = 0, 1, …`` (so ``τ/η_t = 2/(t + 2)``: the first update
+#: is the regularised best-response-like step ``r = 1``, later ones lean on ``π_t``), under which
+#: the last iterate's ``KL(π* ‖ π_T)`` is ``O(1/T)``.
+SCHEDULES = ("constant", "decay")
+
+
+def schedule_eta(schedule: str, t: int, *, eta: float, tau: float) -> float:
+    """The ``η`` of update ``t`` (0-based) under ``schedule`` (:data:`SCHEDULES`)."""
+    if schedule == "constant":
+        return eta
+    if schedule == "decay":
+        if not tau > 0:
+            raise ValueError("the decay schedule eta_t = tau (t + 2) / 2 needs tau > 0")
+        return tau * (t + 2) / 2
+    raise ValueError(f"unknown schedule '{schedule}' (known: {', '.join(SCHEDULES)})")
 
 
 def run_algorithm(
@@ -230,10 +267,24 @@ def run_algorithm(
     iterations: int,
     init=None,
     callback: Callable[[int], None] | None = None,
+    schedule: str = "constant",
+    average: bool = False,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> Trajectory:
     """Iterate algorithm ``name`` from ``init`` (default ``π_ref``) and record, after each update,
     the duality gap of the ``τ``-regularised game with the *original* ``π_ref`` and the
-    unregularised exploitability (means over prompts)."""
+    unregularised exploitability (means over prompts). ``schedule``: the ``η`` of each update
+    (:func:`schedule_eta`); ``average``: also the metrics of the iterates' uniform mixture;
+    ``noise``: the standard deviation of Gaussian noise added to the win rates ``P(y ≻ π_t)`` of
+    every update (a sampled oracle's estimation error; seeded by ``seed``; for the algorithms in
+    :data:`NOISY`), under which INPO's Theorem 4 rate is the one observed (``O(1/T)`` with the
+    ``decay`` schedule, a noise floor with a constant ``η``)."""
+    if noise and name not in NOISY:
+        raise ValueError(f"noise is supported for {', '.join(sorted(NOISY))}, not '{name}'")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    rng = np.random.default_rng(seed)
     if name not in ALGORITHMS:
         hint = did_you_mean(name, ALGORITHMS)
         raise ValueError(f"unknown algorithm '{name}' (known: {', '.join(ALGORITHMS)}){hint}")
@@ -241,16 +292,27 @@ def run_algorithm(
     p = _p(p)
     ref = np.array(_pi(ref, p))
     pi = np.array(_pi(init, p)) if init is not None else ref.copy()
-    gaps, expl = [], []
+    gaps, expl, etas = [], [], []
+    avg_gaps: list[float] | None = [] if average else None
+    avg_expl: list[float] | None = [] if average else None
+    total = np.zeros_like(pi)
     g0 = float(duality_gap(p, pi, ref, tau).mean())
     e0 = float(exploitability(p, pi).mean())
     for t in range(iterations):
-        pi = step(p, pi, ref, eta=eta, tau=tau)
+        eta_t = schedule_eta(schedule, t, eta=eta, tau=tau)
+        extra = {"noise": noise * rng.standard_normal(pi.shape)} if noise else {}
+        pi = step(p, pi, ref, eta=eta_t, tau=tau, **extra)
+        etas.append(eta_t)
         gaps.append(float(duality_gap(p, pi, ref, tau).mean()))
         expl.append(float(exploitability(p, pi).mean()))
+        if average:
+            total += pi
+            mix = total / (t + 1)
+            avg_gaps.append(float(duality_gap(p, mix, ref, tau).mean()))
+            avg_expl.append(float(exploitability(p, mix).mean()))
         if callback is not None:
             callback(t)
-    return Trajectory(name, gaps, expl, pi, g0, e0)
+    return Trajectory(name, gaps, expl, pi, g0, e0, avg_gaps, avg_expl, etas)
 
 
 def inpo_local_rate(p, ref=None, *, eta: float, tau: float) -> np.ndarray:
