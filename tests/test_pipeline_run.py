@@ -523,3 +523,43 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
     first, second = work.evaluate(policy, policy), work.evaluate(policy, policy)
     assert len(calls) == 3  # π_t twice, π_ref once
     assert first == second == workload().evaluate(policy, policy)
+
+
+class _AlwaysTied:
+    """An oracle with no preference between any two responses: every final is a tie."""
+
+    oracle_id = "always-tied"
+
+    def prob_prefers(self, prompts, a, b):
+        import numpy as np
+
+        return np.full(len(prompts), 0.5)
+
+
+class TiedToyTask(ToyTask):
+    def oracle(self, acfg, *, cache, rank=0, world=1, device=None):
+        return build_oracle(acfg, cache, task_oracle=_AlwaysTied(), seed=0, rank=rank, world=world)
+
+
+@pytest.mark.parametrize("algorithm", ["todo", "inpo"])
+def test_tie_labels_train_the_losses_that_take_them(tmp_path, algorithm):
+    """``annotate.tie_policy=tie`` keeps tied finals as tie labels and the loss trains on them
+    (TODO's tie term, INPO's zero target); the default drops them; a loss without tie support
+    is refused at the config check."""
+    from inpo.config import load_config
+    from inpo.errors import ConfigError, InpoError
+
+    cfg = _cfg(tmp_path, iterations=1, algorithm=algorithm)
+    cfg.annotate.tie_policy = "tie"
+    run = run_pipeline(cfg, log=lambda m: None, task=TiedToyTask(tmp_path))
+    pairs = [
+        json.loads(x) for x in (run / "iter_000/annotate/pairs.jsonl").read_text().splitlines()
+    ]
+    assert pairs and all(p["tie"] for p in pairs)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["pairs"] == len(pairs) and rows[1]["train_loss"] is not None
+    cfg = _cfg(tmp_path / "drop", iterations=1, algorithm=algorithm)  # default: drop
+    with pytest.raises(InpoError, match="confirmed no pair"):
+        run_pipeline(cfg, log=lambda m: None, task=TiedToyTask(tmp_path))
+    with pytest.raises(ConfigError, match="algorithm=dpo would train on as strict"):
+        load_config(RunConfig, None, ["algorithm=dpo", "annotate.tie_policy=tie"])

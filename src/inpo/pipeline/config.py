@@ -17,6 +17,7 @@ from inpo.training.config import LoraSettings
 
 __all__ = [
     "ALGORITHMS",
+    "TIE_LOSSES",
     "AnnotateConfig",
     "EvaluateConfig",
     "GenerateConfig",
@@ -41,7 +42,17 @@ ALGORITHMS: dict[str, dict[str, str]] = {
     "dpo": {"loss": "dpo", "selection": "tournament", "doc": "iterative DPO (beta)"},
     "ipo": {"loss": "ipo", "selection": "tournament", "doc": "iterative IPO (beta)"},
     "sppo": {"loss": "sppo", "selection": "all_pairs", "doc": "SPPO (eta), all-pairs win rates"},
+    "todo": {
+        "loss": "todo",
+        "selection": "tournament",
+        "doc": "TODO: tie-aware DPO (beta, alpha); with annotate.tie_policy=tie, tied finals "
+        "train as ties",
+    },
 }
+
+#: Losses that train on tie labels (``annotate.tie_policy=tie``); the others would read a tie
+#: as a strict preference.
+TIE_LOSSES = ("inpo", "ipo", "todo")
 
 
 @dataclass
@@ -242,7 +253,7 @@ class RunConfig:
     run_dir: str = "inpo-run"
     #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
     task: str = "default"
-    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo: the loss and the selection rule.
+    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo: the loss and the selection rule.
     algorithm: str = "inpo"
     #: Rounds of generate → annotate → logps → train → evaluate.
     iterations: int = 3
@@ -252,8 +263,10 @@ class RunConfig:
     eta: float = 0.005
     #: INPO's τ: the KL strength towards π_ref (null: η/3, the paper's).
     tau: float | None = None
-    #: β of DPO and IPO.
+    #: β of DPO, IPO and TODO.
     beta: float = 0.1
+    #: TODO's tie threshold α > 0 (Rao–Kupper: P(tie) grows with it).
+    alpha: float = 0.5
     #: The starting policy π_0: a model folder or cached hub id (empty: the reference).
     policy: str = ""
     #: The reference π_ref: a model folder or cached hub id (empty: the task's own; the
@@ -315,6 +328,8 @@ class RunConfig:
             return loss, {"eta": self.eta, "tau": 0.0}
         if self.algorithm == "sppo":
             return loss, {"eta": self.eta}
+        if self.algorithm == "todo":
+            return loss, {"beta": self.beta, "alpha": self.alpha}
         return loss, {"beta": self.beta}
 
     def selection(self) -> str:
@@ -353,6 +368,8 @@ class RunConfig:
             raise ConfigError(f"tau must satisfy 0 <= tau <= eta (eta={self.eta}), got {tau}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         from pathlib import Path
 
         from inpo.hub import looks_like_hub_id, resolve_dataset
@@ -379,6 +396,16 @@ class RunConfig:
 
         name, hparams = self.loss_hparams()
         check_loss_hyperparameters(get_loss(name), hparams, prefix="")
+        if (
+            self.annotate.tie_policy == "tie"
+            and ALGORITHMS[self.algorithm]["loss"] not in TIE_LOSSES
+        ):
+            raise ConfigError(
+                f"annotate.tie_policy=tie keeps tied finals as tie labels, which algorithm="
+                f"{self.algorithm} would train on as strict preferences; use an algorithm "
+                "whose loss takes ties (inpo, online_ipo, inpo_no_kl, ipo, todo) or another "
+                "tie_policy"
+            )
         if self.selection() == "all_pairs" and self.algorithm != "sppo":
             raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo")
         if self.algorithm == "sppo" and self.selection() != "all_pairs":
