@@ -389,12 +389,44 @@ class PromptFileWorkload(Workload):
         )
         return self._oracle
 
+    def _answers(
+        self, path: Path, prompts: list[Any], k: int, settings: Any, seed: int, who: str,
+        loaded: Any = None,
+    ):  # fmt: skip
+        """``k`` answers a prompt from the model in ``path``, with the configured generation
+        backend (vLLM in its own process, then gone, when ``generate.backend=vllm``;
+        ``loaded``: the ``(model, tokenizer)`` already in memory for transformers)."""
+        from inpo.console import progress
+
+        g = self.cfg.generate
+        if g.backend == "vllm":
+            import tempfile
+
+            from inpo.vllm_backend import vllm_generate
+
+            with tempfile.TemporaryDirectory(prefix="inpo-eval-") as tmp:
+                samples, _, _ = vllm_generate(
+                    path, prompts, list(range(len(prompts))), k, settings, seed=seed,
+                    work_dir=Path(tmp), tensor_parallel_size=g.tensor_parallel_size,
+                    gpu_memory_utilization=g.gpu_memory_utilization,
+                )  # fmt: skip
+            return samples
+        from inpo.generation import sample_responses
+        from inpo.pipeline.runtime import load_model
+
+        model, tok = loaded if loaded is not None else load_model(path, _device())
+        with progress(len(prompts), f"evaluate ({who}'s answers)", unit=" prompts") as bar:
+            return sample_responses(
+                model, tok, prompts, k, settings, seed=seed, progress=bar.update
+            )
+
     def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:
         """Win rate of one sample of π_t against one of π_ref per held-out prompt, by the
-        oracle; response lengths; a Monte-Carlo KL estimate ``E_{y~π_t}[log π_t − log π_ref]``."""
+        oracle; response lengths; a Monte-Carlo KL estimate ``E_{y~π_t}[log π_t − log π_ref]``.
+        The answers are sampled with the configured backend (``generate.backend``)."""
         import torch
 
-        from inpo.generation import GenerationSettings, sample_responses
+        from inpo.generation import GenerationSettings
         from inpo.logprobs import completion_logps
         from inpo.pipeline.runtime import load_model
 
@@ -402,23 +434,25 @@ class PromptFileWorkload(Workload):
         g = self.cfg.generate
         settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
         k = self.cfg.evaluate.k
-        from inpo.console import progress
 
+        vllm = g.backend == "vllm"  # sample first: its engine's memory is gone before loading
+        ys = self._answers(policy, prompts, k, settings, 12345, "π_t") if vllm else None
         model, tok = load_model(policy, _device())
-        with progress(len(prompts), "evaluate (π_t's answers)", unit=" prompts") as bar:
-            ys = sample_responses(model, tok, prompts, k, settings, seed=12345, progress=bar.update)
+        if ys is None:
+            ys = self._answers(policy, prompts, k, settings, 12345, "π_t", (model, tok))
         flat_p = [p for p, rs in zip(prompts, ys) for _ in rs]
         flat_y = [y for rs in ys for y in rs]
         lp_pol = completion_logps(model, tok, flat_p, flat_y)
         del model
-        ref_model, ref_tok = load_model(ref, _device())
         # π_ref's answers do not change between iterations (a fixed seed): sampled once a run
-        key = (str(Path(ref).resolve()), repr(prompts), k, repr(settings))
+        key = (str(Path(ref).resolve()), repr(prompts), k, repr(settings), g.backend)
+        if vllm and key not in self._ref_samples:
+            self._ref_samples[key] = self._answers(ref, prompts, k, settings, 54321, "π_ref")
+        ref_model, ref_tok = load_model(ref, _device())
         if key not in self._ref_samples:
-            with progress(len(prompts), "evaluate (π_ref's answers)", unit=" prompts") as bar:
-                self._ref_samples[key] = sample_responses(
-                    ref_model, ref_tok, prompts, k, settings, seed=54321, progress=bar.update
-                )
+            self._ref_samples[key] = self._answers(
+                ref, prompts, k, settings, 54321, "π_ref", (ref_model, ref_tok)
+            )
         yr = self._ref_samples[key]
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
