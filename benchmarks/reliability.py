@@ -43,7 +43,7 @@ ARGS = [
     "generate.batch_size=2",
     "annotate.batch_size=2",
     # a tied final is dropped (the paper's rule): 8 tournaments leave ~3 pairs; batches of 2
-    # keep 4 optimizer steps to kill between
+    # keep several optimizer steps to kill between
     "train.global_batch_size=2",
     "train.per_device_batch_size=1",
     "train.epochs=2",

@@ -21,7 +21,7 @@ ARGS = [
     "generate.batch_size=2",
     "annotate.batch_size=2",
     # a tied final is dropped (the paper's rule): 8 tournaments leave ~3 pairs, so batches of
-    # 2 give the 4 steps the train:2 kill needs
+    # 2 give the steps after the second that the train:2 kill needs
     "train.global_batch_size=2",
     "train.per_device_batch_size=1",
     "train.epochs=2",
