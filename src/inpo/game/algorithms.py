@@ -271,6 +271,7 @@ def run_algorithm(
     average: bool = False,
     noise: float = 0.0,
     seed: int = 0,
+    ref_update_every: int | None = None,
 ) -> Trajectory:
     """Iterate algorithm ``name`` from ``init`` (default ``π_ref``) and record, after each update,
     the duality gap of the ``τ``-regularised game with the *original* ``π_ref`` and the
@@ -279,7 +280,12 @@ def run_algorithm(
     ``noise``: the standard deviation of Gaussian noise added to the win rates ``P(y ≻ π_t)`` of
     every update (a sampled oracle's estimation error; seeded by ``seed``; for the algorithms in
     :data:`NOISY`), under which INPO's Theorem 4 rate is the one observed (``O(1/T)`` with the
-    ``decay`` schedule, a noise floor with a constant ``η``)."""
+    ``decay`` schedule, a noise floor with a constant ``η``). ``ref_update_every = R``: the
+    reference the update sees (the anchor of COMAL, the magnet of MPO) is replaced by the
+    current iterate after every ``R`` updates, as ``inpo run algorithm=comal|mpo`` does; the
+    metrics stay those of the game with the original ``π_ref``."""
+    if ref_update_every is not None and ref_update_every < 1:
+        raise ValueError(f"ref_update_every must be >= 1, got {ref_update_every}")
     if noise and name not in NOISY:
         raise ValueError(f"noise is supported for {', '.join(sorted(NOISY))}, not '{name}'")
     if not (np.isfinite(noise) and noise >= 0):
@@ -292,6 +298,7 @@ def run_algorithm(
     p = _p(p)
     ref = np.array(_pi(ref, p))
     pi = np.array(_pi(init, p)) if init is not None else ref.copy()
+    anchor = ref
     gaps, expl, etas = [], [], []
     avg_gaps: list[float] | None = [] if average else None
     avg_expl: list[float] | None = [] if average else None
@@ -301,7 +308,9 @@ def run_algorithm(
     for t in range(iterations):
         eta_t = schedule_eta(schedule, t, eta=eta, tau=tau)
         extra = {"noise": noise * rng.standard_normal(pi.shape)} if noise else {}
-        pi = step(p, pi, ref, eta=eta_t, tau=tau, **extra)
+        pi = step(p, pi, anchor, eta=eta_t, tau=tau, **extra)
+        if ref_update_every is not None and (t + 1) % ref_update_every == 0:
+            anchor = pi.copy()
         etas.append(eta_t)
         gaps.append(float(duality_gap(p, pi, ref, tau).mean()))
         expl.append(float(exploitability(p, pi).mean()))

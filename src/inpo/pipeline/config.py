@@ -17,6 +17,7 @@ from inpo.training.config import LoraSettings
 
 __all__ = [
     "ALGORITHMS",
+    "MOVING_REFERENCE",
     "TIE_LOSSES",
     "AnnotateConfig",
     "EvaluateConfig",
@@ -42,6 +43,18 @@ ALGORITHMS: dict[str, dict[str, str]] = {
     "dpo": {"loss": "dpo", "selection": "tournament", "doc": "iterative DPO (beta)"},
     "ipo": {"loss": "ipo", "selection": "tournament", "doc": "iterative IPO (beta)"},
     "sppo": {"loss": "sppo", "selection": "all_pairs", "doc": "SPPO (eta), all-pairs win rates"},
+    "comal": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "COMAL (Liu et al. 2024): INPO iterations against an anchor, replaced by the "
+        "last policy every ref_update_every iterations (a prox-point outer loop)",
+    },
+    "mpo": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "magnetic mirror descent (MPO, Wang et al. 2025): INPO's loss at eta + tau, tau; "
+        "the magnet (reference) moved to the policy every ref_update_every iterations",
+    },
     "todo": {
         "loss": "todo",
         "selection": "tournament",
@@ -53,6 +66,11 @@ ALGORITHMS: dict[str, dict[str, str]] = {
 #: Losses that train on tie labels (``annotate.tie_policy=tie``); the others would read a tie
 #: as a strict preference.
 TIE_LOSSES = ("inpo", "ipo", "todo")
+
+#: Algorithms whose reference (anchor, magnet) moves to the policy every ``ref_update_every``
+#: iterations; each maps to an exact update of :mod:`inpo.game.algorithms` run with the same
+#: ``ref_update_every`` (``inpo`` for COMAL's inner iterations, ``mmd`` for MPO).
+MOVING_REFERENCE = {"comal": "inpo", "mpo": "mmd"}
 
 
 @dataclass
@@ -253,7 +271,8 @@ class RunConfig:
     run_dir: str = "inpo-run"
     #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
     task: str = "default"
-    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo: the loss and the selection rule.
+    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | comal | mpo: the loss, the
+    #: selection rule and (comal, mpo) a moving reference.
     algorithm: str = "inpo"
     #: Rounds of generate → annotate → logps → train → evaluate.
     iterations: int = 3
@@ -267,6 +286,9 @@ class RunConfig:
     beta: float = 0.1
     #: TODO's tie threshold α > 0 (Rao–Kupper: P(tie) grows with it).
     alpha: float = 0.5
+    #: comal / mpo: replace the reference (anchor, magnet) by the current policy every this
+    #: many iterations (required for them; evaluation keeps the original π_ref).
+    ref_update_every: int | None = None
     #: The starting policy π_0: a model folder or cached hub id (empty: the reference).
     policy: str = ""
     #: The reference π_ref: a model folder or cached hub id (empty: the task's own; the
@@ -320,8 +342,10 @@ class RunConfig:
     def loss_hparams(self) -> tuple[str, dict[str, float]]:
         """The loss name and hyper-parameters this algorithm trains with."""
         loss = ALGORITHMS[self.algorithm]["loss"]
-        if self.algorithm == "inpo":
+        if self.algorithm in ("inpo", "comal"):
             return loss, {"eta": self.eta, "tau": self.tau_value}
+        if self.algorithm == "mpo":  # MMD's update is INPO's at eta + tau (algorithms.py)
+            return loss, {"eta": self.eta + self.tau_value, "tau": self.tau_value}
         if self.algorithm == "online_ipo":
             return loss, {"eta": self.eta, "tau": self.eta}
         if self.algorithm == "inpo_no_kl":
@@ -357,6 +381,19 @@ class RunConfig:
             )
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+        if self.algorithm in MOVING_REFERENCE and self.ref_update_every is None:
+            raise ConfigError(
+                f"algorithm={self.algorithm} moves its reference to the policy every few "
+                "iterations: set ref_update_every (e.g. ref_update_every=2)"
+            )
+        if self.ref_update_every is not None:
+            if self.algorithm not in MOVING_REFERENCE:
+                raise ConfigError(
+                    f"ref_update_every is for {' and '.join(MOVING_REFERENCE)}; "
+                    f"algorithm={self.algorithm} keeps π_ref"
+                )
+            if self.ref_update_every < 1:
+                raise ConfigError(f"ref_update_every must be >= 1, got {self.ref_update_every}")
         if self.prompt_repeats < 1:
             raise ConfigError(f"prompt_repeats must be >= 1, got {self.prompt_repeats}")
         if self.max_prompts is not None and self.max_prompts < 1:

@@ -155,9 +155,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             rows.append(_row(cfg, 0, summary, {}, 0))
             trackers.iteration_done(rows[0], train_steps=0)
             queries_total = 0
+            policies = [policy]  # π_0, π_1, …: the anchors comal and mpo move to
             for t in range(cfg.iterations):
                 it = run_dir / f"iter_{t:03d}"
                 policy_id = model_fingerprint(policy)
+                # the reference this iteration's loss sees: π_ref, or (comal, mpo) the policy
+                # of the last multiple of ref_update_every; evaluation keeps π_ref
+                anchor = _anchor(cfg, t, ref, policies)
+                anchor_id = ref_id if anchor == ref else model_fingerprint(anchor)
                 prompts = _training_prompts(cfg, workload, t)
                 gen_seed, train_seed = stage_seed(cfg, t, "gen"), stage_seed(cfg, t, "train")
 
@@ -203,10 +208,12 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     {"loss": cfg.loss_hparams()[0], "train": asdict(cfg.train)},
                     {
                         "annotate": manifest_hash(ann_folder),
-                        "reference": ref_id,
+                        "reference": anchor_id,
                         "policy": policy_id,
                     },
-                    lambda w, a=ann_folder, p=policy: logps.work(ctx, a / "pairs.jsonl", ref, p, w),
+                    lambda w, a=ann_folder, p=policy, r=anchor: logps.work(
+                        ctx, a / "pairs.jsonl", r, p, w
+                    ),
                     lambda w, a=ann_folder: logps.merge(ctx, a / "pairs.jsonl", w),
                 )
                 # 4. π_{t+1} = argmin of the loss from π_t's weights
@@ -222,6 +229,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     lambda w: train.merge(ctx, w),
                 )
                 policy = tr_folder / "model"
+                policies.append(policy)
                 if stage.skipped:  # its steps were logged by the run that trained it: again
                     trackers.replay(tr_folder / "model" / "metrics.jsonl")
                 # 5. metrics of π_{t+1}
@@ -261,6 +269,19 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             )
     dist.barrier()
     return run_dir
+
+
+def _anchor(cfg: RunConfig, iteration: int, ref: Path, policies: list[Path]) -> Path:
+    """The reference of iteration ``iteration``'s loss: ``π_ref``, or for algorithms with a
+    moving reference the policy ``π_k`` with ``k`` the last multiple of ``ref_update_every``
+    (``π_0`` is the start; before the first move it is ``π_ref``)."""
+    from inpo.pipeline.config import MOVING_REFERENCE
+
+    every = cfg.ref_update_every
+    if cfg.algorithm not in MOVING_REFERENCE or not every:
+        return ref
+    k = (iteration // every) * every
+    return ref if k == 0 else policies[k]
 
 
 def _training_prompts(cfg: RunConfig, workload: Any, iteration: int) -> list[Any]:

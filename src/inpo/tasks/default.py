@@ -387,7 +387,12 @@ class DefaultTask:
         )
 
     def tabular_inpo(
-        self, ref_table: PolicyTable, *, iterations: int = 3, algorithm: str = "inpo"
+        self,
+        ref_table: PolicyTable,
+        *,
+        iterations: int = 3,
+        algorithm: str = "inpo",
+        ref_update_every: int | None = None,
     ) -> dict[str, Any]:
         """The exact (planning) iteration of ``algorithm`` from ``π_ref``'s table on the task's
         matrices (SPEC "INPO", exact update), with the task's ``η`` and ``τ``: the target an LM
@@ -403,6 +408,7 @@ class DefaultTask:
             eta=self.config.eta,
             tau=self.config.tau,
             iterations=iterations,
+            ref_update_every=ref_update_every,
         )
         return {
             "gap": [traj.initial_gap, *traj.gap],
