@@ -6,7 +6,8 @@ Runs several algorithms on the same task, prompts, seeds, iterations and ``K`` �
 ``RUN_DIR/plots/metrics.png``. With ``equal_budget=true`` (default), SPPO's all-pairs
 annotation gets the largest ``K`` whose ``K(K−1)/2`` queries do not exceed the tournament's
 ``3K/2 − 1`` (for ``K = 8``: SPPO samples 5 responses, 10 queries against 11), so every
-algorithm spends about the same oracle budget per prompt.
+algorithm spends about the same oracle budget per prompt. ``ref_update_every=N`` applies to the
+algorithms whose reference moves (comal, mpo) and is left out of the others' configs.
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def main(argv: list[str]) -> int:
     algorithms = DEFAULT
     equal_budget = True
     rest = []
+    every = None  # ref_update_every: only for the algorithms whose reference moves
     for arg in argv:
         if arg.startswith("algorithms="):
             algorithms = arg.split("=", 1)[1]
+        elif arg.startswith("ref_update_every="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"ref_update_every must be an integer >= 1, got '{value}'")
+            every = int(value)
         elif arg.startswith("equal_budget="):
             value = arg.split("=", 1)[1].lower()
             if value not in ("true", "false"):
@@ -77,6 +84,9 @@ def main(argv: list[str]) -> int:
         cfg = copy.deepcopy(base)
         cfg.algorithm = name
         cfg.run_dir = str(root / name)
+        from inpo.pipeline.config import MOVING_REFERENCE
+
+        cfg.ref_update_every = every if name in MOVING_REFERENCE else None
         if name == "sppo":
             cfg.annotate.selection = "all_pairs"
             if equal_budget:
