@@ -13,6 +13,7 @@ online_ipo     ``online_ipo`` (IPO against π_ref, ``β = τ``: the LM run uses 
 inpo_no_kl     ``sppo`` (multiplicative weights: INPO with ``τ = 0``)
 sppo           ``sppo``
 dpo            ``dpo`` (``β = τ``; the default task's ``beta`` equals its ``tau``)
+nash_md        ``nash_md`` (the sequence-level mixture; the LM samples it token by token)
 comal          ``inpo`` with the reference moved to the iterate every ``ref_update_every``
 mpo            ``mmd`` with the magnet moved likewise (MMD is INPO's update at ``η + τ``)
 =============  ==========================================================================
@@ -45,6 +46,7 @@ CASES = {
     "inpo_no_kl": ([], "sppo", None, None),
     "sppo": ([], "sppo", None, None),
     "dpo": ([], "dpo", None, None),
+    "nash_md": ([], "nash_md", None, None),
     "comal": (["ref_update_every=2"], "inpo", 2, None),
     "mpo": (["ref_update_every=2"], "mmd", 2, None),
 }

@@ -57,3 +57,32 @@ def test_samples_do_not_depend_on_the_batch_with_one_prefill(model_and_tokenizer
     model, tok = model_and_tokenizer
     whole = _samples(model, tok, PROMPTS, 3, 5, True, monkeypatch)
     assert _samples(model, tok, PROMPTS, 3, 2, True, monkeypatch) == whole
+
+
+def test_the_geometric_mixture_sampler_is_exact_at_its_ends():
+    """Nash-MD's sampler, π_t^{1−β} π_ref^{β} normalised per token: with the same seeds, β = 0
+    gives π_t's samples and β = 1 gives π_ref's, exactly; β = ½ gives neither."""
+    import torch
+
+    from inpo.generation import GenerationSettings, generate_chunks
+    from inpo.tiny import char_tokenizer, tiny_causal_lm
+
+    tok = char_tokenizer(add_bos=True)
+    a = tiny_causal_lm("llama", tok, seed=1, hidden_size=32).eval()
+    b = tiny_causal_lm("llama", tok, seed=2, hidden_size=32).eval()
+    with torch.no_grad():  # peaked distributions, so the two models' samples differ
+        a.lm_head.weight.mul_(20)
+        b.lm_head.weight.mul_(20)
+    prompts = ["hello there", "a b", "xyz xyz xyz"]
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+
+    def sample(model, mixture=None):
+        chunks = generate_chunks(model, tok, prompts, 3, settings, seed=0, mixture=mixture)
+        return [s for _, samples, _ in chunks for s in samples]
+
+    plain_a, plain_b = sample(a), sample(b)
+    assert plain_a != plain_b
+    assert sample(a, (b, 0.0)) == plain_a
+    assert sample(a, (b, 1.0)) == plain_b
+    half = sample(a, (b, 0.5))
+    assert half not in (plain_a, plain_b)

@@ -659,3 +659,22 @@ def test_comal_and_mpo_on_the_default_task_track_their_exact_updates(tmp_path, a
     assert rows[0]["duality_gap"] == pytest.approx(exact[0], rel=1e-6)  # the same π_ref table
     assert 1 / 1.6 < rows[-1]["duality_gap"] / exact[-1] < 1.6, (rows[-1], exact)
     assert rows[-1]["duality_gap"] < 0.5 * rows[0]["duality_gap"]
+
+
+def test_nash_md_samples_a_mixture_and_refuses_vllm(tmp_path):
+    """nash_md's generate stage depends on π_ref and β (its hash says so) and vLLM is refused
+    at the config check."""
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nash_md samples from a mixture"):
+        load_config(RunConfig, None, ["algorithm=nash_md", "generate.backend=vllm"])
+    cfg = load_config(RunConfig, None, ["algorithm=nash_md", "eta=0.4", "tau=0.1"])
+    assert cfg.mixture_beta() == pytest.approx(0.25) and cfg.loss_hparams()[0] == "inpo"
+    run = run_pipeline(
+        _cfg(tmp_path, iterations=1, algorithm="nash_md"),
+        log=lambda m: None,
+        task=ToyTask(tmp_path),
+    )
+    manifest = json.loads((run / "iter_000" / "generate" / "manifest.json").read_text())
+    assert "mixture" in manifest["input_hashes"]

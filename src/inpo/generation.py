@@ -27,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "GenerationSettings",
+    "GeometricMixture",
     "RowSampler",
     "end_token_ids",
     "generate_chunks",
@@ -92,6 +93,57 @@ class RowSampler:
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(rows, device=scores.device), token] = 0.0
         return out
+
+
+class GeometricMixture:
+    """A logits processor that samples from the token-level geometric mixture
+    ``π^β(y_n | ·) ∝ π(y_n | ·)^{1−β} π_mix(y_n | ·)^{β}`` (NLHF's Nash-MD sampler for LMs:
+    the policy being generated from, and ``mix_model``, usually ``π_ref``), normalised per
+    token. ``mix_model`` runs in lock-step with its own KV cache: the whole prompt (left
+    padding as ``attn`` says) on the first call, then the last token each step. Placed before
+    :class:`RowSampler`, which then samples each row's token from the mixture."""
+
+    def __init__(self, mix_model: Any, beta: float, attn: Any) -> None:
+        self.model = mix_model
+        self.beta = float(beta)
+        self.attn = attn  # [rows, prompt length] of the rows being generated
+        self.cache = None
+        self.mask = None
+        self.positions = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            if self.cache is None:
+                self.mask = self.attn.to(device)
+                pos = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+                out = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=self.mask,
+                    position_ids=pos,
+                    use_cache=True,
+                )
+                self.positions = pos[:, -1:]
+            else:
+                self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+                self.positions = self.positions + 1
+                out = self.model(
+                    input_ids=input_ids[:, -1:].to(device),
+                    attention_mask=self.mask,
+                    position_ids=self.positions,
+                    use_cache=True,
+                    **{_cache_kwarg(): self.cache},
+                )
+            self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            mix = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)
+        own = torch.log_softmax(scores.double(), dim=-1)
+        vocab = min(own.shape[-1], mix.shape[-1])
+        mixed = (1 - self.beta) * own[:, :vocab] + self.beta * mix.to(own.device)[:, :vocab]
+        out_scores = torch.full_like(own, float("-inf"))
+        out_scores[:, :vocab] = torch.log_softmax(mixed, dim=-1)
+        return out_scores.to(scores.dtype)
 
 
 #: Compute each prompt's prefill once for its K samples (``False``: K prefills, as
@@ -226,6 +278,7 @@ def generate_chunks(
     seed: int,
     start_chunk: int = 0,
     indices: Sequence[int] | None = None,
+    mixture: tuple[Any, float] | None = None,
 ) -> Iterator[tuple[int, list[list[str]], int]]:
     """Yield ``(chunk_start, samples, truncated)`` per chunk of prompts, from ``start_chunk``.
 
@@ -234,6 +287,8 @@ def generate_chunks(
     is prompt ``i``'s index in the whole prompt list (default ``i``): it, with ``seed``, seeds
     the prompt's samples (:func:`sample_seed`), so a shard of the prompts gets the samples the
     whole list would.
+    ``mixture=(model, β)``: sample from the token-level geometric mixture of ``model`` (the one
+    generating) and this one (:class:`GeometricMixture`; Nash-MD's sampler).
     """
     import torch
     from transformers import LogitsProcessorList
@@ -283,7 +338,16 @@ def generate_chunks(
                     input_ids=ids.repeat_interleave(k, dim=0).to(device),
                     attention_mask=attn.repeat_interleave(k, dim=0).to(device),
                     do_sample=False,  # RowSampler samples; greedy takes its token
-                    logits_processor=LogitsProcessorList([sampler]),
+                    logits_processor=LogitsProcessorList(
+                        [sampler]
+                        if mixture is None
+                        else [
+                            GeometricMixture(
+                                mixture[0], mixture[1], attn.repeat_interleave(k, dim=0)
+                            ),
+                            sampler,
+                        ]
+                    ),
                     max_new_tokens=settings.max_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=int(pad),

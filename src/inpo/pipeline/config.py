@@ -43,6 +43,12 @@ ALGORITHMS: dict[str, dict[str, str]] = {
     "dpo": {"loss": "dpo", "selection": "tournament", "doc": "iterative DPO (beta)"},
     "ipo": {"loss": "ipo", "selection": "tournament", "doc": "iterative IPO (beta)"},
     "sppo": {"loss": "sppo", "selection": "all_pairs", "doc": "SPPO (eta), all-pairs win rates"},
+    "nash_md": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "Nash-MD (Munos et al. 2023) as IPO-MD: samples from the token-level geometric "
+        "mixture pi_t^(1-beta) pi_ref^beta, beta = tau/eta, trained with INPO's loss",
+    },
     "comal": {
         "loss": "inpo",
         "selection": "tournament",
@@ -113,10 +119,6 @@ class GenerateConfig:
                 f"generate.gpu_memory_utilization must be in (0, 1], got "
                 f"{self.gpu_memory_utilization}"
             )
-        if self.backend == "vllm":
-            from inpo.vllm_backend import check_vllm
-
-            check_vllm()
 
 
 @dataclass
@@ -271,8 +273,9 @@ class RunConfig:
     run_dir: str = "inpo-run"
     #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
     task: str = "default"
-    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | comal | mpo: the loss, the
-    #: selection rule and (comal, mpo) a moving reference.
+    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | nash_md | comal | mpo: the
+    #: loss, the selection rule, the sampler (nash_md: a mixture) and (comal, mpo) a moving
+    #: reference.
     algorithm: str = "inpo"
     #: Rounds of generate → annotate → logps → train → evaluate.
     iterations: int = 3
@@ -342,7 +345,7 @@ class RunConfig:
     def loss_hparams(self) -> tuple[str, dict[str, float]]:
         """The loss name and hyper-parameters this algorithm trains with."""
         loss = ALGORITHMS[self.algorithm]["loss"]
-        if self.algorithm in ("inpo", "comal"):
+        if self.algorithm in ("inpo", "comal", "nash_md"):
             return loss, {"eta": self.eta, "tau": self.tau_value}
         if self.algorithm == "mpo":  # MMD's update is INPO's at eta + tau (algorithms.py)
             return loss, {"eta": self.eta + self.tau_value, "tau": self.tau_value}
@@ -355,6 +358,10 @@ class RunConfig:
         if self.algorithm == "todo":
             return loss, {"beta": self.beta, "alpha": self.alpha}
         return loss, {"beta": self.beta}
+
+    def mixture_beta(self) -> float | None:
+        """Nash-MD's β = τ/η: the weight of π_ref in the sampler (``None``: sample from π_t)."""
+        return self.tau_value / self.eta if self.algorithm == "nash_md" else None
 
     def selection(self) -> str:
         if self.annotate.selection != "auto":
@@ -381,6 +388,20 @@ class RunConfig:
             )
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+        if self.algorithm == "nash_md" and self.generate.backend == "vllm":
+            raise ConfigError(
+                "algorithm=nash_md samples from a mixture of two models token by token, which "
+                "the transformers backend does (two models, one generate loop); vLLM cannot: "
+                "use generate.backend=transformers"
+            )
+        if self.generate.backend == "vllm":  # after the algorithm's own objection to it
+            from inpo.vllm_backend import check_vllm
+
+            check_vllm()
+        if self.algorithm == "nash_md" and not self.tau_value > 0:
+            raise ConfigError(
+                "algorithm=nash_md mixes in π_ref with beta = tau/eta: tau must be > 0"
+            )
         if self.algorithm in MOVING_REFERENCE and self.ref_update_every is None:
             raise ConfigError(
                 f"algorithm={self.algorithm} moves its reference to the policy every few "

@@ -165,6 +165,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                 anchor_id = ref_id if anchor == ref else model_fingerprint(anchor)
                 prompts = _training_prompts(cfg, workload, t)
                 gen_seed, train_seed = stage_seed(cfg, t, "gen"), stage_seed(cfg, t, "train")
+                beta = cfg.mixture_beta()
+                mixture = (ref, beta) if beta is not None else None
 
                 # 1. K samples a prompt from π_t
                 gen_folder, gen = stage(
@@ -181,9 +183,13 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                         ),
                         "max_prompts": cfg.max_prompts,
                         "prompt_repeats": cfg.prompt_repeats,
+                        # Nash-MD samples a mixture with π_ref (only then: other hashes stay)
+                        **({"mixture_beta": beta} if beta is not None else {}),
                     },
-                    {"policy": policy_id},
-                    lambda w, p=policy, pr=prompts, s=gen_seed: generate.work(ctx, p, pr, s, w),
+                    {"policy": policy_id, **({"mixture": ref_id} if beta is not None else {})},
+                    lambda w, p=policy, pr=prompts, s=gen_seed, m=mixture: generate.work(
+                        ctx, p, pr, s, w, mixture=m
+                    ),
                     lambda w, pr=prompts: generate.merge(ctx, pr, w),
                 )
                 # 2. the oracle's preferences → pairs (the tournament: 3K/2 − 1 queries)

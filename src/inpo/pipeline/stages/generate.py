@@ -33,7 +33,16 @@ def _valid_lines(path: Path) -> list[str]:
     return lines
 
 
-def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) -> None:
+def work(
+    ctx: Ctx,
+    policy: Path,
+    prompts: list[Any],
+    seed: int,
+    folder: Path,
+    mixture: tuple[Path, float] | None = None,
+) -> None:
+    """``mixture=(π_ref's folder, β)``: sample from the token-level geometric mixture of the
+    policy and that model (Nash-MD), with the transformers backend."""
     from inpo.console import progress
     from inpo.generation import GenerationSettings, generate_chunks
 
@@ -75,6 +84,10 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
         (folder / f"vllm.rank{dist.rank:03d}").rmdir()
         return
     model, tok = load_model(policy, dist.device)
+    mix = None
+    if mixture is not None:
+        mix_model, _ = load_model(mixture[0], dist.device)
+        mix = (mix_model, mixture[1])
     done_before = len(shard(prompts, dist.rank, dist.world)) - len(todo)
     bar = progress(
         done_before + len(todo),
@@ -85,7 +98,7 @@ def work(ctx: Ctx, policy: Path, prompts: list[Any], seed: int, folder: Path) ->
     )
     with open(own, "a") as fh:
         for start, samples, truncated in generate_chunks(
-            model, tok, subset, g.k, settings, seed=seed, indices=todo
+            model, tok, subset, g.k, settings, seed=seed, indices=todo, mixture=mix
         ):
             for j, responses in enumerate(samples):
                 row = {"index": todo[start + j], "responses": responses, "truncated": truncated[j]}
