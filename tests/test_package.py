@@ -150,6 +150,9 @@ def test_readme_session(tmp_path):
                 proc = subprocess.run(
                     argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
                 )
+                # a launcher's own traceback can push a rank's one-line error out of the tail
+                errors = [x for x in proc.stderr.splitlines() if ": error:" in x][:5]
                 assert proc.returncode == 0, (
-                    f"`{' '.join(argv)}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                    f"`{' '.join(argv)}` failed:\n{proc.stdout[-2000:]}\n{errors}\n"
+                    f"{proc.stderr[-3000:]}"
                 )
