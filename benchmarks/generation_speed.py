@@ -85,7 +85,7 @@ def _generate(model, tok, prompts, settings, *, static: bool, once: bool):
 
 def _sequences(tok, prompts, samples):
     """The finished sequences (prompt ids + sampled ids + the end token where one was
-    sampled) and the number of sampled tokens."""
+    sampled), the number of sampled tokens, and each sequence's prompt length."""
     from inpo.data import encode_prompt
 
     seqs, heads, new = [], [], 0
@@ -98,8 +98,7 @@ def _sequences(tok, prompts, samples):
             new += len(ids)
             seqs.append(head + ids)
             heads.append(len(head))
-    _sequences.heads = heads
-    return seqs, new
+    return seqs, new, heads
 
 
 def _forward(model, seqs, *, sampled_only: int = 0):
@@ -161,9 +160,9 @@ def main() -> int:
             assert samples == reference, f"{name} sampled other tokens"
             if r:
                 times[name].append((wall, cpu))
-        seqs, new_tokens = _sequences(tok, prompts, reference)
+        seqs, new_tokens, heads = _sequences(tok, prompts, reference)
         wall, cpu = _forward(model, seqs)
-        wall2, cpu2 = _forward(model, seqs, sampled_only=_sequences.heads)
+        wall2, cpu2 = _forward(model, seqs, sampled_only=heads)
         if r:
             times["forward"].append((wall, cpu))
             times["forward_sampled"].append((wall2, cpu2))

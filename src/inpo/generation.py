@@ -173,38 +173,24 @@ def _prefill_once(
 
     positions = attn.long().cumsum(-1) - 1
     positions = positions.masked_fill(attn == 0, 1)
+
+    def prefill(**extra: Any) -> Any:
+        out = model(
+            input_ids=ids[:, :-1].to(device),
+            attention_mask=attn[:, :-1].to(device),
+            position_ids=positions[:, :-1].to(device),
+            use_cache=True,
+            **extra,
+        )
+        return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
     static = _static_cache(model, ids.shape[1] + max_new_tokens) if STATIC_CACHE else None
-    extra: dict[str, Any] = {}
     if static is not None:
-        extra = {_cache_kwarg(): static, "cache_position": torch.arange(ids.shape[1] - 1)}
-    out = model(
-        input_ids=ids[:, :-1].to(device),
-        attention_mask=attn[:, :-1].to(device),
-        position_ids=positions[:, :-1].to(device),
-        use_cache=True,
-        **extra,
-    )
-    if static is not None and _repeat_static(static, k):
-        return static
-    if static is not None:  # a cache layout this code does not know: grow a plain one
-        return _prefill_once_dynamic(model, ids, attn, positions, k, device)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if not isinstance(cache, Cache):
-        return None
-    cache.batch_repeat_interleave(k)
-    return cache
-
-
-def _prefill_once_dynamic(model: Any, ids: Any, attn: Any, positions: Any, k: int, device: Any):
-    from transformers import Cache
-
-    out = model(
-        input_ids=ids[:, :-1].to(device),
-        attention_mask=attn[:, :-1].to(device),
-        position_ids=positions[:, :-1].to(device),
-        use_cache=True,
-    )
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        prefill(**{_cache_kwarg(): static, "cache_position": torch.arange(ids.shape[1] - 1)})
+        if _repeat_static(static, k):
+            return static
+        # a cache layout this code does not know: grow a plain one instead
+    cache = prefill()
     if not isinstance(cache, Cache):
         return None
     cache.batch_repeat_interleave(k)

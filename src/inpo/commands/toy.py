@@ -32,14 +32,19 @@ _COLOURS = ("red", "blue", "green")
 _SHAPES = ("circle", "square", "star")
 
 
-def _prompts() -> tuple[list[str], list[str]]:
-    every = [
-        f"{verb} {size} {c} {s}"
-        for verb in ("say", "describe")
+def _grid(verbs: tuple[str, str], form: str) -> list[str]:
+    """``form`` filled with every verb, size, colour and shape (36 prompts)."""
+    return [
+        form.format(verb=v, size=size, colour=c, shape=shape)
+        for v in verbs
         for size in ("small", "large")
         for c in _COLOURS
-        for s in _SHAPES
+        for shape in _SHAPES
     ]
+
+
+def _prompts() -> tuple[list[str], list[str]]:
+    every = _grid(("say", "describe"), "{verb} {size} {colour} {shape}")
     return every[::2] + every[1::4], every[3::4]
 
 
@@ -92,13 +97,8 @@ def _chat(out: Path, seed: int) -> int:
     ):
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
-    every = [
-        f"{verb} a {size} {c} {shape}."
-        for verb in ("Draw", "Describe")
-        for size in ("small", "large")
-        for c in _COLOURS
-        for shape in _SHAPES
-    ]  # 36 requests: 3 training files of 8, 8 held out, 4 spare
+    # 36 requests: 3 training files of 8, 8 held out, 4 spare
+    every = _grid(("Draw", "Describe"), "{verb} a {size} {colour} {shape}.")
 
     def conversation(text: str, i: int) -> list[dict[str, str]]:
         turns = [{"role": "user", "content": text}]
