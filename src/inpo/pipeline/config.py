@@ -17,7 +17,10 @@ from inpo.training.config import LoraSettings
 
 __all__ = [
     "ALGORITHMS",
+    "DNO_MARGIN",
+    "EXTRAGRADIENT",
     "MOVING_REFERENCE",
+    "PREVIOUS_ITERATE_REFERENCE",
     "TIE_LOSSES",
     "AnnotateConfig",
     "EvaluateConfig",
@@ -61,6 +64,25 @@ ALGORITHMS: dict[str, dict[str, str]] = {
         "doc": "magnetic mirror descent (MPO, Wang et al. 2025): INPO's loss at eta + tau, tau; "
         "the magnet (reference) moved to the policy every ref_update_every iterations",
     },
+    "egpo": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "extragradient (EGPO, Zhou et al. 2025): a half step from pi_t on pi_t's samples, "
+        "then the full step from pi_t on the half-step policy's samples, each MPO's loss (INPO's "
+        "at eta + tau, tau)",
+    },
+    "mirror_prox": {
+        "loss": "inpo",
+        "selection": "tournament",
+        "doc": "Nash mirror-prox (Tiapkin et al. 2025): the same two steps as egpo",
+    },
+    "dno": {
+        "loss": "dpo",
+        "selection": "all_pairs",
+        "doc": "DNO-Prct (Rosset et al. 2024): the best and worst of the K samples (and the "
+        "teacher's response) by win rate, kept when their win rates differ by at least margin, "
+        "trained with DPO against pi_t (its beta is DNO's eta)",
+    },
     "todo": {
         "loss": "todo",
         "selection": "tournament",
@@ -77,6 +99,16 @@ TIE_LOSSES = ("inpo", "ipo", "todo")
 #: iterations; each maps to an exact update of :mod:`inpo.game.algorithms` run with the same
 #: ``ref_update_every`` (``inpo`` for COMAL's inner iterations, ``mmd`` for MPO).
 MOVING_REFERENCE = {"comal": "inpo", "mpo": "mmd"}
+
+#: Algorithms that take two policy steps an iteration (a half step, then the full step against
+#: the half-step policy's samples): the exact ``extragradient`` update.
+EXTRAGRADIENT = ("egpo", "mirror_prox")
+
+#: Algorithms whose loss's reference is the previous iterate ``π_t`` (DNO-Prct's DPO).
+PREVIOUS_ITERATE_REFERENCE = ("dno",)
+
+#: DNO's default margin: the least win-rate gap between a kept pair's chosen and rejected.
+DNO_MARGIN = 0.25
 
 
 @dataclass
@@ -273,9 +305,9 @@ class RunConfig:
     run_dir: str = "inpo-run"
     #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
     task: str = "default"
-    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | nash_md | comal | mpo: the
-    #: loss, the selection rule, the sampler (nash_md: a mixture) and (comal, mpo) a moving
-    #: reference.
+    #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | nash_md | comal | mpo | egpo |
+    #: mirror_prox | dno: the loss, the selection rule, the sampler (nash_md: a mixture), a
+    #: moving reference (comal, mpo), two steps an iteration (egpo, mirror_prox).
     algorithm: str = "inpo"
     #: Rounds of generate → annotate → logps → train → evaluate.
     iterations: int = 3
@@ -292,6 +324,12 @@ class RunConfig:
     #: comal / mpo: replace the reference (anchor, magnet) by the current policy every this
     #: many iterations (required for them; evaluation keeps the original π_ref).
     ref_update_every: int | None = None
+    #: dno: keep a prompt's best-vs-worst pair only when their win rates (against the K samples
+    #: and the teacher) differ by at least this (null: 0.25).
+    margin: float | None = None
+    #: dno: a file of one response per training prompt (TRL's prompt-completion format:
+    #: ``prompt``, ``completion``), DNO's teacher (gold) response, ranked with the K samples.
+    teacher: str = ""
     #: The starting policy π_0: a model folder or cached hub id (empty: the reference).
     policy: str = ""
     #: The reference π_ref: a model folder or cached hub id (empty: the task's own; the
@@ -347,7 +385,7 @@ class RunConfig:
         loss = ALGORITHMS[self.algorithm]["loss"]
         if self.algorithm in ("inpo", "comal", "nash_md"):
             return loss, {"eta": self.eta, "tau": self.tau_value}
-        if self.algorithm == "mpo":  # MMD's update is INPO's at eta + tau (algorithms.py)
+        if self.algorithm in ("mpo", *EXTRAGRADIENT):  # MMD's step is INPO's at eta + tau
             return loss, {"eta": self.eta + self.tau_value, "tau": self.tau_value}
         if self.algorithm == "online_ipo":
             return loss, {"eta": self.eta, "tau": self.eta}
@@ -357,7 +395,13 @@ class RunConfig:
             return loss, {"eta": self.eta}
         if self.algorithm == "todo":
             return loss, {"beta": self.beta, "alpha": self.alpha}
+        if self.algorithm == "dno":  # DNO's eta multiplies the log-ratios: DPO's beta
+            return loss, {"beta": self.eta}
         return loss, {"beta": self.beta}
+
+    @property
+    def margin_value(self) -> float:
+        return DNO_MARGIN if self.margin is None else self.margin
 
     def mixture_beta(self) -> float | None:
         """Nash-MD's β = τ/η: the weight of π_ref in the sampler (``None``: sample from π_t)."""
@@ -464,7 +508,23 @@ class RunConfig:
                 "whose loss takes ties (inpo, online_ipo, inpo_no_kl, ipo, todo) or another "
                 "tie_policy"
             )
-        if self.selection() == "all_pairs" and self.algorithm != "sppo":
-            raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo")
-        if self.algorithm == "sppo" and self.selection() != "all_pairs":
-            raise ConfigError("sppo needs annotate.selection=all_pairs (win-rate estimates)")
+        if self.selection() == "all_pairs" and self.algorithm not in ("sppo", "dno"):
+            raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo, dno")
+        if self.algorithm in ("sppo", "dno") and self.selection() != "all_pairs":
+            raise ConfigError(
+                f"{self.algorithm} needs annotate.selection=all_pairs (win-rate estimates)"
+            )
+        self._validate_dno()
+
+    def _validate_dno(self) -> None:
+        if self.algorithm != "dno":
+            for key in ("margin", "teacher"):
+                if getattr(self, key) not in (None, ""):
+                    raise ConfigError(f"{key} is for algorithm=dno (DNO-Prct's pair filter)")
+            return
+        if not (math.isfinite(self.margin_value) and 0 <= self.margin_value < 1):
+            raise ConfigError(f"margin must be in [0, 1) (a win-rate gap), got {self.margin}")
+        if self.teacher:
+            from inpo.pipeline.teacher import check_teacher
+
+            check_teacher(self)

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from inpo.config import save_config
 from inpo.distributed import get_dist
 from inpo.hashing import model_fingerprint
 from inpo.hub import resolve_model
 from inpo.pipeline.artifacts import manifest_hash
-from inpo.pipeline.config import RunConfig
+from inpo.pipeline.config import EXTRAGRADIENT, RunConfig
 from inpo.pipeline.runner import Interrupted, StageRunner, stop_signals
 from inpo.pipeline.runtime import Ctx, stage_seed
 from inpo.pipeline.stages import annotate, evaluate, generate, logps, train
@@ -43,6 +43,15 @@ from inpo.pipeline.stages import annotate, evaluate, generate, logps, train
 __all__ = ["run_pipeline"]
 
 STAGES = ("generate", "annotate", "logps", "train", "evaluate")
+
+
+class Step(NamedTuple):
+    """One policy step's results: the train folder and the stages' summaries."""
+
+    folder: Path
+    generate: dict
+    annotate: dict
+    train: dict
 
 
 def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
@@ -156,21 +165,26 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             trackers.iteration_done(rows[0], train_steps=0)
             queries_total = 0
             policies = [policy]  # π_0, π_1, …: the anchors comal and mpo move to
-            for t in range(cfg.iterations):
-                it = run_dir / f"iter_{t:03d}"
-                policy_id = model_fingerprint(policy)
-                # the reference this iteration's loss sees: π_ref, or (comal, mpo) the policy
-                # of the last multiple of ref_update_every; evaluation keeps π_ref
+
+            def policy_step(folder: Path, t: int, sampler: Path, policy: Path, seeds: str) -> Step:
+                """Stages 1–4 in ``folder``: samples of ``sampler``, the loss's prior at
+                ``policy`` (π_t), training from ``policy``'s weights."""
+                policy_id, sampler_id = model_fingerprint(policy), model_fingerprint(sampler)
+                # the reference this iteration's loss sees: π_ref, the policy of the last
+                # multiple of ref_update_every (comal, mpo) or π_t itself (dno)
                 anchor = _anchor(cfg, t, ref, policies)
                 anchor_id = ref_id if anchor == ref else model_fingerprint(anchor)
                 prompts = _training_prompts(cfg, workload, t)
-                gen_seed, train_seed = stage_seed(cfg, t, "gen"), stage_seed(cfg, t, "train")
+                gen_seed, train_seed = (
+                    stage_seed(cfg, t, "gen" + seeds),
+                    stage_seed(cfg, t, "train" + seeds),
+                )
                 beta = cfg.mixture_beta()
                 mixture = (ref, beta) if beta is not None else None
 
-                # 1. K samples a prompt from π_t
+                # 1. K samples a prompt from π_t (or the sampler of this step)
                 gen_folder, gen = stage(
-                    it / "generate",
+                    folder / "generate",
                     "generate",
                     t,
                     {
@@ -185,30 +199,30 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                         "prompt_repeats": cfg.prompt_repeats,
                         # Nash-MD samples a mixture with π_ref (only then: other hashes stay)
                         **({"mixture_beta": beta} if beta is not None else {}),
+                        **({"seeds": seeds} if seeds else {}),
                     },
-                    {"policy": policy_id, **({"mixture": ref_id} if beta is not None else {})},
-                    lambda w, p=policy, pr=prompts, s=gen_seed, m=mixture: generate.work(
-                        ctx, p, pr, s, w, mixture=m
-                    ),
-                    lambda w, pr=prompts: generate.merge(ctx, pr, w),
+                    {"policy": sampler_id, **({"mixture": ref_id} if beta is not None else {})},
+                    lambda w: generate.work(ctx, sampler, prompts, gen_seed, w, mixture=mixture),
+                    lambda w: generate.merge(ctx, prompts, w),
                 )
                 # 2. the oracle's preferences → pairs (the tournament: 3K/2 − 1 queries)
                 ann_folder, ann = stage(
-                    it / "annotate",
+                    folder / "annotate",
                     "annotate",
                     t,
                     {
                         "annotate": asdict(cfg.annotate),
                         "selection": cfg.selection(),
                         "oracle": getattr(oracle, "oracle_id", ""),
+                        **annotate.extra_settings(cfg),
                     },
                     {"generate": manifest_hash(gen_folder)},
-                    lambda w, g=gen_folder: annotate.work(ctx, oracle, g / "samples.jsonl", w),
+                    lambda w: annotate.work(ctx, oracle, gen_folder / "samples.jsonl", w),
                     lambda w: annotate.merge(ctx, w),
                 )
                 # 3. log π_ref and log π_t of every pair, once
                 lp_folder, _ = stage(
-                    it / "logps",
+                    folder / "logps",
                     "logps",
                     t,
                     {"loss": cfg.loss_hparams()[0], "train": asdict(cfg.train)},
@@ -217,27 +231,39 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                         "reference": anchor_id,
                         "policy": policy_id,
                     },
-                    lambda w, a=ann_folder, p=policy, r=anchor: logps.work(
-                        ctx, a / "pairs.jsonl", r, p, w
-                    ),
-                    lambda w, a=ann_folder: logps.merge(ctx, a / "pairs.jsonl", w),
+                    lambda w: logps.work(ctx, ann_folder / "pairs.jsonl", anchor, policy, w),
+                    lambda w: logps.merge(ctx, ann_folder / "pairs.jsonl", w),
                 )
-                # 4. π_{t+1} = argmin of the loss from π_t's weights
+                # 4. the loss from π_t's weights
                 tr_folder, tr = stage(
-                    it / "train",
+                    folder / "train",
                     "train",
                     t,
                     {"loss": cfg.loss_hparams(), "train": asdict(cfg.train), "seed": cfg.seed},
                     {"logps": manifest_hash(lp_folder), "policy": policy_id},
-                    lambda w, lp=lp_folder, p=policy, s=train_seed: train.work(
-                        ctx, lp / "data", p, s, w, trackers.training_hook()
+                    lambda w: train.work(
+                        ctx, lp_folder / "data", policy, train_seed, w, trackers.training_hook()
                     ),
                     lambda w: train.merge(ctx, w),
                 )
-                policy = tr_folder / "model"
-                policies.append(policy)
                 if stage.skipped:  # its steps were logged by the run that trained it: again
                     trackers.replay(tr_folder / "model" / "metrics.jsonl")
+                return Step(tr_folder, gen, ann, tr)
+
+            for t in range(cfg.iterations):
+                it = run_dir / f"iter_{t:03d}"
+                sampler, half = policy, None
+                if cfg.algorithm in EXTRAGRADIENT:
+                    # the half step π_{t+1/2}: from π_t against π_t's samples
+                    half = policy_step(it / "half_step", t, policy, policy, "")
+                    trackers.steps_done(int(half.train.get("steps") or 0))
+                    sampler = half.folder / "model"
+                # π_{t+1} = argmin of the loss from π_t's weights (extragradient: on the half
+                # step's samples, with distinct seeds)
+                full = policy_step(it, t, sampler, policy, ":full" if half else "")
+                tr_folder, gen, ann, tr = full
+                policy = tr_folder / "model"
+                policies.append(policy)
                 # 5. metrics of π_{t+1}
                 ev = evaluation(
                     it / "evaluate",
@@ -245,9 +271,19 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
                     {"train": manifest_hash(tr_folder), "reference": ref_id},
                     policy,
                 )
+                if half is not None:  # both steps' queries and pairs count
+                    ann = {
+                        **ann,
+                        "oracle_queries": ann["oracle_queries"] + half.annotate["oracle_queries"],
+                        "half_step_pairs": half.annotate.get("pairs", 0),
+                    }
                 queries_total += int(ann["oracle_queries"])
                 row = _row(cfg, t + 1, ev, ann, queries_total, train=tr, gen=gen)
                 row["seconds"] = _timings(it)
+                if half is not None:  # the half step's stages first, as they ran
+                    halves = {f"half_{k}": v for k, v in _timings(it / "half_step").items()}
+                    row["seconds"] = {**halves, **row["seconds"]}
+                    row["half_step_pairs"] = ann["half_step_pairs"]
                 rows.append(row)
                 trackers.iteration_done(row, train_steps=int(tr.get("steps") or 0))
                 if dist.is_main:
@@ -278,11 +314,13 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
 
 
 def _anchor(cfg: RunConfig, iteration: int, ref: Path, policies: list[Path]) -> Path:
-    """The reference of iteration ``iteration``'s loss: ``π_ref``, or for algorithms with a
-    moving reference the policy ``π_k`` with ``k`` the last multiple of ``ref_update_every``
-    (``π_0`` is the start; before the first move it is ``π_ref``)."""
-    from inpo.pipeline.config import MOVING_REFERENCE
+    """The reference of iteration ``iteration``'s loss: ``π_ref``; for algorithms with a moving
+    reference the policy ``π_k`` with ``k`` the last multiple of ``ref_update_every`` (``π_0``
+    is the start; before the first move it is ``π_ref``); for DNO the previous iterate ``π_t``."""
+    from inpo.pipeline.config import MOVING_REFERENCE, PREVIOUS_ITERATE_REFERENCE
 
+    if cfg.algorithm in PREVIOUS_ITERATE_REFERENCE:
+        return policies[iteration]
     every = cfg.ref_update_every
     if cfg.algorithm not in MOVING_REFERENCE or not every:
         return ref

@@ -123,6 +123,11 @@ class RunTrackers:
             except (ValueError, KeyError, TypeError):  # a damaged line: skip it
                 continue
 
+    def steps_done(self, steps: int) -> None:
+        """A training inside an iteration (extragradient's half step) took ``steps``: the
+        iteration's next training logs after them."""
+        self.global_step += steps
+
     def iteration_done(self, row: dict[str, Any], *, train_steps: int) -> None:
         """An iteration's row, at the global step its training ended."""
         self.global_step += train_steps

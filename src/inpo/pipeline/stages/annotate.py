@@ -19,11 +19,34 @@ from inpo.errors import InpoError
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["merge", "work"]
+__all__ = ["extra_settings", "merge", "work"]
 
 
-def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[list[dict], int]:
-    """The selected pairs of a batch of sample rows, and the queries the rule asked."""
+def extra_settings(cfg: Any) -> dict[str, Any]:
+    """What else changes this stage's pairs: DNO's margin and teacher file (its content hash);
+    nothing for the other algorithms (their stage hashes stay as they were)."""
+    if cfg.algorithm != "dno":
+        return {}
+    from inpo.hashing import file_sha256
+
+    teacher = file_sha256(cfg.teacher) if cfg.teacher else None
+    return {"dno": {"margin": cfg.margin_value, "teacher": teacher}}
+
+
+def _with_teacher(chunk: list[dict], teacher: dict[str, str] | None) -> list[dict]:
+    """Each row's candidates: its K samples, then the teacher's response (DNO)."""
+    if not teacher:
+        return chunk
+    from inpo.pipeline.teacher import prompt_key
+
+    return [{**r, "responses": [*r["responses"], teacher[prompt_key(r["prompt"])]]} for r in chunk]
+
+
+def _pairs(
+    rule: str, oracle: Any, chunk: list[dict], tie_policy: str, margin: float | None = None
+) -> tuple[list[dict], int, int]:
+    """The selected pairs of a batch of sample rows, the queries the rule asked, and the pairs
+    DNO's ``margin`` dropped (win-rate selection only)."""
     from inpo import selection as sel
     from inpo.data import as_completion
 
@@ -31,7 +54,7 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
     # their own format; the pairs are in TRL's format (an assistant turn after a conversation).
     oprompts = [r["prompt"] for r in chunk]
     resp = [r["responses"] for r in chunk]
-    pairs, queries = [], 0
+    pairs, queries, below = [], 0, 0
     if rule in ("tournament", "best_worst"):
         if rule == "tournament":
             results = sel.tournament_batch(oracle, oprompts, resp, tie_policy=tie_policy, rng=None)
@@ -51,13 +74,16 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
                     "tie": tie,
                 }
             )
-    else:  # all_pairs (SPPO): the best and worst by estimated win rate, with their rates
+    else:  # all_pairs (SPPO, DNO): the best and worst by estimated win rate, with their rates
         for r, res in zip(chunk, sel.win_rates_batch(oracle, oprompts, resp)):
             queries += res.queries
             rates = [float(x) for x in res.win_rates]
             best = max(range(len(rates)), key=rates.__getitem__)
             worst = min(range(len(rates)), key=rates.__getitem__)
             if r["responses"][best] == r["responses"][worst]:
+                continue
+            if margin is not None and rates[best] - rates[worst] < margin:
+                below += 1  # DNO keeps large-margin pairs only
                 continue
             pairs.append(
                 {
@@ -69,7 +95,7 @@ def _pairs(rule: str, oracle: Any, chunk: list[dict], tie_policy: str) -> tuple[
                     "rejected_winrate": float(rates[worst]),
                 }
             )
-    return pairs, queries
+    return pairs, queries, below
 
 
 def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
@@ -81,21 +107,34 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     stats = getattr(oracle, "stats", None)
     misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
     rule, bs = cfg.selection(), cfg.annotate.batch_size
-    pairs, queries = [], 0
+    margin = teacher = None
+    if cfg.algorithm == "dno":
+        from inpo.pipeline.teacher import load_teacher
+
+        margin = cfg.margin_value
+        teacher = load_teacher(cfg.teacher) if cfg.teacher else None
+    pairs, queries, below = [], 0, 0
     bar = progress(len(mine), f"annotate ({rule})", enabled=dist.is_main, unit=" prompts")
     for start in range(0, len(mine), bs):
         if start:
             fault("annotate", start // bs)
-        got, asked = _pairs(rule, oracle, mine[start : start + bs], cfg.annotate.tie_policy)
+        chunk = _with_teacher(mine[start : start + bs], teacher)
+        got, asked, dropped = _pairs(rule, oracle, chunk, cfg.annotate.tie_policy, margin)
         pairs += got
         queries += asked
+        below += dropped
         bar.update(min(bs, len(mine) - start))
     bar.close()
     misses = stats.as_dict().get("cache_misses", 0) - misses_before if stats is not None else None
     with open(folder / f"pairs.rank{dist.rank:03d}.jsonl", "w") as fh:
         for p in pairs:
             fh.write(json.dumps(p) + "\n")
-    counts = {"oracle_queries": queries, "backend_queries": misses, "prompts": len(mine)}
+    counts = {
+        "oracle_queries": queries,
+        "backend_queries": misses,
+        "prompts": len(mine),
+        "below_margin": below if margin is not None else None,
+    }
     (folder / f"counts.rank{dist.rank:03d}.json").write_text(json.dumps(counts))
 
 
@@ -123,6 +162,7 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
         raise InpoError(
             f"annotate: the oracle confirmed no pair among {n_prompts} prompts; "
             "raise generate.k or generate.temperature"
+            + (" (or lower margin)" if any(c.get("below_margin") for c in counts) else "")
         )
     with open(folder / "pairs.jsonl", "w") as fh:
         for p in kept:
@@ -131,7 +171,10 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     for f in [*folder.glob("pairs.rank*.jsonl"), *folder.glob("counts.rank*.json")]:
         f.unlink()
     backend = [c["backend_queries"] for c in counts]
+    below = [c["below_margin"] for c in counts if c.get("below_margin") is not None]
     return {
+        # DNO: prompts whose best and worst differ by less than the margin (only for it)
+        **({"below_margin": sum(below)} if below else {}),
         "pairs": len(kept),
         "prompts": n_prompts,
         "ties": sum(bool(p.get("tie")) for p in kept),

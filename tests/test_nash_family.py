@@ -1,0 +1,223 @@
+"""The Nash family in `inpo run` beyond INPO's own loop: extragradient's two steps an iteration
+(egpo, mirror_prox) and DNO-Prct (large-margin pairs, a teacher response, DPO against π_t)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inpo.config import load_config
+from inpo.errors import ConfigError, DataError, InpoError
+from inpo.hashing import model_fingerprint
+from inpo.pipeline.config import RunConfig
+from inpo.pipeline.run import run_pipeline
+from tests.test_pipeline_run import ToyTask, _cfg
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# extragradient: egpo / mirror_prox
+# ---------------------------------------------------------------------------------------------
+
+
+def test_egpo_takes_a_half_step_then_the_full_step_from_pi_t(tmp_path):
+    """iter_000/half_step/{generate,annotate,logps,train} is π_{t+1/2}, trained from π_t on
+    π_t's samples; iter_000/{generate,…} samples π_{t+1/2} and trains from π_t again, both with
+    MPO's loss (INPO's at eta + tau); the row counts both steps' queries."""
+    task = ToyTask(tmp_path)
+    run = run_pipeline(
+        _cfg(tmp_path, iterations=1, algorithm="egpo"), log=lambda m: None, task=task
+    )
+    it = run / "iter_000"
+    pi0 = model_fingerprint(task.reference_model(None))
+    half_model = it / "half_step" / "train" / "model"
+    for name in ("generate", "annotate", "logps", "train"):
+        assert (it / "half_step" / name / "manifest.json").is_file()
+    assert _manifest(it / "half_step" / "generate")["input_hashes"]["policy"] == pi0
+    assert _manifest(it / "generate")["input_hashes"]["policy"] == model_fingerprint(half_model)
+    for folder in (it / "half_step", it):  # the prior and the starting weights: π_t
+        assert _manifest(folder / "logps")["input_hashes"]["policy"] == pi0
+        assert _manifest(folder / "train")["input_hashes"]["policy"] == pi0
+    half_q = _manifest(it / "half_step" / "annotate")["summary"]["oracle_queries"]
+    full_q = _manifest(it / "annotate")["summary"]["oracle_queries"]
+    row = _rows(run)[1]
+    assert row["oracle_queries"] == half_q + full_q == 2 * 4 * 5  # two tournaments of K = 4
+    assert row["half_step_pairs"] >= 1
+    assert {"half_generate", "half_annotate", "half_logps", "half_train", "train"} <= set(
+        row["seconds"]
+    )
+    cfg = load_config(RunConfig, None, ["algorithm=mirror_prox", "eta=0.3", "tau=0.1"])
+    assert cfg.loss_hparams() == ("inpo", {"eta": pytest.approx(0.4), "tau": 0.1})
+
+
+ARGS = [
+    "iterations=1",
+    "max_prompts=4",
+    "prompt_repeats=2",
+    "generate.batch_size=2",
+    "annotate.batch_size=2",
+    "train.global_batch_size=2",
+    "train.per_device_batch_size=1",
+    "train.epochs=2",
+    "train.save_steps=1",
+]
+
+
+def _run(run_dir: Path, cache: Path, fault: str | None, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INPO_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
+    env.pop("INPO_FAULT_KILL", None)
+    if fault:
+        env["INPO_FAULT_KILL"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_egpo_resumes_inside_either_step_with_the_same_weights(tmp_path):
+    """kill -9 in the half step's training, then in the full step's annotation, then in the
+    full step's training (a finished half step is skipped, so the same hook reaches the full
+    step): every re-run resumes, and the weights equal an uninterrupted run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    base = _run(tmp_path / "base", cache, None, "algorithm=egpo")
+    assert base.returncode == 0, base.stderr[-3000:]
+    run = tmp_path / "killed"
+    it = run / "iter_000"
+    first = _run(run, cache, "train:2", "algorithm=egpo")
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert (it / "half_step" / "train.partial").is_dir() and not (it / "generate").exists()
+    second = _run(run, cache, "annotate:1", "algorithm=egpo")
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert "[iter_000/half_step/train] resuming partial work" in second.stderr
+    assert (it / "half_step" / "train").is_dir() and (it / "annotate.partial").is_dir()
+    third = _run(run, cache, "train:2", "algorithm=egpo")
+    assert third.returncode == -9, third.stderr[-2000:]
+    assert "[iter_000/half_step/train] complete, skipped" in third.stderr
+    assert (it / "train.partial").is_dir()
+    last = _run(run, cache, None, "algorithm=egpo")
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "[iter_000/train] resuming partial work" in last.stderr
+    for sub in ("half_step/train/model", "train/model"):
+        want = load_file(tmp_path / "base" / "iter_000" / sub / "model.safetensors")
+        got = load_file(it / sub / "model.safetensors")
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert timeless(_rows(run)) == timeless(_rows(tmp_path / "base"))
+
+
+# ---------------------------------------------------------------------------------------------
+# DNO-Prct
+# ---------------------------------------------------------------------------------------------
+
+
+def _teacher(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+#: the default task's first four training prompts (max_prompts=4)
+DEFAULT_PROMPTS = [
+    f"describe a {x}" for x in ("red circle", "red square", "red star", "blue circle")
+]
+DEFAULT_PROMPT = DEFAULT_PROMPTS[0]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("margin=0.3", "margin is for algorithm=dno"),
+        ("teacher=x.jsonl", "teacher is for algorithm=dno"),
+        ("algorithm=dno margin=1.5", r"margin must be in \[0, 1\)"),
+        ("algorithm=dno annotate.selection=tournament", "dno needs annotate.selection=all_pairs"),
+        ("algorithm=dno teacher=/nonexistent.jsonl", "teacher: file '/nonexistent.jsonl'"),
+    ],
+)
+def test_dno_settings_are_checked(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(RunConfig, None, override.split())
+
+
+def test_a_teacher_file_missing_prompts_fails_at_the_config_check(tmp_path):
+    """Before any model loads: how many training prompts have no teacher response, and one."""
+    bad = _teacher(tmp_path / "t.jsonl", [{"prompt": "say hello", "completion": "hello"}])
+    with pytest.raises(ConfigError, match=r"no response for 4 of the 4 training prompts .*red"):
+        load_config(RunConfig, None, ["algorithm=dno", f"teacher={bad}", "max_prompts=4"])
+    with pytest.raises(ConfigError, match=r"no response for \d+ of the \d+ training prompts"):
+        load_config(RunConfig, None, ["algorithm=dno", f"teacher={bad}"])
+    rows = [{"prompt": DEFAULT_PROMPT}]
+    with pytest.raises(
+        (ConfigError, DataError), match=r"t2.jsonl: row 0: missing field 'completion'"
+    ):
+        load_config(
+            RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't2.jsonl', rows)}"]
+        )
+    rows = [{"prompt": DEFAULT_PROMPT, "completion": [{"role": "user", "content": "x"}]}]
+    with pytest.raises(
+        (ConfigError, DataError), match=r"row 0: field 'completion': expected a non-empty text"
+    ):
+        load_config(
+            RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't3.jsonl', rows)}"]
+        )
+    ok = _teacher(
+        tmp_path / "ok.jsonl",
+        [
+            {"prompt": x, "completion": [{"role": "assistant", "content": "red"}]}
+            for x in DEFAULT_PROMPTS
+        ],
+    )
+    cfg = load_config(RunConfig, None, ["algorithm=dno", f"teacher={ok}", "max_prompts=4"])
+    assert cfg.loss_hparams() == ("dpo", {"beta": cfg.eta})  # DNO's eta multiplies log-ratios
+
+
+def test_dno_ranks_the_teacher_with_the_samples_and_trains_against_pi_t(tmp_path):
+    """K = 4 samples + the teacher: all 10 pairs asked a prompt; pairs below the margin are
+    dropped and counted; iteration 1's DPO reference is π_1 (the previous iterate), not π_ref;
+    a margin nothing clears says so."""
+    task = ToyTask(tmp_path)
+    teacher = _teacher(
+        tmp_path / "teacher.jsonl",
+        [{"prompt": p, "completion": "red"} for p in task.train_prompts()],
+    )
+    cfg = _cfg(tmp_path, algorithm="dno", margin=0.0)
+    cfg.teacher = str(teacher)  # (the config check reads the default task's prompts)
+    run = run_pipeline(cfg, log=lambda m: None, task=task)
+    rows = _rows(run)
+    assert rows[1]["oracle_queries"] == 4 * (5 * 4 // 2)
+    pairs = [
+        json.loads(x)
+        for x in (run / "iter_000" / "annotate" / "pairs.jsonl").read_text().splitlines()
+    ]
+    assert any(p["chosen"] == "red" for p in pairs)  # the panel likes the teacher's answer
+    assert _manifest(run / "iter_000" / "annotate")["summary"]["below_margin"] == 0
+    ref = model_fingerprint(task.reference_model(None))
+    assert _manifest(run / "iter_000" / "logps")["input_hashes"]["reference"] == ref
+    pi1 = model_fingerprint(run / "iter_000" / "train" / "model")
+    assert _manifest(run / "iter_001" / "logps")["input_hashes"]["reference"] == pi1
+    strict = _cfg(tmp_path / "strict", iterations=1, algorithm="dno", margin=0.99)
+    with pytest.raises(InpoError, match=r"confirmed no pair .*or lower margin"):
+        run_pipeline(strict, log=lambda m: None, task=ToyTask(tmp_path))
+    summary = _manifest(run / "iter_000" / "annotate")["summary"]
+    assert summary["pairs"] == len(pairs)
