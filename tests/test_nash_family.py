@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.test_pipeline_run import ToyTask, _cfg
 
 from inpo.config import load_config
 from inpo.errors import ConfigError, DataError, InpoError
 from inpo.hashing import model_fingerprint
 from inpo.pipeline.config import RunConfig
 from inpo.pipeline.run import run_pipeline
-from tests.test_pipeline_run import ToyTask, _cfg
 
 
 def _manifest(folder: Path) -> dict:
