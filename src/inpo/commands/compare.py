@@ -1,13 +1,16 @@
-"""``inpo compare [CONFIG.yaml] [algorithms=inpo,online_ipo,dpo,sppo] [key=value ...]``.
+"""``inpo compare [CONFIG.yaml] [algorithms=inpo,online_ipo,dpo,sppo|all] [key=value ...]``.
 
-Runs several algorithms on the same task, prompts, seeds, iterations and ``K`` — each into
-``RUN_DIR/<algorithm>/`` (resumable like ``inpo run``) — and writes one comparison:
-``RUN_DIR/metrics.jsonl`` (every algorithm's rows), ``RUN_DIR/compare.md`` (the table) and
-``RUN_DIR/plots/metrics.png``. With ``equal_budget=true`` (default), SPPO's all-pairs
-annotation gets the largest ``K`` whose ``K(K−1)/2`` queries do not exceed the tournament's
-``3K/2 − 1`` (for ``K = 8``: SPPO samples 5 responses, 10 queries against 11), so every
-algorithm spends about the same oracle budget per prompt. ``ref_update_every=N`` applies to the
-algorithms whose reference moves (comal, mpo) and is left out of the others' configs.
+Runs several algorithms (``all``: every algorithm of ``inpo run``) on the same task, prompts,
+seeds, iterations and ``K`` — each into ``RUN_DIR/<algorithm>/`` (resumable like ``inpo run``) —
+and writes one comparison: ``RUN_DIR/metrics.jsonl`` (every algorithm's rows),
+``RUN_DIR/compare.md`` (the table) and ``RUN_DIR/plots/metrics.png``. With
+``equal_budget=true`` (default) every algorithm spends about the tournament's ``3K/2 − 1``
+queries a prompt: the all-pairs rules (SPPO, DNO) get the largest ``K`` whose ``K(K−1)/2``
+queries do not exceed it (for ``K = 8``: 5 samples, 10 queries against 11), and the
+extragradient algorithms (egpo, mirror_prox: two tournaments an iteration) the largest power
+of two whose two tournaments do not (``K = 4``: 2 × 5). ``ref_update_every=N`` applies to the
+algorithms whose reference moves (comal, mpo) and ``margin=``/``teacher=`` to dno; each is left
+out of the others' configs. With ``algorithms=all``, ``ref_update_every`` defaults to 2.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ def sppo_k(k: int) -> int:
     return best
 
 
+def egpo_k(k: int) -> int:
+    """The largest power of two K' whose two tournaments ask no more than one of K (at least 2)."""
+    from inpo.selection import tournament_queries
+
+    budget = tournament_queries(k)
+    best = 2
+    while 2 * tournament_queries(best * 2) <= budget:
+        best *= 2
+    return best
+
+
 def main(argv: list[str]) -> int:
     from inpo.commands.run import load_run_config, parse_args
     from inpo.errors import ConfigError
@@ -43,11 +57,12 @@ def main(argv: list[str]) -> int:
 
         usage = (
             "usage: inpo compare [CONFIG.yaml | --config CONFIG.yaml] "
-            f"[algorithms={DEFAULT}] [equal_budget=true|false] [key=value ...]"
+            f"[algorithms={DEFAULT}|all] [equal_budget=true|false] [key=value ...]"
         )
         examples = (
             "  inpo compare run_dir=runs/compare\n"
             "  inpo compare run_dir=runs/compare algorithms=inpo,online_ipo iterations=2 seed=1\n"
+            "  inpo compare run_dir=runs/all algorithms=all\n"
         )
         description = __doc__.split("\n\n", 1)[1]
         print(config_help("run", usage, description, examples))
@@ -56,6 +71,7 @@ def main(argv: list[str]) -> int:
     equal_budget = True
     rest = []
     every = None  # ref_update_every: only for the algorithms whose reference moves
+    dno: dict[str, str] = {}
     for arg in argv:
         if arg.startswith("algorithms="):
             algorithms = arg.split("=", 1)[1]
@@ -64,6 +80,9 @@ def main(argv: list[str]) -> int:
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"ref_update_every must be an integer >= 1, got '{value}'")
             every = int(value)
+        elif arg.startswith(("margin=", "teacher=")):  # DNO's, applied to dno alone
+            key, value = arg.split("=", 1)
+            dno[key] = value
         elif arg.startswith("equal_budget="):
             value = arg.split("=", 1)[1].lower()
             if value not in ("true", "false"):
@@ -71,7 +90,18 @@ def main(argv: list[str]) -> int:
             equal_budget = value == "true"
         else:
             rest.append(arg)
+    from inpo.pipeline.config import EXTRAGRADIENT, MOVING_REFERENCE
+
     names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    if names == ["all"]:
+        names = list(ALGORITHMS)
+        if every is None:
+            every = 2
+            print(
+                f"algorithms=all: {' and '.join(MOVING_REFERENCE)} move their reference every 2 "
+                "iterations (ref_update_every=N to change)",
+                file=sys.stderr,
+            )
     for name in names:
         if name not in ALGORITHMS:
             raise ConfigError(f"algorithms: unknown '{name}' (allowed: {', '.join(ALGORITHMS)})")
@@ -84,15 +114,22 @@ def main(argv: list[str]) -> int:
         cfg = copy.deepcopy(base)
         cfg.algorithm = name
         cfg.run_dir = str(root / name)
-        from inpo.pipeline.config import MOVING_REFERENCE
-
         cfg.ref_update_every = every if name in MOVING_REFERENCE else None
-        if name == "sppo":
+        if name == "dno":  # DNO's own settings stay out of the others' configs
+            if "margin" in dno:
+                try:
+                    cfg.margin = float(dno["margin"])
+                except ValueError:
+                    raise ConfigError(f"margin must be a number, got '{dno['margin']}'") from None
+            cfg.teacher = dno.get("teacher", "")
+        if name in ("sppo", "dno"):
             cfg.annotate.selection = "all_pairs"
             if equal_budget:
                 cfg.generate.k = sppo_k(base.generate.k)
         elif cfg.annotate.selection == "all_pairs":
             cfg.annotate.selection = "auto"
+        if name in EXTRAGRADIENT and equal_budget:
+            cfg.generate.k = egpo_k(base.generate.k)
         from inpo.config import validate_config
 
         validate_config(cfg)

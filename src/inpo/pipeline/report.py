@@ -47,6 +47,16 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    # a distinct (colour, marker, dash) per algorithm: 20 colours, then the styles cycle
+    colors = plt.get_cmap("tab20").colors
+    styles = {
+        alg: {
+            "color": colors[(2 * i) % 20 + (i // 10) % 2],
+            "marker": "osD^v<>p*h"[i % 10],
+            "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
+        }
+        for i, alg in enumerate(algorithms)
+    }
     for ax, (key, label, log) in zip(axes.flat, keys):
         for alg in algorithms:
             pts = sorted(
@@ -56,7 +66,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
             )
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", label=alg)
+                ax.plot(xs, ys, label=alg, markersize=5, **styles[alg])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -65,9 +75,14 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    if len(algorithms) > 6:  # one legend beside the panels, not over the first one
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+        fig.subplots_adjust(right=0.86)
+    else:
+        axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1) if len(algorithms) > 6 else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
