@@ -16,6 +16,11 @@ dpo            ``dpo`` (``β = τ``; the default task's ``beta`` equals its ``ta
 nash_md        ``nash_md`` (the sequence-level mixture; the LM samples it token by token)
 comal          ``inpo`` with the reference moved to the iterate every ``ref_update_every``
 mpo            ``mmd`` with the magnet moved likewise (MMD is INPO's update at ``η + τ``)
+egpo           ``extragradient`` (mirror-prox on the ``mmd`` step: two LM trainings)
+mirror_prox    ``extragradient`` (the same algorithm as egpo under another paper's name)
+dno            ``sppo``: DNO's idealised update ``π_t exp(P(·≻π_t)/η)`` (its Algorithm 1);
+               the LM runs DNO-Prct (DPO against π_t on large-margin best/worst pairs)
+todo           ``dpo`` (TODO without ties is DPO with the offset ``α``; ties are dropped)
 =============  ==========================================================================
 
 The exact metrics are the duality gap of the ``τ``-regularised game with the *original* π_ref on
@@ -49,6 +54,10 @@ CASES = {
     "nash_md": ([], "nash_md", None, None),
     "comal": (["ref_update_every=2"], "inpo", 2, None),
     "mpo": (["ref_update_every=2"], "mmd", 2, None),
+    "egpo": ([], "extragradient", None, None),
+    "mirror_prox": ([], "extragradient", None, None),
+    "dno": ([], "sppo", None, None),
+    "todo": ([], "dpo", None, None),
 }
 
 
@@ -56,6 +65,8 @@ def exact_gaps(twin: str, every: int | None, tau_kind: str | None) -> list[float
     """The twin's exact iterates from π_ref's table (the step at ``tau``, or at ``eta`` for
     online IPO, whose LM run sets ``tau = eta``), with the anchor moved every ``every``
     updates; the gaps are those of the task's game (``tau = 0.05``, the original π_ref)."""
+    import numpy as np
+
     from inpo.game.algorithms import ALGORITHMS
     from inpo.game.exact import duality_gap
     from inpo.pipeline.workloads import RUN_DEFAULTS
@@ -72,6 +83,8 @@ def exact_gaps(twin: str, every: int | None, tau_kind: str | None) -> list[float
     gaps = [float(duality_gap(p, pi, ref, tau).mean())]
     for t in range(3):
         pi = step(p, pi, anchor, eta=eta, tau=step_tau)
+        if not np.isfinite(pi).all():
+            raise SystemExit(f"{twin}: the exact step is not finite")
         if every and (t + 1) % every == 0:
             anchor = pi
         gaps.append(float(duality_gap(p, pi, ref, tau).mean()))
@@ -117,7 +130,8 @@ def main() -> int:
         f"Command: `python benchmarks/lm_vs_exact.py --seeds {args.seeds}` on {os.cpu_count()} "
         f"CPU cores, load average {load:.2f} at the start. Each LM run is `inpo run algorithm=A "
         "seed=S` with the default task's defaults (3 iterations, K = 8, eta = 0.35, tau = 0.05, "
-        "beta = 0.05); comal and mpo add `ref_update_every=2`. Metrics: the exact duality gap "
+        "beta = 0.05); comal and mpo add `ref_update_every=2`; dno keeps its default margin "
+        "0.25 and has no teacher file. Metrics: the exact duality gap "
         "of the tau-regularised game with the original π_ref, on the 12 held-out prompts.",
         "",
         "| algorithm | exact twin | exact gap, iterations 0–3 | LM gap after 3 (per seed) | "
