@@ -107,3 +107,17 @@ def test_push_to_hub_is_validated_before_any_model_loads(tmp_path, monkeypatch):
     from inpo.config import config_to_dict
 
     assert "hf_test_token" not in str(config_to_dict(cfg))  # the token is never in a config
+
+
+def test_run_help_lists_every_algorithm_with_its_paper(capsys):
+    """Each algorithm of ``inpo run`` names the paper (and equation) its LM form follows."""
+    from inpo.pipeline.config import ALGORITHMS, PAPERS
+
+    assert set(PAPERS) == set(ALGORITHMS)
+    assert main(["run", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ALGORITHMS:
+        at = lines.index(f"  {name}")
+        cited = " ".join(x.strip() for x in lines[at + 1 : at + 8])
+        assert PAPERS[name].split(",")[0] in cited, name  # the first author
+        assert " 20" in cited, name  # and the year

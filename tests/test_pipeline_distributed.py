@@ -142,3 +142,54 @@ def test_fsdp_two_processes_train_the_weights_of_one(one_process, tmp_path):
     proc = inpo_run(tmp_path, "run", 2, "train.fsdp=full_shard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(one_process, tmp_path / "run")
+
+
+def _assert_same_files(a: Path, b: Path, weight_atol: float = 1e-5) -> None:
+    """Every stage folder of run ``a`` has its twin in ``b``: the same samples and pairs byte
+    for byte, the same metrics and weights to fp32 tolerance (half steps included)."""
+    import torch
+    from safetensors.torch import load_file
+
+    names = ("samples.jsonl", "pairs.jsonl")
+    files = sorted(p.relative_to(a) for n in names for p in a.rglob(n))
+    assert files, a
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    models = sorted(p.relative_to(a) for p in a.rglob("train/model/model.safetensors"))
+    assert models == sorted(p.relative_to(b) for p in b.rglob("train/model/model.safetensors"))
+    for rel in models:
+        wa, wb = load_file(a / rel), load_file(b / rel)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=weight_atol, msg=f"{rel}: {k}")
+    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(ma, mb, strict=True):
+        for key in ("duality_gap", "kl_to_ref", "oracle_queries", "pairs"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        # the mixture sampler (π_t and π_ref in one generate loop)
+        pytest.param(["algorithm=nash_md"], id="nash_md"),
+        # two policy steps an iteration, the second sampling the half step's policy
+        pytest.param(["algorithm=egpo"], id="egpo"),
+        # all-pairs win rates, a margin, DPO against the previous iterate
+        pytest.param(["algorithm=dno"], id="dno"),
+        # the anchor moved to π_1 for the second iteration's log-probs
+        pytest.param(
+            ["algorithm=comal", "ref_update_every=1", "iterations=2", "max_prompts=8"],
+            id="comal",
+        ),
+        # tied finals kept as ties
+        pytest.param(["algorithm=todo", "annotate.tie_policy=tie"], id="todo"),
+    ],
+)
+def test_nash_family_on_two_processes(tmp_path, algorithm):
+    """Every algorithm of the Nash family leaves on 2 processes the files of 1 process."""
+    one = inpo_run(tmp_path, "one", 1, *algorithm)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = inpo_run(tmp_path, "two", 2, *algorithm)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same_files(tmp_path / "one", tmp_path / "two")

@@ -13,11 +13,25 @@ from pathlib import Path
 USAGE = "usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
 
 DESCRIPTION = """
-Runs INPO (or algorithm=online_ipo|inpo_no_kl|dpo|ipo|sppo) for `iterations` rounds of
+Runs INPO (or another algorithm=..., listed below) for `iterations` rounds of
 generate → annotate → logps → train → evaluate, one folder per iteration and stage under
 run_dir (default ./inpo-run). With no arguments: the embedded default task (no download, no
 GPU). Re-run the same command to continue an interrupted run.
 """
+
+
+def algorithms_help() -> str:
+    """Every ``algorithm=`` value: what it trains, and the paper (and equation) it follows."""
+    import textwrap
+
+    from inpo.pipeline.config import ALGORITHMS, PAPERS
+
+    out = ["algorithms (algorithm=NAME):"]
+    for name, spec in ALGORITHMS.items():
+        out.append(f"  {name}")
+        for text in (spec["doc"], PAPERS[name]):
+            out += textwrap.wrap(text, 92, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 EXAMPLES = """\
   inpo run
@@ -72,7 +86,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from inpo.commands.config import config_help
 
-        print(config_help("run", USAGE, DESCRIPTION, EXAMPLES))
+        print(config_help("run", USAGE, DESCRIPTION + "\n" + algorithms_help(), EXAMPLES))
         return 0
     path, overrides = parse_args(argv)
     cfg = load_run_config(path, overrides)

@@ -91,6 +91,70 @@ ALGORITHMS: dict[str, dict[str, str]] = {
     },
 }
 
+#: The paper (and equation) each algorithm's LM form follows; shown by ``inpo run --help``.
+PAPERS: dict[str, str] = {
+    "inpo": (
+        "Zhang et al. 2024, Iterative Nash Policy Optimization (arXiv 2407.00617): the "
+        "OMD step Eq. (4) pi_{t+1} ∝ pi_ref^(tau/eta) pi_t^(1-tau/eta) exp(P(y ≻ "
+        "pi_t)/eta), learnt by minimising the squared loss L_t of Eq. (8) (Algorithm 1)"
+    ),
+    "online_ipo": (
+        "Calandriello et al. 2024, Human Alignment of LLMs through Online Preference "
+        "Optimisation (arXiv 2403.08635): IPO's loss (Azar et al. 2023, arXiv "
+        "2310.12036) on fresh pairs of pi_t, whose optimum is pi_ref exp(P(y ≻ "
+        "pi_t)/tau)"
+    ),
+    "inpo_no_kl": (
+        "Zhang et al. 2024 (arXiv 2407.00617), the ablation 'INPO w/o KL': Eq. (8) with "
+        "tau = 0, i.e. pi_{t+1} ∝ pi_t exp(P(y ≻ pi_t)/eta)"
+    ),
+    "dpo": (
+        "Rafailov et al. 2023 (arXiv 2305.18290), the DPO loss Eq. (7), iterated on "
+        "pi_t's tournament pairs (Xiong et al. 2024, arXiv 2312.11456)"
+    ),
+    "ipo": (
+        "Azar et al. 2023 (arXiv 2310.12036), IPO's squared loss (h - 1/(2 beta))^2, "
+        "iterated on pi_t's tournament pairs"
+    ),
+    "sppo": (
+        "Wu et al. 2024, Self-Play Preference Optimization (arXiv 2405.00675): the "
+        "squared loss (log pi/pi_t - eta_s (P̂(y ≻ pi_t) - 1/2))^2 with SPPO's eta_s = "
+        "1/eta, whose optimum is the multiplicative-weights step pi_t exp(P(y ≻ pi_t)/eta)"
+    ),
+    "nash_md": (
+        "Munos et al. 2023, Nash Learning from Human Feedback (arXiv 2312.00886): the "
+        "Nash-MD step on the regularised policy pi_t^(1-beta) pi_ref^beta, in its "
+        "squared-loss form IPO-MD (Calandriello et al. 2024, arXiv 2403.08635)"
+    ),
+    "comal": (
+        "Liu et al. 2024, COMAL (arXiv 2410.23223): the conceptual prox-point outer "
+        "loop over INPO inner iterations, the anchor replaced by the last iterate"
+    ),
+    "mpo": (
+        "Wang et al. 2025, Magnetic Preference Optimization (ICLR 2025, arXiv "
+        "2410.16714): the magnetic mirror descent step pi_{t+1} ∝ (pi_t "
+        "pi_ref^(tau/eta) exp(P(y ≻ pi_t)/eta))^(1/(1+tau/eta)), the magnet moved every "
+        "few iterations"
+    ),
+    "egpo": (
+        "Zhou, Fazel and Du 2025, Extragradient Preference Optimization (arXiv "
+        "2503.08942): the extragradient (half step, full step) pair of online-IPO "
+        "updates"
+    ),
+    "mirror_prox": (
+        "Tiapkin et al. 2025, Accelerating Nash Learning from Human Feedback via Mirror "
+        "Prox: the same extragradient pair as egpo"
+    ),
+    "dno": (
+        "Rosset et al. 2024, Direct Nash Optimization (arXiv 2404.03715), Algorithm 2 "
+        "(DNO-Prct): best vs worst by win rate above a margin, DPO against pi_t"
+    ),
+    "todo": (
+        "Guo et al. 2024, TODO: Enhancing LLM Alignment with Ternary Preferences: DPO's "
+        "loss with a tie term (alpha)"
+    ),
+}
+
 #: Losses that train on tie labels (``annotate.tie_policy=tie``); the others would read a tie
 #: as a strict preference.
 TIE_LOSSES = ("inpo", "ipo", "todo")
