@@ -33,6 +33,7 @@ def algorithms_help() -> str:
             out += textwrap.wrap(text, 92, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(out)
 
+
 EXAMPLES = """\
   inpo run
   inpo run run_dir=runs/inpo iterations=3 seed=0 report_to=tensorboard
