@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("inpo.commands.run:main", "the INPO iteration pipeline (default: embedded task)"),
     "compare": ("inpo.commands.compare:main", "run several algorithms on one task and budget"),
     "train": ("inpo.commands.train:main", "train a causal LM on a preference dataset"),
+    "train-oracle": (
+        "inpo.commands.train_oracle:main",
+        "train a preference oracle (Bradley–Terry, pairwise or GPM)",
+    ),
     "precompute": ("inpo.commands.precompute:main", "write reference/previous log-probs"),
     "serve-oracle": ("inpo.commands.serve_oracle:main", "serve a local oracle over HTTP"),
     "export": ("inpo.commands.export:main", "write a model's answers for AlpacaEval etc."),

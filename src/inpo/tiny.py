@@ -288,3 +288,72 @@ def always_say(path: str | Path, token: str) -> None:
         head.zero_()
         head[tok.convert_tokens_to_ids(token), 0] = 50.0
     model.save_pretrained(path)
+
+
+#: The items of :func:`preference_pairs` (responses are "the answer is ITEM").
+PREFERENCE_ITEMS = ("apple", "brick", "cloud", "drum", "eagle", "flute", "grape")
+_PAIR_PROMPTS = ("pick one", "which is better", "choose the best", "what do you prefer", "vote now")
+
+
+def item_beats(rule: Literal["cyclic", "transitive"], i: int, j: int, n: int) -> bool:
+    """Whether item ``i`` beats item ``j`` (``i ≠ j``) under ``rule``: ``cyclic``, the regular
+    tournament on a circle (``i`` beats the next ``(n−1)/2`` items: every item wins half its
+    duels, as rock–paper–scissors for ``n = 3``; a GPM with ``k = 1`` represents it with
+    embeddings ``2π i / n`` apart, no Bradley–Terry reward beats chance on it); ``transitive``,
+    the lower index wins."""
+    if rule == "transitive":
+        return i < j
+    return 1 <= (j - i) % n <= (n - 1) // 2
+
+
+def preference_pairs(
+    rule: Literal["cyclic", "transitive"],
+    *,
+    prompts: Sequence[str] = _PAIR_PROMPTS,
+    n_items: int = 7,
+    repeats: int = 1,
+) -> list[dict[str, str]]:
+    """Preference pairs in TRL's format over text responses labelled by :func:`item_beats`:
+    every unordered pair of the first ``n_items`` items under every prompt, ``repeats`` times,
+    the winner as ``chosen`` (deterministic order). ``n_items`` is odd for ``cyclic``."""
+    if rule == "cyclic" and n_items % 2 == 0:
+        raise ValueError("a regular cyclic tournament needs an odd number of items")
+    items = PREFERENCE_ITEMS[:n_items]
+    rows = []
+    for _ in range(repeats):
+        for prompt in prompts:
+            for i in range(n_items):
+                for j in range(i + 1, n_items):
+                    win, lose = (i, j) if item_beats(rule, i, j, n_items) else (j, i)
+                    rows.append(
+                        {
+                            "prompt": prompt,
+                            "chosen": f"the answer is {items[win]}",
+                            "rejected": f"the answer is {items[lose]}",
+                        }
+                    )
+    return rows
+
+
+def best_transitive_accuracy(rule: Literal["cyclic", "transitive"], n_items: int = 7) -> float:
+    """The largest fraction of :func:`item_beats`' duels that one ranking of the items agrees
+    with (exhaustive over the ``n!`` rankings): what any Bradley–Terry reward can reach."""
+    import itertools
+
+    duels = [(i, j) for i in range(n_items) for j in range(i + 1, n_items)]
+    best = 0
+    for order in itertools.permutations(range(n_items)):
+        rank = {item: pos for pos, item in enumerate(order)}
+        agree = sum(
+            (rank[i] < rank[j]) == item_beats(rule, i, j, n_items) for i, j in duels
+        )
+        best = max(best, agree)
+    return best / len(duels)
+
+
+def pair_words() -> list[str]:
+    """Every word of :func:`preference_pairs`' rows (for a :func:`word_tokenizer`)."""
+    words = ["the", "answer", "is", *PREFERENCE_ITEMS, "A", "B", "[CONTEXT]", "[RESPONSE"]
+    words += ["A]", "B]", "<turn>", "user", "assistant"]
+    words += [w for p in _PAIR_PROMPTS for w in p.split()]
+    return list(dict.fromkeys(words))

@@ -32,7 +32,11 @@ def _config_class(kind: str) -> type:
         from inpo.training.config import TrainConfig
 
         return TrainConfig
-    raise ConfigError(f"inpo config: expected 'run' or 'train', got '{kind}'")
+    if kind == "train-oracle":
+        from inpo.training.oracle_config import OracleTrainConfig
+
+        return OracleTrainConfig
+    raise ConfigError(f"inpo config: expected 'run', 'train' or 'train-oracle', got '{kind}'")
 
 
 def _type_name(tp: Any) -> str:

@@ -48,7 +48,13 @@ from inpo.oracles.reward_model import (
     sigmoid,
 )
 
-__all__ = ["RLHFLOW_TEMPLATE", "PairwisePreferenceOracle", "combine_orders", "rlhflow_context"]
+__all__ = [
+    "RLHFLOW_TEMPLATE",
+    "PairwisePreferenceOracle",
+    "combine_orders",
+    "render_comparison",
+    "rlhflow_context",
+]
 
 #: The RLHFlow pair-preference comparison text (user turn). Placeholders: prompt, response_a/b.
 RLHFLOW_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
@@ -85,6 +91,42 @@ def combine_orders(p_first: np.ndarray, p_swapped: np.ndarray) -> np.ndarray:
     y = np.asarray(p_swapped, dtype=np.float64)
     g = 0.5 + 0.5 * np.abs(x - y)
     return np.where(x >= y, g, 1.0 - g)
+
+
+def render_comparison(
+    tokenizer: Any,
+    prompt: Any,
+    response_a: str,
+    response_b: str,
+    template: str = RLHFLOW_TEMPLATE,
+    format: str = "rlhflow",
+) -> list[int]:
+    """Token ids of the comparison prompt (A = ``response_a`` shown first), as the module
+    docstring describes; ``inpo train-oracle kind=pairwise`` trains on exactly these."""
+    from inpo.data import prompt_text
+
+    tok = tokenizer
+    has_template = bool(getattr(tok, "chat_template", None))
+    context = rlhflow_context(prompt, tok) if format == "rlhflow" else prompt_text(prompt)
+    # Single-pass substitution: a response that contains "{response_b}" stays as it is.
+    values = {"{prompt}": context, "{response_a}": response_a, "{response_b}": response_b}
+    text = re.sub(
+        r"\{prompt\}|\{response_a\}|\{response_b\}", lambda m: values[m.group(0)], template
+    )
+    if has_template and format == "rlhflow":
+        # the card: apply_chat_template(tokenize=False) without a generation prompt, every
+        # BOS string removed, encoded without special tokens
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        if tok.bos_token:
+            text = text.replace(tok.bos_token, "")
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    if has_template:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        bos = tok.bos_token
+        return list(tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+    return list(tok(text)["input_ids"])
 
 
 class PairwisePreferenceOracle:
@@ -179,36 +221,15 @@ class PairwisePreferenceOracle:
         """Token ids of the comparison prompt (A = ``response_a`` shown first)."""
         from inpo.data import prompt_text
 
-        tok = self.tokenizer
-        context = rlhflow_context(prompt, tok) if self.format == "rlhflow" else prompt_text(prompt)
-        # Single-pass substitution: a response that contains "{response_b}" stays as it is.
-        values = {"{prompt}": context, "{response_a}": response_a, "{response_b}": response_b}
-        text = re.sub(
-            r"\{prompt\}|\{response_a\}|\{response_b\}",
-            lambda m: values[m.group(0)],
-            self.template,
+        ids = render_comparison(
+            self.tokenizer, prompt, response_a, response_b, self.template, self.format
         )
-        if self.has_chat_template and self.format == "rlhflow":
-            # the card: apply_chat_template(tokenize=False) without a generation prompt, every
-            # BOS string removed, encoded without special tokens
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-            if tok.bos_token:
-                text = text.replace(tok.bos_token, "")
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        elif self.has_chat_template:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            bos = tok.bos_token
-            ids = tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-        else:
-            ids = tok(text)["input_ids"]
         if len(ids) > self.max_length:
             raise OracleError(
                 f"pairwise comparison prompt of {len(ids)} tokens exceeds max_length "
                 f"{self.max_length} (prompt starts {prompt_text(prompt)[:60]!r})"
             )
-        return list(ids)
+        return ids
 
     # ---- scoring ----
     def prob_first(self, texts: list[list[int]]) -> np.ndarray:

@@ -24,7 +24,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,9 +33,11 @@ from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
 
 __all__ = [
+    "Rendered",
     "RewardModelOracle",
     "length_batches",
     "model_fingerprint",
+    "render_response",
     "resolve_device",
     "resolve_dtype",
     "sigmoid",
@@ -76,6 +78,48 @@ def length_batches(
     if current:
         batches.append(current)
     return batches
+
+
+class Rendered(NamedTuple):
+    """A (prompt, response) as a scoring model reads it: ``ids``; ``prompt_index``, the
+    position of the prompt's last token in ``ids`` (``0`` if truncation cut the prompt away);
+    whether ``truncated``."""
+
+    ids: list[int]
+    prompt_index: int
+    truncated: bool
+
+
+def render_response(tokenizer: Any, prompt: Any, response: str, max_length: int) -> Rendered:
+    """The conversation ``prompt`` + the assistant turn ``response`` in a scoring model's own
+    format (reward models, GPMs): its tokenizer's chat template (a text prompt is one user
+    turn), or, without one, ``prompt\n\nresponse`` (a conversation as plain text,
+    :func:`inpo.data.prompt_text`). Longer than ``max_length``: the last ``max_length`` tokens
+    (the end of the response is what the model pools)."""
+    from inpo.data import prompt_text
+
+    tok = tokenizer
+    if getattr(tok, "chat_template", None):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tok.apply_chat_template(
+            [*turns, {"role": "assistant", "content": response}], tokenize=False
+        )
+        head = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        # The template writes its own BOS when it wants one; never add a second.
+        bos = tok.bos_token
+        add_special = not (bos and text.startswith(bos))
+        ids = tok(text, add_special_tokens=add_special)["input_ids"]
+        head_ids = tok(head, add_special_tokens=add_special)["input_ids"]
+    else:
+        ids = tok(f"{prompt_text(prompt)}\n\n{response}")["input_ids"]
+        head_ids = tok(f"{prompt_text(prompt)}\n\n")["input_ids"]
+    common = 0
+    for x, y in zip(ids, head_ids):
+        if x != y:
+            break
+        common += 1
+    cut = max(0, len(ids) - max_length)
+    return Rendered(list(ids[cut:]), max(0, common - 1 - cut), cut > 0)
 
 
 def resolve_device(device: str | None) -> str:
@@ -180,24 +224,9 @@ class RewardModelOracle:
         RM's own format: its tokenizer's chat template (a text prompt is one user turn), or,
         without one, ``prompt\n\nresponse`` (a conversation as plain text,
         :func:`inpo.data.prompt_text`)."""
-        from inpo.data import prompt_text
-
-        tok = self.tokenizer
-        if self.has_chat_template:
-            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tok.apply_chat_template(
-                [*turns, {"role": "assistant", "content": response}], tokenize=False
-            )
-            # The template writes its own BOS when it wants one; never add a second.
-            bos = tok.bos_token
-            add_special = not (bos and text.startswith(bos))
-            ids = tok(text, add_special_tokens=add_special)["input_ids"]
-        else:
-            ids = tok(f"{prompt_text(prompt)}\n\n{response}")["input_ids"]
-        if len(ids) > self.max_length:
-            self.stats.extra["truncated"] += 1
-            ids = ids[-self.max_length :]
-        return list(ids)
+        rendered = render_response(self.tokenizer, prompt, response, self.max_length)
+        self.stats.extra["truncated"] += rendered.truncated
+        return rendered.ids
 
     # ---- scoring ----
     def _score(self, items: list[tuple[Any, str]]) -> list[float]:
