@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from inpo.errors import ConfigError, did_you_mean
@@ -223,13 +224,14 @@ class AnnotateConfig:
 
     ``oracle``: ``task`` (the task's own preference oracle; for the default task, its annotator
     panel), ``task_bt`` (the task's Bradley–Terry reward oracle), ``reward_model`` /
-    ``pairwise`` (a local model folder in ``model``), ``http`` (an OpenAI-compatible judge at
+    ``pairwise`` / ``gpm`` (a local model folder in ``model``; ``inpo train-oracle`` writes all
+    three), ``http`` (an OpenAI-compatible judge at
     ``url``; the key from the environment variable ``api_key_env``).
     """
 
     #: Who labels the pairs: the task's own, its Bradley–Terry fit, a local model, an HTTP judge.
-    oracle: Literal["task", "task_bt", "reward_model", "pairwise", "http"] = "task"
-    #: The reward or pairwise model (a folder or a cached hub id) for those oracles.
+    oracle: Literal["task", "task_bt", "reward_model", "pairwise", "gpm", "http"] = "task"
+    #: The reward, pairwise or GPM model (a folder or a cached hub id) for those oracles.
     model: str = ""
     #: The OpenAI-compatible judge's base URL (``oracle=http``).
     url: str = ""
@@ -261,10 +263,18 @@ class AnnotateConfig:
             raise ConfigError(
                 f"annotate.labels must be sample, threshold or soft, got '{self.labels}'"
             )
-        if self.oracle in ("reward_model", "pairwise") and not self.model:
+        if self.oracle in ("reward_model", "pairwise", "gpm") and not self.model:
             raise ConfigError(f"annotate.model is required for annotate.oracle={self.oracle}")
         if self.oracle == "http" and not (self.url and self.judge_model):
             raise ConfigError("annotate.url and annotate.judge_model are required for http")
+        if self.oracle == "gpm" and self.model and Path(self.model).is_dir():
+            from inpo.oracles.gpm import GPM_CONFIG, is_gpm_folder
+
+            if not is_gpm_folder(self.model):
+                raise ConfigError(
+                    f"annotate.model '{self.model}' is not a GPM (no {GPM_CONFIG}); train one "
+                    "with `inpo train-oracle kind=gpm`"
+                )
         if self.batch_size < 1:
             raise ConfigError(f"annotate.batch_size must be >= 1, got {self.batch_size}")
 

@@ -52,6 +52,10 @@ def build_oracle(
         from inpo.oracles.pairwise import PairwisePreferenceOracle
 
         base = PairwisePreferenceOracle(acfg.model, **device_kw)
+    elif acfg.oracle == "gpm":
+        from inpo.oracles.gpm import GPMOracle
+
+        base = GPMOracle(acfg.model, **device_kw)
     else:
         from inpo.oracles.http import HTTPJudgeOracle
 

@@ -216,7 +216,7 @@ class PromptFileWorkload(Workload):
         if cfg.annotate.oracle in ("task", "task_bt") and type(self) is PromptFileWorkload:
             raise ConfigError(
                 f"annotate.oracle={cfg.annotate.oracle}: task=prompts has no oracle of its own; "
-                "set annotate.oracle=reward_model, pairwise (with annotate.model=...) or http"
+                "set annotate.oracle=reward_model, pairwise, gpm (with annotate.model=...) or http"
             )
         splits = _as_list(cfg.prompts_split, len(self.sources))
         if len(splits) != len(self.sources):

@@ -98,6 +98,19 @@ def _pairs(
     return pairs, queries, below
 
 
+def _model_passes(oracle: Any) -> int | None:
+    """Forward passes the oracle's model has run (``sequences_scored`` of the backend under the
+    cache and label wrappers), or ``None`` for a backend without a model of its own."""
+    seen = 0
+    while oracle is not None and seen < 8:
+        extra = getattr(getattr(oracle, "stats", None), "extra", {}) or {}
+        if "sequences_scored" in extra:
+            return int(extra["sequences_scored"])
+        oracle = getattr(oracle, "oracle", None) or getattr(oracle, "_reward", None)
+        seen += 1
+    return None
+
+
 def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     from inpo.console import progress
 
@@ -106,6 +119,7 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     mine = [rows[i] for i in shard(rows, dist.rank, dist.world)]
     stats = getattr(oracle, "stats", None)
     misses_before = stats.as_dict().get("cache_misses", 0) if stats is not None else 0
+    passes_before = _model_passes(oracle)
     rule, bs = cfg.selection(), cfg.annotate.batch_size
     margin = teacher = None
     if cfg.algorithm == "dno":
@@ -126,12 +140,16 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
         bar.update(min(bs, len(mine) - start))
     bar.close()
     misses = stats.as_dict().get("cache_misses", 0) - misses_before if stats is not None else None
+    passes = _model_passes(oracle)
     with open(folder / f"pairs.rank{dist.rank:03d}.jsonl", "w") as fh:
         for p in pairs:
             fh.write(json.dumps(p) + "\n")
     counts = {
         "oracle_queries": queries,
         "backend_queries": misses,
+        # the oracle model's forward passes (a GPM or reward model: one per response; a
+        # pairwise model: two per pair asked anew)
+        "model_passes": None if passes is None else passes - (passes_before or 0),
         "prompts": len(mine),
         "below_margin": below if margin is not None else None,
     }
@@ -171,6 +189,7 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     for f in [*folder.glob("pairs.rank*.jsonl"), *folder.glob("counts.rank*.json")]:
         f.unlink()
     backend = [c["backend_queries"] for c in counts]
+    passes = [c.get("model_passes") for c in counts]
     below = [c["below_margin"] for c in counts if c.get("below_margin") is not None]
     return {
         # DNO: prompts whose best and worst differ by less than the margin (only for it)
@@ -183,4 +202,5 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
         # rest came from the persistent cache, e.g. after a restart).
         "oracle_queries": sum(c["oracle_queries"] for c in counts),
         "backend_queries": None if None in backend else sum(backend),
+        **({} if None in passes else {"model_passes": sum(passes)}),
     }
