@@ -292,7 +292,18 @@ def always_say(path: str | Path, token: str) -> None:
 
 #: The items of :func:`preference_pairs` (responses are "the answer is ITEM").
 PREFERENCE_ITEMS = ("apple", "brick", "cloud", "drum", "eagle", "flute", "grape")
-_PAIR_PROMPTS = ("pick one", "which is better", "choose the best", "what do you prefer", "vote now")
+_PAIR_PROMPTS = (
+    "pick one",
+    "which is better",
+    "choose the best",
+    "what do you prefer",
+    "tell me your pick",
+    "which one please",
+    "best one now",
+    "choose one please",
+    "vote now",
+    "what is your choice",
+)
 
 
 def item_beats(rule: Literal["cyclic", "transitive"], i: int, j: int, n: int) -> bool:
@@ -344,9 +355,7 @@ def best_transitive_accuracy(rule: Literal["cyclic", "transitive"], n_items: int
     best = 0
     for order in itertools.permutations(range(n_items)):
         rank = {item: pos for pos, item in enumerate(order)}
-        agree = sum(
-            (rank[i] < rank[j]) == item_beats(rule, i, j, n_items) for i, j in duels
-        )
+        agree = sum((rank[i] < rank[j]) == item_beats(rule, i, j, n_items) for i, j in duels)
         best = max(best, agree)
     return best / len(duels)
 

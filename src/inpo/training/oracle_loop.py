@@ -529,6 +529,18 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
                 checkpoint(done)
             if stop_after is not None and done >= stop_after and done < total_steps:
                 return OracleTrainResult(out_dir, done, row, None, resume_from)
+        if (
+            cfg.kind == "gpm"
+            and row is not None
+            and is_main
+            and abs(row["loss"] - math.log(2)) < 1e-3
+        ):
+            log.warning(
+                "kind=gpm: the training loss sits at ln 2 (%.5f): the embeddings collapsed to "
+                "P = ½ everywhere; lower optim.learning_rate (a GPM trained from random weights "
+                "collapses at 1e-3 where 3e-4 learns, benchmarks/results/preference_models.md)",
+                row["loss"],
+            )
         # ---- the end: a last checkpoint (a re-run is a no-op), the model, held-out metrics -----
         if start < total_steps or find_latest_checkpoint(ckpt_root) is None:
             checkpoint(total_steps)
