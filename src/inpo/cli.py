@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "inpo.commands.train_oracle:main",
         "train a preference oracle (Bradley–Terry, pairwise or GPM)",
     ),
+    "eval": (
+        "inpo.commands.eval:main",
+        "judge answer files against a baseline (win rate, LC win rate, BT scores)",
+    ),
     "precompute": ("inpo.commands.precompute:main", "write reference/previous log-probs"),
     "serve-oracle": ("inpo.commands.serve_oracle:main", "serve a local oracle over HTTP"),
     "export": ("inpo.commands.export:main", "write a model's answers for AlpacaEval etc."),

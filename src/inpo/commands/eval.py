@@ -1,0 +1,341 @@
+"""``inpo eval``: judge models' answers against a baseline's with any oracle.
+
+    inpo eval --answers A.json [--answers B.json ...] --baseline BASE.json \\
+              --oracle reward_model|pairwise|gpm|http (--model DIR | --url URL --judge-model M) \\
+              --output DIR [--questions Q.jsonl] [--instruction-difficulty D.csv]
+
+Answer files: AlpacaEval's ``model_outputs.json`` (``instruction``, ``output``, ``generator``;
+what ``inpo export --format alpaca_eval`` writes), or MT-Bench / Arena-Hard answer files
+(``question_id``, ``model_id``, ``choices[0].turns``) with ``--questions`` (the question file
+they answered; a multi-turn answer is judged as its turns joined, after the questions joined).
+Every model's answers must cover the baseline's instructions exactly.
+
+Each pair is judged in both orders (``P(a ≻ b)`` and ``P(b ≻ a)``, through the query cache
+``DIR/oracle_cache.sqlite``, so a re-run asks nothing again); the preference is
+``½[P(a ≻ b) + 1 − P(b ≻ a)]`` and the position bias ``½ mean[P(a ≻ b) + P(b ≻ a) − 1]`` (0 for
+an oracle that already reads both orders, or has none). Written to ``DIR``: ``eval.json``,
+``eval.md`` (win rate and LC win rate with 95% intervals bootstrapped over prompts,
+Arena-Hard-style BT scores) and ``win_rates.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from inpo.commands._args import ArgumentParser
+from inpo.errors import ConfigError, DataError
+
+ORACLES = ("reward_model", "pairwise", "gpm", "http")
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="inpo eval", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--answers",
+        action="append",
+        required=True,
+        type=Path,
+        help="a model's answer file (repeat for several models)",
+    )
+    p.add_argument("--baseline", required=True, type=Path, help="the baseline's answer file")
+    p.add_argument("--oracle", required=True, choices=ORACLES, help="the judge")
+    p.add_argument("--model", default="", help="the reward / pairwise / GPM model folder")
+    p.add_argument("--url", default="", help="the OpenAI-compatible judge's base URL (http)")
+    p.add_argument("--judge-model", default="", help="the model the HTTP judge is asked for")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="where the judge's key is")
+    p.add_argument("--questions", type=Path, default=None, help="MT-Bench / Arena-Hard questions")
+    p.add_argument(
+        "--instruction-difficulty",
+        type=Path,
+        default=None,
+        help="CSV of instruction,difficulty (AlpacaEval's γ_x) for the LC GLM",
+    )
+    p.add_argument(
+        "--output", required=True, type=Path, help="the folder for eval.json/.md and the plot"
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip (and count) rows with an empty or missing output instead of stopping",
+    )
+    return p
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text()
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not JSON or JSONL ({err.msg} at line {err.lineno})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a list of objects (or JSONL lines of objects)")
+    return rows
+
+
+def _questions(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    out = {}
+    for i, r in enumerate(_read_rows(path)):
+        qid = r.get("question_id", r.get("uid"))
+        turns = r.get("turns") or ([r["prompt"]] if "prompt" in r else None)
+        if qid is None or not turns:
+            raise DataError(f"{path}: row {i}: needs 'question_id' (or 'uid') and 'turns'")
+        out[str(qid)] = "\n\n".join(t["content"] if isinstance(t, dict) else str(t) for t in turns)
+    return out
+
+
+def read_answers(
+    path: Path, questions: dict[str, str], skip_bad: bool = False
+) -> tuple[str, dict[str, tuple[str, str]], int]:
+    """``(model name, {key: (prompt, answer)}, rows skipped)`` of an answer file."""
+    rows = _read_rows(path)
+    out: dict[str, tuple[str, str]] = {}
+    skipped, name = 0, path.stem
+    for i, r in enumerate(rows):
+        if "instruction" in r:  # AlpacaEval
+            key, prompt, answer, field = (
+                str(r["instruction"]),
+                str(r["instruction"]),
+                r.get("output"),
+                "output",
+            )
+            name = str(r.get("generator", name))
+        elif "question_id" in r or "uid" in r:  # MT-Bench / Arena-Hard
+            key = str(r.get("question_id", r.get("uid")))
+            if not questions:
+                raise DataError(
+                    f"{path}: MT-Bench / Arena-Hard answers need --questions (the question file they answered)"
+                )
+            if key not in questions:
+                raise DataError(
+                    f"{path}: row {i}: question_id {key!r} is not in the questions file"
+                )
+            prompt, field = questions[key], "choices[0].turns"
+            try:
+                turns = r["choices"][0]["turns"]
+                answer = "\n\n".join(t["content"] if isinstance(t, dict) else str(t) for t in turns)
+            except (KeyError, IndexError, TypeError):
+                answer = None
+            name = str(r.get("model_id", name))
+        else:
+            raise DataError(
+                f"{path}: row {i}: neither an AlpacaEval row ('instruction', 'output') nor an answer row ('question_id', 'choices')"
+            )
+        if not isinstance(answer, str) or not answer.strip():
+            if skip_bad:
+                skipped += 1
+                continue
+            raise DataError(
+                f"{path}: row {i}: field '{field}' is missing or empty (--skip-bad-rows skips such rows)"
+            )
+        if key in out:
+            raise DataError(f"{path}: row {i}: instruction {key[:60]!r} answered twice")
+        out[key] = (prompt, answer)
+    if not out:
+        raise DataError(f"{path}: no answers")
+    return name, out, skipped
+
+
+def _oracle(args: Any, cache: Path) -> Any:
+    from inpo.oracles.cache import CachedOracle
+
+    if args.oracle in ("reward_model", "pairwise", "gpm") and not args.model:
+        raise ConfigError(f"--oracle {args.oracle} needs --model DIR")
+    if args.oracle == "http" and not (args.url and args.judge_model):
+        raise ConfigError("--oracle http needs --url and --judge-model")
+    if args.oracle == "http":
+        from inpo.oracles.http import HTTPJudgeOracle
+
+        base = HTTPJudgeOracle(args.url, args.judge_model, api_key_env=args.api_key_env)
+    else:
+        from inpo.training.oracle_loop import load_oracle
+
+        kind = {"reward_model": "bt"}.get(args.oracle, args.oracle)
+        base = load_oracle(kind, args.model)
+    return CachedOracle(base, cache)
+
+
+def judge(
+    oracle: Any, prompts: list[str], model: list[str], baseline: list[str]
+) -> tuple[Any, Any]:
+    """``P(model ≻ baseline)`` with the model shown first and with it shown second."""
+    import numpy as np
+
+    first = np.asarray(oracle.prob_prefers(prompts, model, baseline), dtype=np.float64)
+    second = 1.0 - np.asarray(oracle.prob_prefers(prompts, baseline, model), dtype=np.float64)
+    return first, second
+
+
+def _difficulty(path: Path | None, keys: list[str]):
+    if path is None:
+        return None
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="") as fh:
+        table = {row[0]: row[1] for row in csv.reader(fh) if row}
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise DataError(
+            f"{path}: no difficulty for instruction {missing[0][:60]!r} ({len(missing)} missing)"
+        )
+    try:
+        return np.array([float(table[k]) for k in keys])
+    except ValueError as err:
+        raise DataError(f"{path}: a difficulty is not a number ({err})") from None
+
+
+def main(argv: list[str]) -> int:
+    import numpy as np
+
+    from inpo.evaluation import bradley_terry_scores, win_rate_summary
+
+    args = _parser().parse_args(argv)
+    questions = _questions(args.questions)
+    base_name, base, base_skipped = read_answers(args.baseline, questions, args.skip_bad_rows)
+    models = []
+    for path in args.answers:
+        name, answers, skipped = read_answers(path, questions, args.skip_bad_rows)
+        extra, missing = set(answers) - set(base), set(base) - set(answers)
+        if extra or missing:
+            example = next(iter(sorted(extra or missing)))
+            raise DataError(
+                f"{path} and {args.baseline} answer different instructions ({len(missing)} of the "
+                f"baseline's missing, {len(extra)} not in the baseline; e.g. {example[:60]!r})"
+            )
+        models.append((name, path, answers, skipped))
+    args.output.mkdir(parents=True, exist_ok=True)
+    oracle = _oracle(args, args.output / "oracle_cache.sqlite")
+    keys = sorted(base)
+    prompts = [base[k][0] for k in keys]
+    difficulty = _difficulty(args.instruction_difficulty, keys)
+    results, battles = {}, {}
+    for name, path, answers, skipped in models:
+        ours = [answers[k][1] for k in keys]
+        theirs = [base[k][1] for k in keys]
+        first, second = judge(oracle, prompts, ours, theirs)
+        pref = 0.5 * (first + second)
+        summary = win_rate_summary(
+            pref,
+            keys,
+            np.array([len(a) for a in ours]),
+            np.array([len(a) for a in theirs]),
+            difficulty=difficulty,
+            samples=args.bootstrap,
+            seed=args.seed,
+        )
+        summary["position_bias"] = float(0.5 * np.mean(first - second))
+        summary["skipped_rows"] = skipped
+        summary["answers"] = str(path)
+        results[name] = summary
+        battles[name] = (pref, keys)
+        (args.output / f"annotations.{_slug(name)}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "instruction": k,
+                        "model": name,
+                        "baseline": base_name,
+                        "preference": float(p),
+                        "model_first": float(f),
+                        "model_second": float(s),
+                    }
+                )
+                + "\n"
+                for k, p, f, s in zip(keys, pref, first, second)
+            )
+        )
+    bt = bradley_terry_scores(battles, samples=args.bootstrap, seed=args.seed)
+    for name in results:
+        results[name]["bt"] = bt[name]
+    report = {
+        "baseline": base_name,
+        "baseline_skipped_rows": base_skipped,
+        "oracle": getattr(oracle, "oracle_id", args.oracle),
+        "instructions": len(keys),
+        "oracle_queries": int(oracle.stats.queries) if hasattr(oracle, "stats") else None,
+        "models": results,
+    }
+    (args.output / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.output / "eval.md").write_text(_markdown(report))
+    _plot(report, args.output / "win_rates.png")
+    print(_markdown(report).split("\n\n", 2)[1] if len(results) else "")
+    print(
+        f"inpo eval: {args.output / 'eval.md'}, {args.output / 'eval.json'}, {args.output / 'win_rates.png'}"
+    )
+    return 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# inpo eval: {len(report['models'])} model(s) against {report['baseline']}",
+        "",
+        "| model | win rate % [95% CI] | LC win rate % [95% CI] | BT score % [95% CI] | position bias | instructions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in report["models"].items():
+        lo, hi = m["win_rate_ci"]
+        llo, lhi = m["lc_win_rate_ci"]
+        blo, bhi = m["bt"]["score_ci"]
+        lines.append(
+            f"| {name} | {_pct(m['win_rate'])} [{_pct(lo)}, {_pct(hi)}] | {_pct(m['lc_win_rate'])} "
+            f"[{_pct(llo)}, {_pct(lhi)}] | {_pct(m['bt']['score'])} [{_pct(blo)}, {_pct(bhi)}] | "
+            f"{m['position_bias']:+.3f} | {m['n']} |"
+        )
+    lines += [
+        "",
+        f"Judge: `{report['oracle']}`, each pair in both orders. Intervals: bootstrap over "
+        "instructions. LC: AlpacaEval 2's GLM (length term at zero). BT: Arena-Hard's "
+        "Bradley–Terry fit, as the win rate against the baseline it implies.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the plot extra
+        return
+    names = list(report["models"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(names) + 2), 3.2))
+    for offset, (key, label) in enumerate(
+        (("win_rate", "win rate"), ("lc_win_rate", "LC win rate"))
+    ):
+        vals = [100 * report["models"][n][key] for n in names]
+        ci = [report["models"][n][f"{key}_ci"] for n in names]
+        err = [
+            [v - 100 * c[0] for v, c in zip(vals, ci)],
+            [100 * c[1] - v for v, c in zip(vals, ci)],
+        ]
+        xs = [i + (offset - 0.5) * 0.35 for i in range(len(names))]
+        ax.bar(xs, vals, width=0.35, yerr=err, capsize=3, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(f"% vs {report['baseline']}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
