@@ -208,6 +208,9 @@ def main(argv: list[str]) -> int:
     for path in args.answers:
         name, answers, skipped = read_answers(path, questions, args.skip_bad_rows)
         extra, missing = set(answers) - set(base), set(base) - set(answers)
+        if args.skip_bad_rows:  # a skipped row's instruction leaves every model's comparison
+            extra = {k for k in extra if k not in base}
+            missing = set()
         if extra or missing:
             example = next(iter(sorted(extra or missing)))
             raise DataError(
@@ -217,7 +220,7 @@ def main(argv: list[str]) -> int:
         models.append((name, path, answers, skipped))
     args.output.mkdir(parents=True, exist_ok=True)
     oracle = _oracle(args, args.output / "oracle_cache.sqlite")
-    keys = sorted(base)
+    keys = sorted(set(base).intersection(*(set(m[2]) for m in models)))
     prompts = [base[k][0] for k in keys]
     difficulty = _difficulty(args.instruction_difficulty, keys)
     results, battles = {}, {}

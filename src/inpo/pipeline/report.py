@@ -15,6 +15,7 @@ PLOT_METRICS = (
     ("duality_gap", "duality gap (regularised game)", True),
     ("exploitability", "exploitability", True),
     ("win_rate_vs_ref", "win rate vs π_ref", False),
+    ("lc_win_rate_vs_ref", "LC win rate vs π_ref", False),
     ("kl_to_ref", "KL(π_t ‖ π_ref)", False),
     ("mean_length", "mean response length", False),
     ("oracle_queries_total", "oracle queries (cumulative)", False),
@@ -108,6 +109,7 @@ SUMMARY = (
     ("duality_gap", "duality gap", True),
     ("exploitability", "exploitability", True),
     ("win_rate_vs_ref", "win rate vs π_ref", False),
+    ("lc_win_rate_vs_ref", "LC win rate vs π_ref", False),
     ("kl_to_ref", "KL(π ‖ π_ref)", None),
     ("mean_length", "mean length", None),
     ("oracle_queries", "oracle queries", None),
@@ -133,8 +135,9 @@ def iteration_summary(rows: Sequence[dict[str, Any]]) -> str:
             if lower_better is not None and delta != 0:
                 change += " ✓" if (delta < 0) == lower_better else " ✗"
         extra = ""
-        if key == "win_rate_vs_ref" and now.get("win_rate_ci"):
-            lo, hi = now["win_rate_ci"]
+        interval = {"win_rate_vs_ref": "win_rate_ci", "lc_win_rate_vs_ref": "lc_win_rate_ci"}
+        if key in interval and now.get(interval[key]):
+            lo, hi = now[interval[key]]
             extra = f"  [{lo:.3f}, {hi:.3f}]"
         row = f"  {label:{width}}  {_fmt(prev):>10}  {_fmt(value):>10}  {change:>10}{extra}"
         lines.append(row.rstrip())
@@ -153,7 +156,7 @@ def run_summary(rows: Sequence[dict[str, Any]], seconds: float) -> str:
         f"done: {last.get('algorithm')}, {last.get('iteration')} iteration(s) in {seconds:.1f}s"
         f", {last.get('oracle_queries_total', 0)} oracle queries"
     ]
-    for key, label, _ in SUMMARY[:5]:
+    for key, label, _ in SUMMARY[:6]:
         a, b = first.get(key), last.get(key)
         if not (isinstance(a, int | float) and isinstance(b, int | float)):
             continue
@@ -171,6 +174,8 @@ COLUMNS = (
     "exploitability",
     "win_rate_vs_ref",
     "win_rate_ci",
+    "lc_win_rate_vs_ref",
+    "lc_win_rate_ci",
     "kl_to_ref",
     "mean_length",
     "mass_outside",

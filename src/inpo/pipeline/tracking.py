@@ -51,8 +51,12 @@ def iteration_values(row: dict[str, Any]) -> dict[str, float]:
                 if isinstance(s, int | float):
                     out[f"time/{stage}_s"] = float(s)
             continue
-        if key == "win_rate_ci" and isinstance(value, list | tuple) and len(value) == 2:
-            out["eval/win_rate_ci_low"], out["eval/win_rate_ci_high"] = map(float, value)
+        if (
+            key in ("win_rate_ci", "lc_win_rate_ci")
+            and isinstance(value, list | tuple)
+            and len(value) == 2
+        ):
+            out[f"eval/{key}_low"], out[f"eval/{key}_high"] = map(float, value)
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             continue

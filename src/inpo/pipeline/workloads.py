@@ -19,7 +19,6 @@ for the pipeline.) Every workload gives ``describe()``, ``train_prompts()``,
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ __all__ = [
     "get_workload",
     "load_prompts",
     "prompt_sources",
-    "wilson_interval",
     "workload_defaults",
 ]
 
@@ -158,17 +156,6 @@ def load_prompts(
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
-
-
-def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a win rate (ties count half)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = wins / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def prompt_sources(value: str | list[str]) -> list[str]:
@@ -424,8 +411,10 @@ class PromptFileWorkload(Workload):
         """Win rate of one sample of π_t against one of π_ref per held-out prompt, by the
         oracle; response lengths; a Monte-Carlo KL estimate ``E_{y~π_t}[log π_t − log π_ref]``.
         The answers are sampled with the configured backend (``generate.backend``)."""
+        import numpy as np
         import torch
 
+        from inpo.evaluation import win_rate_summary
         from inpo.generation import GenerationSettings
         from inpo.logprobs import completion_logps
         from inpo.pipeline.runtime import load_model
@@ -457,14 +446,24 @@ class PromptFileWorkload(Workload):
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
         flat_r = [y for rs in yr for y in rs]
-        probs = self._oracle.prob_prefers(flat_p, flat_y, flat_r)
-        n = len(probs)
-        wins = float(sum(probs))
-        lo, hi = wilson_interval(wins, n)
+        probs = np.asarray(self._oracle.prob_prefers(flat_p, flat_y, flat_r), dtype=np.float64)
         lengths = [len(tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y]
+        # intervals bootstrapped over prompts: the k answers of a prompt are not independent;
+        # the LC win rate from answer lengths in characters, as AlpacaEval counts them
+        held = [i for i, rs in enumerate(ys) for _ in rs]
+        stats = win_rate_summary(
+            probs,
+            held,
+            np.array([len(y) for y in flat_y]),
+            np.array([len(y) for y in flat_r]),
+            samples=1000,
+            seed=0,
+        )
         return {
-            "win_rate_vs_ref": wins / n,
-            "win_rate_ci": [lo, hi],
+            "win_rate_vs_ref": stats["win_rate"],
+            "win_rate_ci": stats["win_rate_ci"],
+            "lc_win_rate_vs_ref": stats["lc_win_rate"],
+            "lc_win_rate_ci": stats["lc_win_rate_ci"],
             "kl_to_ref": float(torch.mean(lp_pol - lp_ref)),
             "mean_length": sum(lengths) / len(lengths),
             "eval_prompts": len(prompts),

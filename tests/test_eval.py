@@ -1,0 +1,168 @@
+"""``inpo eval`` and its statistics: clustered bootstrap, AlpacaEval 2's length-controlled win
+rate (cross-checked against the ``alpaca-eval`` package), Bradley–Terry scores, answer files,
+the query cache and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inpo.cli import main
+from inpo.evaluation import (
+    bradley_terry_scores,
+    cluster_bootstrap,
+    length_controlled_win_rate,
+    win_rate_summary,
+)
+
+
+def test_cluster_bootstrap_is_wider_than_treating_answers_as_independent():
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.random(20)  # each prompt's answers are judged alike
+    p = np.repeat(prompt_effect, 8)
+    clusters = np.repeat(np.arange(20), 8).tolist()
+    lo, hi = cluster_bootstrap(lambda i: p[i].mean(), len(p), clusters, seed=1)
+    ilo, ihi = cluster_bootstrap(lambda i: p[i].mean(), len(p), list(range(len(p))), seed=1)
+    assert lo < p.mean() < hi
+    assert (hi - lo) > 2 * (ihi - ilo)  # 8 copies: √8 ≈ 2.8× wider
+    same = np.full(10, 0.7)
+    assert cluster_bootstrap(lambda i: same[i].mean(), 10, list(range(10))) == pytest.approx(
+        (0.7, 0.7)
+    )
+
+
+def test_lc_win_rate_closed_forms():
+    rng = np.random.default_rng(0)
+    pref = (rng.random(300) < 0.7).astype(float)
+    equal = np.full(300, 100.0)
+    # no length differences: the GLM's intercept is logit(mean), LC = the raw win rate
+    lc = length_controlled_win_rate(pref, equal, equal)
+    assert lc["lc_win_rate"] == pytest.approx(pref.mean(), abs=1e-6)
+    # a judge moved only by length (no model effect): LC near ½ whatever the raw rate
+    delta = rng.normal(50, 100, 3000)
+    z = 3 * np.tanh(delta / delta.std(ddof=1))
+    biased = (rng.random(3000) < 1 / (1 + np.exp(-z))).astype(float)
+    lc = length_controlled_win_rate(biased, 500 + delta, np.full(3000, 500.0))
+    assert biased.mean() > 0.6 and abs(lc["lc_win_rate"] - 0.5) < 0.05
+    assert lc["coef"]["length"] == pytest.approx(3, abs=0.4)
+
+
+def test_bradley_terry_scores_are_the_implied_win_rates():
+    prompts = list(range(50))
+    a = np.r_[np.ones(40), np.zeros(10)]
+    b = np.r_[np.ones(20), np.zeros(30)]
+    scores = bradley_terry_scores({"a": (a, prompts), "b": (b, prompts)}, samples=200)
+    assert scores["a"]["score"] == pytest.approx(0.8, abs=1e-3)
+    assert scores["b"]["score"] == pytest.approx(0.4, abs=1e-3)
+    lo, hi = scores["a"]["score_ci"]
+    assert lo < 0.8 < hi and hi - lo < 0.3
+
+
+def test_lc_matches_the_alpaca_eval_package():
+    """Cross-check against ``alpaca_eval.metrics.glm_winrate`` on the same annotations
+    (benchmarks/lc_win_rate.py records five sets: largest difference 0.28 points)."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import lc_win_rate as bench
+    finally:
+        sys.path.pop(0)
+    data = bench.synthetic(0)
+    for glm in ("length_controlled_minimal", "length_controlled_noreg"):
+        assert bench.ours(data, glm) == pytest.approx(bench.theirs(data, glm), abs=0.01), glm
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    from inpo.tiny import char_tokenizer, tiny_reward_model
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    tok = char_tokenizer()
+    tiny_reward_model("llama", tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _answers(path: Path, generator: str, outputs: list[str]) -> Path:
+    rows = [
+        {"instruction": f"question {i}", "output": o, "generator": generator}
+        for i, o in enumerate(outputs)
+    ]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_eval_judges_both_orders_through_the_cache(reward_model, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    outs = lambda: [" ".join(rng.choice(words, rng.integers(1, 6))) for _ in range(24)]  # noqa: E731
+    a = _answers(tmp_path / "a.json", "model-a", outs())
+    b = _answers(tmp_path / "b.json", "model-b", outs())
+    base = _answers(tmp_path / "base.json", "base", outs())
+    args = ["eval", "--answers", str(a), "--answers", str(b), "--baseline", str(base)]
+    args += ["--oracle", "reward_model", "--model", str(reward_model), "--output"]
+    args += [str(tmp_path / "ev"), "--bootstrap", "200"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(report["models"]) == {"model-a", "model-b"}
+    for m in report["models"].values():
+        lo, hi = m["win_rate_ci"]
+        assert lo <= m["win_rate"] <= hi and m["n"] == 24
+        assert 0 <= m["lc_win_rate"] <= 1 and m["position_bias"] == pytest.approx(0, abs=1e-12)
+        assert m["bt"]["score"] == pytest.approx(m["win_rate"], abs=0.02)
+    assert (tmp_path / "ev" / "win_rates.png").stat().st_size > 1000
+    assert "| model-a |" in (tmp_path / "ev" / "eval.md").read_text()
+    capsys.readouterr()
+    # the same command again: every answer from the cache
+    from inpo.oracles.cache import QueryCache
+
+    stored = QueryCache(tmp_path / "ev" / "oracle_cache.sqlite")
+    before = len(stored)
+    stored.close()
+    assert main(args) == 0
+    again = QueryCache(tmp_path / "ev" / "oracle_cache.sqlite")
+    assert len(again) == before
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text()) == report
+
+
+def test_bad_answer_files_are_named(reward_model, tmp_path, capsys):
+    base = _answers(tmp_path / "base.json", "base", ["x", "y", "z"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": "elsewhere", "output": "x"}]))
+    empty = _answers(tmp_path / "empty.json", "m", ["x", "", "z"])
+    common = ["--baseline", str(base), "--oracle", "reward_model", "--model", str(reward_model)]
+    common += ["--output", str(tmp_path / "ev")]
+    assert main(["eval", "--answers", str(other), *common]) == 2
+    err = capsys.readouterr().err
+    assert "other.json" in err and "base.json" in err and "different instructions" in err
+    assert main(["eval", "--answers", str(empty), *common]) == 2
+    err = capsys.readouterr().err
+    assert "empty.json: row 1: field 'output'" in err and "Traceback" not in err
+    assert main(["eval", "--answers", str(empty), *common, "--skip-bad-rows"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["instructions"] == 2 and report["models"]["m"]["skipped_rows"] == 1
+    assert main(["eval", "--answers", str(base), *common[:-2], "--oracle", "gpm"]) == 2
+
+
+def test_win_rate_summary_on_a_run_like_layout():
+    """task=prompts' evaluation: k answers a prompt, one interval over prompts."""
+    rng = np.random.default_rng(3)
+    p = rng.random(40)
+    out = win_rate_summary(
+        p,
+        np.repeat(np.arange(10), 4).tolist(),
+        100 + rng.normal(0, 5, 40),
+        np.full(40, 100.0),
+        samples=200,
+    )
+    assert out["prompts"] == 10 and out["n"] == 40
+    assert out["win_rate_ci"][0] <= out["win_rate"] <= out["win_rate_ci"][1]
+    assert out["lc_win_rate_ci"][0] <= out["lc_win_rate"] <= out["lc_win_rate_ci"][1]
