@@ -323,13 +323,15 @@ def preference_pairs(
     prompts: Sequence[str] = _PAIR_PROMPTS,
     n_items: int = 7,
     repeats: int = 1,
+    items: Sequence[str] | None = None,
+    template: str = "the answer is {}",
 ) -> list[dict[str, str]]:
     """Preference pairs in TRL's format over text responses labelled by :func:`item_beats`:
     every unordered pair of the first ``n_items`` items under every prompt, ``repeats`` times,
     the winner as ``chosen`` (deterministic order). ``n_items`` is odd for ``cyclic``."""
     if rule == "cyclic" and n_items % 2 == 0:
         raise ValueError("a regular cyclic tournament needs an odd number of items")
-    items = PREFERENCE_ITEMS[:n_items]
+    items = list(items or PREFERENCE_ITEMS)[:n_items]
     rows = []
     for _ in range(repeats):
         for prompt in prompts:
@@ -339,8 +341,8 @@ def preference_pairs(
                     rows.append(
                         {
                             "prompt": prompt,
-                            "chosen": f"the answer is {items[win]}",
-                            "rejected": f"the answer is {items[lose]}",
+                            "chosen": template.format(items[win]),
+                            "rejected": template.format(items[lose]),
                         }
                     )
     return rows

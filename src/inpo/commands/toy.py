@@ -6,6 +6,9 @@ Everything ``task=prompts`` needs, built here from a config (nothing is download
     DIR/reward_model/       a tiny Llama reward model (sequence classification, one output)
     DIR/prompts.jsonl       training prompts in TRL's prompt-only format ({"prompt": "..."})
     DIR/eval_prompts.jsonl  held-out prompts, the same format
+    DIR/pairs.jsonl         preference pairs (TRL's format) under a cyclic rule over five
+                            answers, each beating the next two (no reward model can fit it)
+    DIR/pairs_eval.jsonl    the same duels on the held-out prompts
 
 so the commands of ``docs/your-model.md`` run as written; replace them with your own model
 folders (or hub ids in your local Hugging Face cache) and prompt files.
@@ -77,9 +80,16 @@ def main(argv: list[str]) -> int:
     train, held_out = _prompts()
     for name, prompts in (("prompts.jsonl", train), ("eval_prompts.jsonl", held_out)):
         (out / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    from inpo.tiny import preference_pairs
+
+    answers = ("red star", "blue circle", "green square", "small star", "large circle")
+    for name, prompts in (("pairs.jsonl", train), ("pairs_eval.jsonl", held_out)):
+        rows = preference_pairs("cyclic", prompts=prompts, n_items=5, items=answers, template="{}")
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(
-        f"wrote {out}/policy, {out}/reward_model, {out}/prompts.jsonl ({len(train)} prompts) "
-        f"and {out}/eval_prompts.jsonl ({len(held_out)})"
+        f"wrote {out}/policy, {out}/reward_model, {out}/prompts.jsonl ({len(train)} prompts), "
+        f"{out}/eval_prompts.jsonl ({len(held_out)}) and cyclic preference pairs "
+        f"{out}/pairs.jsonl, {out}/pairs_eval.jsonl"
     )
     return 0
 
