@@ -166,3 +166,30 @@ def test_win_rate_summary_on_a_run_like_layout():
     assert out["prompts"] == 10 and out["n"] == 40
     assert out["win_rate_ci"][0] <= out["win_rate"] <= out["win_rate_ci"][1]
     assert out["lc_win_rate_ci"][0] <= out["lc_win_rate"] <= out["lc_win_rate_ci"][1]
+
+
+def test_a_positional_judge_is_asked_each_order_and_its_bias_reported(tmp_path):
+    """A pairwise model reads "[RESPONSE A] … [RESPONSE B] …": inpo eval asks each order on its
+    own, reports the lean towards the first-shown answer, and its preference is the oracle's
+    own two-order average."""
+    from inpo.oracles.pairwise import PairwisePreferenceOracle
+    from inpo.tiny import char_tokenizer, tiny_causal_lm
+
+    tok = char_tokenizer()
+    tiny_causal_lm("llama", tok, seed=3).save_pretrained(tmp_path / "pm")
+    tok.save_pretrained(tmp_path / "pm")
+    outs = [["yes it is", "no", "maybe so", "one two"], ["no it is not", "yes", "so", "three"]]
+    a = _answers(tmp_path / "a.json", "m", outs[0])
+    base = _answers(tmp_path / "base.json", "base", outs[1])
+    args = ["eval", "--answers", str(a), "--baseline", str(base), "--oracle", "pairwise"]
+    args += ["--model", str(tmp_path / "pm"), "--output", str(tmp_path / "ev"), "--bootstrap", "50"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())["models"]["m"]
+    oracle = PairwisePreferenceOracle(tmp_path / "pm", device="cpu")
+    prompts = [f"question {i}" for i in range(4)]
+    first = oracle.position_probs(prompts, outs[0], outs[1])
+    swapped = oracle.position_probs(prompts, outs[1], outs[0])
+    bias = 0.5 * np.mean(first - (1 - swapped))
+    assert report["position_bias"] == pytest.approx(bias, abs=1e-9) and abs(bias) > 1e-6
+    both = oracle.prob_prefers(prompts, outs[0], outs[1])
+    assert report["win_rate"] == pytest.approx(float(both.mean()), abs=1e-9)

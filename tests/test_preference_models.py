@@ -229,3 +229,36 @@ def test_gpm_learns_a_cycle_that_no_bradley_terry_model_can(kit, tmp_path):
     transitive = _train(kit, tmp_path / "t_bt", "bt", "transitive", "optim.epochs=40")
     assert transitive["accuracy"] >= 0.95
     assert not math.isnan(cyclic["gpm"]["ece"])
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_oracle_of_one(kit, tmp_path):
+    """The engine's invariant for the oracle loop: torchrun with 2 processes (gloo, DDP through
+    ``accelerator.prepare``) trains the GPM that 1 process trains, to fp32 tolerance."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def run(n: int) -> Path:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"p{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+        cmd += ["--master_port", str(port), "-m", "inpo", "train-oracle", "kind=gpm"]
+        cmd += [f"model.path={kit / 'lm'}", f"data.train_file={kit / 'cyclic_train.jsonl'}"]
+        cmd += [f"output_dir={out}", "optim.learning_rate=3e-4", "optim.max_steps=4"]
+        cmd += ["optim.global_batch_size=16", "optim.per_device_batch_size=4", "save_steps=null"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+
+    one, two = run(1), run(2)
+    for name in ("model.safetensors", "gpm_head.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        for key in a:
+            assert float((a[key] - b[key]).abs().max()) < 1e-5, (name, key)

@@ -10,10 +10,12 @@ what ``inpo export --format alpaca_eval`` writes), or MT-Bench / Arena-Hard answ
 they answered; a multi-turn answer is judged as its turns joined, after the questions joined).
 Every model's answers must cover the baseline's instructions exactly.
 
-Each pair is judged in both orders (``P(a ≻ b)`` and ``P(b ≻ a)``, through the query cache
-``DIR/oracle_cache.sqlite``, so a re-run asks nothing again); the preference is
-``½[P(a ≻ b) + 1 − P(b ≻ a)]`` and the position bias ``½ mean[P(a ≻ b) + P(b ≻ a) − 1]`` (0 for
-an oracle that already reads both orders, or has none). Written to ``DIR``: ``eval.json``,
+Each pair is judged in both orders through the query cache ``DIR/oracle_cache.sqlite`` (a
+re-run asks nothing again): a positional judge (pairwise model, HTTP judge) is asked each order
+on its own, ``P_A(model, baseline)`` and ``P_A(baseline, model)``; the preference is
+``½[P_A(m, b) + 1 − P_A(b, m)]`` and the position bias ``½ mean[P_A(m, b) − (1 − P_A(b, m))]``,
+the judge's average lean towards whichever answer is shown first (0 for a reward model or a
+GPM, which have no positions). Written to ``DIR``: ``eval.json``,
 ``eval.md`` (win rate and LC win rate with 95% intervals bootstrapped over prompts,
 Arena-Hard-style BT scores) and ``win_rates.png``.
 """
@@ -146,6 +148,19 @@ def read_answers(
     return name, out, skipped
 
 
+class _FirstPosition:
+    """An oracle's one-order answers ``P_A(a, b)`` (``a`` shown first) as an oracle of their
+    own, so that they go through the query cache under an id of their own."""
+
+    def __init__(self, base: Any):
+        self.base = base
+        self.oracle_id = f"{base.oracle_id}:first-position"
+        self.stats = base.stats
+
+    def prob_prefers(self, prompts, responses_a, responses_b):
+        return self.base.position_probs(prompts, responses_a, responses_b)
+
+
 def _oracle(args: Any, cache: Path) -> Any:
     from inpo.oracles.cache import CachedOracle
 
@@ -162,6 +177,8 @@ def _oracle(args: Any, cache: Path) -> Any:
 
         kind = {"reward_model": "bt"}.get(args.oracle, args.oracle)
         base = load_oracle(kind, args.model)
+    if hasattr(base, "position_probs"):  # a positional judge: each order asked on its own
+        return CachedOracle(_FirstPosition(base), cache)
     return CachedOracle(base, cache)
 
 
@@ -200,6 +217,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from inpo.evaluation import bradley_terry_scores, win_rate_summary
+    from inpo.oracles.pairwise import combine_orders
 
     args = _parser().parse_args(argv)
     questions = _questions(args.questions)
@@ -228,7 +246,7 @@ def main(argv: list[str]) -> int:
         ours = [answers[k][1] for k in keys]
         theirs = [base[k][1] for k in keys]
         first, second = judge(oracle, prompts, ours, theirs)
-        pref = 0.5 * (first + second)
+        pref = combine_orders(first, 1.0 - second)  # ½[P_A(m, b) + 1 − P_A(b, m)]
         summary = win_rate_summary(
             pref,
             keys,

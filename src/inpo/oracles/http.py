@@ -368,6 +368,42 @@ class HTTPJudgeOracle:
             out[i] = p
         return out
 
+    def position_probs(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> np.ndarray:
+        """``P_A(a_i, b_i)``: the judge's preference for ``a_i`` *shown first*, one request a
+        pair (``inpo eval`` reads both orders through it to report the position bias), ``[n]``.
+        The first failure (after its retries) is raised once the requests in flight end."""
+        n = check_lengths(prompts, responses_a, responses_b)
+        out = np.empty(n, dtype=np.float64)
+        if n == 0:
+            return out
+        jobs = [
+            (
+                f"pair {i} (prompt {_truncate(str(prompts[i]), 40)}, a shown first)",
+                self._body(prompts[i], responses_a[i], responses_b[i]),
+            )
+            for i in range(n)
+        ]
+        abort = threading.Event()
+        with ThreadPoolExecutor(
+            max_workers=min(self.concurrency, n), thread_name_prefix="inpo-judge"
+        ) as pool:
+            futures = {pool.submit(self._judge, *job, abort): i for i, job in enumerate(jobs)}
+            try:
+                for f in as_completed(futures):
+                    out[futures[f]] = f.result()
+            except OracleError:
+                abort.set()
+                for g in futures:
+                    g.cancel()
+                raise
+        self._count("queries", n)
+        return out
+
     def iter_prob_prefers(
         self,
         prompts: Sequence[str],

@@ -262,6 +262,20 @@ class PairwisePreferenceOracle:
             self.stats.extra["sequences_scored"] += len(idx)
         return out
 
+    def position_probs(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> np.ndarray:
+        """``P_A(a_i, b_i)``: the model's preference for ``a_i`` *shown first*, one order only
+        (``inpo eval`` reads both orders through it to report the position bias), ``[n]``."""
+        n = check_lengths(prompts, responses_a, responses_b)
+        with self._lock:
+            texts = [self.render(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+            self.stats.queries += n
+            return self.prob_first(texts)
+
     def prob_prefers(
         self,
         prompts: Sequence[str],
