@@ -193,3 +193,34 @@ def test_a_positional_judge_is_asked_each_order_and_its_bias_reported(tmp_path):
     assert report["position_bias"] == pytest.approx(bias, abs=1e-9) and abs(bias) > 1e-6
     both = oracle.prob_prefers(prompts, outs[0], outs[1])
     assert report["win_rate"] == pytest.approx(float(both.mean()), abs=1e-9)
+
+
+def test_eval_reads_a_runs_iteration_folders(tmp_path, capsys):
+    """``--answers RUN/iter_00t``: the answers that iteration's evaluation judged; as
+    ``--baseline``, the π_ref answers judged against them; intervals over prompts."""
+    assert main(["toy", str(tmp_path / "toy")]) == 0
+    run = tmp_path / "run"
+    toy = tmp_path / "toy"
+    assert main(
+        [
+            "-q", "run", "task=prompts", f"prompts={toy / 'prompts.jsonl'}",
+            f"eval_prompts={toy / 'eval_prompts.jsonl'}", f"reference={toy / 'policy'}",
+            "annotate.oracle=reward_model", f"annotate.model={toy / 'reward_model'}",
+            "iterations=1", f"run_dir={run}", "evaluate.k=2",
+        ]
+    ) == 0  # fmt: skip
+    rows = [
+        json.loads(x) for x in (run / "iter_000/evaluate/answers.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 9 * 2 and {"prompt", "sample", "answer", "reference_answer"} <= set(rows[0])
+    args = ["eval", "--answers", str(run / "iter_000"), "--baseline", str(run / "iter_000")]
+    args += ["--oracle", "reward_model", "--model", str(toy / "reward_model")]
+    args += ["--output", str(tmp_path / "ev"), "--bootstrap", "100"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["baseline"] == "run-iter_000-reference"
+    m = report["models"]["run-iter_000"]
+    assert m["n"] == 18 and m["prompts"] == 9  # two answers a prompt, one cluster a prompt
+    capsys.readouterr()
+    assert main([*args[:2], str(tmp_path / "toy"), *args[3:]]) == 2
+    assert "no evaluate/answers.jsonl" in capsys.readouterr().err

@@ -7,7 +7,9 @@
 Answer files: AlpacaEval's ``model_outputs.json`` (``instruction``, ``output``, ``generator``;
 what ``inpo export --format alpaca_eval`` writes), or MT-Bench / Arena-Hard answer files
 (``question_id``, ``model_id``, ``choices[0].turns``) with ``--questions`` (the question file
-they answered; a multi-turn answer is judged as its turns joined, after the questions joined).
+they answered; a multi-turn answer is judged as its turns joined, after the questions joined),
+or a ``task=prompts`` run's iteration folder (``RUN/iter_00t``: the answers its evaluation
+judged, ``evaluate/answers.jsonl``; as ``--baseline``, the π_ref answers judged against them).
 Every model's answers must cover the baseline's instructions exactly.
 
 Each pair is judged in both orders through the query cache ``DIR/oracle_cache.sqlite`` (a
@@ -96,12 +98,38 @@ def _questions(path: Path | None) -> dict[str, str]:
     return out
 
 
+def _run_answers(path: Path, column: str) -> tuple[str, dict[str, tuple[Any, str, str]]]:
+    """A run's iteration (or ``reference``) folder: the answers its evaluation judged."""
+    file = path / "evaluate" / "answers.jsonl"
+    if not file.is_file():
+        raise DataError(
+            f"{path}: no evaluate/answers.jsonl (a task=prompts run's iteration folder holds the "
+            "answers its evaluation judged; for the default task use `inpo export`)"
+        )
+    out = {}
+    for i, line in enumerate(file.read_text().splitlines()):
+        try:
+            r = json.loads(line)
+            prompt, answer, sample = r["prompt"], r[column], int(r["sample"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{file}: row {i}: unreadable ({err})") from None
+        key = json.dumps(prompt, sort_keys=True)
+        out[f"{key}#{sample}"] = (prompt, str(answer), key)
+    run = path.resolve()
+    return f"{run.parent.name}-{run.name}", out
+
+
 def read_answers(
-    path: Path, questions: dict[str, str], skip_bad: bool = False
-) -> tuple[str, dict[str, tuple[str, str]], int]:
-    """``(model name, {key: (prompt, answer)}, rows skipped)`` of an answer file."""
+    path: Path, questions: dict[str, str], skip_bad: bool = False, *, baseline: bool = False
+) -> tuple[str, dict[str, tuple[Any, str, str]], int]:
+    """``(model name, {key: (prompt, answer, cluster)}, rows skipped)`` of an answer file, or of
+    a run's iteration folder (its π_t answers; as ``baseline``, the π_ref answers judged
+    against them). ``cluster``: the prompt, which intervals resample."""
+    if path.is_dir():
+        name, out = _run_answers(path, "reference_answer" if baseline else "answer")
+        return (f"{name}-reference" if baseline else name), out, 0
     rows = _read_rows(path)
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[Any, str, str]] = {}
     skipped, name = 0, path.stem
     for i, r in enumerate(rows):
         if "instruction" in r:  # AlpacaEval
@@ -142,7 +170,7 @@ def read_answers(
             )
         if key in out:
             raise DataError(f"{path}: row {i}: instruction {key[:60]!r} answered twice")
-        out[key] = (prompt, answer)
+        out[key] = (prompt, answer, key)
     if not out:
         raise DataError(f"{path}: no answers")
     return name, out, skipped
@@ -221,7 +249,9 @@ def main(argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     questions = _questions(args.questions)
-    base_name, base, base_skipped = read_answers(args.baseline, questions, args.skip_bad_rows)
+    base_name, base, base_skipped = read_answers(
+        args.baseline, questions, args.skip_bad_rows, baseline=True
+    )
     models = []
     for path in args.answers:
         name, answers, skipped = read_answers(path, questions, args.skip_bad_rows)
@@ -240,6 +270,7 @@ def main(argv: list[str]) -> int:
     oracle = _oracle(args, args.output / "oracle_cache.sqlite")
     keys = sorted(set(base).intersection(*(set(m[2]) for m in models)))
     prompts = [base[k][0] for k in keys]
+    clusters = [base[k][2] for k in keys]
     difficulty = _difficulty(args.instruction_difficulty, keys)
     results, battles = {}, {}
     for name, path, answers, skipped in models:
@@ -249,7 +280,7 @@ def main(argv: list[str]) -> int:
         pref = combine_orders(first, 1.0 - second)  # ½[P_A(m, b) + 1 − P_A(b, m)]
         summary = win_rate_summary(
             pref,
-            keys,
+            clusters,
             np.array([len(a) for a in ours]),
             np.array([len(a) for a in theirs]),
             difficulty=difficulty,
@@ -260,7 +291,7 @@ def main(argv: list[str]) -> int:
         summary["skipped_rows"] = skipped
         summary["answers"] = str(path)
         results[name] = summary
-        battles[name] = (pref, keys)
+        battles[name] = (pref, clusters)
         (args.output / f"annotations.{_slug(name)}.jsonl").write_text(
             "".join(
                 json.dumps(

@@ -446,6 +446,12 @@ class PromptFileWorkload(Workload):
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
         del ref_model
         flat_r = [y for rs in yr for y in rs]
+        # the answers judged, for `inpo eval --answers RUN/iter_00t` (written by evaluate_shard)
+        self._judged = [
+            {"prompt": p, "sample": j, "answer": y, "reference_answer": r}
+            for (p, rs, refs) in zip(prompts, ys, yr)
+            for j, (y, r) in enumerate(zip(rs, refs))
+        ]
         probs = np.asarray(self._oracle.prob_prefers(flat_p, flat_y, flat_r), dtype=np.float64)
         lengths = [len(tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y]
         # intervals bootstrapped over prompts: the k answers of a prompt are not independent;
@@ -468,6 +474,13 @@ class PromptFileWorkload(Workload):
             "mean_length": sum(lengths) / len(lengths),
             "eval_prompts": len(prompts),
         }
+
+    def evaluate_shard(self, policy: Path, ref: Path, work: Path, rank: int, world: int) -> None:
+        super().evaluate_shard(policy, ref, work, rank, world)
+        if rank == 0:  # π_t's and π_ref's answers, paired: what `inpo eval` reads of a run
+            with open(work / "answers.jsonl", "w") as fh:
+                for row in getattr(self, "_judged", []):
+                    fh.write(json.dumps(row) + "\n")
 
 
 class DefaultWorkload(Workload):
