@@ -262,3 +262,51 @@ def test_two_processes_train_the_oracle_of_one(kit, tmp_path):
         a, b = load_file(one / name), load_file(two / name)
         for key in a:
             assert float((a[key] - b[key]).abs().max()) < 1e-5, (name, key)
+
+
+@pytest.mark.parametrize("kind", ["bt", "gpm"])
+def test_lora_adapters_are_merged_into_a_folder_the_oracle_loads(kit, tmp_path, kind):
+    from safetensors.torch import load_file
+
+    from inpo.training.oracle_loop import load_oracle
+
+    out = tmp_path / kind
+    _train(kit, out, kind, "transitive", "optim.max_steps=2", "model.lora.r=4")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    weights = load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in weights)  # merged: a plain model
+    oracle = load_oracle(kind, out, device="cpu")
+    assert 0 <= float(oracle.prob_prefers(["pick one"], ["the answer is apple"], ["a"])[0]) <= 1
+
+
+@pytest.mark.parametrize("kind", ["bt", "pairwise", "gpm"])
+def test_conversational_pairs_train_through_the_chat_template(tmp_path, kind):
+    """TRL's conversational format: the prompt a message list, chosen/rejected assistant turns;
+    each kind renders them as its oracle will (the chat template; RLHFlow's context)."""
+    from inpo.oracles.reward_model import render_response
+    from inpo.tiny import chat_tokenizer, save_tiny_chat_lm
+
+    save_tiny_chat_lm(tmp_path / "chat", "llama3", hidden_size=32)
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for p, r in zip(["Pick one."] * 21, preference_pairs("transitive", prompts=["x"]))
+    ]
+    _write(tmp_path / "chat.jsonl", rows)
+    assert main(
+        [
+            "train-oracle", f"kind={kind}", f"model.path={tmp_path / 'chat'}",
+            f"data.train_file={tmp_path / 'chat.jsonl'}", f"data.eval_file={tmp_path / 'chat.jsonl'}",
+            f"output_dir={tmp_path / 'out'}", "optim.max_steps=2", "logging.progress_bar=false",
+        ]
+    ) == 0  # fmt: skip
+    assert json.loads((tmp_path / "out" / "eval_metrics.json").read_text())["pairs"] == 21
+    # the prompt's last token is where the GPM reads its scale gate: inside the template's
+    # generation prompt, before the answer
+    tok = chat_tokenizer("llama3")
+    r = render_response(tok, rows[0]["prompt"], "the answer is apple", 512)
+    head = tok.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(r.ids[: r.prompt_index + 1]) == head
