@@ -224,3 +224,37 @@ def test_eval_reads_a_runs_iteration_folders(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:2], str(tmp_path / "toy"), *args[3:]]) == 2
     assert "no evaluate/answers.jsonl" in capsys.readouterr().err
+
+
+def test_an_http_judge_each_order_and_one_answering_nonsense(tmp_path, capsys):
+    """The real ``inpo serve-oracle`` server on loopback, judging from a known table: the win
+    rate is the table's; a judge answering neither A nor B is an error naming the pair, and no
+    such answer is cached."""
+    from inpo.oracles.cache import QueryCache
+    from inpo.oracles.server import FaultInjection, OracleServer
+    from inpo.oracles.synthetic import TableOracle
+
+    ys = ["a careful answer", "a wrong answer", "a short answer"]
+    p = np.array([[0.5, 0.9, 0.7], [0.1, 0.5, 0.3], [0.3, 0.7, 0.5]])
+    model = _answers(tmp_path / "m.json", "m", [ys[0], ys[2], ys[0], ys[1]])
+    base = _answers(tmp_path / "b.json", "b", [ys[1], ys[1], ys[2], ys[0]])
+    expected = np.mean([p[0, 1], p[2, 1], p[0, 2], p[1, 0]])
+    for faults, out in ((None, "ok"), (FaultInjection(bad_verdict_first_n=1000), "bad")):
+        server = OracleServer(TableOracle(p, ys), port=0, faults=faults).start()
+        try:
+            args = ["eval", "--answers", str(model), "--baseline", str(base), "--oracle", "http"]
+            args += ["--url", server.url, "--judge-model", server.model_name, "--api-key-env"]
+            args += ["INPO_TEST_NO_KEY", "--output", str(tmp_path / out), "--bootstrap", "50"]
+            code = main(args)
+        finally:
+            server.shutdown()
+        if out == "ok":
+            assert code == 0
+            report = json.loads((tmp_path / "ok" / "eval.json").read_text())["models"]["m"]
+            assert report["win_rate"] == pytest.approx(expected, abs=1e-6)
+            assert report["position_bias"] == pytest.approx(0, abs=1e-6)
+        else:
+            assert code == 2
+            err = capsys.readouterr().err
+            assert "neither A nor B" in err and "pair " in err and "Traceback" not in err
+            assert len(QueryCache(tmp_path / "bad" / "oracle_cache.sqlite")) == 0
