@@ -626,3 +626,33 @@ def test_final_checkpoint_false_writes_no_last_checkpoint_and_reruns_to_the_same
     again = train(cfg)
     assert again.resumed_from is not None and again.resumed_from.name == "step_000002"
     assert all(torch.equal(first[k], weights(out)[k]) for k in first)
+
+
+def test_packing_trains_the_weights_of_the_padded_batch(tiny, tmp_path):
+    """``data.packing=true``: one padding-free row a micro-batch, the same training."""
+    runs = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        train(make_cfg(tiny, out, f"data.packing={packing}", "optim.per_device_batch_size=2"))
+        runs[packing] = weights(out)
+    assert max_diff(runs["true"], runs["false"]) < 1e-5
+    assert max_diff(runs["true"], weights(tiny[0])) > 1e-3
+
+
+def test_packing_is_refused_with_share_prompt(tmp_path):
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+
+    (tmp_path / "x.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(
+            TrainConfig,
+            None,
+            [
+                f"output_dir={tmp_path / 'o'}",
+                f"model.path={tmp_path}",
+                f"data.train_file={tmp_path / 'x.jsonl'}",
+                "data.packing=true",
+                "data.share_prompt=true",
+            ],
+        )

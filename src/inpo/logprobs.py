@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SHARED_PROMPT_ATTENTION",
+    "check_packing_support",
     "completion_logps",
     "naive_sequence_logps",
+    "packed_sequence_logps",
     "sequence_logps",
     "shared_prompt_logps",
     "shared_prompt_mask",
@@ -133,7 +135,7 @@ def _final_hidden(
     """
     kwargs = {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "attention_mask": attention_mask,  # None: packed rows (position_ids restart per sequence)
         "position_ids": position_ids if position_ids is not None else _position_ids(attention_mask),
         "use_cache": False,
     }
@@ -366,6 +368,71 @@ def sequence_logps(
     hidden_all = _final_hidden(model, backbone, input_ids, attention_mask)
     hidden = hidden_all[rows, pos]  # [M, H]: only positions that predict completion tokens
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
+
+
+def packed_sequence_logps(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    fused: bool | None = None,
+) -> Tensor:
+    """:func:`sequence_logps` without padding: the ``N`` sequences' real tokens concatenated
+    into one row ``[1, T]`` (``T`` = the real tokens, none of them padding) with position ids
+    restarting at 0 for each sequence.
+
+    transformers 5 reads restarting position ids as packed sequences and gives each token
+    attention to its own sequence only (``masking_utils.find_packed_sequence_indices``): with
+    ``flash_attention_2`` as variable-length kernels, with ``flex_attention`` as a block mask,
+    with ``sdpa``/``eager`` as a dense block-diagonal ``[T, T]`` mask. The same numbers as the
+    padded path (tests: log-probs and gradients to 1e-5) for models whose attention honours it
+    (:func:`check_packing_support`). Same arguments and result as :func:`sequence_logps`.
+    """
+    import torch
+
+    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
+        raise ValueError(
+            f"shape mismatch: input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
+        )
+    backbone, head, config = _parts(model)
+    rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
+    real = attention_mask.bool()
+    packed_ids = input_ids[real][None]  # row by row, left to right: each sequence in order
+    positions = _position_ids(attention_mask)[real][None]
+    index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+    index[real] = torch.arange(int(real.sum()), device=input_ids.device)
+    hidden_all = _final_hidden(model, backbone, packed_ids, None, positions)
+    hidden = hidden_all[0, index[rows, pos]]
+    return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
+
+
+def check_packing_support(model: Any) -> None:
+    """Raise ``ValueError`` unless ``model``'s attention keeps packed sequences apart.
+
+    A probe of two 3-token sequences: the second one's final hidden states alone and packed
+    after the first must agree (a model whose mask code ignored restarting position ids would
+    let the second attend to the first; Llama, Qwen2 and GPT-2 pass in transformers 5).
+    """
+    import torch
+
+    backbone, _, _ = _parts(model)
+    param = next(model.parameters())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=param.device)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]], device=param.device)
+    with torch.no_grad():
+        alone = _final_hidden(model, backbone, ids[:, 3:], None, pos[:, 3:]).float()
+        packed = _final_hidden(model, backbone, ids, None, pos)[:, 3:].float()
+    scale = alone.abs().max().clamp(min=1e-6)
+    if float((alone - packed).abs().max() / scale) > 1e-2:
+        arch = type(_unwrap(model)).__name__
+        raise ValueError(
+            f"{arch} lets packed sequences attend to each other (its attention ignores "
+            "restarting position ids), so data.packing=true would mix pairs; use "
+            "data.packing=false for it"
+        )
 
 
 def _head_sums(

@@ -307,6 +307,8 @@ class TrainStageConfig:
     gradient_checkpointing: bool = False
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
+    #: Run each micro-batch as one padding-free row (position ids restart per sequence).
+    packing: bool = False
     #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50
     #: The weights' dtype. Mixed precision is ``bf16`` (autocast over fp32 weights).
@@ -349,6 +351,13 @@ class TrainStageConfig:
                 "train.fsdp runs the LM head inside the model's forward; "
                 "train.share_prompt=true is not supported with it"
             )
+        if self.fsdp != "none" and self.packing:
+            raise ConfigError(
+                "train.fsdp runs the LM head inside the model's forward (padded rows); "
+                "train.packing=true is not supported with it"
+            )
+        if self.packing and self.share_prompt:
+            raise ConfigError("train.packing and train.share_prompt are two layouts; choose one")
         if self.fsdp != "none" and self.gradient_checkpointing:
             raise ConfigError(
                 "with train.fsdp, use train.fsdp_activation_checkpointing=true instead of "

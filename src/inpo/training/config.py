@@ -126,6 +126,11 @@ class DataConfig:
     #: needs ``sdpa`` or ``eager`` attention and no sliding-window layers. The ``B`` rows of a
     #: micro-batch run in ``max(1, length_buckets // 2)`` length buckets.
     share_prompt: bool = False
+    #: Run each micro-batch's ``2B`` sequences as one padding-free row, position ids restarting
+    #: per sequence (``inpo.logprobs.packed_sequence_logps``): no padding computed. Fastest with
+    #: ``flash_attention_2`` / ``flex_attention`` (variable-length kernels); with ``sdpa`` on
+    #: CPU the block-diagonal mask is dense (benchmarks/results/packing.md says when it pays).
+    packing: bool = False
 
     def validate(self) -> None:
         if bool(self.train_file) == bool(self.dataset_name):
@@ -144,17 +149,22 @@ class DataConfig:
                     f"data.dataset_name '{self.dataset_name}' is neither a folder nor a hub id "
                     "(owner/name)"
                 )
+        if self.length_buckets < 1:
+            raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
+        if self.packing and self.share_prompt:
+            raise ConfigError(
+                "data.packing=true and data.share_prompt=true are two layouts of a batch; "
+                "choose one"
+            )
+        for key in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
 
     @property
     def source(self) -> str:
         """Where the pairs come from: ``train_file`` or ``dataset_name``."""
         return self.train_file or self.dataset_name
-        if self.length_buckets < 1:
-            raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
-        for key in ("max_prompt_length", "max_completion_length"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
 
 
 @dataclass
@@ -415,6 +425,11 @@ class TrainConfig:
             raise ConfigError(
                 "fsdp_cpu_offload / fsdp_activation_checkpointing need fsdp=full_shard or "
                 "fsdp=shard_grad_op"
+            )
+        if self.fsdp != "none" and self.data.packing:
+            raise ConfigError(
+                "fsdp runs the LM head inside the model's forward (padded rows); "
+                "data.packing=true is not supported with it"
             )
         if self.fsdp != "none" and self.data.share_prompt:
             raise ConfigError(

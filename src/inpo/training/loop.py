@@ -652,8 +652,12 @@ def train(
 
     if logps_fn is not None and cfg.data.share_prompt:
         raise ValueError("logps_fn is not used with data.share_prompt=true; pass one or the other")
+    if logps_fn is not None and cfg.data.packing:
+        raise ValueError("logps_fn is not used with data.packing=true; pass one or the other")
     default_logps = logps_fn is None
-    if logps_fn is None:
+    if logps_fn is None and cfg.data.packing:  # one padding-free row a micro-batch
+        from inpo.logprobs import packed_sequence_logps as logps_fn
+    elif logps_fn is None:
         from inpo.logprobs import sequence_logps as logps_fn
 
     # ---- set-up: everything that can fail cheaply, before the model loads --------------------
@@ -687,6 +691,13 @@ def train(
     model = load_policy(cfg.model)
     if cfg.data.share_prompt:
         check_shared_prompt_support(model)
+    if cfg.data.packing:
+        from inpo.logprobs import check_packing_support
+
+        try:
+            check_packing_support(model)
+        except ValueError as err:
+            raise ConfigError(f"data.packing: {err}") from None
     if is_main:
         check_low_precision_updates(model, cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
@@ -864,7 +875,7 @@ def _step(
     micro = cfg.optim.per_device_batch_size
     # FSDP gathers each layer's weights in every forward (a collective): every rank must run
     # as many forwards, so one call per micro-batch, not one per length bucket
-    buckets = 1 if _is_fsdp(model) else cfg.data.length_buckets
+    buckets = 1 if _is_fsdp(model) or cfg.data.packing else cfg.data.length_buckets
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(10, dtype=torch.float64)

@@ -48,6 +48,7 @@ def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path
             max_prompt_length=t.max_prompt_length,
             max_completion_length=t.max_completion_length,
             share_prompt=t.share_prompt,
+            packing=t.packing,
         ),
         loss=LossConfig(name=loss, **hparams),
         optim=OptimConfig(
