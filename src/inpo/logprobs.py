@@ -32,6 +32,7 @@ __all__ = [
     "check_packing_support",
     "completion_logps",
     "naive_sequence_logps",
+    "pack_rows",
     "packed_sequence_logps",
     "sequence_logps",
     "shared_prompt_logps",
@@ -370,23 +371,46 @@ def sequence_logps(
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the sequences (by index) in rows of at most ``capacity`` tokens
+    (a longer sequence gets a row of its own). Deterministic: ties broken by index."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
 def packed_sequence_logps(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
     *,
+    capacity: int | None = None,
     chunk_size: int = 1024,
     fused: bool | None = None,
 ) -> Tensor:
     """:func:`sequence_logps` without padding: the ``N`` sequences' real tokens concatenated
-    into one row ``[1, T]`` (``T`` = the real tokens, none of them padding) with position ids
-    restarting at 0 for each sequence.
+    into rows, position ids restarting at 0 for each sequence.
+
+    ``capacity``: tokens a row (first-fit decreasing, :func:`pack_rows`); ``None``: the longest
+    sequence's length, so attention over a row costs no more than over one padded sequence
+    while the padding is gone. A row's unused tail is filler tokens with positions of their
+    own: a segment nothing real attends to, never scored.
 
     transformers 5 reads restarting position ids as packed sequences and gives each token
     attention to its own sequence only (``masking_utils.find_packed_sequence_indices``): with
     ``flash_attention_2`` as variable-length kernels, with ``flex_attention`` as a block mask,
-    with ``sdpa``/``eager`` as a dense block-diagonal ``[T, T]`` mask. The same numbers as the
+    with ``sdpa``/``eager`` as a dense block-diagonal mask per row. The same numbers as the
     padded path (tests: log-probs and gradients to 1e-5) for models whose attention honours it
     (:func:`check_packing_support`). Same arguments and result as :func:`sequence_logps`.
     """
@@ -400,12 +424,26 @@ def packed_sequence_logps(
     backbone, head, config = _parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
     real = attention_mask.bool()
-    packed_ids = input_ids[real][None]  # row by row, left to right: each sequence in order
-    positions = _position_ids(attention_mask)[real][None]
-    index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-    index[real] = torch.arange(int(real.sum()), device=input_ids.device)
-    hidden_all = _final_hidden(model, backbone, packed_ids, None, positions)
-    hidden = hidden_all[0, index[rows, pos]]
+    lengths = real.sum(-1).tolist()
+    bins = pack_rows(lengths, capacity or max(lengths))
+    width = max(sum(lengths[i] for i in members) for members in bins)
+    device = input_ids.device
+    ids = torch.zeros((len(bins), width), dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)
+    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)  # flat packed index
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, at : at + n] = input_ids[i][real[i]]
+            positions[r, at : at + n] = torch.arange(n, device=device)
+            where[i, real[i]] = r * width + at + torch.arange(n, device=device)
+            at += n
+        if at < width:  # the filler: a segment of its own (positions restart), never scored
+            positions[r, at:] = torch.arange(width - at, device=device)
+            ids[r, at:] = input_ids[members[0]][real[members[0]]][0]
+    hidden_all = _final_hidden(model, backbone, ids, None, positions)
+    hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, pos]]
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
 
 

@@ -126,10 +126,9 @@ class DataConfig:
     #: needs ``sdpa`` or ``eager`` attention and no sliding-window layers. The ``B`` rows of a
     #: micro-batch run in ``max(1, length_buckets // 2)`` length buckets.
     share_prompt: bool = False
-    #: Run each micro-batch's ``2B`` sequences as one padding-free row, position ids restarting
-    #: per sequence (``inpo.logprobs.packed_sequence_logps``): no padding computed. Fastest with
-    #: ``flash_attention_2`` / ``flex_attention`` (variable-length kernels); with ``sdpa`` on
-    #: CPU the block-diagonal mask is dense (benchmarks/results/packing.md says when it pays).
+    #: Pack each micro-batch's ``2B`` sequences into padding-free rows as long as its longest
+    #: sequence, position ids restarting per sequence (``inpo.logprobs.packed_sequence_logps``):
+    #: no padding computed, the same log-probs. Measured in benchmarks/results/packing.md.
     packing: bool = False
 
     def validate(self) -> None:
