@@ -60,11 +60,15 @@ def _training_step_logps(model_path, output, **collator_kwargs):
     return torch.cat(got), torch.cat(stored)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_precomputed_values_equal_a_training_step(models, data_file, tmp_path, side):
+def test_precomputed_values_equal_a_training_step(models, data_file, tmp_path, side, packing):
     ref, _ = models
     lengths = {"max_prompt_length": 9, "max_completion_length": 6, "padding_side": side}
-    result = precompute_logps(data_file, ref, tmp_path / "out", batch_size=4, **lengths)
+    result = precompute_logps(
+        data_file, ref, tmp_path / "out", batch_size=4, packing=packing, **lengths
+    )
+    assert result.manifest.get("packing", False) == packing  # absent when off: old keys hold
     assert not result.skipped
     assert result.manifest["truncated_prompts"] > 0 and result.manifest["truncated_completions"] > 0
     got, stored = _training_step_logps(ref, tmp_path / "out", **lengths)

@@ -123,6 +123,7 @@ def precompute_logps(
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
+    packing: bool = False,
 ) -> PrecomputeResult:
     """Score every pair of a preference dataset with one model and save the log-prob columns.
 
@@ -140,6 +141,9 @@ def precompute_logps(
         dtype: the model's dtype for scoring (``float32`` default).
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         overwrite: replace an existing ``output_dir`` whose manifest does not match.
+        packing: score each batch as padding-free rows
+            (:func:`inpo.logprobs.packed_sequence_logps`): the same log-probs up to float
+            rounding, no padding computed.
 
     Returns:
         A :class:`PrecomputeResult`; ``skipped=True`` when ``output_dir`` already holds this exact
@@ -153,7 +157,7 @@ def precompute_logps(
 
     from inpo.data import PreferenceCollator, load_preference_dataset
     from inpo.hub import resolve_model
-    from inpo.logprobs import sequence_logps
+    from inpo.logprobs import check_packing_support, packed_sequence_logps, sequence_logps
 
     dataset_path, output_dir = Path(dataset_path), Path(output_dir)
     model_path = resolve_model(model_path, "--model")  # a folder, or a cached hub id
@@ -202,6 +206,7 @@ def precompute_logps(
         "max_completion_length": max_completion_length,
         "padding_side": padding_side,
         "dtype": dtype,
+        **({"packing": True} if packing else {}),  # absent when off: earlier keys stay valid
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     existing = _read_manifest(output_dir) if output_dir.is_dir() else None
@@ -236,6 +241,11 @@ def precompute_logps(
     if dist.world > 1 and device_arg == "auto":
         device = str(dist.device)
     model = _load_model(model_path, dtype, device)
+    if packing:
+        try:
+            check_packing_support(model)
+        except ValueError as err:
+            raise ConfigError(f"--packing: {err}") from None
     loaded = time.perf_counter()
     rows = ds.to_list()
     mine = set(shard(rows, dist.rank, dist.world))
@@ -253,7 +263,7 @@ def precompute_logps(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collator([rows[i] for i in idx])
-            logps = sequence_logps(
+            logps = (packed_sequence_logps if packing else sequence_logps)(
                 model,
                 batch["input_ids"].to(device),
                 batch["attention_mask"].to(device),

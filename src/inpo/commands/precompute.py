@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an OUTPUT that holds something else"
     )
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="score each batch as padding-free rows (the same log-probs, no padding computed)",
+    )
     return parser
 
 
@@ -95,6 +100,7 @@ def main(argv: list[str]) -> int:
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
+        packing=args.packing,
     )
     m = result.manifest
     if result.skipped:
