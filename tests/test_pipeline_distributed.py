@@ -193,3 +193,11 @@ def test_nash_family_on_two_processes(tmp_path, algorithm):
     two = inpo_run(tmp_path, "two", 2, *algorithm)
     assert two.returncode == 0, two.stderr[-3000:]
     _assert_same_files(tmp_path / "one", tmp_path / "two")
+
+
+def test_packed_training_leaves_the_files_of_padded_training(one_process, tmp_path):
+    """``train.packing=true`` (padding-free rows in the logps and train stages): the same
+    pairs, log-probs, weights and metrics as the padded default."""
+    proc = inpo_run(tmp_path, "run", 1, "train.packing=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(one_process, tmp_path / "run")
