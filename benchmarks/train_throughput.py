@@ -9,6 +9,8 @@ subprocess (so peak memory is per trainer):
   log-probs (computed once before training, timed separately);
 * ``inpo-shared``: the same with ``data.share_prompt=true`` (each pair one row
   ``prompt + chosen + rejected``, so the prompt is computed once);
+* ``inpo-packed``: the same with ``data.packing=true`` (each micro-batch's sequences packed
+  into padding-free rows as long as the longest);
 * ``trl``: ``trl.DPOTrainer`` with its defaults for the reference (a frozen reference model run
   every step);
 * ``trl-precompute``: ``DPOTrainer(precompute_ref_log_probs=True)`` (reference pass before
@@ -51,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 VOCAB = [f"w{i}" for i in range(4000)]
 MICRO, ACCUM = 4, 2
-KINDS = ("inpo", "inpo-shared", "trl", "trl-precompute")
+KINDS = ("inpo", "inpo-shared", "inpo-packed", "trl", "trl-precompute")
 
 
 def rss_mb() -> float:
@@ -149,7 +151,7 @@ def build(work: Path, pairs: int) -> dict:
 # ---- workers (each in its own process) ---------------------------------------------------------
 
 
-def run_inpo(setup: dict, work: Path, share_prompt: bool = False) -> dict:
+def run_inpo(setup: dict, work: Path, share_prompt: bool = False, packing: bool = False) -> dict:
     from inpo.config import load_config
     from inpo.training import TrainConfig, train
 
@@ -172,6 +174,7 @@ def run_inpo(setup: dict, work: Path, share_prompt: bool = False) -> dict:
             "resume=never",
             "logging.progress_bar=false",
             f"data.share_prompt={str(share_prompt).lower()}",
+            f"data.packing={str(packing).lower()}",
         ],
     )
     train(cfg)
@@ -253,8 +256,10 @@ def worker(kind: str, setup_path: Path) -> None:
     setup = json.loads(setup_path.read_text())
     work = setup_path.parent
     gemm_before = matmul_peak_flops()
-    if kind in ("inpo", "inpo-shared"):
-        out = run_inpo(setup, work, share_prompt=kind == "inpo-shared")
+    if kind in ("inpo", "inpo-shared", "inpo-packed"):
+        out = run_inpo(
+            setup, work, share_prompt=kind == "inpo-shared", packing=kind == "inpo-packed"
+        )
     else:
         out = run_trl(setup, work, precompute=kind == "trl-precompute")
     # the machine's speed drifts with other jobs: measure its peak around each run
@@ -375,6 +380,7 @@ def main() -> None:
     names = {
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
         "inpo-shared": "inpo train, data.share_prompt=true",
+        "inpo-packed": "inpo train, data.packing=true",
         "trl": "TRL DPOTrainer (reference model each step)",
         "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
     }
@@ -390,7 +396,7 @@ def main() -> None:
     lines += ["", "| speed-up (tokens/s ratio) | per round | median of rounds |", "|---|---:|---:|"]
     pairs = [
         (ours, base)
-        for ours in ("inpo", "inpo-shared")
+        for ours in ("inpo", "inpo-shared", "inpo-packed")
         for base in ("trl", "trl-precompute", "inpo")
         if ours != base and ours in kinds and base in kinds
     ]
@@ -413,7 +419,7 @@ def main() -> None:
         "effective one, crediting the prompt's second copy it does not compute). On a busy "
         "machine the rounds scatter by up to 10× (other jobs); compare trainers within a round.",
     ]
-    for ours in ("inpo", "inpo-shared"):
+    for ours in ("inpo", "inpo-shared", "inpo-packed"):
         if (ours, "trl") in ratios:
             per_round = ratios[ours, "trl"]
             x = median(per_round)
