@@ -255,3 +255,35 @@ def test_custom_logps_fn_with_shared_prompt_is_refused(tiny, tmp_path):
     )
     with pytest.raises(ValueError, match="share_prompt"):
         train(cfg, logps_fn=sequence_logps)
+
+
+@pytest.mark.slow
+def test_flex_attention_takes_a_block_mask_from_the_token_masks(tmp_path):
+    """``flex_attention``: the shared-prompt mask as a block-sparse ``BlockMask`` built from the
+    ``[B, L]`` token masks (no dense ``[B, L, L]``), the same log-probs as sdpa's dense mask.
+    Forward only: torch runs flex attention's backward on GPUs only (compiled by inductor here),
+    so training with it is for GPU machines."""
+    from transformers import AutoModelForCausalLM
+
+    from inpo.logprobs import shared_prompt_block_mask
+
+    model, tok = load(tmp_path, "llama")
+    flex = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", attn_implementation="flex_attention"
+    )
+    sh = PreferenceCollator(tok, share_prompt=True)(ROWS)
+    block = shared_prompt_block_mask(sh["attention_mask"], sh["chosen_mask"], sh["rejected_mask"])
+    dense = shared_prompt_mask(sh["attention_mask"], sh["chosen_mask"], sh["rejected_mask"])
+    assert block.shape[0] == len(ROWS) and block.shape[-1] == dense.shape[-1]
+    args = (
+        sh["input_ids"],
+        dense,
+        sh["position_ids"],
+        sh["chosen_mask"],
+        sh["rejected_mask"],
+        sh["attention_mask"],
+    )
+    with torch.no_grad():
+        want = shared_prompt_logps(model, *args)
+        got = shared_prompt_logps(flex, *args)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)

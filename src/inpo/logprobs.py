@@ -35,6 +35,7 @@ __all__ = [
     "pack_rows",
     "packed_sequence_logps",
     "sequence_logps",
+    "shared_prompt_block_mask",
     "shared_prompt_logps",
     "shared_prompt_mask",
 ]
@@ -518,8 +519,29 @@ def _head_sums(
 
 #: Attention implementations that take a prepared 4D ``attention_mask`` as is (transformers'
 #: ``masking_utils.create_causal_mask`` returns a 4D mask unchanged): ``sdpa`` as a boolean mask
-#: (``True`` = attend), ``eager`` as an additive float mask (``0`` / dtype minimum).
-SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+#: (``True`` = attend), ``eager`` as an additive float mask (``0`` / dtype minimum),
+#: ``flex_attention`` as a block-sparse ``BlockMask`` (:func:`shared_prompt_block_mask`: the
+#: fused kernel skips the blocks a row never attends; torch runs its backward on GPUs only).
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def shared_prompt_block_mask(attention_mask: Tensor, chosen_mask: Tensor, rejected_mask: Tensor):
+    """:func:`shared_prompt_mask` as flex attention's ``BlockMask``, from the ``[B, L]`` token
+    masks alone (no ``[B, L, L]`` tensor): causal over real tokens, rejected tokens blind to
+    chosen ones, every position seeing itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    real = attention_mask.bool()
+    chosen, rejected = chosen_mask.bool(), rejected_mask.bool()
+
+    def mask_mod(b, h, q, kv):
+        seen = (kv <= q) & real[b, kv] & real[b, q] & ~(rejected[b, q] & chosen[b, kv])
+        return seen | (q == kv)
+
+    batch, length = real.shape
+    return create_block_mask(
+        mask_mod, batch, None, length, length, device=attention_mask.device, _compile=False
+    )
 
 
 def shared_prompt_mask(
@@ -629,7 +651,8 @@ def shared_prompt_logps(
 
     Args:
         model: a transformers causal LM whose attention takes a prepared 4D mask
-            (``attn_implementation`` ``sdpa`` or ``eager``; see :data:`SHARED_PROMPT_ATTENTION`).
+            (``attn_implementation`` ``sdpa``, ``eager`` or ``flex_attention``; see
+            :data:`SHARED_PROMPT_ATTENTION`).
         input_ids: ``[B, L]`` packed rows (left or right padded).
         attention_mask_4d: boolean ``[B, 1, L, L]`` from :func:`shared_prompt_mask` (converted to
             an additive float mask for ``eager``).
@@ -662,7 +685,10 @@ def shared_prompt_logps(
         input_ids, attention_mask, chosen_mask, rejected_mask
     )
     embed = _unwrap(model).get_input_embeddings()
-    mask = _model_mask(model, attention_mask_4d.bool(), embed.weight.dtype)
+    if _attn_implementation(model) == "flex_attention":  # block-sparse: no dense [L, L] mask
+        mask = shared_prompt_block_mask(attention_mask, chosen_mask, rejected_mask)
+    else:
+        mask = _model_mask(model, attention_mask_4d.bool(), embed.weight.dtype)
     hidden_all = _final_hidden(model, backbone, input_ids, mask, position_ids)
     hidden = hidden_all[rows, source]  # [M, H]
     sums = rows + b * is_rejected.long()

@@ -123,7 +123,7 @@ class DataConfig:
     #: Run each pair as one row ``prompt + chosen + rejected`` (rejected tokens do not attend to
     #: chosen ones; positions restart after the prompt), so the prompt is computed once. Same
     #: log-probs and gradients up to float rounding (``inpo.logprobs.shared_prompt_logps``);
-    #: needs ``sdpa`` or ``eager`` attention and no sliding-window layers. The ``B`` rows of a
+    #: needs ``sdpa``, ``eager`` or ``flex_attention`` and no sliding-window layers. The ``B`` rows of a
     #: micro-batch run in ``max(1, length_buckets // 2)`` length buckets.
     share_prompt: bool = False
     #: Pack each micro-batch's ``2B`` sequences into padding-free rows as long as its longest
@@ -443,9 +443,9 @@ class TrainConfig:
         if self.model.lora is not None and self.model.dtype == "float16":
             raise ConfigError("model.dtype=float16 with LoRA is not supported; use bfloat16")
         impl = self.model.attn_implementation
-        if self.data.share_prompt and impl not in (None, "sdpa", "eager"):
+        if self.data.share_prompt and impl not in (None, "sdpa", "eager", "flex_attention"):
             raise ConfigError(
-                f"data.share_prompt=true needs a custom 4D attention mask, which "
-                f"model.attn_implementation={impl} does not take; use sdpa or eager "
-                "(or set data.share_prompt=false)"
+                f"data.share_prompt=true needs a custom attention mask, which "
+                f"model.attn_implementation={impl} does not take; use sdpa, eager or "
+                "flex_attention (or set data.share_prompt=false)"
             )

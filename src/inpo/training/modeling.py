@@ -124,7 +124,8 @@ def check_shared_prompt_support(model: torch.nn.Module) -> None:
         )
     device = next(model.parameters()).device
     vocab = int(inner.get_input_embeddings().weight.shape[0])
-    prompt, chosen, rejected = [1, 2, 3], [4, 5, 6], [7, 8]  # c > r: pad the rejected row
+    # c > r: pad the rejected row; long enough for flex attention's CPU kernels (>= 16 a block)
+    prompt, chosen, rejected = list(range(1, 25)), list(range(25, 45)), list(range(45, 57))
     ids = [t % vocab for t in prompt + chosen + rejected]
     p, c, r = len(prompt), len(chosen), len(rejected)
     one = torch.ones(1, p + c + r, dtype=torch.long, device=device)
