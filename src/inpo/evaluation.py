@@ -44,6 +44,15 @@ def _clusters(keys: Sequence[Any]) -> list[np.ndarray]:
     return [np.asarray(v) for v in index.values()]
 
 
+def _resamples(n: int, clusters: Sequence[Any], samples: int, seed: int):
+    """``samples`` bootstrap draws of row indices, whole clusters drawn with replacement."""
+    groups = _clusters(clusters) if len(clusters) else [np.arange(n)]
+    rng = np.random.default_rng(seed)
+    for _ in range(samples):
+        pick = rng.integers(0, len(groups), size=len(groups))
+        yield np.concatenate([groups[g] for g in pick])
+
+
 def cluster_bootstrap(
     stat: Callable[[np.ndarray], float],
     n: int,
@@ -56,12 +65,7 @@ def cluster_bootstrap(
     """Percentile interval of ``stat(indices)`` over bootstrap samples that draw whole clusters
     (``clusters[i]``: the prompt of row ``i``) with replacement. ``stat`` gets the row indices
     of one sample (rows of a cluster drawn twice appear twice)."""
-    groups = _clusters(clusters) if len(clusters) else [np.arange(n)]
-    rng = np.random.default_rng(seed)
-    values = np.empty(samples)
-    for b in range(samples):
-        pick = rng.integers(0, len(groups), size=len(groups))
-        values[b] = stat(np.concatenate([groups[g] for g in pick]))
+    values = np.array([stat(i) for i in _resamples(n, clusters, samples, seed)])
     alpha = (1 - level) / 2
     lo, hi = np.quantile(values, [alpha, 1 - alpha])
     return float(lo), float(hi)
@@ -177,17 +181,13 @@ def bradley_terry_scores(
         return _fit_logistic(x[idx], y[idx], ridge=1e-4)
 
     theta = fit(np.arange(len(rows)))
-    rng_state = {"draws": []}
+    draws = np.array([fit(i) for i in _resamples(len(rows), prompts, samples, seed)])
 
-    def stat(idx: np.ndarray) -> float:
-        rng_state["draws"].append(fit(idx))
-        return 0.0
+    def sig(t: float) -> float:
+        return float(1 / (1 + np.exp(-t)))
 
-    cluster_bootstrap(stat, len(rows), prompts, samples=samples, seed=seed)
-    draws = np.array(rng_state["draws"])
     out = {}
     for j, m in enumerate(names):
         lo, hi = np.quantile(draws[:, j], [0.025, 0.975])
-        sig = lambda t: float(1 / (1 + np.exp(-t)))  # noqa: E731
         out[m] = {"theta": float(theta[j]), "score": sig(theta[j]), "score_ci": [sig(lo), sig(hi)]}
     return out

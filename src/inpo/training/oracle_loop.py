@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,7 +469,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
                 ids = local[m * micro : (m + 1) * micro]
                 weight = 1.0 if ids else 0.0  # a rank out of pairs runs one weighted by zero
                 batch = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
-                sync = accelerator.no_sync(model) if m < n_micro - 1 else _nullcontext()
+                sync = accelerator.no_sync(model) if m < n_micro - 1 else nullcontext()
                 with sync:
                     # ---- the algorithm: the pair's logit, binary cross-entropy, step mean ----
                     with accelerator.autocast():
@@ -566,12 +567,6 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         result["seconds"] = round(time.perf_counter() - t0, 3)
         (out_dir / "eval_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     return OracleTrainResult(out_dir, total_steps, row, result, resume_from)
-
-
-def _nullcontext():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _fingerprint(rows: list[dict], cfg: OracleTrainConfig) -> str:
