@@ -168,6 +168,14 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_shapes(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
+    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
+        raise ValueError(
+            f"shape mismatch: input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
+        )
+
+
 def _targets(
     input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -360,11 +368,7 @@ def sequence_logps(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
-        raise ValueError(
-            f"shape mismatch: input_ids {tuple(input_ids.shape)}, attention_mask "
-            f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
-        )
+    _check_shapes(input_ids, attention_mask, completion_mask)
     backbone, head, config = _parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
     hidden_all = _final_hidden(model, backbone, input_ids, attention_mask)
@@ -417,11 +421,7 @@ def packed_sequence_logps(
     """
     import torch
 
-    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
-        raise ValueError(
-            f"shape mismatch: input_ids {tuple(input_ids.shape)}, attention_mask "
-            f"{tuple(attention_mask.shape)}, completion_mask {tuple(completion_mask.shape)}"
-        )
+    _check_shapes(input_ids, attention_mask, completion_mask)
     backbone, head, config = _parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
     real = attention_mask.bool()
