@@ -307,6 +307,6 @@ def test_conversational_pairs_train_through_the_chat_template(tmp_path, kind):
     # the prompt's last token is where the GPM reads its scale gate: inside the template's
     # generation prompt, before the answer
     tok = chat_tokenizer("llama3")
-    r = render_response(tok, rows[0]["prompt"], "the answer is apple", 512)
+    r = render_response(tok, rows[0]["prompt"], "the answer is apple", 512, prompt_index=True)
     head = tok.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
     assert tok.decode(r.ids[: r.prompt_index + 1]) == head

@@ -248,7 +248,10 @@ class GPMOracle:
 
     def _embed(self, items: list[tuple[Any, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
         torch = self._torch
-        encoded = [render_response(self.tokenizer, p, r, self.max_length) for p, r in items]
+        encoded = [
+            render_response(self.tokenizer, p, r, self.max_length, prompt_index=True)
+            for p, r in items
+        ]
         self.stats.extra["truncated"] += sum(e.truncated for e in encoded)
         out: list[Any] = [None] * len(items)
         pad = self.tokenizer.pad_token_id

@@ -90,12 +90,16 @@ class Rendered(NamedTuple):
     truncated: bool
 
 
-def render_response(tokenizer: Any, prompt: Any, response: str, max_length: int) -> Rendered:
+def render_response(
+    tokenizer: Any, prompt: Any, response: str, max_length: int, *, prompt_index: bool = False
+) -> Rendered:
     """The conversation ``prompt`` + the assistant turn ``response`` in a scoring model's own
     format (reward models, GPMs): its tokenizer's chat template (a text prompt is one user
     turn), or, without one, ``prompt\n\nresponse`` (a conversation as plain text,
     :func:`inpo.data.prompt_text`). Longer than ``max_length``: the last ``max_length`` tokens
-    (the end of the response is what the model pools)."""
+    (the end of the response is what the model pools). ``prompt_index``: also find the prompt's
+    last token (a GPM's scale gate reads it; it costs a second tokenisation, of the prompt
+    alone), else it is ``0``."""
     from inpo.data import prompt_text
 
     tok = tokenizer
@@ -104,21 +108,25 @@ def render_response(tokenizer: Any, prompt: Any, response: str, max_length: int)
         text = tok.apply_chat_template(
             [*turns, {"role": "assistant", "content": response}], tokenize=False
         )
-        head = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         # The template writes its own BOS when it wants one; never add a second.
         bos = tok.bos_token
         add_special = not (bos and text.startswith(bos))
         ids = tok(text, add_special_tokens=add_special)["input_ids"]
-        head_ids = tok(head, add_special_tokens=add_special)["input_ids"]
+        if prompt_index:
+            head = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            head_ids = tok(head, add_special_tokens=add_special)["input_ids"]
     else:
         ids = tok(f"{prompt_text(prompt)}\n\n{response}")["input_ids"]
-        head_ids = tok(f"{prompt_text(prompt)}\n\n")["input_ids"]
+        if prompt_index:
+            head_ids = tok(f"{prompt_text(prompt)}\n\n")["input_ids"]
+    cut = max(0, len(ids) - max_length)
+    if not prompt_index:
+        return Rendered(list(ids[cut:]), 0, cut > 0)
     common = 0
     for x, y in zip(ids, head_ids):
         if x != y:
             break
         common += 1
-    cut = max(0, len(ids) - max_length)
     return Rendered(list(ids[cut:]), max(0, common - 1 - cut), cut > 0)
 
 

@@ -238,8 +238,15 @@ def pair_logits(
         return d, torch.cat([labels, 1.0 - labels])
     from inpo.oracles.reward_model import render_response
 
-    enc = [render_response(tokenizer, r["prompt"], r["chosen"], max_length) for r in rows]
-    enc += [render_response(tokenizer, r["prompt"], r["rejected"], max_length) for r in rows]
+    gpm = kind == "gpm"  # only a GPM reads the prompt's last token
+    enc = [
+        render_response(tokenizer, r["prompt"], r["chosen"], max_length, prompt_index=gpm)
+        for r in rows
+    ]
+    enc += [
+        render_response(tokenizer, r["prompt"], r["rejected"], max_length, prompt_index=gpm)
+        for r in rows
+    ]
     ids, mask = _pad([e.ids for e in enc], pad, left=False, device=device)
     n = len(rows)
     if kind == "bt":
