@@ -28,12 +28,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from inpo.config import config_to_dict, save_config
+from inpo.config import save_config
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
 from inpo.training.oracle_config import OracleTrainConfig
 
@@ -340,17 +341,16 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         find_latest_checkpoint,
         load_checkpoint,
         restore_rng_state,
-        save_checkpoint,
     )
     from inpo.training.loop import (
         WarmupSchedule,
         _as_float,
         _epoch_order,
-        _full_model_state,
         _load_model_state,
         _optimizer,
         _resolve_bf16,
         _resume_point,
+        _save,
     )
     from inpo.training.metrics import MetricsLogger
     from inpo.training.modeling import check_model_dir
@@ -421,30 +421,23 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         enabled=is_main,
     )
 
+    # inpo train's checkpoint writer (full state, verified, pruned); the data position is two
+    # integers, so the step arithmetic is all it needs of the data
+    position = SimpleNamespace(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
     def checkpoint(step: int, rng: dict | None = None) -> Path | None:
-        model_state = _full_model_state(accelerator, model)
-        path = None
-        if is_main:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            path = save_checkpoint(
-                ckpt_root,
-                step=step,
-                model_state=model_state,
-                optimizer_state=optimizer.state_dict(),
-                scheduler=scheduler,
-                trainer_state={
-                    "epoch": epoch,
-                    "step_in_epoch": in_epoch,
-                    "total_steps": total_steps,
-                    "num_processes": world,
-                    "inputs": fingerprint,
-                    "config": config_to_dict(cfg),
-                },
-                rng_state=rng,
-                keep=cfg.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
-        return path
+        return _save(
+            cfg,
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            position,
+            ckpt_root,
+            step,
+            rng,
+            fingerprint,
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
     bar = progress(
