@@ -192,6 +192,20 @@ def word_tokenizer(words: Sequence[str], *, add_bos: bool = False):
     return _wrap(tk, add_bos)
 
 
+#: Qwen2-0.5B's sizes, for the GPU benchmarks' random-weight stand-in, built as a Llama
+#: (``tiny_causal_lm("llama", tok, **QWEN2_05B)``; Qwen2 adds biases to q/k/v, 0.3% of the
+#: FLOPs): under a ``qwen2`` config ``AutoTokenizer`` swaps our word tokenizer for Qwen2's class.
+QWEN2_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+}
+
+
 def _config(arch: str, tokenizer: Any, **sizes: int):
     from transformers import GPT2Config, LlamaConfig
 

@@ -751,6 +751,8 @@ def train(
     order: list[int] = []
     order_epoch = -1
     g = cfg.optim.global_batch_size
+    if accelerator.device.type == "cuda":  # max_memory_gib: training's peak, not generation's
+        torch.cuda.reset_peak_memory_stats()
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -805,6 +807,8 @@ def train(
                 "logps_chosen": s[8] / n_pairs,
                 "logps_rejected": s[9] / n_pairs,
             }
+            if accelerator.device.type == "cuda":  # this process's peak in training
+                row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", tok_s=f"{row['tokens_per_s']:.0f}")

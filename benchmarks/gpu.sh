@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU measurements in one prepared run (~6 minutes on one H100/H200; nothing is downloaded):
+#   1. benchmarks/train_throughput.py --device cuda: inpo train (padded, share_prompt, packing)
+#      vs TRL DPOTrainer (default, precomputed references), tokens/s and MFU, bf16, 0.5B sizes;
+#   2. benchmarks/gpu_iteration.py: one whole `inpo run` iteration with and without FSDP;
+#   3. benchmarks/packing.py --device cuda: packed/flex/shared-prompt layouts and the fp32 check
+#      of flex attention's shared-prompt gradients against sdpa's dense mask.
+# Each writes its Markdown table to $OUT (default /tmp/inpo-gpu-out) with its log; copy the
+# tables into benchmarks/results/. Needs trl and datasets (pip install -e '.[lm,bench]').
+# Usage: OUT=/some/dir bash benchmarks/gpu.sh      (or: make bench-gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/inpo-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+{ nvidia-smi; uptime; python -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } >"$OUT/env.txt" 2>&1
+rc=0
+timeout 270 python benchmarks/train_throughput.py --device cuda --steps 8 --rounds 2 \
+  --out "$OUT/train_throughput_gpu.md" >"$OUT/train_throughput.log" 2>&1 || rc=1
+tail -n 30 "$OUT/train_throughput.log"
+timeout 200 python benchmarks/gpu_iteration.py --prompts 96 --max-new-tokens 96 \
+  --out "$OUT/gpu_iteration.md" >"$OUT/gpu_iteration.log" 2>&1 || rc=1
+tail -n 20 "$OUT/gpu_iteration.log"
+timeout 120 python benchmarks/packing.py --device cuda --rounds 3 --batches 4 \
+  --out "$OUT/packing_gpu.md" >"$OUT/packing_gpu.log" 2>&1 || rc=1
+tail -n 25 "$OUT/packing_gpu.log"
+exit $rc
