@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast faults lint format bench reliability clean vllm-env test-vllm
+.PHONY: install run test test-fast faults lint format bench bench-gpu reliability clean vllm-env test-vllm
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -61,6 +61,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/game_nash.py
 	$(PYTHON) benchmarks/default_task.py
+
+# One CUDA GPU, ~8 minutes: training throughput vs TRL, one inpo run iteration, packing layouts
+# (tables in $$OUT, default /tmp/inpo-gpu-out; copy them into benchmarks/results/).
+bench-gpu: $(STAMP)
+	$(PYTHON) -m pip install -q 'trl>=1.0'
+	bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(STAMP) build dist .pytest_cache inpo-run inpo-game.png

@@ -295,7 +295,7 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         "default, freed large blocks stay in the heap and FSDP's per-layer gather-and-free "
         "cycles read as growth (measured on rank 1 after 6 steps: full_shard +225 MiB over DDP "
         "with the default, -124 MiB with large blocks mmap'ed). On a GPU the figure to read is "
-        "`torch.cuda.max_memory_allocated` (benchmarks/gpu_iteration.sh).",
+        "`torch.cuda.max_memory_allocated` (benchmarks/gpu_iteration.py).",
         "",
         "| engine | rank 0 peak RSS (MiB) per round | rank 1 peak RSS (MiB) per round | "
         "rank 1 median |",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements in one prepared run (~6 minutes on one H100/H200; nothing is downloaded):
+# The GPU measurements in one prepared run (~8 minutes on one H200; nothing is downloaded):
 #   1. benchmarks/train_throughput.py --device cuda: inpo train (padded, share_prompt, packing)
 #      vs TRL DPOTrainer (default, precomputed references), tokens/s and MFU, bf16, 0.5B sizes;
 #   2. benchmarks/gpu_iteration.py: one whole `inpo run` iteration with and without FSDP;
@@ -16,13 +16,13 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HU
 export TOKENIZERS_PARALLELISM=false
 { nvidia-smi; uptime; python -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } >"$OUT/env.txt" 2>&1
 rc=0
-timeout 270 python benchmarks/train_throughput.py --device cuda --steps 8 --rounds 2 \
-  --out "$OUT/train_throughput_gpu.md" >"$OUT/train_throughput.log" 2>&1 || rc=1
+timeout 260 python benchmarks/train_throughput.py --device cuda --steps 4 --rounds 2 --micro 32 --accum 1 \
+  --kinds inpo-packed,inpo-shared,trl,trl-precompute --out "$OUT/train_throughput_gpu.md" >"$OUT/train_throughput.log" 2>&1 || rc=1
 tail -n 30 "$OUT/train_throughput.log"
-timeout 200 python benchmarks/gpu_iteration.py --prompts 96 --max-new-tokens 96 \
+timeout 170 python benchmarks/gpu_iteration.py --prompts 96 --max-new-tokens 96 \
   --out "$OUT/gpu_iteration.md" >"$OUT/gpu_iteration.log" 2>&1 || rc=1
 tail -n 20 "$OUT/gpu_iteration.log"
-timeout 120 python benchmarks/packing.py --device cuda --rounds 3 --batches 4 \
+timeout 80 python benchmarks/packing.py --device cuda --rounds 3 --batches 4 \
   --out "$OUT/packing_gpu.md" >"$OUT/packing_gpu.log" 2>&1 || rc=1
 tail -n 25 "$OUT/packing_gpu.log"
 exit $rc

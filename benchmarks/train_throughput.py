@@ -364,6 +364,8 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: a 0.5B model in bf16"
     )
+    parser.add_argument("--micro", type=int, help="pairs a micro-batch (default: 4; cuda: 8)")
+    parser.add_argument("--accum", type=int, help="micro-batches a step (default: 2)")
     parser.add_argument("--out", help="the results file (default: results/train_throughput*.md)")
     args = parser.parse_args()
     args.out = args.out or str(RESULTS_GPU if args.device == "cuda" else RESULTS)
@@ -383,7 +385,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="inpo-bench-"))
     gpu = args.device == "cuda"
     micro, accum = (GPU["micro"], GPU["accum"]) if gpu else (MICRO, ACCUM)
+    micro, accum = args.micro or micro, args.accum or accum
     setup = build(work, pairs=args.steps * micro * accum, device=args.device)
+    setup["micro"], setup["accum"] = micro, accum
     (work / "setup.json").write_text(json.dumps(setup))
     peak = matmul_peak_flops(device=args.device)
     print(f"params {setup['params'] / 1e6:.1f}M, GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -424,6 +428,8 @@ def main() -> None:
         f"- Command: `python benchmarks/train_throughput.py --steps {args.steps} "
         f"--rounds {args.rounds}"
         + (" --device cuda" if gpu else "")
+        + (f" --micro {args.micro}" if args.micro else "")
+        + (f" --accum {args.accum}" if args.accum else "")
         + (f" --kinds {','.join(kinds)}`" if kinds != KINDS else "`"),
         f"- Model: {setup['model']}, vocabulary {setup['vocab']:,}; "
         f"{setup['params'] / 1e6:.2f}M parameters ({n / 1e6:.2f}M without the input embedding); "

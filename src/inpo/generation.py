@@ -153,7 +153,12 @@ PREFILL_ONCE = True
 
 #: Preallocate the KV cache (a ``StaticCache`` of prompt + ``max_new_tokens`` positions) where
 #: the model supports one, instead of a cache that grows by concatenation every step (which
-#: copies the whole cache each token: on CPU, a third of a step at 40M parameters).
+#: copies the whole cache each token: on CPU, a third of a step at 40M parameters). On CUDA
+#: transformers would ``torch.compile`` the forward for a static cache, recompiling as the
+#: chunks' prompt lengths change; ``generate_chunks`` turns that off (``disable_compile``): on
+#: an H200 one iteration's generate stage of 768 samples × 96 tokens took 101 s with it (3
+#: chunks: a compile and a dynamic-shape recompile, by all signs) while the evaluate stage,
+#: reusing the graphs, took 4 s (benchmarks/results/gpu_iteration.md; not yet re-measured).
 STATIC_CACHE = True
 
 
@@ -338,6 +343,7 @@ def generate_chunks(
                     eos_token_id=eos,
                     pad_token_id=int(pad),
                     use_cache=True,
+                    disable_compile=True,  # see STATIC_CACHE
                     **({_cache_kwarg(): cache} if cache is not None else {}),
                 )
             new = out[:, length:].cpu()

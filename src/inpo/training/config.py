@@ -118,8 +118,10 @@ class DataConfig:
     #: similar length. The step's gradient is a sum over its pairs, so this changes no maths.
     group_by_length: bool = True
     #: Run each micro-batch's ``2B`` sequences as this many length-sorted forward passes, each
-    #: cut to its longest sequence (exact with right padding; less padding computed).
-    length_buckets: int = 4
+    #: cut to its longest sequence (exact with right padding; less padding computed). null: 4 on
+    #: CPU (1.26× one padded pass), 1 on GPUs, where a micro-batch is launch-bound and 4 passes
+    #: ran at 0.36× of one (benchmarks/results/packing.md, packing_gpu.md).
+    length_buckets: int | None = None
     #: Run each pair as one row ``prompt + chosen + rejected`` (rejected tokens do not attend to
     #: chosen ones; positions restart after the prompt), so the prompt is computed once. Same
     #: log-probs and gradients up to float rounding (``inpo.logprobs.shared_prompt_logps``);
@@ -128,7 +130,8 @@ class DataConfig:
     share_prompt: bool = False
     #: Pack each micro-batch's ``2B`` sequences into padding-free rows as long as its longest
     #: sequence, position ids restarting per sequence (``inpo.logprobs.packed_sequence_logps``):
-    #: no padding computed, the same log-probs. Measured in benchmarks/results/packing.md.
+    #: no padding computed, the same log-probs. The fastest layout measured on CPU and GPU
+    #: (benchmarks/results/packing.md, packing_gpu.md).
     packing: bool = False
 
     def validate(self) -> None:
@@ -148,7 +151,7 @@ class DataConfig:
                     f"data.dataset_name '{self.dataset_name}' is neither a folder nor a hub id "
                     "(owner/name)"
                 )
-        if self.length_buckets < 1:
+        if self.length_buckets is not None and self.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
         if self.packing and self.share_prompt:
             raise ConfigError(

@@ -211,6 +211,14 @@ def bucketed_shared_logps(
     return out
 
 
+def _length_buckets(cfg: TrainConfig, accelerator: Any) -> int:
+    """``data.length_buckets``, null resolved per device: 4 on CPU, 1 on accelerators (a GPU
+    micro-batch is launch-bound: 4 passes ran at 0.36× of one, benchmarks/results/packing_gpu.md)."""
+    if cfg.data.length_buckets is not None:
+        return cfg.data.length_buckets
+    return 4 if accelerator.device.type == "cpu" else 1
+
+
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
     """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
     a pair truncated differently has reference log-probs of another completion."""
@@ -879,7 +887,7 @@ def _step(
     micro = cfg.optim.per_device_batch_size
     # FSDP gathers each layer's weights in every forward (a collective): every rank must run
     # as many forwards, so one call per micro-batch, not one per length bucket
-    buckets = 1 if _is_fsdp(model) or cfg.data.packing else cfg.data.length_buckets
+    buckets = 1 if _is_fsdp(model) or cfg.data.packing else _length_buckets(cfg, accelerator)
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(10, dtype=torch.float64)
@@ -896,7 +904,7 @@ def _step(
             # ---- the algorithm: policy log-probs, the declared loss, mean over the step ------
             with accelerator.autocast():
                 if cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
-                    logps = bucketed_shared_logps(model, batch, buckets=cfg.data.length_buckets)
+                    logps = bucketed_shared_logps(model, batch, buckets=buckets)
                 else:
                     logps = bucketed_logps(
                         logps_fn,
