@@ -346,3 +346,32 @@ def test_without_eval_prompts_the_first_files_last_prompts_are_held_out(tmp_path
     assert cfg.annotate.oracle == "task"  # the default
     with pytest.raises(ConfigError, match="task=prompts has no oracle of its own"):
         PromptFileWorkload(cfg)
+
+
+def test_a_prompt_of_no_tokens_is_a_named_bad_row(tmp_path):
+    """A prompt the tokenizer makes nothing of is refused before any model loads, naming the
+    row (generation would otherwise fail deep inside ``generate`` on an empty attention mask:
+    seen with a word tokenizer saved beside a Qwen2 config, which transformers swapped for
+    Qwen2's). Here a tokenizer whose normaliser deletes digits, and a prompt of digits."""
+    from tokenizers import Regex, normalizers
+
+    from inpo.config import load_config
+    from inpo.errors import DataError
+    from inpo.pipeline.config import RunConfig
+    from inpo.pipeline.workloads import PromptFileWorkload
+    from inpo.tiny import word_tokenizer
+
+    tok = word_tokenizer(["red", "blue"])
+    tok.backend_tokenizer.normalizer = normalizers.Replace(Regex("[0-9]"), "")
+    policy = save_tiny_lm(tmp_path / "words", "llama", tokenizer=tok, hidden_size=32)
+    files = tmp_path / "p.jsonl"
+    rows = [{"prompt": "red blue"}, {"prompt": "2026"}, {"prompt": "blue"}]
+    files.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = tmp_path / "e.jsonl"
+    ev.write_text(json.dumps({"prompt": "red"}) + "\n")
+    cfg = load_config(RunConfig, None, _run_args(tmp_path, policy, [files], ev))
+    with pytest.raises(DataError, match=r"p.jsonl: row 1: field 'prompt': no tokens: the "):
+        PromptFileWorkload(cfg)
+    cfg.skip_bad_rows = True
+    work = PromptFileWorkload(cfg)
+    assert work.train_prompts_for(0) == ["red blue", "blue"] and work.skipped == 1

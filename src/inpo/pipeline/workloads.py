@@ -279,8 +279,9 @@ class PromptFileWorkload(Workload):
 
     def _fit_model(self, prompts: list[Any], source: str) -> list[Any]:
         """Every prompt checked against the policy before any model loads: a conversation needs
-        a chat template; a prompt must fit the context with room for one token. A bad row is an
-        error naming the file and row, or (``skip_bad_rows``) skipped and counted."""
+        a chat template; a prompt must be at least one token (a tokenizer that does not know the
+        text can make nothing of it) and fit the context with room for one more. A bad row is
+        an error naming the file and row, or (``skip_bad_rows``) skipped and counted."""
         from inpo.data import encode_prompt
 
         tok, ctx, name = self._tokenizer_and_context()
@@ -290,9 +291,11 @@ class PromptFileWorkload(Workload):
             problem = None
             if isinstance(prompt, list) and not template:
                 problem = f"a conversation, but the tokenizer of '{name}' has no chat template"
-            elif ctx is not None:
+            else:
                 n = len(encode_prompt(tok, prompt))
-                if n >= ctx:
+                if n == 0:
+                    problem = f"no tokens: the tokenizer of '{name}' makes nothing of it"
+                elif ctx is not None and n >= ctx:
                     problem = (
                         f"{n} tokens, longer than the context of '{name}' "
                         f"({ctx} positions, one needed for the answer)"
