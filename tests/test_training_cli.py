@@ -64,3 +64,31 @@ def test_cli_trains_a_tiny_model_end_to_end(tmp_path, capsys):
     # the same command again: resumes from the final checkpoint, does nothing
     assert main(["train", str(cfg), f"output_dir={out}", "optim.max_steps=2"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_a_deepspeed_launch_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """``accelerate launch --config_file ds.yaml`` sets ``ACCELERATE_USE_DEEPSPEED``: DeepSpeed's
+    engine would step inside ``backward`` (skipping the loop's non-finite checks), so the
+    launch stops with a one-line error naming what to use, instead of training silently
+    otherwise (on CPU accelerate would ignore it) or wrongly."""
+    from inpo.tiny import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "model", "llama", hidden_size=32, num_hidden_layers=2)
+    data = tmp_path / "pairs.jsonl"
+    row = {"prompt": "Say", "chosen": " yes", "rejected": " no", "ref_chosen_logps": -9.0}
+    data.write_text(json.dumps(row | {"ref_rejected_logps": -12.0}) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"model: {{path: {model_dir}}}\ndata: {{train_file: {data}}}\nloss: {{name: dpo}}\n"
+        "optim: {global_batch_size: 1, per_device_batch_size: 1}\n"
+        "logging: {progress_bar: false}\n"
+    )
+    capsys.readouterr()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    code = main(["train", str(cfg), f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert (
+        "\n" not in err and "DeepSpeed is not supported" in err and "train.fsdp=full_shard" in err
+    )
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -388,7 +388,8 @@ class TrainConfig:
     #: accelerate's FSDP plugin): ``full_shard`` (ZeRO-3-like: parameters re-sharded after
     #: each forward), ``shard_grad_op`` (ZeRO-2-like: kept gathered between forward and
     #: backward), ``none`` (DDP: a full replica per process). An accelerate config file passed
-    #: to ``accelerate launch`` (FSDP or DeepSpeed) is honoured when this is ``none``.
+    #: to ``accelerate launch`` that selects FSDP is honoured on GPUs when this is ``none``; one
+    #: that selects DeepSpeed is refused (not supported yet).
     fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
     #: FSDP: keep the sharded parameters and optimizer state in CPU memory.
     fsdp_cpu_offload: bool = False

@@ -439,9 +439,19 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     itself runs on CPU with gloo, so there the plugin is installed on the state by hand and
     ``prepare`` takes accelerate's own FSDP2 path — the same code as on GPUs, testable on CPU.
     """
+    import os
+
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        # DeepSpeed's engine steps inside backward: it would skip the checks this loop makes
+        # before a step (non-finite loss or gradient norm) and needs its own checkpoint format
+        raise ConfigError(
+            "DeepSpeed is not supported by inpo train yet (the accelerate config of this launch "
+            "selects it); use train.fsdp=full_shard instead (FSDP2 shards parameters, gradients "
+            "and optimizer state, as ZeRO-3 does)"
+        )
     kwargs: dict[str, Any] = {
         "mixed_precision": "bf16" if bf16 else "no",
         "cpu": not torch.cuda.is_available(),
