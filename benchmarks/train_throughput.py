@@ -11,6 +11,8 @@ subprocess (so peak memory is per trainer):
   ``prompt + chosen + rejected``, so the prompt is computed once);
 * ``inpo-packed``: the same with ``data.packing=true`` (each micro-batch's sequences packed
   into padding-free rows as long as the longest);
+* ``inpo-shared-packed``: both (the rows ``prompt + chosen + rejected`` packed without
+  padding, each pair in its own segment);
 * ``trl``: ``trl.DPOTrainer`` with its defaults for the reference (a frozen reference model run
   every step);
 * ``trl-precompute``: ``DPOTrainer(precompute_ref_log_probs=True)`` (reference pass before
@@ -64,7 +66,8 @@ VOCAB = [f"w{i}" for i in range(4000)]
 MICRO, ACCUM = 4, 2
 #: ``--device cuda``: the vocabulary, batch and lengths of the GPU measurement.
 GPU = {"vocab": 32000, "micro": 8, "accum": 2, "prompt": (32, 128), "completion": (32, 384)}
-KINDS = ("inpo", "inpo-shared", "inpo-packed", "trl", "trl-precompute")
+KINDS = ("inpo", "inpo-shared", "inpo-packed", "inpo-shared-packed", "trl", "trl-precompute")
+OURS = KINDS[:4]
 
 
 def rss_mb() -> float:
@@ -320,10 +323,8 @@ def worker(kind: str, setup_path: Path) -> None:
     setup = json.loads(setup_path.read_text())
     work = setup_path.parent
     gemm_before = matmul_peak_flops(device=setup["device"])
-    if kind in ("inpo", "inpo-shared", "inpo-packed"):
-        out = run_inpo(
-            setup, work, share_prompt=kind == "inpo-shared", packing=kind == "inpo-packed"
-        )
+    if kind in OURS:
+        out = run_inpo(setup, work, share_prompt="shared" in kind, packing="packed" in kind)
     else:
         out = run_trl(setup, work, precompute=kind == "trl-precompute")
     # the machine's speed drifts with other jobs: measure its peak around each run
@@ -461,7 +462,9 @@ def main() -> None:
         "positions (`inpo.logprobs.sequence_logps`). With `data.share_prompt=true` each "
         "micro-batch runs B rows `prompt + chosen + rejected` instead (rejected tokens do not "
         "attend to chosen ones, positions restart after the prompt; a boolean 4D mask through "
-        "sdpa), the B rows in 2 length buckets (`length_buckets // 2`).",
+        "sdpa), the B rows in 2 length buckets (`length_buckets // 2`). With "
+        "`data.packing=true` too, those B rows are packed into padding-free rows as long as "
+        "the longest, each pair attending only within its own segment.",
         "",
         "| trainer | tokens/s per round | median tokens/s | MFU per round "
         "| peak RSS (MiB) | RSS growth in training (MiB) |"
@@ -472,6 +475,7 @@ def main() -> None:
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
         "inpo-shared": "inpo train, data.share_prompt=true",
         "inpo-packed": "inpo train, data.packing=true",
+        "inpo-shared-packed": "inpo train, data.share_prompt=true data.packing=true",
         "trl": "TRL DPOTrainer (reference model each step)",
         "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs=True)",
     }
@@ -488,7 +492,7 @@ def main() -> None:
     lines += ["", "| speed-up (tokens/s ratio) | per round | median of rounds |", "|---|---:|---:|"]
     pairs = [
         (ours, base)
-        for ours in ("inpo", "inpo-shared", "inpo-packed")
+        for ours in OURS
         for base in ("trl", "trl-precompute", "inpo")
         if ours != base and ours in kinds and base in kinds
     ]
@@ -518,7 +522,7 @@ def main() -> None:
             "and the padding and prompt copies `inpo train` does not compute."
         )
     goals = (("trl", 2.0, "TRL DPOTrainer's default"), ("trl-precompute", 1.5, "TRL's best"))
-    for ours in ("inpo", "inpo-shared", "inpo-packed"):
+    for ours in OURS:
         for base, target, label in goals:
             if (ours, base) not in ratios:
                 continue

@@ -639,20 +639,17 @@ def test_packing_trains_the_weights_of_the_padded_batch(tiny, tmp_path):
     assert max_diff(runs["true"], weights(tiny[0])) > 1e-3
 
 
-def test_packing_is_refused_with_share_prompt(tmp_path):
-    from inpo.config import load_config
-    from inpo.errors import ConfigError
-
-    (tmp_path / "x.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="choose one"):
-        load_config(
-            TrainConfig,
-            None,
-            [
-                f"output_dir={tmp_path / 'o'}",
-                f"model.path={tmp_path}",
-                f"data.train_file={tmp_path / 'x.jsonl'}",
-                "data.packing=true",
-                "data.share_prompt=true",
-            ],
-        )
+def test_packing_with_share_prompt_trains_the_weights_of_the_padded_batch(tiny, tmp_path):
+    """``data.packing`` with ``data.share_prompt``: the rows ``prompt + chosen + rejected``
+    packed without padding, each pair in its own segment: the same training as unshared
+    padded micro-batches."""
+    runs = {}
+    for name, extra in (
+        ("padded", ()),
+        ("shared_packed", ("data.packing=true", "data.share_prompt=true")),
+    ):
+        out = tmp_path / name
+        train(make_cfg(tiny, out, *extra, "optim.per_device_batch_size=2"))
+        runs[name] = weights(out)
+    assert max_diff(runs["shared_packed"], runs["padded"]) < 1e-5
+    assert max_diff(runs["shared_packed"], weights(tiny[0])) > 1e-3

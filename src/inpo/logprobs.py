@@ -525,18 +525,25 @@ def _head_sums(
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-def shared_prompt_block_mask(attention_mask: Tensor, chosen_mask: Tensor, rejected_mask: Tensor):
+def shared_prompt_block_mask(
+    attention_mask: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    segment: Tensor | None = None,
+):
     """:func:`shared_prompt_mask` as flex attention's ``BlockMask``, from the ``[B, L]`` token
     masks alone (no ``[B, L, L]`` tensor): causal over real tokens, rejected tokens blind to
-    chosen ones, every position seeing itself."""
+    chosen ones, every position seeing itself (and, given ``segment``, only its own segment)."""
+    import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
     real = attention_mask.bool()
     chosen, rejected = chosen_mask.bool(), rejected_mask.bool()
+    seg = segment if segment is not None else torch.zeros_like(attention_mask, dtype=torch.long)
 
     def mask_mod(b, h, q, kv):
         seen = (kv <= q) & real[b, kv] & real[b, q] & ~(rejected[b, q] & chosen[b, kv])
-        return seen | (q == kv)
+        return (seen & (seg[b, q] == seg[b, kv])) | (q == kv)
 
     batch, length = real.shape
     return create_block_mask(
@@ -545,14 +552,19 @@ def shared_prompt_block_mask(attention_mask: Tensor, chosen_mask: Tensor, reject
 
 
 def shared_prompt_mask(
-    attention_mask: Tensor, chosen_mask: Tensor, rejected_mask: Tensor
+    attention_mask: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    segment: Tensor | None = None,
 ) -> Tensor:
     """Boolean ``[B, 1, L, L]`` attention (``True`` = query attends key) of shared-prompt rows.
 
     Causal over real tokens, except that rejected tokens do not see chosen tokens, so the
     rejected completion is conditioned on the prompt alone. Every position also sees itself, so
     padding queries never have an empty row (no NaN in ``softmax``); no real token sees padding.
-    Inputs are ``[B, L]`` (``attention_mask`` 1 on real tokens).
+    Inputs are ``[B, L]`` (``attention_mask`` 1 on real tokens). ``segment`` (``[B, L]``, packed
+    rows): tokens attend only within their own segment (one pair's ``prompt + chosen +
+    rejected`` each).
     """
     import torch
 
@@ -561,6 +573,8 @@ def shared_prompt_mask(
     real = attention_mask.bool()
     allowed = (idx[:, None] >= idx[None, :])[None] & real[:, :, None] & real[:, None, :]
     allowed &= ~(rejected_mask.bool()[:, :, None] & chosen_mask.bool()[:, None, :])
+    if segment is not None:
+        allowed &= segment[:, :, None] == segment[:, None, :]
     allowed |= torch.eye(length, dtype=torch.bool, device=idx.device)[None]
     return allowed[:, None]
 
@@ -691,6 +705,86 @@ def shared_prompt_logps(
         mask = _model_mask(model, attention_mask_4d.bool(), embed.weight.dtype)
     hidden_all = _final_hidden(model, backbone, input_ids, mask, position_ids)
     hidden = hidden_all[rows, source]  # [M, H]
+    sums = rows + b * is_rejected.long()
+    return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
+
+
+def packed_shared_prompt_logps(
+    model: Any,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    attention_mask: Tensor,
+    *,
+    capacity: int | None = None,
+    chunk_size: int = 1024,
+    fused: bool | None = None,
+) -> Tensor:
+    """:func:`shared_prompt_logps` without padding: the ``B`` rows ``prompt + chosen +
+    rejected`` (a ``share_prompt`` collator batch) concatenated into packed rows as long as the
+    longest of them (``capacity``; first-fit decreasing, :func:`pack_rows`).
+
+    Each pair keeps its own positions (restarting after the prompt for the rejected answer)
+    and attends only within its own segment, with the shared-prompt rule inside it
+    (:func:`shared_prompt_mask` with ``segment``; a block mask with ``flex_attention``). The
+    same sums as :func:`shared_prompt_logps` and as :func:`sequence_logps` on the ``2B``
+    unshared sequences, and their gradients (tests: to 1e-5): the prompt computed once, no
+    padding computed. Returns ``[2B]``: chosen ``0..B-1``, rejected ``B..2B-1``.
+    """
+    import torch
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, t in (
+        ("position_ids", position_ids),
+        ("chosen_mask", chosen_mask),
+        ("rejected_mask", rejected_mask),
+        ("attention_mask", attention_mask),
+    ):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} != input_ids {tuple(input_ids.shape)}")
+    backbone, head, config = _parts(model)
+    b = input_ids.shape[0]
+    rows, source, target, is_rejected = _shared_targets(
+        input_ids, attention_mask, chosen_mask, rejected_mask
+    )
+    real = attention_mask.bool()
+    lengths = real.sum(-1).tolist()
+    bins = pack_rows(lengths, capacity or max(lengths))
+    width = max(sum(lengths[i] for i in members) for members in bins)
+    device = input_ids.device
+    shape = (len(bins), width)
+    ids = torch.zeros(shape, dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)
+    segment = torch.zeros_like(ids)
+    chosen = torch.zeros(shape, dtype=torch.bool, device=device)
+    rejected = torch.zeros_like(chosen)
+    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)  # flat packed index
+    for r, members in enumerate(bins):
+        at = 0
+        for s, i in enumerate(members):
+            n, sel = lengths[i], real[i]
+            ids[r, at : at + n] = input_ids[i][sel]
+            positions[r, at : at + n] = position_ids[i][sel]
+            segment[r, at : at + n] = s
+            chosen[r, at : at + n] = chosen_mask[i][sel].bool()
+            rejected[r, at : at + n] = rejected_mask[i][sel].bool()
+            where[i, sel] = r * width + at + torch.arange(n, device=device)
+            at += n
+        if at < width:  # the filler: a segment of its own, never scored
+            positions[r, at:] = torch.arange(width - at, device=device)
+            segment[r, at:] = len(members)
+            ids[r, at:] = ids[r, 0]
+    every = torch.ones(shape, dtype=torch.long, device=device)
+    if _attn_implementation(model) == "flex_attention":
+        mask = shared_prompt_block_mask(every, chosen, rejected, segment)
+    else:
+        embed = _unwrap(model).get_input_embeddings()
+        dense = shared_prompt_mask(every, chosen, rejected, segment)
+        mask = _model_mask(model, dense, embed.weight.dtype)
+    hidden_all = _final_hidden(model, backbone, ids, mask, positions)
+    hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, source]]
     sums = rows + b * is_rejected.long()
     return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
 

@@ -307,7 +307,8 @@ class TrainStageConfig:
     gradient_checkpointing: bool = False
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
-    #: Run each micro-batch as one padding-free row (position ids restart per sequence).
+    #: Run each micro-batch as padding-free rows (position ids restart per sequence); with
+    #: share_prompt, the rows prompt + chosen + rejected are packed.
     packing: bool = False
     #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50
@@ -356,8 +357,6 @@ class TrainStageConfig:
                 "train.fsdp runs the LM head inside the model's forward (padded rows); "
                 "train.packing=true is not supported with it"
             )
-        if self.packing and self.share_prompt:
-            raise ConfigError("train.packing and train.share_prompt are two layouts; choose one")
         if self.fsdp != "none" and self.gradient_checkpointing:
             raise ConfigError(
                 "with train.fsdp, use train.fsdp_activation_checkpointing=true instead of "

@@ -130,7 +130,9 @@ class DataConfig:
     share_prompt: bool = False
     #: Pack each micro-batch's ``2B`` sequences into padding-free rows as long as its longest
     #: sequence, position ids restarting per sequence (``inpo.logprobs.packed_sequence_logps``):
-    #: no padding computed, the same log-probs. The fastest layout measured on CPU and GPU
+    #: no padding computed, the same log-probs. With ``share_prompt`` the ``B`` rows ``prompt +
+    #: chosen + rejected`` are packed, each pair in a segment of its own
+    #: (``inpo.logprobs.packed_shared_prompt_logps``). The fastest layout measured on CPU and GPU
     #: (benchmarks/results/packing.md, packing_gpu.md).
     packing: bool = False
 
@@ -153,11 +155,6 @@ class DataConfig:
                 )
         if self.length_buckets is not None and self.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1, got {self.length_buckets}")
-        if self.packing and self.share_prompt:
-            raise ConfigError(
-                "data.packing=true and data.share_prompt=true are two layouts of a batch; "
-                "choose one"
-            )
         for key in ("max_prompt_length", "max_completion_length"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -211,6 +211,16 @@ def bucketed_shared_logps(
     return out
 
 
+def packed_shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`inpo.logprobs.packed_shared_prompt_logps` on a ``share_prompt`` collator batch
+    (``data.share_prompt`` with ``data.packing``). Returns ``[2B]`` as
+    :func:`bucketed_shared_logps` does."""
+    from inpo.logprobs import packed_shared_prompt_logps
+
+    keys = ("input_ids", "position_ids", "chosen_mask", "rejected_mask", "attention_mask")
+    return packed_shared_prompt_logps(model, *(batch[k] for k in keys)).float()
+
+
 def _length_buckets(cfg: TrainConfig, accelerator: Any) -> int:
     """``data.length_buckets``, null resolved per device: 4 on CPU, 1 on accelerators (a GPU
     micro-batch is launch-bound: 4 passes ran at 0.36× of one, benchmarks/results/packing_gpu.md)."""
@@ -709,7 +719,7 @@ def train(
     model = load_policy(cfg.model)
     if cfg.data.share_prompt:
         check_shared_prompt_support(model)
-    if cfg.data.packing:
+    if cfg.data.packing and not cfg.data.share_prompt:  # shared rows get an explicit mask
         from inpo.logprobs import check_packing_support
 
         try:
@@ -913,7 +923,9 @@ def _step(
         with sync:
             # ---- the algorithm: policy log-probs, the declared loss, mean over the step ------
             with accelerator.autocast():
-                if cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
+                if cfg.data.share_prompt and cfg.data.packing:  # ... packed, no padding
+                    logps = packed_shared_logps(model, batch)
+                elif cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
                     logps = bucketed_shared_logps(model, batch, buckets=buckets)
                 else:
                     logps = bucketed_logps(
