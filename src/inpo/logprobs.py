@@ -22,7 +22,7 @@ measures the peak memory and time of both against the full-logits computation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -394,6 +394,66 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+class _Packing(NamedTuple):
+    """Where each real token of ``N`` padded sequences goes in ``R`` packed rows of ``width``."""
+
+    where: Tensor  # [N, L] flat packed index of each real token (0 on padding)
+    real: Tensor  # [N, L] bool
+    rank: Tensor  # [N, L] the token's index within its own sequence
+    shape: tuple[int, int]  # (R, width)
+    segment_of: Tensor  # [N] the sequence's segment within its row (0, 1, ...)
+    used: Tensor  # [R] real tokens in each row (the filler starts there)
+    members: Tensor  # [R] sequences in each row (the filler's segment)
+
+
+def _pack_layout(attention_mask: Tensor, capacity: int | None) -> _Packing:
+    """The packed layout of :func:`pack_rows`, computed with a few whole-tensor operations
+    (one host round-trip for the lengths), so a GPU runs no kernel per sequence."""
+    import torch
+
+    real = attention_mask.bool()
+    lengths = real.sum(-1).tolist()
+    bins = pack_rows(lengths, capacity or max(lengths))
+    width = max(sum(lengths[i] for i in members) for members in bins)
+    base = [0] * len(lengths)
+    segment_of = [0] * len(lengths)
+    for r, members in enumerate(bins):
+        at = 0
+        for s, i in enumerate(members):
+            base[i], segment_of[i] = r * width + at, s
+            at += lengths[i]
+    device = attention_mask.device
+    rank = real.long().cumsum(-1) - 1
+    where = torch.where(real, torch.tensor(base, device=device)[:, None] + rank, 0)
+    used = torch.tensor([sum(lengths[i] for i in m) for m in bins], device=device)
+    return _Packing(
+        where=where,
+        real=real,
+        rank=rank,
+        shape=(len(bins), width),
+        segment_of=torch.tensor(segment_of, device=device),
+        used=used,
+        members=torch.tensor([len(m) for m in bins], device=device),
+    )
+
+
+def _scatter(layout: _Packing, values: Tensor, filler: Tensor) -> Tensor:
+    """``values`` ``[N, L]`` moved to the packed ``[R, width]`` layout over ``filler``."""
+    out = filler.clone().reshape(-1)
+    out[layout.where[layout.real]] = values[layout.real].to(out.dtype)
+    return out.reshape(layout.shape)
+
+
+def _filler_positions(layout: _Packing) -> Tensor:
+    """Positions of a packed row's unused tail, restarting at 0 where it starts (a segment of
+    its own, never scored); the real tokens' positions are written over the rest."""
+    import torch
+
+    r, width = layout.shape
+    idx = torch.arange(width, device=layout.used.device).expand(r, width)
+    return (idx - layout.used[:, None]).clamp(min=0)
+
+
 def packed_sequence_logps(
     model: Any,
     input_ids: Tensor,
@@ -424,25 +484,11 @@ def packed_sequence_logps(
     _check_shapes(input_ids, attention_mask, completion_mask)
     backbone, head, config = _parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
-    real = attention_mask.bool()
-    lengths = real.sum(-1).tolist()
-    bins = pack_rows(lengths, capacity or max(lengths))
-    width = max(sum(lengths[i] for i in members) for members in bins)
-    device = input_ids.device
-    ids = torch.zeros((len(bins), width), dtype=torch.long, device=device)
-    positions = torch.zeros_like(ids)
-    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)  # flat packed index
-    for r, members in enumerate(bins):
-        at = 0
-        for i in members:
-            n = lengths[i]
-            ids[r, at : at + n] = input_ids[i][real[i]]
-            positions[r, at : at + n] = torch.arange(n, device=device)
-            where[i, real[i]] = r * width + at + torch.arange(n, device=device)
-            at += n
-        if at < width:  # the filler: a segment of its own (positions restart), never scored
-            positions[r, at:] = torch.arange(width - at, device=device)
-            ids[r, at:] = input_ids[members[0]][real[members[0]]][0]
+    layout = _pack_layout(attention_mask, capacity)
+    first = input_ids[layout.real][0]  # any token does for the filler, never scored
+    ids = _scatter(layout, input_ids, torch.full(layout.shape, first, device=input_ids.device))
+    positions = _scatter(layout, layout.rank, _filler_positions(layout))
+    where = layout.where
     hidden_all = _final_hidden(model, backbone, ids, None, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, pos]]
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
@@ -749,33 +795,17 @@ def packed_shared_prompt_logps(
     rows, source, target, is_rejected = _shared_targets(
         input_ids, attention_mask, chosen_mask, rejected_mask
     )
-    real = attention_mask.bool()
-    lengths = real.sum(-1).tolist()
-    bins = pack_rows(lengths, capacity or max(lengths))
-    width = max(sum(lengths[i] for i in members) for members in bins)
-    device = input_ids.device
-    shape = (len(bins), width)
-    ids = torch.zeros(shape, dtype=torch.long, device=device)
-    positions = torch.zeros_like(ids)
-    segment = torch.zeros_like(ids)
-    chosen = torch.zeros(shape, dtype=torch.bool, device=device)
-    rejected = torch.zeros_like(chosen)
-    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)  # flat packed index
-    for r, members in enumerate(bins):
-        at = 0
-        for s, i in enumerate(members):
-            n, sel = lengths[i], real[i]
-            ids[r, at : at + n] = input_ids[i][sel]
-            positions[r, at : at + n] = position_ids[i][sel]
-            segment[r, at : at + n] = s
-            chosen[r, at : at + n] = chosen_mask[i][sel].bool()
-            rejected[r, at : at + n] = rejected_mask[i][sel].bool()
-            where[i, sel] = r * width + at + torch.arange(n, device=device)
-            at += n
-        if at < width:  # the filler: a segment of its own, never scored
-            positions[r, at:] = torch.arange(width - at, device=device)
-            segment[r, at:] = len(members)
-            ids[r, at:] = ids[r, 0]
+    layout = _pack_layout(attention_mask, capacity)
+    device, shape = input_ids.device, layout.shape
+    first = input_ids[layout.real][0]  # any token does for the filler, never scored
+    ids = _scatter(layout, input_ids, torch.full(shape, first, device=device))
+    positions = _scatter(layout, position_ids, _filler_positions(layout))
+    segments = layout.segment_of[:, None].expand_as(input_ids)
+    segment = _scatter(layout, segments, layout.members[:, None].expand(shape))
+    no = torch.zeros(shape, dtype=torch.bool, device=device)
+    chosen = _scatter(layout, chosen_mask.bool(), no)
+    rejected = _scatter(layout, rejected_mask.bool(), no)
+    where = layout.where
     every = torch.ones(shape, dtype=torch.long, device=device)
     if _attn_implementation(model) == "flex_attention":
         mask = shared_prompt_block_mask(every, chosen, rejected, segment)
