@@ -56,6 +56,18 @@ def both_ways(model, tok, rows, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     return want, got
 
 
+def assert_same_gradients(model, want: torch.Tensor, got: torch.Tensor) -> None:
+    """The gradients of a weighted sum of ``got`` equal those of ``want`` (to 1e-5)."""
+    weights = torch.linspace(-1.0, 2.0, want.numel())
+    grads = []
+    for lp in (want, got):
+        model.zero_grad()
+        (lp * weights).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_collator_packs_prompt_chosen_rejected_with_restarting_positions():
     from inpo.tiny import char_tokenizer
 
@@ -82,14 +94,7 @@ def test_shared_logps_and_gradients_equal_unshared(tmp_path, arch, side):
     model, tok = load(tmp_path, arch)
     want, got = both_ways(model, tok, ROWS, side)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
-    weights = torch.linspace(-1.0, 2.0, want.numel())
-    grads = []
-    for lp in (want, got):
-        model.zero_grad()
-        (lp * weights).sum().backward(retain_graph=True)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(model, want, got)
 
 
 @pytest.mark.parametrize("capacity", [None, 10**6])
@@ -113,14 +118,7 @@ def test_packed_shared_logps_and_gradients_equal_unshared(tmp_path, arch, attn, 
         sh["attention_mask"], capacity=capacity,
     )  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
-    weights = torch.linspace(-1.0, 2.0, want.numel())
-    grads = []
-    for lp in (want, got):
-        model.zero_grad()
-        (lp * weights).sum().backward(retain_graph=True)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(model, want, got)
 
 
 def test_eager_attention_takes_the_additive_mask(tmp_path):

@@ -688,6 +688,23 @@ def _shared_targets(
     return rows, source, input_ids[rows, tpos], rejected[rows, tpos]
 
 
+def _check_shared_shapes(
+    input_ids: Tensor,
+    position_ids: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    attention_mask: Tensor,
+) -> None:
+    for name, t in (
+        ("position_ids", position_ids),
+        ("chosen_mask", chosen_mask),
+        ("rejected_mask", rejected_mask),
+        ("attention_mask", attention_mask),
+    ):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} != input_ids {tuple(input_ids.shape)}")
+
+
 def shared_prompt_logps(
     model: Any,
     input_ids: Tensor,
@@ -728,14 +745,7 @@ def shared_prompt_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, length = input_ids.shape
-    for name, t in (
-        ("position_ids", position_ids),
-        ("chosen_mask", chosen_mask),
-        ("rejected_mask", rejected_mask),
-        ("attention_mask", attention_mask),
-    ):
-        if t.shape != input_ids.shape:
-            raise ValueError(f"{name} {tuple(t.shape)} != input_ids {tuple(input_ids.shape)}")
+    _check_shared_shapes(input_ids, position_ids, chosen_mask, rejected_mask, attention_mask)
     if tuple(attention_mask_4d.shape) != (b, 1, length, length):
         raise ValueError(
             f"attention_mask_4d {tuple(attention_mask_4d.shape)} != {(b, 1, length, length)}"
@@ -782,14 +792,7 @@ def packed_shared_prompt_logps(
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    for name, t in (
-        ("position_ids", position_ids),
-        ("chosen_mask", chosen_mask),
-        ("rejected_mask", rejected_mask),
-        ("attention_mask", attention_mask),
-    ):
-        if t.shape != input_ids.shape:
-            raise ValueError(f"{name} {tuple(t.shape)} != input_ids {tuple(input_ids.shape)}")
+    _check_shared_shapes(input_ids, position_ids, chosen_mask, rejected_mask, attention_mask)
     backbone, head, config = _parts(model)
     b = input_ids.shape[0]
     rows, source, target, is_rejected = _shared_targets(
