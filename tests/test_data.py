@@ -370,3 +370,34 @@ def test_collator_conversational_rows(tmp_path):
     batch = PreferenceCollator(tok)(ds.to_list())
     chosen = batch["input_ids"][0][batch["completion_mask"][0].bool()]
     assert tok.convert_ids_to_tokens(chosen) == ["y", "o", "</s>"]
+
+
+def test_collator_remembers_encodings_and_gives_the_same_batches():
+    """The collator tokenises a repeated prompt or completion once; its batches equal a fresh
+    collator's on every row (text and conversational, a completion under two prompts)."""
+    tok = char_tokenizer(add_bos=True)
+    text = [
+        {"prompt": "ab", "chosen": " cd", "rejected": " e"},
+        {"prompt": "ab", "chosen": " e", "rejected": " cd"},
+        {"prompt": "x", "chosen": " cd", "rejected": " e"},
+    ]
+    chat = [
+        {"prompt": [user("hi")], "chosen": [assistant("yo")], "rejected": [assistant("no")]},
+        {"prompt": [user("ho")], "chosen": [assistant("yo")], "rejected": [assistant("no")]},
+        {"prompt": [user("hi")], "chosen": "no", "rejected": "yo"},  # text after a chat prompt
+    ]
+    # text: 2 prompts + 2 completions (a text completion's ids do not depend on the prompt);
+    # chat: 2 prompts + 2 completions under each + the text completions under "hi"
+    for rows, remembered in ((text, 4), (chat, 8)):
+        warm = PreferenceCollator(tok, max_completion_length=2)
+        for _ in range(2):  # the second pass is all remembered
+            for r in range(len(rows)):
+                got = warm([rows[r]])
+                want = PreferenceCollator(tok, max_completion_length=2)([rows[r]])
+                assert got.keys() == want.keys()
+                for key in want:
+                    assert torch.equal(got[key], want[key]), (rows[r], key)
+        assert len(warm._memo) == remembered
+    a, _ = warm.encode_row(chat[0])
+    a.prompt_ids.append(-1)  # a caller's change does not reach the memory
+    assert warm.encode_row(chat[0])[0].prompt_ids[-1] != -1

@@ -460,6 +460,10 @@ def _features(conversational: bool, optional: Sequence[str]):
 # ----------------------------------------------------------------------------------------------
 
 
+#: Token-id lists a collator remembers (prompts and completions) before it starts afresh.
+_MEMO_SIZE = 1 << 16
+
+
 @dataclass(frozen=True)
 class EncodedPair:
     """Token ids of one (prompt, completion), after truncation, with truncation flags."""
@@ -737,6 +741,7 @@ class PreferenceCollator:
         if pad is None:
             pad = tokenizer.eos_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
+        self._memo: dict[Any, tuple[int, ...]] = {}
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -745,13 +750,35 @@ class PreferenceCollator:
         self.truncated_completions = 0
         self.pairs_seen = 0
 
+    def _encoded(self, key: Any, encode: Any) -> list[int]:
+        """``encode()``'s ids, remembered under ``key``: a run's pairs repeat their prompt (K
+        samples a prompt) and often their completions, and the tokenizer call is most of the
+        collator's time. A copy is returned; the memory is bounded."""
+        ids = self._memo.get(key)
+        if ids is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            ids = self._memo[key] = tuple(encode())
+        return list(ids)
+
     def encode_row(self, row: Mapping[str, Any]) -> tuple[EncodedPair, EncodedPair]:
         """Encode one row into its (chosen, rejected) pairs; the prompt is tokenised once."""
-        prompt = row["prompt"]
-        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        tok, prompt = self.tokenizer, row["prompt"]
+        # the keys are the texts (a conversation as canonical JSON); a text completion's ids
+        # do not depend on its prompt, a conversational one's do
+        pkey = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        prompt_ids = self._encoded(("p", pkey), lambda: encode_prompt(tok, prompt))
         out = []
         for key in ("chosen", "rejected"):
-            completion_ids = encode_completion(self.tokenizer, prompt, row[key])
+            completion = row[key]
+            ckey = (
+                ("c", completion)
+                if isinstance(completion, str) and isinstance(prompt, str)
+                else ("cc", pkey, json.dumps(completion, sort_keys=True))
+            )
+            completion_ids = self._encoded(
+                ckey, lambda c=completion: encode_completion(tok, prompt, c)
+            )
             out.append(
                 _truncate(
                     prompt_ids, completion_ids, self.max_prompt_length, self.max_completion_length

@@ -294,8 +294,8 @@ def precompute_logps(
             f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
         )
     del model
-    gc.collect()
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # give the cached blocks back to the next stage's model
+        gc.collect()  # (a full collection costs ~0.2 s of Python with transformers imported)
         torch.cuda.empty_cache()
 
     # ---- write to a temporary folder, then rename (rank 0; the others wait for it) ------------

@@ -308,7 +308,7 @@ class DefaultTask:
         tokenizer: Any,
         prompts: list[str] | None = None,
         *,
-        batch_size: int = 2048,
+        batch_size: int = 512,
     ) -> PolicyTable:
         """Exact ``log π(y + EOS | x)`` table ``[M, N]`` (default: the held-out prompts);
         ``batch_size`` sequences per forward pass (lower it for a larger model)."""
