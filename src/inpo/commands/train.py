@@ -8,6 +8,8 @@ checkpoint in ``output_dir/checkpoints`` (``resume=auto``; ``resume=never`` star
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["main"]
 
 USAGE = "usage: inpo train [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
@@ -59,10 +61,16 @@ def main(argv: list[str]) -> int:
         parser.error("a CONFIG.yaml is required (positional or --config)")
 
     from inpo.config import load_config
+    from inpo.pipeline.faults import train_stop_after
     from inpo.training import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    result = train(cfg)
+    result = train(cfg, stop_after=train_stop_after())  # the kill tests' hook; unset in use
+    if not result.finished:
+        print(f"inpo train: stopped after step {result.steps} (INPO_FAULT_KILL)")
+        return 0
+    if os.environ.get("RANK", "0") != "0":  # one report a launch
+        return 0
     where = result.output_dir.resolve()
     if result.resumed_from is not None and result.resumed_from.name.endswith(
         f"{result.total_steps:06d}"

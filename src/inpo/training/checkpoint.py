@@ -9,6 +9,8 @@ Layout: ``output_dir/checkpoints/step_XXXXXX/`` with
   back with ``torch.load(weights_only=True)``; an FSDP run's optimizer state is keyed by
   parameter name, a replicated run's by index — ``trainer_state.json`` says which);
 * ``rng_state.pt``: Python, NumPy, torch CPU (and CUDA) generator states;
+* ``zero/`` (a DeepSpeed run only): every rank's optimizer partition, in DeepSpeed's format
+  (``optimizer.pt`` is then empty; :mod:`inpo.training.zero`);
 * ``trainer_state.json``: the optimizer step, the data position (epoch, step within the epoch,
   the shuffling seed), the identity of its inputs (the training data's and the starting
   weights' fingerprints) and the resolved config;
@@ -113,6 +115,7 @@ def save_checkpoint(
     model_config: Any = None,
     rng_state: dict[str, Any] | None = None,
     keep: int | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write ``checkpoint_root/step_{step:06d}`` atomically; return its path (rank 0 calls it).
 
@@ -127,6 +130,8 @@ def save_checkpoint(
         rng_state: the generators to store (default: their state now). The divergence guard
             passes the state captured *before* the failed step, so a resume replays it.
         keep: keep only the newest ``keep`` checkpoints (older ones are deleted).
+        extra_dirs: folders written beside (e.g. DeepSpeed's optimizer partitions, by every
+            rank), moved in under the given names before the checksums are taken.
     """
     from safetensors.torch import save_file
 
@@ -134,9 +139,14 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    for stale in root.glob("*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    extra_dirs = extra_dirs or {}
+    keep_parts = {Path(d).resolve() for d in extra_dirs.values()}
+    for stale in [*root.glob("*.tmp"), *root.glob("*.zero-parts")]:
+        if stale.resolve() not in keep_parts:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
+    for name, folder in extra_dirs.items():
+        os.replace(folder, tmp / name)
     save_file(_own_storage(model_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if model_config is not None:
         model_config.save_pretrained(tmp)

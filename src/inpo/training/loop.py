@@ -32,6 +32,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -427,6 +429,13 @@ def _check_resume(cfg: TrainConfig, path: Path, inputs: dict[str, str], total_st
                 f"({', '.join(what[k] + ' differ' for k in changed)}); resuming it would mix two "
                 "trainings. Use another output_dir, or resume=never to start over."
             )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer.get("optimizer_format") == "deepspeed" and trainer.get("num_processes") != world:
+        raise ConfigError(
+            f"checkpoint {path} holds DeepSpeed's optimizer partitions of "
+            f"{trainer.get('num_processes')} processes; resume it on as many (this launch has "
+            f"{world}), or resume=never to start over"
+        )
     if int(trainer.get("step", -1)) < total_steps or "config" not in trainer:
         return  # an unfinished run resumes (with a warning if settings changed)
     changed = [
@@ -449,23 +458,17 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     itself runs on CPU with gloo, so there the plugin is installed on the state by hand and
     ``prepare`` takes accelerate's own FSDP2 path — the same code as on GPUs, testable on CPU.
     """
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
-        # DeepSpeed's engine steps inside backward: it would skip the checks this loop makes
-        # before a step (non-finite loss or gradient norm) and needs its own checkpoint format
-        raise ConfigError(
-            "DeepSpeed is not supported by inpo train yet (the accelerate config of this launch "
-            "selects it); use train.fsdp=full_shard instead (FSDP2 shards parameters, gradients "
-            "and optimizer state, as ZeRO-3 does)"
-        )
+    from inpo.training import zero
+
     kwargs: dict[str, Any] = {
         "mixed_precision": "bf16" if bf16 else "no",
         "cpu": not torch.cuda.is_available(),
     }
+    if zero.requested():  # the launch's accelerate config selects DeepSpeed ZeRO
+        kwargs.update(zero.accelerator_kwargs(cfg))
     if cfg.logging.trackers:
         kwargs["log_with"] = cfg.logging.trackers
         kwargs["project_dir"] = str(Path(cfg.output_dir) / "trackers")
@@ -481,6 +484,8 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
         )
         kwargs["fsdp_plugin"] = plugin
     accelerator = Accelerator(**kwargs)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero.configure(accelerator, cfg)
     if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         from accelerate.state import PartialState
 
@@ -510,6 +515,22 @@ def _is_fsdp(model: Any) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _sharded(model: Any) -> bool:
+    """Whether ``model``'s weights are sharded (FSDP2 or a DeepSpeed ZeRO engine): gathered to
+    save, and only whole inside its own forward."""
+    from inpo.training import zero
+
+    return _is_fsdp(model) or zero.is_engine(model)
+
+
+def _optimizer_format(model: Any) -> str:
+    """How a checkpoint holds the optimizer: full and keyed by name (FSDP), full and keyed by
+    index (replicated), or DeepSpeed's partitions (``zero/``, one file set a rank)."""
+    from inpo.training import zero
+
+    return "fsdp" if _is_fsdp(model) else "deepspeed" if zero.is_engine(model) else "replicated"
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -569,6 +590,10 @@ def check_low_precision_updates(model: torch.nn.Module, cfg: TrainConfig) -> flo
 
 def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full state dict of the (sharded) model on rank 0 (``None`` elsewhere); a collective."""
+    from inpo.training import zero
+
+    if zero.is_engine(model):
+        return zero.full_model_state(accelerator, model)
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -582,6 +607,10 @@ def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, tor
 
 
 def _full_optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
+    from inpo.training import zero
+
+    if zero.is_engine(model):  # partitioned: every rank saves its part (zero.save_state)
+        return None
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -670,6 +699,7 @@ def train(
 
     from inpo.data import PreferenceCollator
     from inpo.distributed import get_dist
+    from inpo.training import zero
     from inpo.training.modeling import (
         check_model_dir,
         check_shared_prompt_support,
@@ -704,8 +734,6 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     if cfg.resume == "never" and ckpt_root.exists() and is_main:
-        import shutil
-
         log.warning("resume=never: removing old checkpoints in %s", ckpt_root)
         shutil.rmtree(ckpt_root)
     if is_main:
@@ -729,15 +757,15 @@ def train(
     if is_main:
         check_low_precision_updates(model, cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
-    if state is not None:
+    if state is not None and not zero.requested():  # DeepSpeed restores its own partitions
         _load_model_state(model, state["model"], resume_from)
     if not _fsdp_engine(accelerator):
         model = model.to(accelerator.device)
     optimizer = _optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if _is_fsdp(model) and default_logps:
-        # FSDP2 frees a layer's gathered weights outside that module's forward, so the LM head
-        # must run inside the model's own forward: full logits per micro-batch (no chunked head).
+    if _sharded(model) and default_logps:
+        # FSDP2 and ZeRO-3 free a layer's gathered weights outside that module's forward, so the
+        # LM head must run inside the model's own forward: full logits a micro-batch.
         from inpo.logprobs import naive_sequence_logps as logps_fn
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupSchedule(cfg.optim.lr_scheduler, data.warmup, total_steps)
@@ -801,8 +829,11 @@ def train(
                     f"non-finite loss at optimizer step {step + 1} (rows {ids}); the last "
                     f"good state (after step {step}) is saved in {path}"
                 )
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf
-            grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if zero.is_engine(model):  # clips and steps at once; skips a non-finite update
+                grad_norm = zero.step(model)
+            else:
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf
+                grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             if not math.isfinite(grad_norm):
                 path = checkpoint(step, rng_before)
                 ids = [int(data.rows[i]["row_id"]) for i in step_rows]
@@ -811,7 +842,8 @@ def train(
                     f"last good state (after step {step}) is saved in {path}"
                 )
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if not zero.is_engine(model):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
@@ -899,6 +931,9 @@ def _step(
     """
     from contextlib import nullcontext
 
+    from inpo.training import zero
+
+    ds = zero.is_engine(model)
     spec, hparams, rows = data.spec, data.hparams, data.rows
     n_pairs = len(step_rows)
     local = step_rows[rank::world]
@@ -907,7 +942,7 @@ def _step(
     micro = cfg.optim.per_device_batch_size
     # FSDP gathers each layer's weights in every forward (a collective): every rank must run
     # as many forwards, so one call per micro-batch, not one per length bucket
-    buckets = 1 if _is_fsdp(model) or cfg.data.packing else _length_buckets(cfg, accelerator)
+    buckets = 1 if _sharded(model) or cfg.data.packing else _length_buckets(cfg, accelerator)
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(10, dtype=torch.float64)
@@ -919,7 +954,8 @@ def _step(
         batch_rows = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
         batch = {k: v.to(accelerator.device) for k, v in collator(batch_rows).items()}
         b = len(batch_rows)
-        sync = nullcontext() if m == n_micro - 1 else accelerator.no_sync(model)
+        last = m == n_micro - 1
+        sync = nullcontext() if last or ds else accelerator.no_sync(model)
         with sync:
             # ---- the algorithm: policy log-probs, the declared loss, mean over the step ------
             with accelerator.autocast():
@@ -946,8 +982,11 @@ def _step(
             if not torch.isfinite(loss_sum):  # the step is refused after the collectives
                 nonfinite = out.losses.detach().isfinite().logical_not()
                 bad += batch["row_id"][nonfinite].tolist() if "row_id" in batch else []
-            # DDP/FSDP average gradients over ranks: scale by world for the step's mean
-            accelerator.backward(loss_sum * (world / n_pairs))
+            # DDP/FSDP/ZeRO average gradients over ranks: scale by world for the step's mean
+            if ds:
+                zero.backward(model, loss_sum * (world / n_pairs), last)
+            else:
+                accelerator.backward(loss_sum * (world / n_pairs))
         # ---- plumbing: diagnostics -----------------------------------------------------------
         if weight:
             mg = out.margins.double()
@@ -988,8 +1027,21 @@ def _save(
     inputs: dict[str, str],
 ) -> Path | None:
     """A checkpoint of the full state (every rank takes part in gathering; rank 0 writes)."""
+    from inpo.training import zero
+
     model_state = _full_model_state(accelerator, model)
     optimizer_state = _full_optimizer_state(accelerator, model, optimizer)
+    extra = {}
+    if zero.is_engine(model):  # every rank writes its optimizer partition, then rank 0 files it
+        parts = ckpt_root / f"step_{step:06d}.zero-parts"
+        if accelerator.is_main_process:
+            if parts.exists():
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        zero.save_state(model, parts)
+        accelerator.wait_for_everyone()
+        extra["zero"] = parts
     path = None
     if accelerator.is_main_process:
         epoch, in_epoch = divmod(step, data.steps_per_epoch)
@@ -1008,12 +1060,13 @@ def _save(
                 "total_steps": data.total_steps,
                 "shuffle_seed": cfg.seed,
                 "num_processes": accelerator.num_processes,
-                "optimizer_format": "fsdp" if _is_fsdp(model) else "replicated",
+                "optimizer_format": _optimizer_format(model),
                 "inputs": inputs,
                 "config": config_to_dict(cfg),
             },
             rng_state=rng_state,
             keep=cfg.keep_checkpoints,
+            extra_dirs=extra,
         )
     accelerator.wait_for_everyone()
     return path
@@ -1029,14 +1082,22 @@ def _restore(
     path: Path,
 ) -> int:
     """Apply a checkpoint's optimizer, schedule and RNG state; return its step."""
+    from inpo.training import zero
+
     trainer = state["trainer_state"]
-    kind = "fsdp" if _is_fsdp(model) else "replicated"
-    if trainer.get("optimizer_format", "replicated") != kind:
+    kind = _optimizer_format(model)
+    written = trainer.get("optimizer_format", "replicated")
+    if written != kind:
+        engines = {"fsdp": "train.fsdp", "replicated": "DDP", "deepspeed": "DeepSpeed"}
         raise ConfigError(
-            f"checkpoint {path} was written with fsdp={'none' if kind == 'fsdp' else 'on'}; "
-            f"resume it with the same fsdp setting (or resume=never to start over)"
+            f"checkpoint {path} was written under {engines.get(written, written)} and this run "
+            f"uses {engines[kind]}; resume it with the same engine (or resume=never to start "
+            "over)"
         )
-    _restore_optimizer(accelerator, model, optimizer, state["optimizer"])
+    if kind == "deepspeed":
+        zero.load_state(model, path / "zero")
+    else:
+        _restore_optimizer(accelerator, model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"])
     changed = [
@@ -1092,12 +1153,15 @@ def _write_model(
     A sharded model is gathered into a fresh unsharded copy first (LoRA adapters included, then
     merged by :func:`inpo.training.modeling.save_policy`).
     """
-    if _is_fsdp(model):
+    if _sharded(model):
         state = _full_model_state(accelerator, model)
         if accelerator.is_main_process:
-            fresh = load_policy(cfg.model)
-            _load_model_state(fresh, state, Path("(gathered FSDP state)"))
-            save_policy(fresh, tokenizer, out_dir)
+            from inpo.training import zero
+
+            with zero.unpartitioned(accelerator):
+                fresh = load_policy(cfg.model)
+                _load_model_state(fresh, state, Path("(gathered sharded state)"))
+                save_policy(fresh, tokenizer, out_dir)
     elif accelerator.is_main_process:
         save_policy(accelerator.unwrap_model(model), tokenizer, out_dir)
     accelerator.wait_for_everyone()

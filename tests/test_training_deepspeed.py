@@ -1,0 +1,193 @@
+"""DeepSpeed ZeRO-3 through an accelerate config (``accelerate launch --config_file ds.yaml``),
+two processes on CPU (gloo): the weights one process trains, a resume after a stop equal to an
+uninterrupted run, and the refusals a user meets. Opt in: ``make test-deepspeed`` (an
+environment with DeepSpeed; the suite skips without it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
+pytest.importorskip("deepspeed")
+
+WORDS = "red blue green circle square say describe a the".split()
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scale_page() -> tuple[str, list[str]]:
+    """``docs/scale.md``'s ``ds.yaml`` (at 2 processes) and its DeepSpeed launch command: the
+    page's own text is what runs here."""
+    import shlex
+
+    text = (ROOT / "docs" / "scale.md").read_text()
+    after = text[text.index("`ds.yaml`:") :]
+    yaml_block = after[
+        after.index("```yaml\n") + 8 : after.index("```", after.index("```yaml") + 7)
+    ]
+    line = next(x for x in after.splitlines() if x.startswith("accelerate launch --config_file"))
+    return yaml_block.replace("num_processes: 8", "num_processes: 2"), shlex.split(line)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from inpo.precompute import precompute_logps
+    from inpo.tiny import save_tiny_lm, word_tokenizer
+
+    d = tmp_path_factory.mktemp("ds")
+    save_tiny_lm(d / "model", "llama", tokenizer=word_tokenizer(WORDS), hidden_size=32)
+    rng = random.Random(0)
+    with open(d / "pairs.jsonl", "w") as fh:
+        for _ in range(32):
+            row = {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(3)),
+                "chosen": rng.choice(WORDS),
+                "rejected": " ".join(rng.choice(WORDS) for _ in range(2)),
+            }
+            fh.write(json.dumps(row) + "\n")
+    precompute_logps(
+        d / "pairs.jsonl",
+        d / "model",
+        d / "data",
+        columns="ref",
+        max_prompt_length=16,
+        max_completion_length=8,
+    )
+    (d / "cfg.yaml").write_text(
+        "model: {path: model}\n"
+        "data: {train_file: data, max_prompt_length: 16, max_completion_length: 8}\n"
+        "loss: {name: dpo, beta: 0.5}\n"
+        "optim: {learning_rate: 1.0e-2, global_batch_size: 8, per_device_batch_size: 2, "
+        "warmup_ratio: 0.0, optimizer: adamw, max_steps: 3}\n"
+        "logging: {progress_bar: false}\nsave_steps: 1\n"
+    )
+    ds_yaml, _ = scale_page()
+    # the page's bf16 is DeepSpeed's (bf16 weights): these tests compare fp32 weights
+    (d / "ds.yaml").write_text(ds_yaml.replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return d
+
+
+def _run(workdir: Path, *args: str, launch: bool = True, env: dict | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "inpo", "train", "cfg.yaml", *args]
+    if launch:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "ds.yaml",
+            "--main_process_port",
+            str(free_port()),  # never torchrun's default 29500: suites must not collide
+            *cmd[1:],
+        ]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=400)
+
+
+def _weights(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_zero3_two_processes_train_the_weights_of_one_and_resume_exactly(workdir):
+    import torch
+
+    one = _run(workdir, "output_dir=one", launch=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(workdir, "output_dir=two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b, start = _weights(workdir / "one"), _weights(workdir / "two"), _weights(workdir / "model")
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # it trained
+    assert set(a) == set(b)
+    for k in a:  # the reduction order differs (see test_training_distributed): Adam's 2e-5
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5)
+    rows = {
+        name: [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    for r1, r2 in zip(rows["one"], rows["two"], strict=True):
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5)
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+    # the final model loads with plain from_pretrained; a checkpoint holds the gathered
+    # weights and every rank's optimizer partition, under its checksums
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(workdir / "two")
+    ckpt = workdir / "two" / "checkpoints" / "step_000003"
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    parts = sorted(k for k in sums if k.startswith("zero/") and k.endswith("optim_states.pt"))
+    assert len(parts) == 2, sums.keys()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["optimizer_format"] == "deepspeed" and state["num_processes"] == 2
+    assert not list((workdir / "two" / "checkpoints").glob("*.zero-parts"))
+
+    # stopped after step 2 (as if killed), then the same command: the uninterrupted weights
+    stop = _run(workdir, "output_dir=three", env={"INPO_FAULT_KILL": "train:2"})
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert "stopped after step 2" in stop.stdout
+    again = _run(workdir, "output_dir=three")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step_000002" in again.stdout
+    c = _weights(workdir / "three")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=0)
+
+    # a DeepSpeed checkpoint resumed by one process: said in one line, nothing trained
+    (workdir / "three" / "model.safetensors").unlink()
+    shutil.rmtree(workdir / "three" / "checkpoints" / "step_000003")
+    alone = _run(workdir, "output_dir=three", launch=False)
+    assert alone.returncode != 0
+    assert "optimizer partitions of 2 processes" in alone.stderr
+    assert "Traceback" not in alone.stderr
+
+
+def test_the_scale_page_launch_runs_as_shown(workdir):
+    """``accelerate launch --config_file ds.yaml -m inpo train train.yaml``, as the page shows
+    it (its ds.yaml at 2 processes, bf16 as there)."""
+    ds_yaml, argv = scale_page()
+    assert argv[:4] == ["accelerate", "launch", "--config_file", "ds.yaml"]
+    page = workdir / "page"
+    page.mkdir()
+    (page / "ds.yaml").write_text(ds_yaml)
+    text = (workdir / "cfg.yaml").read_text().replace("model}", f"{workdir}/model}}")
+    (page / "train.yaml").write_text(
+        text.replace("train_file: data", f"train_file: {workdir}/data")
+    )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *argv[2:4]]
+    cmd += ["--main_process_port", str(free_port()), *argv[4:], "output_dir=out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=page, capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trained 3 steps" in out.stdout
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(page / "out")
+
+
+def test_zero3_refuses_shared_prompt_and_fsdp_in_one_line(workdir):
+    for args, words in (
+        (["output_dir=x", "data.share_prompt=true"], "data.share_prompt=true is not supported"),
+        (["output_dir=y", "fsdp=full_shard"], "choose one engine"),
+    ):
+        out = _run(workdir, *args)
+        assert out.returncode != 0
+        assert words in out.stderr, out.stderr[-2000:]
+        # the launcher reports its failed child with a traceback of its own; ours has none
+        assert not [ln for ln in out.stderr.splitlines() if 'File "' in ln and "/inpo/" in ln]
