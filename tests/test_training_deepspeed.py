@@ -191,3 +191,51 @@ def test_zero3_refuses_shared_prompt_and_fsdp_in_one_line(workdir):
         assert words in out.stderr, out.stderr[-2000:]
         # the launcher reports its failed child with a traceback of its own; ours has none
         assert not [ln for ln in out.stderr.splitlines() if 'File "' in ln and "/inpo/" in ln]
+
+
+def test_inpo_run_under_zero3_leaves_the_files_of_one_process(workdir):
+    """``accelerate launch --config_file ds.yaml -m inpo run ...``: every stage on two ranks,
+    training through ZeRO-3, two iterations (the second train stage reuses accelerate's state;
+    the stages after training load ordinary models): the samples and pairs of one process byte
+    for byte, the metrics to 1e-5, the final weights to Adam's 2e-5."""
+    import filecmp
+
+    import torch
+
+    args = ["iterations=2", "max_prompts=16", "prompt_repeats=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "inpo", "-q", "run", "run_dir=r1", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds.yaml"]
+    launch += ["--main_process_port", str(free_port())]
+    two = subprocess.run(
+        [*launch, "-m", "inpo", "-q", "run", "run_dir=r2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for it in ("iter_000", "iter_001"):
+        for f in ("generate/samples.jsonl", "annotate/pairs.jsonl"):
+            assert filecmp.cmp(workdir / "r1" / it / f, workdir / "r2" / it / f, shallow=False)
+    rows = {
+        r: [json.loads(x) for x in (workdir / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("r1", "r2")
+    }
+    for a, b in zip(rows["r1"], rows["r2"], strict=True):
+        for k, v in a.items():
+            if k != "seconds" and isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    model = Path("iter_001/train/model")
+    w1, w2 = _weights(workdir / "r1" / model), _weights(workdir / "r2" / model)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-5)

@@ -909,6 +909,8 @@ def train(
     finally:
         bar.close()
         metrics.close()
+        if zero.is_engine(model):
+            zero.release()
     return TrainResult(out_dir, total_steps, total_steps, resume_from, row, finished=True)
 
 

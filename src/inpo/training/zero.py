@@ -45,6 +45,7 @@ __all__ = [
     "full_model_state",
     "is_engine",
     "load_state",
+    "release",
     "requested",
     "save_state",
     "step",
@@ -77,12 +78,18 @@ def accelerator_kwargs(cfg: Any) -> dict[str, Any]:
                 "model's forward, where ZeRO-3 has not gathered its weights); set it to false"
             )
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
     except ImportError:
         raise ConfigError(
             "the accelerate config of this launch selects DeepSpeed, which is not installed "
             "(pip install deepspeed), or use train.fsdp=full_shard"
         ) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed's own view of the process group (it sizes its batch and partitions by it):
+        # accelerate sets it up only when it starts the group itself, which `inpo run` has
+        # already done for its earlier stages; it adopts a group that exists
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.cuda.is_available():
         return {}
     from accelerate.utils import InitProcessGroupKwargs
@@ -105,6 +112,18 @@ def configure(accelerator: Any, cfg: Any) -> None:
     ds["gradient_clipping"] = float(cfg.optim.max_grad_norm or 0.0)
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    # registered with transformers (again: a later train stage of `inpo run` in this process
+    # reuses accelerate's state), so the policy is partitioned as it loads under ZeRO-3
+    accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def release() -> None:
+    """Unregister the DeepSpeed config from transformers after training, so the stages that
+    follow in the same process (``inpo run``'s evaluation, the next generation) load ordinary
+    models."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 @contextmanager
