@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 
 ARGS = ["iterations=1", "max_prompts=16", "prompt_repeats=4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def inpo_run(cwd: Path, run_dir: str, nproc: int, *extra: str, env: dict | None = None):

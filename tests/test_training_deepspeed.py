@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, tiny_pairs
+
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 pytest.importorskip("deepspeed")
-
-WORDS = "red blue green circle square say describe a the".split()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,46 +36,10 @@ def scale_page() -> tuple[str, list[str]]:
     return yaml_block.replace("num_processes: 8", "num_processes: 2"), shlex.split(line)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    from inpo.precompute import precompute_logps
-    from inpo.tiny import save_tiny_lm, word_tokenizer
-
     d = tmp_path_factory.mktemp("ds")
-    save_tiny_lm(d / "model", "llama", tokenizer=word_tokenizer(WORDS), hidden_size=32)
-    rng = random.Random(0)
-    with open(d / "pairs.jsonl", "w") as fh:
-        for _ in range(32):
-            row = {
-                "prompt": " ".join(rng.choice(WORDS) for _ in range(3)),
-                "chosen": rng.choice(WORDS),
-                "rejected": " ".join(rng.choice(WORDS) for _ in range(2)),
-            }
-            fh.write(json.dumps(row) + "\n")
-    precompute_logps(
-        d / "pairs.jsonl",
-        d / "model",
-        d / "data",
-        columns="ref",
-        max_prompt_length=16,
-        max_completion_length=8,
-    )
-    (d / "cfg.yaml").write_text(
-        "model: {path: model}\n"
-        "data: {train_file: data, max_prompt_length: 16, max_completion_length: 8}\n"
-        "loss: {name: dpo, beta: 0.5}\n"
-        "optim: {learning_rate: 1.0e-2, global_batch_size: 8, per_device_batch_size: 2, "
-        "warmup_ratio: 0.0, optimizer: adamw, max_steps: 3}\n"
-        "logging: {progress_bar: false}\nsave_steps: 1\n"
-    )
+    tiny_pairs(d, save_steps=1)
     ds_yaml, _ = scale_page()
     # the page's bf16 is DeepSpeed's (bf16 weights): these tests compare fp32 weights
     (d / "ds.yaml").write_text(ds_yaml.replace("mixed_precision: bf16", "mixed_precision: 'no'"))

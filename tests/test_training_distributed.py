@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
+from helpers import free_port, tiny_pairs
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-WORDS = "red blue green circle square say describe a the".split()
 
 
 @pytest.mark.parametrize(
@@ -41,39 +30,7 @@ def test_two_processes_equal_one(tmp_path, optimizer, engine, both):
     import torch
     from safetensors.torch import load_file
 
-    from inpo.precompute import precompute_logps
-    from inpo.tiny import save_tiny_lm, word_tokenizer
-
-    save_tiny_lm(tmp_path / "model", "llama", tokenizer=word_tokenizer(WORDS), hidden_size=32)
-    rng = random.Random(0)
-    with open(tmp_path / "pairs.jsonl", "w") as fh:
-        for _ in range(32):
-            fh.write(
-                json.dumps(
-                    {
-                        "prompt": " ".join(rng.choice(WORDS) for _ in range(3)),
-                        "chosen": rng.choice(WORDS),
-                        "rejected": " ".join(rng.choice(WORDS) for _ in range(2)),
-                    }
-                )
-                + "\n"
-            )
-    precompute_logps(
-        tmp_path / "pairs.jsonl",
-        tmp_path / "model",
-        tmp_path / "data",
-        columns="ref",
-        max_prompt_length=16,
-        max_completion_length=8,
-    )
-    (tmp_path / "cfg.yaml").write_text(
-        "model: {path: model}\n"
-        "data: {train_file: data, max_prompt_length: 16, max_completion_length: 8}\n"
-        "loss: {name: dpo, beta: 0.5}\n"
-        f"optim: {{learning_rate: 1.0e-2, global_batch_size: 8, per_device_batch_size: 2, "
-        f"warmup_ratio: 0.0, optimizer: {optimizer}, max_steps: 3}}\n"
-        "logging: {progress_bar: false}\nsave_steps: null\n"
-    )
+    tiny_pairs(tmp_path, optimizer=optimizer)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "inpo", "train", "cfg.yaml", "output_dir=one", *both],
