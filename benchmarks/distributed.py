@@ -10,7 +10,8 @@ the order rotating each round, every run a fresh ``torchrun``), on CPU with gloo
   Throughput is the pairs' tokens per second of optimizer steps (``metrics.jsonl``: ``tokens``
   and ``tokens_per_s`` per step), the first step excluded as warm-up. Claim: not slower.
 * **memory**: peak resident memory per process of ``inpo train`` on 2 processes with
-  ``fsdp=none`` (DDP), ``fsdp=shard_grad_op`` and ``fsdp=full_shard``, AdamW (fp32 weights,
+  ``fsdp=none`` (DDP), ``fsdp=shard_grad_op``, ``fsdp=full_shard`` and, where DeepSpeed is
+  installed (run the script with ``.venv-deepspeed/bin/python``), DeepSpeed ZeRO-3, AdamW (fp32 weights,
   gradients and two moments: 16 bytes a parameter replicated under DDP). Rank 1 is the
   training-only figure: rank 0 also gathers the full state to write the checkpoint and model.
 * **iteration**: one whole ``inpo run`` iteration of the default task (``iterations=1
@@ -196,17 +197,33 @@ def engine_part(work: Path, rounds: int) -> dict:
     return res
 
 
+#: What ``accelerate launch --config_file ds.yaml`` (ZeRO-3, no offload) puts in the environment.
+ZERO3_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
+
+
 def memory_part(work: Path, rounds: int) -> dict:
+    import importlib.util
+
     kinds = {
-        "ddp": ["fsdp=none"],
-        "shard_grad_op": ["fsdp=shard_grad_op"],
-        "full_shard": ["fsdp=full_shard"],
+        "ddp": (["fsdp=none"], {}),
+        "shard_grad_op": (["fsdp=shard_grad_op"], {}),
+        "full_shard": (["fsdp=full_shard"], {}),
     }
+    if importlib.util.find_spec("deepspeed") is not None:  # make deepspeed-env
+        kinds["deepspeed_zero3"] = ([], ZERO3_ENV)
     res: dict[str, list[dict]] = {k: [] for k in kinds}
     names = list(kinds)
     for r in range(rounds):
-        for k in names[r % 3 :] + names[: r % 3]:
-            res[k].append(train_run(work, ROOT / "src", f"mem-{k}-{r}", kinds[k], MALLOC))
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            extra, env = kinds[k]
+            res[k].append(train_run(work, ROOT / "src", f"mem-{k}-{r}", extra, MALLOC | env))
             print(f"memory round {r + 1} {k}: {res[k][-1]['peak']} MiB", flush=True)
     return res
 
@@ -247,6 +264,19 @@ def fmt(xs: list[float], spec: str = ",.0f") -> str:
     return ", ".join(format(x, spec) for x in xs)
 
 
+def zero3_line(med: dict) -> str:
+    """The DeepSpeed ZeRO-3 row's reading (measured where DeepSpeed is installed)."""
+    if "deepspeed_zero3" not in med:
+        return "- DeepSpeed ZeRO-3: not measured (DeepSpeed is not installed in this run)."
+    z = med["ddp"] - med["deepspeed_zero3"]
+    vs_fsdp = med["deepspeed_zero3"] - med["full_shard"]
+    return (
+        f"- DeepSpeed ZeRO-3 (its accelerate environment, `.venv-deepspeed`) saves {z:,.0f} MiB "
+        f"on rank 1 against DDP ({vs_fsdp:+,.0f} MiB against FSDP full_shard). Claim "
+        f'"ZeRO-3 uses less memory per process than DDP": **{"met" if z > 0 else "NOT met"}**.'
+    )
+
+
 def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str:
     lines = [
         "# Multi-process `inpo`: the engine, FSDP memory, and a whole iteration on 2 vs 1",
@@ -284,7 +314,7 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         f'- Claim "not slower" (median ratio ≥ 0.95, the rounds\' noise): '
         f"**{'met' if statistics.median(ratios) >= 0.95 else 'NOT met'}**.",
         "",
-        "## Peak memory per process: DDP vs FSDP2, 2 processes",
+        "## Peak memory per process: DDP vs FSDP2 (and DeepSpeed ZeRO-3), 2 processes",
         "",
         f"Model states under DDP: 16 bytes × {meta['params'] / 1e6:.1f}M = "
         f"{16 * meta['params'] / 2**20:,.0f} MiB a process (weights, gradients, two Adam "
@@ -315,6 +345,7 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         f"{expected:,.0f} MiB expected).",
         f'- Claim "FSDP full_shard uses less memory per process than DDP" (rank 1): '
         f"**{'met' if saved > 0 else 'NOT met'}**.",
+        zero3_line(med),
         "",
         "## One whole `inpo run` iteration: 2 processes vs 1",
         "",

@@ -4,8 +4,9 @@ The baseline is the commit before the change (``BASELINE_COMMIT``: every stage c
 was), extracted with ``git archive`` and run from there; the candidate is this tree. Both run
 the embedded default task (3 iterations, the reference already cached) into fresh folders, in
 interleaved rounds (baseline, candidate, baseline, …), on one idle machine. Reported: the wall
-time of the whole run and per stage, their ratios per round and the median, and whether every
-metric of ``metrics.jsonl`` is bit-identical (pure waste removal must not change a result).
+time of the whole run, of an iteration and per stage, their ratios per round and the median,
+and whether the results are the same (every count of ``metrics.jsonl`` equal, every float
+within 1e-5 relative; whether bit-identical too).
 
 What was repeated (and generation, which prefilled each prompt K times; see
 ``generation_prefill.py``):
@@ -15,6 +16,10 @@ What was repeated (and generation, which prefilled each prompt K times; see
 - the log-prob stage ran a full ``gc.collect()`` after each model (reference, then previous
   policy): ~0.2 s of Python each with transformers imported, to free memory the next model
   would have had anyway on a CPU (it is kept on CUDA, where ``empty_cache`` needs it);
+- the training loop cut the default task's 10-token micro-batches into 4 length buckets, 4
+  forward and backward passes where one is 2-3× faster at that length (now only rows of 128
+  tokens or more are bucketed on CPU, ``benchmarks/length_buckets.py``; the sums' order
+  changes, so the metrics agree to float32 rounding rather than bit for bit);
 - with ``task=prompts``, π_ref's evaluation answers (a fixed seed) were sampled again every
   iteration (not on the default task, which evaluates exactly; see the test).
 
@@ -99,12 +104,28 @@ def main() -> int:
                 flush=True,
             )
     identical = all(b["metrics"] == c["metrics"] for b, c in results)
+    # the same results: counts equal, every float metric within float32 rounding of the
+    # baseline's (a length-bucket choice changes the order of sums, not the maths)
+    worst, counts_equal = 0.0, True
+    for b, c in results:
+        for rb, rc in zip(b["metrics"], c["metrics"], strict=True):
+            for key, vb in rb.items():
+                vc = rc.get(key)
+                if isinstance(vb, float) and isinstance(vc, float):
+                    worst = max(worst, abs(vb - vc) / max(abs(vb), 1e-12))
+                elif vb != vc:
+                    counts_equal = False
+    same = counts_equal and worst <= 1e-5
     wall = [b["wall"] / c["wall"] for b, c in results]
     median = statistics.median(wall)
     per_iter = [b["iteration"] / c["iteration"] for b, c in results]
     median_iter = statistics.median(per_iter)
     verdicts = [
-        ("every metric bit-identical to the baseline's", identical),
+        (
+            "the same results: every count equal and every float metric within 1e-5 relative "
+            f"(largest {worst:.1e}; bit-identical: {'yes' if identical else 'no'})",
+            same,
+        ),
         (f"the whole default run is faster (median ratio {median:.2f}x > 1)", median > 1.0),
         (
             f"the issue's goal: an iteration >= 1.3x faster in every round "

@@ -466,6 +466,25 @@ def test_report_to_wandb_without_wandb_is_a_clear_error(tiny, tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_length_buckets_default_by_device_and_row_length(tmp_path):
+    """null: 4 buckets on CPU only for rows of MIN_BUCKET_LENGTH tokens or more (shorter rows
+    run faster in one pass, benchmarks/results/length_buckets.md), 1 on accelerators; a set
+    value is kept whatever the length."""
+    from types import SimpleNamespace
+
+    from inpo.training.loop import MIN_BUCKET_LENGTH, _length_buckets
+
+    base = ["model.path=x", "data.train_file=y", f"output_dir={tmp_path}"]
+    auto = load_config(TrainConfig, None, base)
+    three = load_config(TrainConfig, None, [*base, "data.length_buckets=3"])
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert _length_buckets(auto, cpu, MIN_BUCKET_LENGTH - 1) == 1
+    assert _length_buckets(auto, cpu, MIN_BUCKET_LENGTH) == 4
+    assert _length_buckets(auto, gpu, 4 * MIN_BUCKET_LENGTH) == 1
+    assert _length_buckets(three, cpu, 8) == _length_buckets(three, gpu, 512) == 3
+
+
 def test_length_buckets_give_the_same_logps_and_gradients(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -118,9 +118,11 @@ class DataConfig:
     #: similar length. The step's gradient is a sum over its pairs, so this changes no maths.
     group_by_length: bool = True
     #: Run each micro-batch's ``2B`` sequences as this many length-sorted forward passes, each
-    #: cut to its longest sequence (exact with right padding; less padding computed). null: 4 on
-    #: CPU (1.26× one padded pass), 1 on GPUs, where a micro-batch is launch-bound and 4 passes
-    #: ran at 0.36× of one (benchmarks/results/packing.md, packing_gpu.md).
+    #: cut to its longest sequence (exact with right padding; less padding computed). null: on
+    #: CPU 4 for a micro-batch whose longest row has 128 tokens or more (1.26× one padded pass),
+    #: else 1 (each pass has a fixed cost: 4 ran at 0.35-0.70× of one at 8-32 tokens); 1 on GPUs,
+    #: where a micro-batch is launch-bound and 4 passes ran at 0.36× of one
+    #: (benchmarks/results/packing.md, length_buckets.md, packing_gpu.md).
     length_buckets: int | None = None
     #: Run each pair as one row ``prompt + chosen + rejected`` (rejected tokens do not attend to
     #: chosen ones; positions restart after the prompt), so the prompt is computed once. Same

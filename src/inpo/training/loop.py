@@ -223,12 +223,20 @@ def packed_shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     return packed_shared_prompt_logps(model, *(batch[k] for k in keys)).float()
 
 
-def _length_buckets(cfg: TrainConfig, accelerator: Any) -> int:
-    """``data.length_buckets``, null resolved per device: 4 on CPU, 1 on accelerators (a GPU
-    micro-batch is launch-bound: 4 passes ran at 0.36× of one, benchmarks/results/packing_gpu.md)."""
+#: The longest row (tokens) from which a CPU micro-batch is cut into length buckets by
+#: default: below it one padded pass is faster (each pass has a fixed cost; 4 buckets measured
+#: 0.35-0.70× of one pass at 8-32 tokens, 1.10-1.39× from 128 on a 10M model,
+#: benchmarks/results/length_buckets.md).
+MIN_BUCKET_LENGTH = 128
+
+
+def _length_buckets(cfg: TrainConfig, accelerator: Any, longest: int) -> int:
+    """``data.length_buckets``, null resolved per device and micro-batch: 4 on CPU for rows of
+    at least :data:`MIN_BUCKET_LENGTH` tokens, else 1; 1 on accelerators (a GPU micro-batch is
+    launch-bound: 4 passes ran at 0.36× of one, benchmarks/results/packing_gpu.md)."""
     if cfg.data.length_buckets is not None:
         return cfg.data.length_buckets
-    return 4 if accelerator.device.type == "cpu" else 1
+    return 4 if accelerator.device.type == "cpu" and longest >= MIN_BUCKET_LENGTH else 1
 
 
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
@@ -944,7 +952,7 @@ def _step(
     micro = cfg.optim.per_device_batch_size
     # FSDP gathers each layer's weights in every forward (a collective): every rank must run
     # as many forwards, so one call per micro-batch, not one per length bucket
-    buckets = 1 if _sharded(model) or cfg.data.packing else _length_buckets(cfg, accelerator)
+    one_pass = _sharded(model) or cfg.data.packing
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(10, dtype=torch.float64)
@@ -956,6 +964,8 @@ def _step(
         batch_rows = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
         batch = {k: v.to(accelerator.device) for k, v in collator(batch_rows).items()}
         b = len(batch_rows)
+        width = batch["input_ids"].shape[1]
+        buckets = 1 if one_pass else _length_buckets(cfg, accelerator, width)
         last = m == n_micro - 1
         sync = nullcontext() if last or ds else accelerator.no_sync(model)
         with sync:

@@ -102,8 +102,8 @@ def accelerator_kwargs(cfg: Any) -> dict[str, Any]:
 def configure(accelerator: Any, cfg: Any) -> None:
     """The DeepSpeed config entries the loop owns, before ``prepare``: one micro-batch of
     ``per_device_batch_size`` pairs a backward (the loop divides the loss itself, so DeepSpeed's
-    accumulation is 1), clipping at ``optim.max_grad_norm``, the loop's optimizer (SGD included),
-    and the full weights gathered on rank 0 when saving."""
+    accumulation is 1), clipping at ``optim.max_grad_norm``, and the loop's optimizer (SGD
+    included)."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     micro = cfg.optim.per_device_batch_size
     ds["train_micro_batch_size_per_gpu"] = micro
@@ -111,7 +111,6 @@ def configure(accelerator: Any, cfg: Any) -> None:
     ds["train_batch_size"] = micro * accelerator.num_processes
     ds["gradient_clipping"] = float(cfg.optim.max_grad_norm or 0.0)
     ds["zero_allow_untested_optimizer"] = True
-    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     # registered with transformers (again: a later train stage of `inpo run` in this process
     # reuses accelerate's state), so the policy is partitioned as it loads under ZeRO-3
     accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
@@ -170,11 +169,29 @@ def step(model: Any) -> float:
 
 
 def full_model_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
-    """The full weights on rank 0 (``None`` elsewhere); a collective."""
-    state = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    return {k: v.detach().cpu() for k, v in state.items()}
+    """The full weights on rank 0 (``None`` elsewhere); a collective, one parameter at a time.
+
+    Trained parameters come from the optimizer's fp32 master copies (with DeepSpeed's bf16 the
+    module's own weights are bf16 roundings of them), frozen ones (a LoRA base) gathered from
+    the module; persistent buffers as they are. A tied weight appears once (the loader ties it).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module, main = model.module, accelerator.is_main_process
+    keys = set(module.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.detach().clone()
+        if main:
+            state[name] = full.detach().cpu().clone()
+    for name, buffer in module.named_buffers():
+        if main and name in keys:
+            state[name] = buffer.detach().cpu().clone()
+    return state if main else None
 
 
 def save_state(model: Any, folder: Path) -> None:
