@@ -45,6 +45,7 @@ import torch
 from inpo.config import config_to_dict, save_config
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
 from inpo.losses import LossSpec, get_loss
+from inpo.training import zero
 from inpo.training.checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
@@ -469,8 +470,6 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from inpo.training import zero
-
     kwargs: dict[str, Any] = {
         "mixed_precision": "bf16" if bf16 else "no",
         "cpu": not torch.cuda.is_available(),
@@ -528,16 +527,12 @@ def _is_fsdp(model: Any) -> bool:
 def _sharded(model: Any) -> bool:
     """Whether ``model``'s weights are sharded (FSDP2 or a DeepSpeed ZeRO engine): gathered to
     save, and only whole inside its own forward."""
-    from inpo.training import zero
-
     return _is_fsdp(model) or zero.is_engine(model)
 
 
 def _optimizer_format(model: Any) -> str:
     """How a checkpoint holds the optimizer: full and keyed by name (FSDP), full and keyed by
     index (replicated), or DeepSpeed's partitions (``zero/``, one file set a rank)."""
-    from inpo.training import zero
-
     return "fsdp" if _is_fsdp(model) else "deepspeed" if zero.is_engine(model) else "replicated"
 
 
@@ -598,8 +593,6 @@ def check_low_precision_updates(model: torch.nn.Module, cfg: TrainConfig) -> flo
 
 def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full state dict of the (sharded) model on rank 0 (``None`` elsewhere); a collective."""
-    from inpo.training import zero
-
     if zero.is_engine(model):
         return zero.full_model_state(accelerator, model)
     if _is_fsdp(model):
@@ -615,8 +608,6 @@ def _full_model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, tor
 
 
 def _full_optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
-    from inpo.training import zero
-
     if zero.is_engine(model):  # partitioned: every rank saves its part (zero.save_state)
         return None
     if _is_fsdp(model):
@@ -707,7 +698,6 @@ def train(
 
     from inpo.data import PreferenceCollator
     from inpo.distributed import get_dist
-    from inpo.training import zero
     from inpo.training.modeling import (
         check_model_dir,
         check_shared_prompt_support,
@@ -941,8 +931,6 @@ def _step(
     """
     from contextlib import nullcontext
 
-    from inpo.training import zero
-
     ds = zero.is_engine(model)
     spec, hparams, rows = data.spec, data.hparams, data.rows
     n_pairs = len(step_rows)
@@ -1039,8 +1027,6 @@ def _save(
     inputs: dict[str, str],
 ) -> Path | None:
     """A checkpoint of the full state (every rank takes part in gathering; rank 0 writes)."""
-    from inpo.training import zero
-
     model_state = _full_model_state(accelerator, model)
     optimizer_state = _full_optimizer_state(accelerator, model, optimizer)
     extra = {}
@@ -1094,8 +1080,6 @@ def _restore(
     path: Path,
 ) -> int:
     """Apply a checkpoint's optimizer, schedule and RNG state; return its step."""
-    from inpo.training import zero
-
     trainer = state["trainer_state"]
     kind = _optimizer_format(model)
     written = trainer.get("optimizer_format", "replicated")
@@ -1168,8 +1152,6 @@ def _write_model(
     if _sharded(model):
         state = _full_model_state(accelerator, model)
         if accelerator.is_main_process:
-            from inpo.training import zero
-
             with zero.unpartitioned(accelerator):
                 fresh = load_policy(cfg.model)
                 _load_model_state(fresh, state, Path("(gathered sharded state)"))
