@@ -365,13 +365,15 @@ def _qwen2(tok):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["masked", "varlen"])
 @pytest.mark.parametrize("capacity", [None, 10**6, 1], ids=["longest", "one-row", "own-rows"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_packing_gives_the_padded_logps_and_gradients(tok, arch, side, capacity):
+def test_packing_gives_the_padded_logps_and_gradients(tok, arch, side, capacity, varlen):
     """Padding-free rows with position ids restarting per sequence (rows of the longest
-    sequence, all in one row, each in its own): the same log-probs and gradients as the padded
-    batch (to 1e-5), whatever the padding side."""
+    sequence, all in one row, each in its own), attention through transformers' block-diagonal
+    mask or one sequence at a time (``inpo.varlen``): the same log-probs and gradients as the
+    padded batch (to 1e-5), whatever the padding side."""
     from inpo.logprobs import check_packing_support, packed_sequence_logps
 
     model = (
@@ -392,7 +394,8 @@ def test_packing_gives_the_padded_logps_and_gradients(tok, arch, side, capacity)
         return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     padded, g_padded = run(sequence_logps)
-    packed, g_packed = run(lambda *a: packed_sequence_logps(*a, capacity=capacity))
+    packed, g_packed = run(lambda *a: packed_sequence_logps(*a, capacity=capacity, varlen=varlen))
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     for name in g_padded:

@@ -97,13 +97,15 @@ def test_shared_logps_and_gradients_equal_unshared(tmp_path, arch, side):
     assert_same_gradients(model, want, got)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["masked", "varlen"])
 @pytest.mark.parametrize("capacity", [None, 10**6])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_shared_logps_and_gradients_equal_unshared(tmp_path, arch, attn, capacity):
+def test_packed_shared_logps_and_gradients_equal_unshared(tmp_path, arch, attn, capacity, varlen):
     """``data.share_prompt`` with ``data.packing``: the pairs' rows packed without padding
-    (as long as the longest row, or all in one row), each pair in its own segment, still equal
-    the unshared padded computation, log-probs and gradients."""
+    (as long as the longest row, or all in one row), each pair in its own segment (a mask, or
+    attention one pair at a time with the rejected answer branching off the prompt:
+    ``inpo.varlen``), still equal the unshared padded computation, log-probs and gradients."""
     from inpo.logprobs import packed_shared_prompt_logps
 
     if arch == "gpt2" and attn == "eager":
@@ -115,7 +117,7 @@ def test_packed_shared_logps_and_gradients_equal_unshared(tmp_path, arch, attn, 
     sh = PreferenceCollator(tok, share_prompt=True)(rows)
     got = packed_shared_prompt_logps(
         model, sh["input_ids"], sh["position_ids"], sh["chosen_mask"], sh["rejected_mask"],
-        sh["attention_mask"], capacity=capacity,
+        sh["attention_mask"], capacity=capacity, varlen=varlen,
     )  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     assert_same_gradients(model, want, got)

@@ -22,6 +22,7 @@ measures the peak memory and time of both against the full-logits computation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -463,14 +464,19 @@ def packed_sequence_logps(
     capacity: int | None = None,
     chunk_size: int = 1024,
     fused: bool | None = None,
+    varlen: bool | None = None,
 ) -> Tensor:
     """:func:`sequence_logps` without padding: the ``N`` sequences' real tokens concatenated
     into rows, position ids restarting at 0 for each sequence.
 
-    ``capacity``: tokens a row (first-fit decreasing, :func:`pack_rows`); ``None``: the longest
-    sequence's length, so attention over a row costs no more than over one padded sequence
-    while the padding is gone. A row's unused tail is filler tokens with positions of their
-    own: a segment nothing real attends to, never scored.
+    ``varlen``: attention one sequence at a time (:mod:`inpo.varlen`), so all ``N`` fit in one
+    row with no filler; ``None`` (default): on CPU for a model it is exact for
+    (:func:`inpo.varlen.supports_varlen`), where it measured 1.4× the masked rows.
+
+    ``capacity``: tokens a row (first-fit decreasing, :func:`pack_rows`); ``None``: all of
+    them under ``varlen``, else the longest sequence's length, so attention over a row costs no
+    more than over one padded sequence while the padding is gone. A row's unused tail is filler
+    tokens with positions of their own: a segment nothing real attends to, never scored.
 
     transformers 5 reads restarting position ids as packed sequences and gives each token
     attention to its own sequence only (``masking_utils.find_packed_sequence_indices``): with
@@ -481,15 +487,21 @@ def packed_sequence_logps(
     """
     import torch
 
+    from inpo.varlen import use_varlen, varlen_attention
+
     _check_shapes(input_ids, attention_mask, completion_mask)
     backbone, head, config = _parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
+    varlen = use_varlen(model, varlen)
+    if varlen and capacity is None:
+        capacity = int(attention_mask.sum())
     layout = _pack_layout(attention_mask, capacity)
     first = input_ids[layout.real][0]  # any token does for the filler, never scored
     ids = _scatter(layout, input_ids, torch.full(layout.shape, first, device=input_ids.device))
     positions = _scatter(layout, layout.rank, _filler_positions(layout))
     where = layout.where
-    hidden_all = _final_hidden(model, backbone, ids, None, positions)
+    with varlen_attention(model) if varlen else nullcontext():
+        hidden_all = _final_hidden(model, backbone, ids, None, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, pos]]
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
 
@@ -776,10 +788,13 @@ def packed_shared_prompt_logps(
     capacity: int | None = None,
     chunk_size: int = 1024,
     fused: bool | None = None,
+    varlen: bool | None = None,
 ) -> Tensor:
     """:func:`shared_prompt_logps` without padding: the ``B`` rows ``prompt + chosen +
     rejected`` (a ``share_prompt`` collator batch) concatenated into packed rows as long as the
-    longest of them (``capacity``; first-fit decreasing, :func:`pack_rows`).
+    longest of them (``capacity``; first-fit decreasing, :func:`pack_rows`), or all in one row
+    under ``varlen`` (as in :func:`packed_sequence_logps`: each pair's attention computed on
+    its own, the rejected answer seeing the prompt and itself, no mask).
 
     Each pair keeps its own positions (restarting after the prompt for the rejected answer)
     and attends only within its own segment, with the shared-prompt rule inside it
@@ -790,6 +805,8 @@ def packed_shared_prompt_logps(
     """
     import torch
 
+    from inpo.varlen import use_varlen, varlen_attention
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_shared_shapes(input_ids, position_ids, chosen_mask, rejected_mask, attention_mask)
@@ -798,6 +815,9 @@ def packed_shared_prompt_logps(
     rows, source, target, is_rejected = _shared_targets(
         input_ids, attention_mask, chosen_mask, rejected_mask
     )
+    varlen = use_varlen(model, varlen)
+    if varlen and capacity is None:
+        capacity = int(attention_mask.sum())
     layout = _pack_layout(attention_mask, capacity)
     device, shape = input_ids.device, layout.shape
     first = input_ids[layout.real][0]  # any token does for the filler, never scored
@@ -810,13 +830,17 @@ def packed_shared_prompt_logps(
     rejected = _scatter(layout, rejected_mask.bool(), no)
     where = layout.where
     every = torch.ones(shape, dtype=torch.long, device=device)
-    if _attn_implementation(model) == "flex_attention":
-        mask = shared_prompt_block_mask(every, chosen, rejected, segment)
+    if varlen:  # the segments and the branch to the rejected answer read off the positions
+        with varlen_attention(model):
+            hidden_all = _final_hidden(model, backbone, ids, None, positions)
     else:
-        embed = _unwrap(model).get_input_embeddings()
-        dense = shared_prompt_mask(every, chosen, rejected, segment)
-        mask = _model_mask(model, dense, embed.weight.dtype)
-    hidden_all = _final_hidden(model, backbone, ids, mask, positions)
+        if _attn_implementation(model) == "flex_attention":
+            mask = shared_prompt_block_mask(every, chosen, rejected, segment)
+        else:
+            embed = _unwrap(model).get_input_embeddings()
+            dense = shared_prompt_mask(every, chosen, rejected, segment)
+            mask = _model_mask(model, dense, embed.weight.dtype)
+        hidden_all = _final_hidden(model, backbone, ids, mask, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, source]]
     sums = rows + b * is_rejected.long()
     return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
