@@ -1,15 +1,18 @@
 """Padding-free packing against padded micro-batches: one training step's log-probs, CPU.
 
 The step of ``inpo train`` minus the optimizer: completion log-probs of a micro-batch's ``2B``
-sequences and their backward. Three layouts of the same sequences, in one process, interleaved
+sequences and their backward. Layouts of the same sequences, in one process, interleaved
 rounds (the order rotates each round):
 
 * ``padded``: one right-padded ``[2B, L]`` batch (``data.length_buckets=1``);
 * ``buckets``: the default, 4 length-sorted groups each cut to its longest sequence;
-* ``packed``: ``data.packing=true``: padding-free rows as long as the longest sequence (first-fit
-  decreasing), position ids restarting per sequence;
-* ``one-row``: every sequence in one ``[1, T]`` row (``capacity=T``); with ``sdpa`` on CPU
-  transformers builds a dense block-diagonal ``[T, T]`` mask for it.
+* ``packed``: ``data.packing=true`` as it runs here: on CPU every sequence in one ``[1, T]`` row
+  with attention one sequence at a time (``inpo.varlen``, no mask); on a GPU as
+  ``packed-masked``;
+* ``packed-masked`` (CPU): padding-free rows as long as the longest sequence (first-fit
+  decreasing), position ids restarting per sequence, kept apart by transformers' dense
+  block-diagonal mask (``varlen=False``: what packing ran before ``inpo.varlen``);
+* ``one-row-masked`` (CPU): every sequence in one row under that mask: attention over ``T²``.
 
 A ~4M-parameter Llama (hidden 256, 6 layers, character vocabulary), pairs with prompts of
 16–128 and answers of 8–256 tokens (sampled answers are uneven), micro-batches of 4 pairs.
@@ -151,10 +154,11 @@ def main() -> None:
         "padded": lambda b: bucketed_logps(sequence_logps, model, b["input_ids"], b["attention_mask"], b["completion_mask"], buckets=1),
         "buckets": lambda b: bucketed_logps(sequence_logps, model, b["input_ids"], b["attention_mask"], b["completion_mask"], buckets=4),
         "packed": lambda b: packed_sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"]),
-        "one-row": lambda b: packed_sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], capacity=10**9),
+        "packed-masked": lambda b: packed_sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], varlen=False),
+        "one-row-masked": lambda b: packed_sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], capacity=10**9, varlen=False),
     }  # fmt: skip
     if gpu:  # the shared rows are batch i of `shared`: the layouts below take the index
-        del layouts["one-row"]
+        del layouts["one-row-masked"], layouts["packed-masked"]
         layouts |= {
             "packed-flex": lambda b: packed_sequence_logps(flex, b["input_ids"], b["attention_mask"], b["completion_mask"]),
             "shared-sdpa": lambda b: bucketed_shared_logps(model, shared[b["i"]], buckets=1),
@@ -247,11 +251,13 @@ def main() -> None:
     else:
         text_out += [
             "",
-            "With `sdpa` on CPU a packed row's mask is a dense block-diagonal matrix: one row of "
-            "all `T` real tokens costs `T²` in attention (`one-row`), which is why "
-            "`data.packing` packs into rows as long as the longest sequence: attention no "
-            "dearer than a padded row, no padding in any matrix product. On a GPU see "
-            "`packing_gpu.md` (`--device cuda`).",
+            "With `sdpa` on CPU transformers keeps a packed row's sequences apart with a dense "
+            "block-diagonal mask: one row of all `T` real tokens costs `T²` in attention "
+            "(`one-row-masked`), so masked rows stay as long as the longest sequence "
+            "(`packed-masked`), and first-fit then leaves part of each row as filler. "
+            "`inpo.varlen` (the CPU default, `packed`) computes each sequence's attention on "
+            "its own, so one row holds them all with no filler. On a GPU see `packing_gpu.md` "
+            "(`--device cuda`).",
             "",
         ]
     Path(args.out).write_text("\n".join(text_out))

@@ -10,7 +10,8 @@ subprocess (so peak memory is per trainer):
 * ``inpo-shared``: the same with ``data.share_prompt=true`` (each pair one row
   ``prompt + chosen + rejected``, so the prompt is computed once);
 * ``inpo-packed``: the same with ``data.packing=true`` (each micro-batch's sequences packed
-  into padding-free rows as long as the longest);
+  into one padding-free row, attention one sequence at a time: ``inpo.varlen`` on CPU; on a
+  GPU rows as long as the longest);
 * ``inpo-shared-packed``: both (the rows ``prompt + chosen + rejected`` packed without
   padding, each pair in its own segment);
 * ``trl``: ``trl.DPOTrainer`` with its defaults for the reference (a frozen reference model run
@@ -463,8 +464,10 @@ def main() -> None:
         "micro-batch runs B rows `prompt + chosen + rejected` instead (rejected tokens do not "
         "attend to chosen ones, positions restart after the prompt; a boolean 4D mask through "
         "sdpa), the B rows in 2 length buckets (`length_buckets // 2`). With "
-        "`data.packing=true` too, those B rows are packed into padding-free rows as long as "
-        "the longest, each pair attending only within its own segment.",
+        "`data.packing=true` the micro-batch's sequences (or those B rows) are packed into one "
+        "padding-free row on CPU, attention computed one sequence (pair) at a time "
+        "(`inpo.varlen`, no mask; a pair's rejected answer sees the prompt and itself). AdamW "
+        "is torch's fused kernel.",
         "",
         "| trainer | tokens/s per round | median tokens/s | MFU per round "
         "| peak RSS (MiB) | RSS growth in training (MiB) |"

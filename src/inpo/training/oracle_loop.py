@@ -346,6 +346,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         WarmupSchedule,
         _as_float,
         _epoch_order,
+        _fsdp_engine,
         _load_model_state,
         _optimizer,
         _resolve_bf16,
@@ -400,7 +401,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     if state is not None:
         _load_model_state(model, state["model"], resume_from)
     model = model.to(accelerator.device)
-    optimizer = _optimizer(cfg, model)
+    optimizer = _optimizer(cfg, model, sharded=_fsdp_engine(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
