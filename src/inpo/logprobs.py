@@ -471,7 +471,8 @@ def packed_sequence_logps(
 
     ``varlen``: attention one sequence at a time (:mod:`inpo.varlen`), so all ``N`` fit in one
     row with no filler; ``None`` (default): on CPU for a model it is exact for
-    (:func:`inpo.varlen.supports_varlen`), where it measured 1.4× the masked rows.
+    (:func:`inpo.varlen.supports_varlen`), where it measured 1.25× the masked rows
+    (``benchmarks/results/packing.md``).
 
     ``capacity``: tokens a row (first-fit decreasing, :func:`pack_rows`); ``None``: all of
     them under ``varlen``, else the longest sequence's length, so attention over a row costs no

@@ -130,12 +130,13 @@ class DataConfig:
     #: needs ``sdpa``, ``eager`` or ``flex_attention`` and no sliding-window layers. The ``B`` rows of a
     #: micro-batch run in ``max(1, length_buckets // 2)`` length buckets.
     share_prompt: bool = False
-    #: Pack each micro-batch's ``2B`` sequences into padding-free rows as long as its longest
-    #: sequence, position ids restarting per sequence (``inpo.logprobs.packed_sequence_logps``):
-    #: no padding computed, the same log-probs. With ``share_prompt`` the ``B`` rows ``prompt +
-    #: chosen + rejected`` are packed, each pair in a segment of its own
-    #: (``inpo.logprobs.packed_shared_prompt_logps``). The fastest layout measured on CPU and GPU
-    #: (benchmarks/results/packing.md, packing_gpu.md).
+    #: Pack each micro-batch's ``2B`` sequences into padding-free rows, position ids
+    #: restarting per sequence (``inpo.logprobs.packed_sequence_logps``): no padding computed,
+    #: the same log-probs. On CPU one row a micro-batch with attention one sequence at a time
+    #: (``inpo.varlen``); elsewhere rows as long as the longest sequence. With ``share_prompt``
+    #: the ``B`` rows ``prompt + chosen + rejected`` are packed, each pair in a segment of its
+    #: own (``inpo.logprobs.packed_shared_prompt_logps``). The fastest layout measured on CPU
+    #: and GPU (benchmarks/results/packing.md, packing_gpu.md).
     packing: bool = False
 
     def validate(self) -> None:
