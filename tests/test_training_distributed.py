@@ -23,8 +23,18 @@ pytestmark = pytest.mark.slow
         # 3 pairs a step: 2 on one rank, 1 on the other, so micro-batches of unequal size:
         # FSDP's per-forward collectives must still match across ranks
         ("sgd", ["fsdp=full_shard"], ["optim.global_batch_size=3"]),
+        # the same under DDP with length buckets: 4 forwards a micro-batch on one rank, 2 on
+        # the other (a forward must hold no collective: DDP's buffer broadcast hung here)
+        ("adamw", [], ["optim.global_batch_size=3", "data.length_buckets=4"]),
     ],
-    ids=["ddp-sgd", "ddp-adamw", "fsdp-full-shard", "fsdp-grad-op-act-ckpt", "fsdp-uneven"],
+    ids=[
+        "ddp-sgd",
+        "ddp-adamw",
+        "fsdp-full-shard",
+        "fsdp-grad-op-act-ckpt",
+        "fsdp-uneven",
+        "ddp-uneven-buckets",
+    ],
 )
 def test_two_processes_equal_one(tmp_path, optimizer, engine, both):
     import torch

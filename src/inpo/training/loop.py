@@ -468,7 +468,11 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     ``prepare`` takes accelerate's own FSDP2 path — the same code as on GPUs, testable on CPU.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+    )
 
     kwargs: dict[str, Any] = {
         "mixed_precision": "bf16" if bf16 else "no",
@@ -479,6 +483,14 @@ def _accelerator(cfg: TrainConfig, bf16: bool) -> Any:
     if cfg.logging.trackers:
         kwargs["log_with"] = cfg.logging.trackers
         kwargs["project_dir"] = str(Path(cfg.output_dir) / "trackers")
+    # DDP broadcasts the model's buffers from rank 0 in every forward, a collective: ranks would
+    # then have to run as many forwards, but a micro-batch runs as length buckets (or packed)
+    # by its own rows' lengths. A causal LM's buffers are constants (rotary frequencies), so
+    # there is nothing to broadcast: off, as transformers' Trainer offers.
+    kwargs["kwargs_handlers"] = [
+        *kwargs.get("kwargs_handlers", []),
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+    ]
     plugin = None
     if cfg.fsdp != "none":
         plugin = FullyShardedDataParallelPlugin(
