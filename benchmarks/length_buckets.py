@@ -1,4 +1,5 @@
-"""When do length buckets pay on CPU? One padded pass against 4 length buckets, by row length.
+"""When do length buckets, and packing, pay on CPU? One padded pass against 4 length buckets
+and against one packed row with variable-length attention, by row length.
 
 ``inpo train`` can run a micro-batch's sequences as length-sorted buckets, each cut to its own
 longest sequence (``data.length_buckets``): less padding computed, but one forward (and
@@ -6,9 +7,13 @@ backward) a bucket, each with a fixed cost of Python and kernel launches. This m
 forward + backward of the completion log-probs (:func:`inpo.training.loop.bucketed_logps`) of
 16 sequences, padding about 30% (lengths uniform in ``[L/4, L]``, one at ``L``), for row lengths
 ``L`` from 8 to 256, on two models: the default task's π_ref (hidden 64, 2 layers) and a
-10M-parameter Llama (hidden 256, 8 layers, vocabulary 4,000). Median of 7 repeats each. The
-rule it sets: by default (``length_buckets: null``) a CPU micro-batch is bucketed only when its
-longest row has at least :data:`inpo.training.loop.MIN_BUCKET_LENGTH` tokens.
+10M-parameter Llama (hidden 256, 8 layers, vocabulary 4,000). Median of 7 repeats each.
+The third layout is :func:`inpo.logprobs.packed_sequence_logps` with ``varlen=True``: all 16
+sequences in one row, attention one sequence at a time (:mod:`inpo.varlen`). The rules it sets:
+by default (``length_buckets: null``) a CPU micro-batch is bucketed only when its longest row
+has at least :data:`inpo.training.loop.MIN_BUCKET_LENGTH` tokens, and (``packing: null``)
+packed instead when it has at least :data:`inpo.training.loop.MIN_PACK_LENGTH` tokens and
+varlen attention is exact for the model (both models here).
 
     python benchmarks/length_buckets.py [--out benchmarks/results/length_buckets.md]
 """
@@ -47,9 +52,10 @@ def models():
 
 
 def measure(model, length: int, buckets: int, repeats: int = 7) -> float:
+    """Median seconds of forward + backward (``buckets=0``: one packed varlen row)."""
     import torch
 
-    from inpo.logprobs import sequence_logps
+    from inpo.logprobs import packed_sequence_logps, sequence_logps
     from inpo.training.loop import bucketed_logps
 
     g = torch.Generator().manual_seed(length)
@@ -63,7 +69,10 @@ def measure(model, length: int, buckets: int, repeats: int = 7) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        lp = bucketed_logps(sequence_logps, model, ids, attn, comp, buckets=buckets)
+        if buckets:
+            lp = bucketed_logps(sequence_logps, model, ids, attn, comp, buckets=buckets)
+        else:
+            lp = packed_sequence_logps(model, ids, attn, comp, varlen=True)
         lp.sum().backward()
         times.append(time.perf_counter() - t)
     return sorted(times)[repeats // 2], 1 - lengths.sum().item() / (n * length)
@@ -75,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from inpo.training.loop import MIN_BUCKET_LENGTH
+    from inpo.training.loop import MIN_BUCKET_LENGTH, MIN_PACK_LENGTH
 
     torch.manual_seed(0)
     load = os.getloadavg()
@@ -84,10 +93,14 @@ def main() -> None:
         for length in (8, 16, 32, 64, 128, 256):
             one, pad = measure(model, length, 1)
             four, _ = measure(model, length, 4)
-            rows.append((name, length, pad, one, four))
-            print(f"{name} L={length}: 1 pass {one * 1e3:.1f} ms, 4 buckets {four * 1e3:.1f} ms")
+            packed, _ = measure(model, length, 0)
+            rows.append((name, length, pad, one, four, packed))
+            print(
+                f"{name} L={length}: 1 pass {one * 1e3:.1f} ms, 4 buckets {four * 1e3:.1f} ms, "
+                f"packed {packed * 1e3:.1f} ms"
+            )
     lines = [
-        "# Length buckets on CPU: one padded pass against 4 buckets, by row length",
+        "# Length buckets and packing on CPU: one padded pass, 4 buckets, one packed row",
         "",
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores, torch "
         f"threads {torch.get_num_threads()}, {platform.platform()}; torch {torch.__version__}",
@@ -96,23 +109,32 @@ def main() -> None:
         "- 16 sequences, forward + backward of the completion log-probs, median of 7",
         "",
         "| model | longest row (tokens) | padding | 1 pass (ms) | 4 buckets (ms) "
-        "| 4 buckets' speed-up |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| packed (ms) | 4 buckets' speed-up | packed's speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {name} | {length} | {pad:.0%} | {one * 1e3:.1f} | {four * 1e3:.1f} "
-            f"| {one / four:.2f}× |"
-            for name, length, pad, one, four in rows
+            f"| {packed * 1e3:.1f} | {one / four:.2f}× | {one / packed:.2f}× |"
+            for name, length, pad, one, four, packed in rows
         ],
         "",
-        f"Rule (`data.length_buckets: null` on CPU): buckets for a micro-batch whose longest row "
-        f"has at least {MIN_BUCKET_LENGTH} tokens, one pass below. Verdicts:",
+        f"Rules on CPU: `data.packing: null` packs a micro-batch whose longest row has at least "
+        f"{MIN_PACK_LENGTH} tokens (for a model varlen attention is exact for); otherwise "
+        f"`data.length_buckets: null` buckets one of at least {MIN_BUCKET_LENGTH} tokens (with "
+        "`data.packing=false`, or a model varlen does not suit), one pass below. Verdicts (the "
+        "default's choice against the fastest of the three; and the bucket rule alone against "
+        "the faster of 1 pass and 4 buckets):",
     ]
-    for name, length, _, one, four in rows:
-        chosen = four if length >= MIN_BUCKET_LENGTH else one
-        best = min(one, four)
+    for name, length, _, one, four, packed in rows:
+        bucket_choice = four if length >= MIN_BUCKET_LENGTH else one
+        chosen = packed if length >= MIN_PACK_LENGTH else bucket_choice
+        best, best_unpacked = min(one, four, packed), min(one, four)
+
+        def verdict(choice: float, fastest: float) -> str:
+            return "the fastest" if choice == fastest else f"{choice / fastest:.2f}× the fastest"
+
         lines.append(
-            f"- {name}, {length} tokens: the rule's choice is "
-            f"{'the faster' if chosen == best else f'{chosen / best:.2f}× the faster time'}"
+            f"- {name}, {length} tokens: default {verdict(chosen, best)}; bucket rule "
+            f"{verdict(bucket_choice, best_unpacked)}"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

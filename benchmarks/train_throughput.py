@@ -467,7 +467,8 @@ def main() -> None:
         "`data.packing=true` the micro-batch's sequences (or those B rows) are packed into one "
         "padding-free row on CPU, attention computed one sequence (pair) at a time "
         "(`inpo.varlen`, no mask; a pair's rejected answer sees the prompt and itself). AdamW "
-        "is torch's fused kernel.",
+        "is torch's fused kernel. The first two kinds run with `data.packing=false` (the "
+        "default, `null`, would pack these rows on CPU, as the packed kinds do).",
         "",
         "| trainer | tokens/s per round | median tokens/s | MFU per round "
         "| peak RSS (MiB) | RSS growth in training (MiB) |"

@@ -658,6 +658,64 @@ def test_packing_trains_the_weights_of_the_padded_batch(tiny, tmp_path):
     assert max_diff(runs["true"], weights(tiny[0])) > 1e-3
 
 
+def _spy_varlen(monkeypatch) -> list[int]:
+    """The row lengths varlen attention ran on (the real function is still what runs)."""
+    import inpo.varlen as varlen
+
+    seen: list[int] = []
+    real = varlen.varlen_sdpa_attention
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_sdpa_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["unshared", "shared"])
+def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, share_prompt):
+    """``data.packing: null`` (the default): on CPU a micro-batch whose longest row has
+    ``MIN_PACK_LENGTH`` tokens or more runs packed into one row with variable-length attention,
+    a shorter one padded as before; the same training as ``data.packing=false``."""
+    from inpo.training.loop import MIN_PACK_LENGTH
+
+    model_dir, _ = tiny
+    rows = make_rows(8)
+    for r in rows[::2]:  # half the pairs long
+        r["prompt"] = r["prompt"] * 6
+    data = write_dataset(tmp_path / "long.jsonl", model_dir, rows)
+    seen = _spy_varlen(monkeypatch)
+    runs, packed_rows = {}, {}
+    for packing in ("false", "null"):
+        out = tmp_path / packing
+        seen.clear()
+        train(
+            make_cfg(
+                (model_dir, data), out, f"data.packing={packing}",
+                f"data.share_prompt={str(share_prompt).lower()}",
+                "optim.per_device_batch_size=2", "optim.global_batch_size=4",
+            )
+        )  # fmt: skip
+        runs[packing] = weights(out)
+        packed_rows[packing] = [n for n in seen if n >= MIN_PACK_LENGTH]
+    assert packed_rows["false"] == []
+    assert packed_rows["null"]  # some micro-batches ran packed
+    assert max_diff(runs["null"], runs["false"]) < 1e-5
+    assert max_diff(runs["null"], weights(model_dir)) > 1e-3
+
+
+def test_packing_null_leaves_short_rows_padded(tiny, tmp_path, monkeypatch):
+    """Rows under ``MIN_PACK_LENGTH`` tokens (the default task's, this dataset's) are not
+    packed by default: one padded pass is faster there (length_buckets.md)."""
+    from inpo.training.loop import MIN_PACK_LENGTH
+
+    seen = _spy_varlen(monkeypatch)
+    train(make_cfg(tiny, tmp_path / "run", "optim.per_device_batch_size=2"))
+    assert [n for n in seen if n >= MIN_PACK_LENGTH] == []
+    assert seen  # ... though the probe found varlen exact for this model
+
+
 def test_packing_with_share_prompt_trains_the_weights_of_the_padded_batch(tiny, tmp_path):
     """``data.packing`` with ``data.share_prompt``: the rows ``prompt + chosen + rejected``
     packed without padding, each pair in its own segment: the same training as unshared

@@ -308,8 +308,10 @@ class TrainStageConfig:
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
     #: Run each micro-batch as padding-free rows (position ids restart per sequence); with
-    #: share_prompt, the rows prompt + chosen + rejected are packed.
-    packing: bool = False
+    #: share_prompt, the rows prompt + chosen + rejected are packed; true also packs the logps
+    #: stage. null: the train stage packs CPU micro-batches of rows from 64 tokens where
+    #: variable-length attention is exact for the model (data.packing in inpo train).
+    packing: bool | None = None
     #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50
     #: The weights' dtype. Mixed precision is ``bf16`` (autocast over fp32 weights).

@@ -136,8 +136,12 @@ class DataConfig:
     #: (``inpo.varlen``); elsewhere rows as long as the longest sequence. With ``share_prompt``
     #: the ``B`` rows ``prompt + chosen + rejected`` are packed, each pair in a segment of its
     #: own (``inpo.logprobs.packed_shared_prompt_logps``). The fastest layout measured on CPU
-    #: and GPU (benchmarks/results/packing.md, packing_gpu.md).
-    packing: bool = False
+    #: and GPU (benchmarks/results/packing.md, packing_gpu.md). ``null`` (default): packed on
+    #: CPU the micro-batches whose longest row has at least 64 tokens, for a model
+    #: variable-length attention is exact for (``inpo.varlen``; where it measured faster than
+    #: one padded pass and than length buckets, benchmarks/results/length_buckets.md), the
+    #: others padded; off on GPUs and under FSDP or DeepSpeed.
+    packing: bool | None = None
 
     def validate(self) -> None:
         if bool(self.train_file) == bool(self.dataset_name):

@@ -240,6 +240,27 @@ def _length_buckets(cfg: TrainConfig, accelerator: Any, longest: int) -> int:
     return 4 if accelerator.device.type == "cpu" and longest >= MIN_BUCKET_LENGTH else 1
 
 
+#: The longest row (tokens) from which ``data.packing: null`` packs a CPU micro-batch into one
+#: row with attention one sequence at a time (:mod:`inpo.varlen`): from 64 tokens it beat one
+#: padded pass and 4 length buckets on both models measured (1.08-1.63× one pass; below, 0.54-
+#: 0.99× on the default task's small model; benchmarks/results/length_buckets.md).
+MIN_PACK_LENGTH = 64
+
+
+def _auto_packing(cfg: TrainConfig, accelerator: Any, model: Any) -> bool:
+    """``data.packing: null``: pack long micro-batches on CPU (:data:`MIN_PACK_LENGTH`) when
+    variable-length attention is exact for the model (:func:`inpo.varlen.supports_varlen`,
+    probed once here on the unwrapped model); never on accelerators, where it is unmeasured,
+    nor under FSDP or DeepSpeed, which need the LM head inside the model's forward."""
+    if cfg.data.packing is not None or accelerator.device.type != "cpu":
+        return False
+    if _fsdp_engine(accelerator) or zero.requested():
+        return False
+    from inpo.varlen import supports_varlen
+
+    return supports_varlen(model)
+
+
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
     """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
     a pair truncated differently has reference log-probs of another completion."""
@@ -729,10 +750,10 @@ def train(
 
     if logps_fn is not None and cfg.data.share_prompt:
         raise ValueError("logps_fn is not used with data.share_prompt=true; pass one or the other")
-    if logps_fn is not None and cfg.data.packing:
+    if logps_fn is not None and cfg.data.packing is True:
         raise ValueError("logps_fn is not used with data.packing=true; pass one or the other")
     default_logps = logps_fn is None
-    if logps_fn is None and cfg.data.packing:  # one padding-free row a micro-batch
+    if logps_fn is None and cfg.data.packing is True:  # padding-free rows a micro-batch
         from inpo.logprobs import packed_sequence_logps as logps_fn
     elif logps_fn is None:
         from inpo.logprobs import sequence_logps as logps_fn
@@ -766,7 +787,7 @@ def train(
     model = load_policy(cfg.model)
     if cfg.data.share_prompt:
         check_shared_prompt_support(model)
-    if cfg.data.packing and not cfg.data.share_prompt:  # shared rows get an explicit mask
+    if cfg.data.packing is True and not cfg.data.share_prompt:  # shared rows: explicit mask
         from inpo.logprobs import check_packing_support
 
         try:
@@ -780,6 +801,7 @@ def train(
         _load_model_state(model, state["model"], resume_from)
     if not _fsdp_engine(accelerator):
         model = model.to(accelerator.device)
+    auto_pack = default_logps and _auto_packing(cfg, accelerator, model)
     optimizer = _optimizer(cfg, model, sharded=_fsdp_engine(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     if _sharded(model) and default_logps:
@@ -838,8 +860,9 @@ def train(
                 order_epoch = epoch
             step_rows = order[in_epoch * g : (in_epoch + 1) * g]
             sums, abs_max, bad_rows = _step(
-                cfg, accelerator, model, collator, data, step_rows, rank, world, logps_fn
-            )
+                cfg, accelerator, model, collator, data, step_rows, rank, world, logps_fn,
+                auto_pack=auto_pack,
+            )  # fmt: skip
             n_pairs = len(step_rows)  # pairs in the whole step, over all processes
             if not math.isfinite(float(sums[0])):
                 path = checkpoint(step, rng_before)
@@ -943,14 +966,20 @@ def _step(
     rank: int,
     world: int,
     logps_fn: LogpsFn,
+    *,
+    auto_pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """One optimizer step's forward/backward over this rank's share of ``step_rows``.
+    """One optimizer step's forward/backward over this rank's share of ``step_rows``
+    (``auto_pack``: ``data.packing`` null resolved to packing rows of
+    :data:`MIN_PACK_LENGTH` tokens or more, :func:`_auto_packing`).
 
     Returns the step's diagnostic sums over *all* ranks (loss, margin, chosen/rejected rewards,
     correct, tokens, truncated prompts and completions, policy chosen/rejected log-probs), the largest |margin|, and the row ids
     whose loss was not finite on this rank.
     """
     from contextlib import nullcontext
+
+    from inpo.logprobs import packed_sequence_logps
 
     ds = zero.is_engine(model)
     spec, hparams, rows = data.spec, data.hparams, data.rows
@@ -961,7 +990,7 @@ def _step(
     micro = cfg.optim.per_device_batch_size
     # FSDP gathers each layer's weights in every forward (a collective): every rank must run
     # as many forwards, so one call per micro-batch, not one per length bucket
-    one_pass = _sharded(model) or cfg.data.packing
+    one_pass = _sharded(model) or cfg.data.packing is True
     # every rank runs as many micro-batches as the rank with the most pairs (collectives)
     n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
     sums = torch.zeros(10, dtype=torch.float64)
@@ -974,16 +1003,21 @@ def _step(
         batch = {k: v.to(accelerator.device) for k, v in collator(batch_rows).items()}
         b = len(batch_rows)
         width = batch["input_ids"].shape[1]
-        buckets = 1 if one_pass else _length_buckets(cfg, accelerator, width)
+        packed = cfg.data.packing is True or (auto_pack and width >= MIN_PACK_LENGTH)
+        buckets = 1 if one_pass or packed else _length_buckets(cfg, accelerator, width)
         last = m == n_micro - 1
         sync = nullcontext() if last or ds else accelerator.no_sync(model)
         with sync:
             # ---- the algorithm: policy log-probs, the declared loss, mean over the step ------
             with accelerator.autocast():
-                if cfg.data.share_prompt and cfg.data.packing:  # ... packed, no padding
+                if cfg.data.share_prompt and packed:  # ... packed, no padding
                     logps = packed_shared_logps(model, batch)
                 elif cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
                     logps = bucketed_shared_logps(model, batch, buckets=buckets)
+                elif packed and not one_pass:  # data.packing null: a long micro-batch
+                    logps = packed_sequence_logps(
+                        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                    )
                 else:
                     logps = bucketed_logps(
                         logps_fn,
