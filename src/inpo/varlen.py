@@ -209,7 +209,8 @@ def supports_varlen(model: Any) -> bool:
     if ok:
         backbone, _, _ = _parts(model)
         device = next(model.parameters()).device
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device=device)
+        vocab = inner.get_input_embeddings().num_embeddings
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device=device) % vocab
         packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
         branched = torch.tensor([[0, 1, 2, 3, 4, 3, 4]], device=device)
         ones = torch.ones_like(ids)
@@ -228,8 +229,8 @@ def supports_varlen(model: Any) -> bool:
                 float((alone - got).abs().max() / scale) < 1e-2
                 and float((prompt_rejected[:, 3:] - got_branch[:, 5:]).abs().max() / scale) < 1e-2
             )
-        except VarlenUnsupported:
-            ok = False
+        except (VarlenUnsupported, RuntimeError, ValueError, IndexError, NotImplementedError):
+            ok = False  # a model the probe cannot even run keeps the masked path
         finally:
             inner.train(was_training)
     _SUPPORT[inner] = (impl, ok)
