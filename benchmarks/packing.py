@@ -23,10 +23,11 @@ second of process CPU time (threads fixed by ``--threads``).
     python benchmarks/packing.py --device cuda   # writes benchmarks/results/packing_gpu.md
 
 With ``--device cuda``: a Llama with Qwen2-0.5B's sizes (random weights, 32,000-word vocabulary)
-under bf16 autocast, micro-batches of 8 pairs (prompts 32-256 words, answers 32-512), and two
-more layouts, each with the model loaded ``attn_implementation="flex_attention"``:
-``packed-flex`` (the packed rows as a block mask) and ``shared-flex`` (``data.share_prompt``'s
-rows as a block-sparse mask, :func:`inpo.logprobs.shared_prompt_block_mask`), against
+under bf16 autocast, micro-batches of 8 pairs (prompts 32-256 words, answers 32-512), and more
+layouts: ``packed-varlen`` (every sequence in one row through torch's variable-length flash
+kernel, ``inpo.varlen``, not selected by default on GPUs until measured) and, each with the
+model loaded ``attn_implementation="flex_attention"``, ``packed-flex`` (the packed rows as a
+block mask) and ``shared-flex`` (``data.share_prompt``'s rows as a block-sparse mask, :func:`inpo.logprobs.shared_prompt_block_mask`), against
 ``shared-sdpa`` (the same rows with the dense boolean 4D mask through sdpa). First, in fp32, the
 flex shared-prompt log-probs and gradients are checked against the sdpa dense mask (torch runs
 flex attention's backward on GPUs only, so the CPU tests check its forward alone).
@@ -160,6 +161,8 @@ def main() -> None:
     if gpu:  # the shared rows are batch i of `shared`: the layouts below take the index
         del layouts["one-row-masked"], layouts["packed-masked"]
         layouts |= {
+            # all sequences in one row through torch's variable-length flash kernel (inpo.varlen)
+            "packed-varlen": lambda b: packed_sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], varlen=True),
             "packed-flex": lambda b: packed_sequence_logps(flex, b["input_ids"], b["attention_mask"], b["completion_mask"]),
             "shared-sdpa": lambda b: bucketed_shared_logps(model, shared[b["i"]], buckets=1),
             "shared-flex": lambda b: bucketed_shared_logps(flex, shared[b["i"]], buckets=1),
@@ -246,6 +249,9 @@ def main() -> None:
         text_out += [
             f"- shared prompt through flex attention faster than through sdpa's dense mask: "
             f"**{'MET' if med['shared-flex'] > med['shared-sdpa'] else 'NOT MET'}**",
+            f"- packed through the varlen flash kernel faster than masked packed rows: "
+            f"**{'MET' if med['packed-varlen'] > med['packed'] else 'NOT MET'}** (if MET, "
+            "`inpo.varlen.use_varlen` can select it on GPUs)",
             "",
         ]
     else:

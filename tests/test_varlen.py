@@ -4,6 +4,8 @@ it would get wrong."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -41,11 +43,9 @@ class _Module:
     num_key_value_groups = 2
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_attention_equals_the_dense_masked_attention(kv_heads):
-    """Two packed rows, each with plain and branched segments: per-segment attention equals
-    one ``scaled_dot_product_attention`` over the whole row under the shared-prompt mask with
-    segments (``inpo.logprobs.shared_prompt_mask``), the mask the masked path builds."""
+def _rows_and_dense_reference(kv_heads: int, dtype=torch.float32, device="cpu"):
+    """Two packed rows with plain and branched segments, q/k/v, and the dense masked sdpa
+    over them (the mask the masked path builds, ``shared_prompt_mask`` with segments)."""
     g = torch.Generator().manual_seed(0)
     rows = [[0, 1, 2, 0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 3, 2, 3, 0, 1, 2, 3, 4]]
     # chosen / rejected / segment of each token, as the collator and packer lay them out
@@ -53,19 +53,66 @@ def test_attention_equals_the_dense_masked_attention(kv_heads):
     rejected = [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0]]
     segment = [[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
     b, t, h, d = 2, 11, 4, 8
-    q = torch.randn(b, h, t, d, generator=g)
-    k = torch.randn(b, kv_heads, t, d, generator=g)
-    v = torch.randn(b, kv_heads, t, d, generator=g)
-    pos = torch.tensor(rows)
-    got, _ = varlen_sdpa_attention(_Module(), q, k, v, None, scaling=0.3, position_ids=pos)
+    q, k, v = (
+        torch.randn(b, n, t, d, generator=g).to(device, dtype) for n in (h, kv_heads, kv_heads)
+    )
     mask = shared_prompt_mask(
         torch.ones(b, t), torch.tensor(chosen), torch.tensor(rejected), torch.tensor(segment)
-    )
+    ).to(device)
     rep = h // kv_heads
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=0.3
     ).transpose(1, 2)
+    return torch.tensor(rows, device=device), q, k, v, want
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_attention_equals_the_dense_masked_attention(kv_heads):
+    """Two packed rows, each with plain and branched segments: per-segment attention equals
+    one ``scaled_dot_product_attention`` over the whole row under the shared-prompt mask with
+    segments, the mask the masked path builds."""
+    pos, q, k, v, want = _rows_and_dense_reference(kv_heads)
+    got, _ = varlen_sdpa_attention(_Module(), q, k, v, None, scaling=0.3, position_ids=pos)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_index_gives_the_dense_attention():
+    """The flash kernel's inputs (``varlen_index``): queries cut at segment starts, branches
+    and ends, keys gathered so that each cut attends with bottom-right causal alignment;
+    attention over them (bottom-right causal ``sdpa`` a cut, the kernel's semantics) equals
+    the dense masked attention."""
+    from inpo.varlen import _segments, varlen_index
+
+    pos, q, k, v, want = _rows_and_dense_reference(4)
+    b, h, t, d = q.shape
+    kv_index, cu_q, cu_k = varlen_index([_segments(r) for r in pos.tolist()], t)
+    qf = q.transpose(1, 2).reshape(b * t, h, d)
+    kf = k.transpose(1, 2).reshape(b * t, h, d)[torch.tensor(kv_index)]
+    vf = v.transpose(1, 2).reshape(b * t, h, d)[torch.tensor(kv_index)]
+    out = []
+    for (q0, q1), (k0, k1) in zip(pairwise(cu_q), pairwise(cu_k), strict=True):
+        lq, lk = q1 - q0, k1 - k0
+        seen = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)  # bottom-right causal
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                qf[q0:q1].transpose(0, 1), kf[k0:k1].transpose(0, 1), vf[k0:k1].transpose(0, 1),
+                attn_mask=seen, scale=0.3,
+            ).transpose(0, 1)
+        )  # fmt: skip
+    torch.testing.assert_close(torch.cat(out).reshape(b, t, h, d), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_flash_varlen_kernel_gives_the_dense_attention(kv_heads):
+    """On CUDA in bf16 the attention runs torch's variable-length flash kernel: the dense
+    masked attention to bf16 tolerance."""
+    from inpo.varlen import _flash_varlen_usable
+
+    pos, q, k, v, want = _rows_and_dense_reference(kv_heads, torch.bfloat16, "cuda")
+    assert _flash_varlen_usable(q, 0.0)
+    got, _ = varlen_sdpa_attention(_Module(), q, k, v, None, scaling=0.3, position_ids=pos)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_attention_refuses_what_it_cannot_honour():

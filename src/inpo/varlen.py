@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 #: The name :func:`varlen_sdpa_attention` is registered under in ``AttentionInterface``. No
@@ -108,8 +109,11 @@ def varlen_sdpa_attention(
     if query.shape[2] != key.shape[2] or position_ids.shape[-1] != query.shape[2]:
         raise VarlenUnsupported("varlen attention: a cache or mismatched lengths")
     gqa = query.shape[1] != key.shape[1]
+    plan = _plan(position_ids, query.shape[0], query.shape[2])
+    if _flash_varlen_usable(query, dropout):
+        return _flash_varlen(query, key, value, plan, scaling), None
     rows = []
-    for b, segments in enumerate(_plan(position_ids, query.shape[0], query.shape[2])):
+    for b, segments in enumerate(plan):
         q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         outs = []
         for start, branch, end, prefix in segments:
@@ -143,6 +147,91 @@ def varlen_sdpa_attention(
         rows.append(torch.cat(outs, 2) if len(outs) > 1 else outs[0])
     out = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_index(
+    plan: list[list[tuple[int, int, int, int]]], length: int
+) -> tuple[list[int], list[int], list[int]]:
+    """The plan as variable-length attention's inputs over the ``rows × length`` flattened
+    tokens: ``(kv_index, cu_q, cu_k)``.
+
+    Queries stay in token order, cut at each segment's start, branch and end (``cu_q``). Keys
+    and values are gathered by ``kv_index``: a segment's tokens before its branch, then for
+    the tokens after it the segment's first ``prefix`` tokens followed by their own (``cu_k``),
+    so with *bottom-right* causal alignment (a query ``i`` of ``n`` sees keys up to
+    ``i + len_k - n``) the tokens after a branch see the prompt and themselves.
+    """
+    kv_index: list[int] = []
+    cu_q, cu_k = [0], [0]
+    for r, segments in enumerate(plan):
+        o = r * length
+        for start, branch, end, prefix in segments:
+            kv_index += range(o + start, o + branch)
+            cu_q.append(o + branch)
+            cu_k.append(len(kv_index))
+            if branch < end:
+                kv_index += range(o + start, o + start + prefix)
+                kv_index += range(o + branch, o + end)
+                cu_q.append(o + end)
+                cu_k.append(len(kv_index))
+    return kv_index, cu_q, cu_k
+
+
+def _flash_varlen_usable(query: Any, dropout: float) -> bool:
+    """torch's variable-length flash kernel (``torch.nn.attention.varlen``, CUDA only, fp16 and
+    bf16) for a CUDA query without dropout; otherwise one ``sdpa`` call a segment."""
+    import torch
+
+    if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_varlen(query: Any, key: Any, value: Any, plan: list, scaling: float | None) -> Any:
+    """All segments in one ``varlen_attn`` call: ``[B, H, T, D]`` in, ``[B, T, H, D]`` out.
+    Not measured yet (no GPU lent; ``benchmarks/packing.py --device cuda`` checks and times
+    it as ``packed-varlen``), so nothing selects it by default."""
+    import inspect
+
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, t, d = query.shape
+    kv_index, cu_q, cu_k = varlen_index(plan, t)
+    device = query.device
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    index = torch.tensor(kv_index, device=device)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d).index_select(0, index)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d).index_select(0, index)
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"scale": scaling}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if k.shape[1] != h:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(h // k.shape[1], 1)
+            v = v.repeat_interleave(h // v.shape[1], 1)
+    lq = [y - x for x, y in pairwise(cu_q)]
+    lk = [y - x for x, y in pairwise(cu_k)]
+    out = varlen_attn(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        torch.tensor(cu_q, device=device, dtype=torch.int32),
+        torch.tensor(cu_k, device=device, dtype=torch.int32),
+        max(lq),
+        max(lk),
+        **kwargs,
+    )
+    return out.reshape(b, t, h, d)
 
 
 def register() -> None:
