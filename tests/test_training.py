@@ -673,8 +673,12 @@ def _spy_varlen(monkeypatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("share_prompt", [False, True], ids=["unshared", "shared"])
-def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, share_prompt):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.share_prompt=true"], ["model.lora.r=4", "model.lora.alpha=8"]],
+    ids=["unshared", "shared", "lora"],
+)
+def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, extra):
     """``data.packing: null`` (the default): on CPU a micro-batch whose longest row has
     ``MIN_PACK_LENGTH`` tokens or more runs packed into one row with variable-length attention,
     a shorter one padded as before; the same training as ``data.packing=false``."""
@@ -692,9 +696,9 @@ def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, 
         seen.clear()
         train(
             make_cfg(
-                (model_dir, data), out, f"data.packing={packing}",
-                f"data.share_prompt={str(share_prompt).lower()}",
+                (model_dir, data), out, f"data.packing={packing}", *extra,
                 "optim.per_device_batch_size=2", "optim.global_batch_size=4",
+                "optim.learning_rate=0.01",
             )
         )  # fmt: skip
         runs[packing] = weights(out)
