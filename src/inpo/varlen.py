@@ -20,10 +20,14 @@ against 1.26× for masked rows (``benchmarks/results/packing.md``); ``inpo train
 ``data.packing`` 2,493 tokens/s against 1,926 before, 65-68% of the matmul peak
 (``benchmarks/results/train_throughput.md``).
 
+On CUDA in bf16 or fp16 the same plan runs as one call of torch's variable-length flash
+kernel (``torch.nn.attention.varlen.varlen_attn``, :func:`varlen_index`); no GPU has measured it
+yet, so on GPUs it runs only when asked for (``varlen=True``).
+
 It is switched on only around a packed forward (:func:`varlen_attention`) and only for models
 :func:`supports_varlen` has checked on a probe: the architecture must route attention through
-``AttentionInterface`` and pass ``position_ids`` to it (Llama, Qwen2, Mistral-style models in
-transformers 5 do), with no sliding window, soft-capping or attention sinks.
+``AttentionInterface`` and pass ``position_ids`` to it (Llama, Qwen2, GPT-2 and window-less
+Mistral in transformers 5 do), with no sliding window, soft-capping or attention sinks.
 """
 
 from __future__ import annotations
