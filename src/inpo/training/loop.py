@@ -1014,7 +1014,7 @@ def _step(
                     logps = packed_shared_logps(model, batch)
                 elif cfg.data.share_prompt:  # one row prompt + chosen + rejected per pair
                     logps = bucketed_shared_logps(model, batch, buckets=buckets)
-                elif packed and not one_pass:  # data.packing null: a long micro-batch
+                elif packed:  # padding-free rows (data.packing true, or null and long rows)
                     logps = packed_sequence_logps(
                         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
                     )
