@@ -2,7 +2,8 @@
 # The GPU measurements in one prepared run (~8 minutes on one H200; nothing is downloaded):
 #   1. benchmarks/train_throughput.py --device cuda: inpo train (padded, share_prompt, packing)
 #      vs TRL DPOTrainer (default, precomputed references), tokens/s and MFU, bf16, 0.5B sizes;
-#   2. benchmarks/gpu_iteration.py: one whole `inpo run` iteration with and without FSDP;
+#   2. benchmarks/gpu_iteration.py: one whole `inpo run` iteration, then the same with FSDP
+#      from a copy of its folder (samples and pairs reused; the table is written after each);
 #   3. benchmarks/packing.py --device cuda: packed/flex/shared-prompt layouts and the fp32 check
 #      of flex attention's shared-prompt gradients against sdpa's dense mask.
 # Each writes its Markdown table to $OUT (default /tmp/inpo-gpu-out) with its log; copy the

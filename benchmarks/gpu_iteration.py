@@ -9,6 +9,13 @@ are random words. The same iteration runs twice, each a fresh ``inpo run``:
 * ``fsdp``: ``torchrun --standalone --nproc_per_node 1 -m inpo run ... train.fsdp=full_shard``
   (FSDP2 through accelerate's plugin, one shard).
 
+The second run starts from a copy of the first one's folder (``--reuse``, the default): the
+pipeline's resume logic keeps π_0's evaluation, the samples and the pairs (their settings do not
+name ``train.fsdp``) and reruns what depends on the training settings (log-probs, training,
+evaluation), so the FSDP run spends its minutes on what FSDP changes. ``--no-reuse`` runs both
+from scratch and checks that samples and pairs are byte-identical. The table is rewritten after
+each run, so a run cut by a time limit leaves the ones before it.
+
 Both with ``train.bf16=true`` (autocast over fp32 weights), K = 8 samples of up to
 ``--max-new-tokens`` a prompt, best-vs-worst pairs by the reward model, ``--prompts`` training
 prompts and 32 held-out ones. Seconds per stage come from the run's ``metrics.jsonl``;
@@ -27,6 +34,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +124,9 @@ def run(kind: str, work: Path, args: argparse.Namespace) -> dict:
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
             "-m", "inpo", "run", *common, "train.fsdp=full_shard",
         ]  # fmt: skip
+    if args.reuse and args.first and args.first != kind:
+        # π_0's evaluation, samples and pairs are reused by the pipeline's own resume logic
+        shutil.copytree(work / args.first, work / kind, ignore=shutil.ignore_patterns("*.lock"))
     path = os.pathsep.join(x for x in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if x)
     env = dict(os.environ, PYTHONPATH=path)
     t0 = time.perf_counter()
@@ -128,6 +139,7 @@ def run(kind: str, work: Path, args: argparse.Namespace) -> dict:
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     it = run_dir / "iter_000"
     steps = [json.loads(x) for x in (it / "train" / "model" / "metrics.jsonl").open()]
+    reused = [s for s in STAGES if f"[iter_000/{s}] complete, skipped" in proc.stdout + proc.stderr]
     timed = steps[1:] or steps
     from transformers import AutoTokenizer
 
@@ -147,6 +159,7 @@ def run(kind: str, work: Path, args: argparse.Namespace) -> dict:
         "generated_tokens": generated,
         "samples": samples,
         "metrics": {k: v for k, v in row.items() if isinstance(v, int | float)},
+        "reused": reused,
     }
 
 
@@ -160,20 +173,50 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--kinds", default="plain,fsdp")
+    parser.add_argument(
+        "--reuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="later runs start from a copy of the first run's folder (samples and pairs reused)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu_iteration.md"))
+    parser.add_argument(
+        "--work", help="folder for the models and runs (default: a new temporary one)"
+    )
     args = parser.parse_args()
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.bf16 = device == "cuda"
     load0 = os.getloadavg()[0]
-    work = Path(tempfile.mkdtemp(prefix="inpo-gpu-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="inpo-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     info = build(work, args.size, args.prompts, args.eval_prompts)
     peak = bf16_peak(device)
-    results = {}
-    for kind in args.kinds.split(","):
+    results: dict[str, dict] = {}
+    kinds = args.kinds.split(",")
+    args.first = kinds[0]
+    for kind in kinds:
         results[kind] = run(kind, work, args)
         print(kind, json.dumps(results[kind]), flush=True)
+        write(args, device, load0, info, peak, work, results)
+    if len(results) == 2:
+        write(args, device, load0, info, peak, work, results, weights_diff(work, kinds))
+
+
+def weights_diff(work: Path, kinds: list[str]) -> float:
+    """The largest difference between the two runs' trained weights, relative to the largest
+    weight (the same samples and pairs when reused: only the engine differs)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(work / k / "iter_000/train/model/model.safetensors") for k in kinds)
+    diff = max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+    return diff / max(t.float().abs().max().item() for t in a.values())
+
+
+def write(args, device, load0, info, peak, work, results, diff: float | None = None) -> None:
+    import torch
+
     n = info["non_embedding"]
     lines = [
         "# One `inpo run` iteration on one GPU (Qwen2-0.5B sizes, random weights)",
@@ -183,13 +226,15 @@ def main() -> None:
         + f"{os.cpu_count()} CPU cores, load average {load0:.1f} at the start; torch "
         f"{torch.__version__}, Python {platform.python_version()}",
         f"- Command: `python benchmarks/gpu_iteration.py --size {args.size} --prompts "
-        f"{args.prompts} --max-new-tokens {args.max_new_tokens}`",
+        f"{args.prompts} --max-new-tokens {args.max_new_tokens}"
+        f"{'' if args.reuse else ' --no-reuse'}`",
         f"- Policy: {info['params'] / 1e6:.0f}M parameters ({n / 1e6:.0f}M without the input "
         f"embedding), vocabulary {info['vocab']:,}; oracle: a reward model (Llama, hidden 256); "
         f"{args.prompts} training prompts × K = 8 samples of up to {args.max_new_tokens} tokens "
         f"(generate.batch_size={args.generate_batch}), best-vs-worst pairs, "
         f"{args.global_batch} pairs a step ({args.micro} a micro-batch), "
-        f"{args.eval_prompts} held-out prompts; bf16 autocast over fp32 weights",
+        f"{args.eval_prompts} held-out prompts; "
+        + ("bf16 autocast over fp32 weights" if args.bf16 else "fp32"),
         f"- bf16 GEMM peak (8192³ `torch.matmul`): {peak / 1e12:.0f} TFLOP/s; training MFU = "
         "6 · N · tokens/s ÷ peak (median step after the first)",
         "",
@@ -198,17 +243,25 @@ def main() -> None:
         "|---|" + "---:|" * (len(STAGES) + 5),
     ]
     for kind, r in results.items():
-        secs = [r["seconds"].get(s) for s in STAGES]
-        gen = r["generated_tokens"] / r["seconds"]["generate"]
+        # a stage reused from the first run's folder took no time here: shown as "reused"
+        secs = [None if s in r["reused"] else r["seconds"].get(s) for s in STAGES]
+        gen = (
+            "reused"
+            if "generate" in r["reused"]
+            else f"{r['generated_tokens'] / r['seconds']['generate']:,.0f}"
+        )
         mfu = 6 * n * r["train_tokens_per_s"] / peak
         lines.append(
             f"| {kind} | "
-            + " | ".join(f"{x:.1f}" if x is not None else "–" for x in secs)
-            + f" | {r['wall']:.0f} | {gen:,.0f} | {r['train_tokens_per_s']:,.0f} | {mfu:.0%} "
+            + " | ".join(
+                f"{x:.1f}" if x is not None else ("reused" if s in r["reused"] else "–")
+                for s, x in zip(STAGES, secs, strict=True)
+            )
+            + f" | {r['wall']:.0f} | {gen} | {r['train_tokens_per_s']:,.0f} | {mfu:.0%} "
             f"| {r['train_max_memory_gib']:.1f} |"
         )
     same = {}
-    if len(results) == 2:
+    if len(results) == 2 and not args.reuse:
         a, b = (work / k / "iter_000" for k in results)
         for path in ("generate/samples.jsonl", "annotate/pairs.jsonl"):
             same[path] = (a / path).read_bytes() == (b / path).read_bytes()
@@ -223,12 +276,24 @@ def main() -> None:
         + "".join(
             f" `{path}` {'byte-identical' if ok else 'DIFFERS'} between the two runs."
             for path, ok in same.items()
+        )
+        + "".join(
+            f" The {k} run reused the {args.first} run's {', '.join(r['reused'])} (a copy of its"
+            " folder; the pipeline skipped the stages whose settings and inputs were unchanged)."
+            for k, r in results.items()
+            if r["reused"]
+        )
+        + (
+            f" Trained weights, {' vs '.join(results)}: largest difference {diff:.1e} of the "
+            "largest weight."
+            if diff is not None
+            else ""
         ),
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
-    record = {"info": info, "peak": peak, "runs": results, "same": same}
+    record = {"info": info, "peak": peak, "runs": results, "same": same, "weights_diff": diff}
     Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1))
 
 
