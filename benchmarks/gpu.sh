@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements in one prepared run (~8 minutes on one H200; nothing is downloaded):
+#   0. the gpu-marked tests, when pytest is installed (60 s at most);
 #   1. benchmarks/train_throughput.py --device cuda: inpo train (padded, share_prompt, packing)
 #      vs TRL DPOTrainer (default, precomputed references), tokens/s and MFU, bf16, 0.5B sizes;
 #   2. benchmarks/gpu_iteration.py: one whole `inpo run` iteration, then the same with FSDP
@@ -17,7 +18,13 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HU
 export TOKENIZERS_PARALLELISM=false
 { nvidia-smi; uptime; python -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } >"$OUT/env.txt" 2>&1
 rc=0
-timeout 260 python benchmarks/train_throughput.py --device cuda --steps 4 --rounds 2 --micro 32 --accum 1 \
+# 0. the gpu-marked tests (torch's varlen flash kernel, packing: null on CUDA), if pytest is here
+if python -c "import pytest" 2>/dev/null; then
+  timeout 60 python -m pytest -q -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_training.py \
+    >"$OUT/pytest_gpu.log" 2>&1 || rc=1
+  tail -n 5 "$OUT/pytest_gpu.log"
+fi
+timeout 250 python benchmarks/train_throughput.py --device cuda --steps 4 --rounds 2 --micro 32 --accum 1 \
   --kinds inpo-packed,inpo-shared,trl,trl-precompute --out "$OUT/train_throughput_gpu.md" >"$OUT/train_throughput.log" 2>&1 || rc=1
 tail -n 30 "$OUT/train_throughput.log"
 timeout 170 python benchmarks/gpu_iteration.py --prompts 96 --max-new-tokens 96 \

@@ -709,6 +709,81 @@ def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, 
     assert max_diff(runs["null"], weights(model_dir)) > 1e-3
 
 
+def test_packing_null_on_cuda_packs_unshared_pairs_of_models_that_keep_sequences_apart(
+    tiny, tmp_path, monkeypatch
+):
+    """``data.packing: null`` on a CUDA device: packed (masked rows, the fastest layout on an
+    H200, packing_gpu.md) for unshared pairs when the model's attention keeps packed sequences
+    apart (the real probe, run here on the CPU copy of the model); padded with
+    ``data.share_prompt``, under FSDP, on other devices, when the probe fails or when set."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    import inpo.logprobs
+    from inpo.training.loop import _auto_packing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0]).train()
+
+    def on(kind, engine=DistributedType.NO):
+        return SimpleNamespace(device=torch.device(kind), distributed_type=engine)
+
+    def cfg(*extra):
+        return make_cfg(tiny, tmp_path / "unused", *extra)
+
+    assert _auto_packing(cfg(), on("cuda"), model)
+    assert model.training  # the probe ran in eval mode and gave the mode back
+    assert not _auto_packing(cfg("data.share_prompt=true"), on("cuda"), model)
+    assert not _auto_packing(cfg("data.packing=false"), on("cuda"), model)
+    assert not _auto_packing(cfg(), on("cuda", DistributedType.FSDP), model)
+    assert not _auto_packing(cfg(), on("mps"), model)
+
+    def mixes(model):
+        raise ValueError("lets packed sequences attend to each other")
+
+    monkeypatch.setattr(inpo.logprobs, "check_packing_support", mixes)
+    assert not _auto_packing(cfg(), on("cuda"), model)
+
+
+@pytest.mark.gpu
+def test_packing_null_on_cuda_trains_the_weights_of_padded_micro_batches(
+    tiny, tmp_path, monkeypatch
+):
+    """On a CUDA GPU (fp32) ``data.packing: null`` packs the long micro-batches into masked
+    rows and trains the weights ``data.packing=false`` trains."""
+    import inpo.logprobs
+    from inpo.training.loop import MIN_PACK_LENGTH
+
+    model_dir, _ = tiny
+    rows = make_rows(8)
+    for r in rows[::2]:
+        r["prompt"] = r["prompt"] * 6
+    data = write_dataset(tmp_path / "long.jsonl", model_dir, rows)
+    seen: list[int] = []
+    real = inpo.logprobs.packed_sequence_logps
+
+    def spy(model, input_ids, *args, **kwargs):
+        seen.append(input_ids.shape[1])
+        assert input_ids.is_cuda
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(inpo.logprobs, "packed_sequence_logps", spy)
+    runs = {}
+    for packing in ("false", "null"):
+        out = tmp_path / packing
+        train(
+            make_cfg(
+                (model_dir, data), out, f"data.packing={packing}",
+                "optim.per_device_batch_size=2", "optim.global_batch_size=4",
+                "optim.learning_rate=0.01",
+            )
+        )  # fmt: skip
+        runs[packing] = weights(out)
+    assert [n for n in seen if n >= MIN_PACK_LENGTH]
+    assert max_diff(runs["null"], runs["false"]) < 1e-4
+
+
 def test_packing_null_leaves_short_rows_padded(tiny, tmp_path, monkeypatch):
     """Rows under ``MIN_PACK_LENGTH`` tokens (the default task's, this dataset's) are not
     packed by default: one padded pass is faster there (length_buckets.md)."""

@@ -309,8 +309,9 @@ class TrainStageConfig:
     share_prompt: bool = False
     #: Run each micro-batch as padding-free rows (position ids restart per sequence); with
     #: share_prompt, the rows prompt + chosen + rejected are packed; true also packs the logps
-    #: stage. null: the train stage packs CPU micro-batches of rows from 64 tokens where
-    #: variable-length attention is exact for the model (data.packing in inpo train).
+    #: stage. null: the train stage packs micro-batches of rows from 64 tokens on CPU where
+    #: variable-length attention is exact for the model, and unshared ones on a CUDA GPU
+    #: (data.packing in inpo train).
     packing: bool | None = None
     #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50

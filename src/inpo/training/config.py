@@ -140,7 +140,9 @@ class DataConfig:
     #: CPU the micro-batches whose longest row has at least 64 tokens, for a model
     #: variable-length attention is exact for (``inpo.varlen``; where it measured faster than
     #: one padded pass and than length buckets, benchmarks/results/length_buckets.md), the
-    #: others padded; off on GPUs and under FSDP or DeepSpeed.
+    #: others padded; on a CUDA GPU the unshared ones from 64 tokens, as masked rows, when the
+    #: model keeps packed sequences apart (1.18× one padded pass, packing_gpu.md); off under
+    #: FSDP or DeepSpeed.
     packing: bool | None = None
 
     def validate(self) -> None:
