@@ -21,6 +21,10 @@ second of process CPU time (threads fixed by ``--threads``).
 
     python benchmarks/packing.py [--rounds 3] [--threads 2] [--out benchmarks/results/packing.md]
     python benchmarks/packing.py --device cuda   # writes benchmarks/results/packing_gpu.md
+    python benchmarks/packing.py --forward-only --pairs 8   # results/packing_forward.md
+
+``--forward-only`` times the log-probs without gradients, as the logps stage and ``inpo
+precompute`` score pairs (``2 × train.per_device_batch_size`` pairs a forward there).
 
 With ``--device cuda``: a Llama with Qwen2-0.5B's sizes (random weights, 32,000-word vocabulary)
 under bf16 autocast, micro-batches of 8 pairs (prompts 32-256 words, answers 32-512), and more
@@ -77,10 +81,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--pairs", type=int, help="pairs a micro-batch (default 4; 8 on cuda)")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="no backward: scoring, as the logps stage"
+    )
     parser.add_argument("--out", help="default: results/packing.md (packing_gpu.md on cuda)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    args.out = args.out or str(ROOT / f"benchmarks/results/packing{'_gpu' if gpu else ''}.md")
+    stem = "packing" + ("_forward" if args.forward_only else "") + ("_gpu" if gpu else "")
+    args.out = args.out or str(ROOT / f"benchmarks/results/{stem}.md")
     import contextlib
     import tempfile
 
@@ -97,7 +106,7 @@ def main() -> None:
         vocab = [f"w{i}" for i in range(32000)]
         tok = word_tokenizer(vocab)
         model = tiny_causal_lm("llama", tok, **QWEN2_05B)
-        lengths, pairs = ((32, 256), (32, 512)), 8
+        lengths, pairs = ((32, 256), (32, 512)), args.pairs or 8
 
         def text(lo: int, hi: int) -> str:
             return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, hi)))
@@ -107,7 +116,7 @@ def main() -> None:
             "llama", tok, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
             max_position_embeddings=1024,
         )  # fmt: skip
-        lengths, pairs = ((16, 128), (8, 256)), 4
+        lengths, pairs = ((16, 128), (8, 256)), args.pairs or 4
         letters = "abcdefghijklmnopqrstuvwxyz "
 
         def text(lo: int, hi: int) -> str:
@@ -178,9 +187,10 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             if gpu:
                 flex.zero_grad(set_to_none=True)
-            with autocast():
+            with autocast(), torch.set_grad_enabled(not args.forward_only):
                 lp = fn(b)
-            lp.sum().backward()
+            if not args.forward_only:
+                lp.sum().backward()
             out.append(lp.detach().float())
         if gpu:
             torch.cuda.synchronize()
@@ -224,12 +234,19 @@ def main() -> None:
         f"# Padding-free packing vs padded micro-batches ({'GPU' if gpu else 'CPU, sdpa'})",
         "",
         f"Command: `python benchmarks/packing.py --rounds {args.rounds} --threads {args.threads}"
+        + (f" --pairs {args.pairs}" if args.pairs else "")
+        + (" --forward-only" if args.forward_only else "")
         + (" --device cuda`" if gpu else "`")
         + f" (load average {load:.2f} at the start; {setting}).",
         "",
         f"{model_line}, {args.batches} micro-batches of {pairs} pairs: {real} real "
         f"tokens, {padded_tokens} once padded ({100 * (1 - real / padded_tokens):.0f}% padding). "
-        "Forward and backward of the completion log-probs. Ratio = padded seconds / layout "
+        + (
+            "Forward only (no gradient: the logps stage's scoring) of the completion log-probs. "
+            if args.forward_only
+            else "Forward and backward of the completion log-probs. "
+        )
+        + "Ratio = padded seconds / layout "
         "seconds in the same round.",
         "",
         "| layout | real tokens/s (median) | ratio per round | median | CPU-time ratio |",

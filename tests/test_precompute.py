@@ -251,3 +251,37 @@ def test_the_users_extra_columns_survive_precompute(models, tmp_path):
     bad.write_text(json.dumps({**rows[0], "score": "high"}) + "\n" + json.dumps(rows[1]) + "\n")
     with pytest.raises(DataError, match=r"column 'score' cannot be kept"):
         precompute_logps(bad, ref, tmp_path / "c", columns="ref")
+
+
+def test_packing_by_default_on_long_rows_gives_the_padded_values(models, tmp_path):
+    """``packing=None`` (the default): batches whose longest sequence has ``MIN_PACK_LENGTH``
+    tokens or more are scored packed (on CPU one row, attention one sequence at a time), the
+    short ones padded; the values are the padded ones to float rounding, under the same key."""
+    from inpo.logprobs import MIN_PACK_LENGTH
+
+    ref, _ = models
+    rows = [
+        {"prompt": f"Tell {i}: " + "why " * (2 + 3 * i), "chosen": " yes" * (1 + i), "rejected": " no"}
+        for i in range(8)
+    ]  # fmt: skip
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = {}
+    for packing in (False, None):
+        out = tmp_path / f"out-{packing}"
+        result = precompute_logps(path, ref, out, batch_size=2, packing=packing)
+        got[packing] = load_preference_dataset(out)
+        manifest = result.manifest
+        if packing is None:
+            assert 0 < manifest["packed_batches"] < 4  # the long batches only
+        else:
+            assert manifest["packed_batches"] == 0
+    assert (
+        max(len(r["prompt"]) for r in rows) > MIN_PACK_LENGTH > min(len(r["prompt"]) for r in rows)
+    )
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(
+            torch.tensor(got[None][column]), torch.tensor(got[False][column]), atol=1e-4, rtol=1e-6
+        )
+    # the default and --no-packing are one computation (a rerun is up to date)
+    assert precompute_logps(path, ref, tmp_path / "out-False", batch_size=2).skipped

@@ -29,12 +29,14 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "MIN_PACK_LENGTH",
     "SHARED_PROMPT_ATTENTION",
     "check_packing_support",
     "completion_logps",
     "naive_sequence_logps",
     "pack_rows",
     "packed_sequence_logps",
+    "packing_pays",
     "sequence_logps",
     "shared_prompt_block_mask",
     "shared_prompt_logps",
@@ -505,6 +507,44 @@ def packed_sequence_logps(
         hidden_all = _final_hidden(model, backbone, ids, None, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, pos]]
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
+
+
+#: The longest sequence (tokens) from which a batch is packed by default (``data.packing: null``,
+#: ``inpo precompute`` without ``--no-packing``), where :func:`packing_pays`. On CPU into one
+#: row with attention one sequence at a time (:mod:`inpo.varlen`): from 64 tokens training beat
+#: one padded pass and 4 length buckets on both models measured (1.08-1.63× one pass; below,
+#: 0.54-0.99× on the default task's small model; benchmarks/results/length_buckets.md); scoring
+#: 1.80× padded (packing_forward.md). On a CUDA GPU into rows as long as the longest sequence,
+#: measured at 32-384-token completions (1.18× padded in both rounds, bf16, Qwen2-0.5B sizes,
+#: packing_gpu.md); below 64 tokens it is unmeasured there and rows stay padded.
+MIN_PACK_LENGTH = 64
+
+
+def packing_pays(model: Any, device: str | None = None) -> bool:
+    """Whether packing measured faster than padding for ``model`` on ``device`` (a device type;
+    default: where its parameters are), and is exact.
+
+    On CPU when variable-length attention gives the model's own hidden states
+    (:func:`inpo.varlen.supports_varlen`); on a CUDA GPU when its attention keeps packed
+    sequences apart (:func:`check_packing_support`: masked rows); never on other devices. The
+    probe runs in eval mode (no dropout) and gives the model its mode back.
+    """
+    kind = device or next(model.parameters()).device.type
+    if kind == "cpu":
+        from inpo.varlen import supports_varlen
+
+        return supports_varlen(model)
+    if kind != "cuda":
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        check_packing_support(model)
+        return True
+    except Exception:  # any model the probe cannot run stays padded
+        return False
+    finally:
+        model.train(was_training)
 
 
 def check_packing_support(model: Any) -> None:

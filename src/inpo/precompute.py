@@ -123,7 +123,7 @@ def precompute_logps(
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
-    packing: bool = False,
+    packing: bool | None = None,
 ) -> PrecomputeResult:
     """Score every pair of a preference dataset with one model and save the log-prob columns.
 
@@ -143,7 +143,11 @@ def precompute_logps(
         overwrite: replace an existing ``output_dir`` whose manifest does not match.
         packing: score each batch as padding-free rows
             (:func:`inpo.logprobs.packed_sequence_logps`): the same log-probs up to float
-            rounding, no padding computed.
+            rounding, no padding computed. ``None`` (default): the batches whose longest
+            sequence has :data:`~inpo.logprobs.MIN_PACK_LENGTH` tokens or more, where packing
+            measured faster on the device and is exact for the model
+            (:func:`inpo.logprobs.packing_pays`; 1.80× padded on CPU,
+            ``benchmarks/results/packing_forward.md``); ``False``: never.
 
     Returns:
         A :class:`PrecomputeResult`; ``skipped=True`` when ``output_dir`` already holds this exact
@@ -157,7 +161,13 @@ def precompute_logps(
 
     from inpo.data import PreferenceCollator, load_preference_dataset
     from inpo.hub import resolve_model
-    from inpo.logprobs import check_packing_support, packed_sequence_logps, sequence_logps
+    from inpo.logprobs import (
+        MIN_PACK_LENGTH,
+        check_packing_support,
+        packed_sequence_logps,
+        packing_pays,
+        sequence_logps,
+    )
 
     dataset_path, output_dir = Path(dataset_path), Path(output_dir)
     model_path = resolve_model(model_path, "--model")  # a folder, or a cached hub id
@@ -206,7 +216,9 @@ def precompute_logps(
         "max_completion_length": max_completion_length,
         "padding_side": padding_side,
         "dtype": dtype,
-        **({"packing": True} if packing else {}),  # absent when off: earlier keys stay valid
+        # absent unless forced: earlier keys stay valid (the layout changes float rounding
+        # only, as the device does; `packed_batches` in the manifest says what ran)
+        **({"packing": True} if packing else {}),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     existing = _read_manifest(output_dir) if output_dir.is_dir() else None
@@ -246,6 +258,8 @@ def precompute_logps(
             check_packing_support(model)
         except ValueError as err:
             raise ConfigError(f"--packing: {err}") from None
+    auto = packing is None and packing_pays(model)
+    packed_batches = 0
     loaded = time.perf_counter()
     rows = ds.to_list()
     mine = set(shard(rows, dist.rank, dist.world))
@@ -263,7 +277,9 @@ def precompute_logps(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collator([rows[i] for i in idx])
-            logps = (packed_sequence_logps if packing else sequence_logps)(
+            pack = bool(packing) or (auto and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH)
+            packed_batches += pack
+            logps = (packed_sequence_logps if pack else sequence_logps)(
                 model,
                 batch["input_ids"].to(device),
                 batch["attention_mask"].to(device),
@@ -276,15 +292,15 @@ def precompute_logps(
                 rejected[i] = float(logps[b + j])
             bar.update(b)
     if dist.world > 1:
-        truncated = (collator.truncated_prompts, collator.truncated_completions)
+        counts = (collator.truncated_prompts, collator.truncated_completions, packed_batches)
         parts = dist.gather(
-            (order, [chosen[i] for i in order], [rejected[i] for i in order], truncated)
+            (order, [chosen[i] for i in order], [rejected[i] for i in order], counts)
         )
-        tp = tc = 0
-        for idx, c, r, (p_trunc, c_trunc) in parts:
+        tp = tc = packed_batches = 0
+        for idx, c, r, (p_trunc, c_trunc, n_packed) in parts:
             for j, i in enumerate(idx):
                 chosen[i], rejected[i] = c[j], r[j]
-            tp, tc = tp + p_trunc, tc + c_trunc
+            tp, tc, packed_batches = tp + p_trunc, tc + c_trunc, packed_batches + n_packed
         collator.truncated_prompts, collator.truncated_completions = tp, tc
     scored = time.perf_counter()
     bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
@@ -315,6 +331,7 @@ def precompute_logps(
         "truncated_prompts": collator.truncated_prompts,
         "truncated_completions": collator.truncated_completions,
         "batch_size": batch_size,
+        "packed_batches": packed_batches,
         "device": device,
         "seconds_load": round(loaded - started, 3),
         "seconds_score": round(scored - loaded, 3),

@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--packing",
-        action="store_true",
-        help="score each batch as padding-free rows (the same log-probs, no padding computed)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score each batch as padding-free rows (the same log-probs, no padding computed); "
+        "default: the batches of sequences from 64 tokens where that measured faster on the "
+        "device (CPU; CUDA) and is exact for the model; --no-packing: never",
     )
     return parser
 

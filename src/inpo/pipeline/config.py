@@ -308,10 +308,10 @@ class TrainStageConfig:
     #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
     share_prompt: bool = False
     #: Run each micro-batch as padding-free rows (position ids restart per sequence); with
-    #: share_prompt, the rows prompt + chosen + rejected are packed; true also packs the logps
-    #: stage. null: the train stage packs micro-batches of rows from 64 tokens on CPU where
-    #: variable-length attention is exact for the model, and unshared ones on a CUDA GPU
-    #: (data.packing in inpo train).
+    #: share_prompt, the rows prompt + chosen + rejected are packed; the logps stage scores
+    #: by the same rule. null: batches of rows from 64 tokens, on CPU where variable-length
+    #: attention is exact for the model, and on a CUDA GPU (train stage: unshared pairs) where
+    #: its attention keeps packed sequences apart (data.packing in inpo train).
     packing: bool | None = None
     #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
     save_steps: int | None = 50

@@ -44,6 +44,7 @@ import torch
 
 from inpo.config import config_to_dict, save_config
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
+from inpo.logprobs import MIN_PACK_LENGTH
 from inpo.losses import LossSpec, get_loss
 from inpo.training import zero
 from inpo.training.checkpoint import (
@@ -240,45 +241,21 @@ def _length_buckets(cfg: TrainConfig, accelerator: Any, longest: int) -> int:
     return 4 if accelerator.device.type == "cpu" and longest >= MIN_BUCKET_LENGTH else 1
 
 
-#: The longest row (tokens) from which ``data.packing: null`` packs a micro-batch. On CPU into
-#: one row with attention one sequence at a time (:mod:`inpo.varlen`): from 64 tokens it beat one
-#: padded pass and 4 length buckets on both models measured (1.08-1.63× one pass; below, 0.54-
-#: 0.99× on the default task's small model; benchmarks/results/length_buckets.md). On a CUDA GPU
-#: into rows as long as the longest sequence, measured at 32-384-token completions (1.18× padded
-#: in both rounds, bf16, Qwen2-0.5B sizes, benchmarks/results/packing_gpu.md); below 64 tokens
-#: it is unmeasured there and rows stay padded.
-MIN_PACK_LENGTH = 64
-
-
 def _auto_packing(cfg: TrainConfig, accelerator: Any, model: Any) -> bool:
-    """``data.packing: null``: pack long micro-batches (:data:`MIN_PACK_LENGTH`) where packing
-    measured fastest, probed once here on the unwrapped model. On CPU when variable-length
-    attention is exact for the model (:func:`inpo.varlen.supports_varlen`); on CUDA when its
-    attention keeps packed sequences apart (:func:`inpo.logprobs.check_packing_support`), for
-    unshared pairs (shared-prompt rows packed are unmeasured on a GPU). Never on other devices,
-    nor under FSDP or DeepSpeed, which need the LM head inside the model's forward."""
-    kind = accelerator.device.type
-    if cfg.data.packing is not None or kind not in ("cpu", "cuda"):
+    """``data.packing: null``: pack micro-batches from :data:`~inpo.logprobs.MIN_PACK_LENGTH`
+    tokens where packing measured fastest and is exact for the model
+    (:func:`inpo.logprobs.packing_pays`, probed once here on the unwrapped model): on CPU, and
+    on a CUDA GPU for unshared pairs (shared-prompt rows packed are unmeasured there). Never
+    under FSDP or DeepSpeed, which need the LM head inside the model's forward."""
+    if cfg.data.packing is not None or accelerator.device.type not in ("cpu", "cuda"):
         return False
     if _fsdp_engine(accelerator) or zero.requested():
         return False
-    if kind == "cpu":
-        from inpo.varlen import supports_varlen
-
-        return supports_varlen(model)
-    if cfg.data.share_prompt:
+    if accelerator.device.type == "cuda" and cfg.data.share_prompt:
         return False
-    from inpo.logprobs import check_packing_support
+    from inpo.logprobs import packing_pays
 
-    was_training = model.training
-    model.eval()  # the probe compares two forwards: no dropout
-    try:
-        check_packing_support(model)
-        return True
-    except Exception:  # any model the probe cannot run stays padded
-        return False
-    finally:
-        model.train(was_training)
+    return packing_pays(model, accelerator.device.type)
 
 
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
