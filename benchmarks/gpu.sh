@@ -10,6 +10,11 @@
 # Each writes its Markdown table to $OUT (default /tmp/inpo-gpu-out) with its log; copy the
 # tables into benchmarks/results/. Needs trl and datasets (pip install -e '.[lm,bench]').
 # Usage: OUT=/some/dir bash benchmarks/gpu.sh      (or: make bench-gpu)
+# On a lent H200 (its image has torch, transformers, accelerate, peft and pytest, not trl or
+# datasets): download their wheels for cp312 into .whl/ (ignored by .git/info/exclude: trl,
+# datasets, dill, multiprocess), carry .whl, and run
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/inpo-gpu-out}
