@@ -375,9 +375,7 @@ def main() -> None:
         worker(args.worker, Path(args.setup))
         return
 
-    import torch
-    import transformers
-    import trl
+    import trl  # noqa: F401  (missing: fail now, not after the set-up)
 
     kinds = tuple(k for k in KINDS if k in args.kinds.split(","))
     unknown = set(args.kinds.split(",")) - set(KINDS)
@@ -403,7 +401,30 @@ def main() -> None:
             print(
                 f"round {round_ + 1} {kind}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True
             )
+        if round_ + 1 < args.rounds:  # a time limit cutting a later round keeps this table
+            report(args, kinds, setup, runs, peak, None, load0, round_ + 1)
     peak2 = matmul_peak_flops(device=args.device)
+    report(args, kinds, setup, runs, peak, peak2, load0, args.rounds)
+
+
+def report(
+    args: argparse.Namespace,
+    kinds: tuple[str, ...],
+    setup: dict,
+    runs: dict[str, list[dict]],
+    peak: float,
+    peak2: float | None,
+    load0: float,
+    done: int,
+) -> None:
+    """Write the table of the ``done`` rounds that finished (all of them: ``peak2`` measured)."""
+    import torch
+    import transformers
+    import trl
+
+    gpu = args.device == "cuda"
+    micro, accum = setup["micro"], setup["accum"]
+    final = peak2 is not None
     n = setup["non_embedding_params"]
 
     def tps(r: dict) -> float:
@@ -420,6 +441,15 @@ def main() -> None:
         "# Training throughput: `inpo train` (INPO, with and without prompt sharing) vs TRL "
         "`DPOTrainer`",
         "",
+        *(
+            []
+            if final
+            else [
+                f"Status: **partial**, {done} of {args.rounds} rounds (written after each round; "
+                "the run did not finish).",
+                "",
+            ]
+        ),
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible "
         f"(torch threads: {torch.get_num_threads()}), {platform.platform()}; "
@@ -443,10 +473,11 @@ def main() -> None:
         "tokens/s over steps 2..end (wall time between optimizer-step ends)",
         (
             f"- bf16 GEMM peak (8192³ `torch.matmul` on the GPU, mean of 10, best of 8): "
-            f"{peak / 1e12:.0f} TFLOP/s before the runs, {peak2 / 1e12:.0f} after"
+            f"{peak / 1e12:.0f} TFLOP/s before the runs"
+            + (f", {peak2 / 1e12:.0f} after" if final else "")
             if gpu
             else f"- fp32 GEMM peak (2048² `torch.matmul`, best of 8): {peak / 1e9:.1f} GFLOP/s "
-            f"before the runs, {peak2 / 1e9:.1f} after"
+            "before the runs" + (f", {peak2 / 1e9:.1f} after" if final else "")
         )
         + "; each run's MFU uses the peak measured around that "
         "run (`6 · N · tokens/s ÷ peak`, N without the input embedding)",
@@ -555,8 +586,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten to {out}")
+    if final:
+        print("\n".join(lines))
+        print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":
