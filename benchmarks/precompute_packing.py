@@ -2,7 +2,8 @@
 
 The default packs each batch whose longest sequence has ``MIN_PACK_LENGTH`` tokens or more
 (on CPU one row, attention one sequence at a time: ``inpo.varlen``); ``--no-packing`` pads every
-batch. Precompute sorts the pairs by length before batching, so its batches pad less than a
+batch; ``--share-prompt`` (the logps stage under ``train.share_prompt``) scores each pair as one
+row ``prompt + chosen + rejected``, packed by the same rule. Precompute sorts the pairs by length before batching, so its batches pad less than a
 training micro-batch (``packing.py --forward-only`` times random micro-batches): this measures
 the stage as it runs. The same ~4M-parameter Llama and pair lengths as ``packing.py`` (prompts
 16-128, answers 8-256 characters), ``--pairs`` pairs, ``--batch-size`` pairs a forward;
@@ -57,30 +58,34 @@ def main() -> None:
         for _ in range(args.pairs):
             row = {"prompt": text(16, 128), "chosen": text(8, 256), "rejected": text(8, 256)}
             fh.write(json.dumps(row) + "\n")
-    kinds = {"no-packing": False, "default": None}
+    kinds = {"no-packing": (False, False), "default": (None, False), "share-prompt": (None, True)}
     load = os.getloadavg()[0]
     runs = {k: [] for k in kinds}
     values = {}
     precompute_logps(data, model, work / "warm", batch_size=args.batch_size)  # warm-up
     for r in range(args.rounds):
-        order = list(kinds) if r % 2 == 0 else list(kinds)[::-1]
+        shift = r % len(kinds)  # the order rotates each round
+        order = list(kinds)[shift:] + list(kinds)[:shift]
         for kind in order:
             out = work / f"{kind}-{r}"
+            packing, share_prompt = kinds[kind]
             res = precompute_logps(
-                data, model, out, batch_size=args.batch_size, packing=kinds[kind]
-            )
+                data, model, out, batch_size=args.batch_size, packing=packing,
+                share_prompt=share_prompt,
+            )  # fmt: skip
             runs[kind].append(res.manifest)
             from inpo.data import load_preference_dataset
 
             ds = load_preference_dataset(out)
             values[kind] = torch.tensor([*ds["ref_chosen_logps"], *ds["ref_rejected_logps"]])
     secs = {k: [m["seconds_score"] for m in v] for k, v in runs.items()}
-    ratio = [a / b for a, b in zip(secs["no-packing"], secs["default"], strict=True)]
-    med = statistics.median(ratio)
-    diff = float((values["default"] - values["no-packing"]).abs().max())
+    ratio = {k: [a / b for a, b in zip(secs["no-packing"], secs[k], strict=True)] for k in kinds}
+    med = {k: statistics.median(v) for k, v in ratio.items()}
     scale = float(values["no-packing"].abs().max())
-    packed = runs["default"][0]["packed_batches"]
+    diff = {k: float((values[k] - values["no-packing"]).abs().max()) for k in kinds}
+    packed = {k: runs[k][0]["packed_batches"] for k in kinds}
     batches = -(-args.pairs // args.batch_size)
+    names = list(kinds)
     lines = [
         "# `inpo precompute`: packing by default vs `--no-packing` (CPU)",
         "",
@@ -90,28 +95,37 @@ def main() -> None:
         "",
         f"Llama 3.6M parameters (character vocabulary), {args.pairs} pairs (prompts 16-128, "
         f"answers 8-256 characters), {args.batch_size} pairs a forward, sorted by length as "
-        f"precompute does: the default packed {packed} of {batches} batches (those from "
-        f"{MIN_PACK_LENGTH} tokens). Scoring seconds from the manifests (loading excluded); "
-        "ratio = `--no-packing` seconds / default seconds in the same round.",
+        f"precompute does; batches packed (those from {MIN_PACK_LENGTH} tokens): default "
+        f"{packed['default']} of {batches}, `--share-prompt` {packed['share-prompt']} of "
+        f"{batches}. Scoring seconds from the manifests (loading excluded); ratio = "
+        "`--no-packing` seconds / the kind's seconds in the same round (the order rotates).",
         "",
-        "| round | --no-packing (s) | default (s) | ratio |",
-        "|---|---:|---:|---:|",
+        "| round | " + " | ".join(f"{k} (s)" for k in names) + " | default ratio "
+        "| --share-prompt ratio |",
+        "|---|" + "---:|" * (len(names) + 2),
         *(
-            f"| {i + 1} | {a:.2f} | {b:.2f} | {x:.2f}× |"
-            for i, (a, b, x) in enumerate(
-                zip(secs["no-packing"], secs["default"], ratio, strict=True)
-            )
+            f"| {i + 1} | "
+            + " | ".join(f"{secs[k][i]:.2f}" for k in names)
+            + f" | {ratio['default'][i]:.2f}× | {ratio['share-prompt'][i]:.2f}× |"
+            for i in range(args.rounds)
         ),
-        f"| **median** | | | **{med:.2f}×** |",
+        "| **median** | "
+        + " | " * (len(names) - 1)
+        + f" | **{med['default']:.2f}×** | **{med['share-prompt']:.2f}×** |",
         "",
-        f"Largest log-prob difference: {diff:.1e} (sums up to {scale:.0f}).",
-        "",
-        f"- the default faster than `--no-packing` in every round: "
-        f"**{'MET' if min(ratio) > 1 else 'NOT MET'}** ({', '.join(f'{x:.2f}×' for x in ratio)})",
-        f"- the same log-probs (within 1e-6 relative): "
-        f"**{'MET' if diff <= 1e-6 * max(scale, 1.0) else 'NOT MET'}**",
+        f"Largest log-prob difference from `--no-packing`: default {diff['default']:.1e}, "
+        f"`--share-prompt` {diff['share-prompt']:.1e} (sums up to {scale:.0f}).",
         "",
     ]
+    for k, label in (("default", "the default"), ("share-prompt", "`--share-prompt`")):
+        rs = ratio[k]
+        lines += [
+            f"- {label} faster than `--no-packing` in every round: "
+            f"**{'MET' if min(rs) > 1 else 'NOT MET'}** ({', '.join(f'{x:.2f}×' for x in rs)})",
+            f"- {label}: the same log-probs (within 1e-6 relative): "
+            f"**{'MET' if diff[k] <= 1e-6 * max(scale, 1.0) else 'NOT MET'}**",
+        ]
+    lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -285,3 +285,50 @@ def test_packing_by_default_on_long_rows_gives_the_padded_values(models, tmp_pat
         )
     # the default and --no-packing are one computation (a rerun is up to date)
     assert precompute_logps(path, ref, tmp_path / "out-False", batch_size=2).skipped
+
+
+@pytest.mark.parametrize("packing", [False, None, True], ids=["padded", "default", "packed"])
+def test_share_prompt_scores_the_unshared_values(models, tmp_path, packing):
+    """``share_prompt=True`` (``--share-prompt``; the logps stage with ``train.share_prompt``):
+    one row ``prompt + chosen + rejected`` a pair, the prompt computed once, packed or not; the
+    log-probs of the unshared padded scoring."""
+    ref, _ = models
+    rows = [
+        {"prompt": f"Tell {i}: " + "why " * (2 + 3 * i), "chosen": " yes" * (1 + i), "rejected": " no" * (3 - i % 3)}
+        for i in range(8)
+    ]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lengths = {"max_prompt_length": 48, "max_completion_length": 12}
+    want = precompute_logps(path, ref, tmp_path / "plain", batch_size=2, packing=False, **lengths)
+    got = precompute_logps(
+        path, ref, tmp_path / "shared", batch_size=2, packing=packing, share_prompt=True, **lengths
+    )
+    assert got.manifest["share_prompt"] is True
+    packed = got.manifest["packed_batches"]  # the default: the long batches only
+    assert packed == 4 if packing else packed == 0 if packing is False else 0 < packed < 4
+    assert got.manifest["truncated_prompts"] == want.manifest["truncated_prompts"] > 0
+    a, b = load_preference_dataset(tmp_path / "plain"), load_preference_dataset(tmp_path / "shared")
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(
+            torch.tensor(b[column]), torch.tensor(a[column]), atol=1e-4, rtol=1e-6
+        )
+
+
+def test_share_prompt_cli_and_a_pair_with_two_prompts(models, tmp_path, capsys):
+    """``inpo precompute --share-prompt`` runs; a pair whose chosen and rejected share no
+    prompt (implicit prompts) is an error naming the file and row, not a traceback."""
+    ref, _ = models
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    assert cli_main(["precompute", str(good), "--model", str(ref), "--output", str(tmp_path / "o"), "--share-prompt"]) == 0  # fmt: skip
+    assert "wrote ref_chosen_logps" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([
+        {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+         "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]},
+    ]))  # fmt: skip
+    code = cli_main(["precompute", str(bad), "--model", str(ref), "--output", str(tmp_path / "b"), "--share-prompt"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "bad.json: row 0" in err and "share no prompt" in err, err

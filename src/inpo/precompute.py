@@ -124,6 +124,7 @@ def precompute_logps(
     device: str = "auto",
     overwrite: bool = False,
     packing: bool | None = None,
+    share_prompt: bool = False,
 ) -> PrecomputeResult:
     """Score every pair of a preference dataset with one model and save the log-prob columns.
 
@@ -148,6 +149,10 @@ def precompute_logps(
             measured faster on the device and is exact for the model
             (:func:`inpo.logprobs.packing_pays`; 1.80× padded on CPU,
             ``benchmarks/results/packing_forward.md``); ``False``: never.
+        share_prompt: score each pair as one row ``prompt + chosen + rejected``, so its
+            prompt is computed once (``data.share_prompt`` of training; the same log-probs up
+            to float rounding). Packed rows under the same ``packing`` rule, except that on a
+            GPU ``None`` keeps them padded (packed shared rows are unmeasured there).
 
     Returns:
         A :class:`PrecomputeResult`; ``skipped=True`` when ``output_dir`` already holds this exact
@@ -219,6 +224,7 @@ def precompute_logps(
         # absent unless forced: earlier keys stay valid (the layout changes float rounding
         # only, as the device does; `packed_batches` in the manifest says what ran)
         **({"packing": True} if packing else {}),
+        **({"share_prompt": True} if share_prompt else {}),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     existing = _read_manifest(output_dir) if output_dir.is_dir() else None
@@ -242,6 +248,7 @@ def precompute_logps(
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         padding_side=padding_side,
+        share_prompt=share_prompt,
     )
 
     # ---- one model in memory: load, score every pair, free ------------------------------------
@@ -253,12 +260,21 @@ def precompute_logps(
     if dist.world > 1 and device_arg == "auto":
         device = str(dist.device)
     model = _load_model(model_path, dtype, device)
-    if packing:
+    if share_prompt:
+        from inpo.training.loop import bucketed_shared_logps, packed_shared_logps
+        from inpo.training.modeling import check_shared_prompt_support
+
+        check_shared_prompt_support(model)  # a ConfigError naming the architecture
+    elif packing:
         try:
             check_packing_support(model)
         except ValueError as err:
             raise ConfigError(f"--packing: {err}") from None
-    auto = packing is None and packing_pays(model)
+    auto = (
+        packing is None
+        and not (share_prompt and torch.device(device).type != "cpu")
+        and packing_pays(model)
+    )
     packed_batches = 0
     loaded = time.perf_counter()
     rows = ds.to_list()
@@ -276,16 +292,28 @@ def precompute_logps(
     with torch.no_grad(), bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collator([rows[i] for i in idx])
+            try:
+                batch = collator([rows[i] for i in idx])
+            except ValueError as err:  # share_prompt: a pair whose two prompts differ
+                ids = ", ".join(str(rows[i]["row_id"]) for i in idx)
+                raise DataError(f"{dataset_path}: rows (row_id {ids}): {err}") from None
             pack = bool(packing) or (auto and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH)
             packed_batches += pack
-            logps = (packed_sequence_logps if pack else sequence_logps)(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["completion_mask"].to(device),
-                chunk_size=chunk_size,
-            ).cpu()
+            if share_prompt:
+                batch = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
+                logps = (
+                    packed_shared_logps(model, batch)
+                    if pack
+                    else bucketed_shared_logps(model, batch, buckets=1)
+                ).cpu()
+            else:
+                logps = (packed_sequence_logps if pack else sequence_logps)(
+                    model,
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
+                    batch["completion_mask"].to(device),
+                    chunk_size=chunk_size,
+                ).cpu()
             b = len(idx)
             for j, i in enumerate(idx):
                 chosen[i] = float(logps[j])

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the batches of sequences from 64 tokens where that measured faster on the "
         "device (CPU; CUDA) and is exact for the model; --no-packing: never",
     )
+    parser.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="score each pair as one row prompt + chosen + rejected: the prompt computed once "
+        "(the same log-probs; sdpa, eager or flex attention, no sliding window)",
+    )
     return parser
 
 
@@ -104,6 +110,7 @@ def main(argv: list[str]) -> int:
         device=args.device,
         overwrite=args.overwrite,
         packing=args.packing,
+        share_prompt=args.share_prompt,
     )
     m = result.manifest
     if result.skipped:

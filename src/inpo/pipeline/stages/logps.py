@@ -30,6 +30,7 @@ def work(ctx: Ctx, pairs: Path, ref: Path, policy: Path, folder: Path) -> None:
         "max_completion_length": t.max_completion_length,
         "batch_size": t.per_device_batch_size * 2,
         "packing": t.packing,  # null: long batches where packing measured faster
+        "share_prompt": t.share_prompt,  # each prompt computed once, as in the train stage
     }
     current = pairs
     for columns, model in (("ref", ref), ("prev", policy)):
