@@ -270,11 +270,8 @@ def precompute_logps(
             check_packing_support(model)
         except ValueError as err:
             raise ConfigError(f"--packing: {err}") from None
-    auto = (
-        packing is None
-        and not (share_prompt and torch.device(device).type != "cpu")
-        and packing_pays(model)
-    )
+    # packing=None: probed at the first batch long enough to pack (short data never pays for it)
+    auto = None if packing is None and not (share_prompt and kind != "cpu") else False
     packed_batches = 0
     loaded = time.perf_counter()
     rows = ds.to_list()
@@ -297,7 +294,10 @@ def precompute_logps(
             except ValueError as err:  # share_prompt: a pair whose two prompts differ
                 ids = ", ".join(str(rows[i]["row_id"]) for i in idx)
                 raise DataError(f"{dataset_path}: rows (row_id {ids}): {err}") from None
-            pack = bool(packing) or (auto and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH)
+            pack = bool(packing)
+            if auto is not False and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH:
+                auto = packing_pays(model) if auto is None else auto
+                pack = auto
             packed_batches += pack
             if share_prompt:
                 batch = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
