@@ -44,7 +44,7 @@ import torch
 
 from inpo.config import config_to_dict, save_config
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
-from inpo.logprobs import MIN_PACK_LENGTH
+from inpo.logprobs import MIN_PACK_LENGTH, packing_pays
 from inpo.losses import LossSpec, get_loss
 from inpo.training import zero
 from inpo.training.checkpoint import (
@@ -247,15 +247,11 @@ def _auto_packing(cfg: TrainConfig, accelerator: Any, model: Any) -> bool:
     (:func:`inpo.logprobs.packing_pays`, probed once here on the unwrapped model): on CPU, and
     on a CUDA GPU for unshared pairs (shared-prompt rows packed are unmeasured there). Never
     under FSDP or DeepSpeed, which need the LM head inside the model's forward."""
-    if cfg.data.packing is not None or accelerator.device.type not in ("cpu", "cuda"):
-        return False
-    if _fsdp_engine(accelerator) or zero.requested():
+    if cfg.data.packing is not None or _fsdp_engine(accelerator) or zero.requested():
         return False
     if accelerator.device.type == "cuda" and cfg.data.share_prompt:
         return False
-    from inpo.logprobs import packing_pays
-
-    return packing_pays(model, accelerator.device.type)
+    return packing_pays(model, accelerator.device.type)  # False on other devices
 
 
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
