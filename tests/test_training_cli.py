@@ -34,6 +34,37 @@ def test_bad_key_is_one_line_error_exit_2(tmp_path, capsys):
     assert "\n" not in err and "did you mean 'optim.max_steps'" in err
 
 
+def test_no_config_and_no_settings_is_one_line_error(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.path" in err and "data.train_file" in err
+
+
+def test_key_value_settings_alone_train_without_a_config_file(tmp_path, capsys):
+    from inpo.tiny import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "model", "llama", hidden_size=32, num_hidden_layers=2)
+    rows = [
+        {"prompt": f"Say {i}", "chosen": f" {i}", "rejected": " no"}
+        | {"ref_chosen_logps": -9.0 - i, "ref_rejected_logps": -12.0}
+        for i in range(4)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    settings = [f"model.path={model_dir}", f"data.train_file={data}", f"output_dir={out}"]
+    settings += ["loss.name=dpo", "optim.global_batch_size=4", "optim.max_steps=1"]
+    assert main(["train", *settings, "logging.progress_bar=false"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert yaml_loss_name(out / "train_config.yaml") == "dpo"
+
+
+def yaml_loss_name(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["loss"]["name"]
+
+
 def test_cli_trains_a_tiny_model_end_to_end(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

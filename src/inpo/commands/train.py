@@ -27,6 +27,7 @@ EXAMPLES = """\
   inpo train examples/train_inpo.yaml
   inpo train examples/train_inpo.yaml output_dir=runs/it1 optim.max_steps=100
   inpo train --config examples/train_inpo.yaml loss.name=dpo loss.eta=null loss.beta=0.1
+  inpo train model.path=toy/policy data.train_file=pairs-ref output_dir=runs/dpo loss.name=dpo
 """
 
 
@@ -57,8 +58,8 @@ def main(argv: list[str]) -> int:
         if args.config:
             parser.error("give the config file once (positional or --config)")
         args.config = args.config_flag
-    if not args.config:
-        parser.error("a CONFIG.yaml is required (positional or --config)")
+    if not args.config and not args.overrides:
+        parser.error("give a CONFIG.yaml or key=value settings (at least model.path and data.train_file)")
 
     from inpo.config import load_config
     from inpo.pipeline.faults import train_stop_after
