@@ -192,8 +192,11 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("generate.kk=4", "unknown config key 'generate.kk'; did you mean 'generate.k'?"),
-        ("iterations=three", "'iterations' must be an integer"),
+        (
+            "generate.kk=4",
+            "unknown config key 'generate.kk' in overrides; did you mean 'generate.k'?",
+        ),
+        ("iterations=three", "'iterations' must be an integer, got 'three' (in overrides)"),
         ("annotate.oracle=reward_model", "annotate.model is required"),
     ],
 )
@@ -204,6 +207,28 @@ def test_more_bad_configs(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(RunConfig, None, [override])
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("train:\n  lr: 3\n", "unknown config key 'train.lr' in {file}; did you mean"),
+        (
+            "train:\n  learning_rate: abc\n",
+            "'train.learning_rate' must be a number, got 'abc' (in {file})",
+        ),
+        ("iterations: abc\n", "'iterations' must be an integer, got 'abc' (in {file})"),
+    ],
+)
+def test_a_bad_config_file_is_named_in_the_error(tmp_path, text, needle):
+    from inpo.config import load_config
+    from inpo.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, path)
+    assert needle.format(file=path) in str(err.value)
 
 
 def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):

@@ -78,7 +78,7 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
     """Check ``value`` against type ``tp`` (converting int→float, str→Path); raise naming ``key``."""
     origin = get_origin(tp)
     if tp is Any:
@@ -92,7 +92,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, source)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
@@ -111,7 +111,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -122,7 +122,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(tp, value, prefix=f"{key}.", source=source)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -172,7 +172,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: s
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{where}{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+        except ConfigError as err:  # a wrong type: say which file (or the overrides) set it
+            if prefix or not source or f" in {source}" in str(err):
+                raise
+            raise ConfigError(f"{err} (in {source})") from None
     try:
         return cls(**kwargs)
     except ConfigError:

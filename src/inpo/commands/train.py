@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
             parser.error("give the config file once (positional or --config)")
         args.config = args.config_flag
     if not args.config and not args.overrides:
-        parser.error("give a CONFIG.yaml or key=value settings (at least model.path and data.train_file)")
+        parser.error(
+            "give a CONFIG.yaml or key=value settings (at least model.path and data.train_file)"
+        )
 
     from inpo.config import load_config
     from inpo.pipeline.faults import train_stop_after
