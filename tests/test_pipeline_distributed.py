@@ -67,6 +67,10 @@ def _assert_same_run(a: Path, b: Path, weight_atol: float = 1e-5, logps_atol: fl
         torch.testing.assert_close(
             torch.tensor(db[col]), torch.tensor(da[col]), rtol=0, atol=logps_atol, msg=col
         )
+    fa, fb = (json.loads((r / "iter_000/logps/data/manifest.json").read_text()) for r in (a, b))
+    for key in ("rows", "truncated_prompts", "truncated_completions", "longest_prompt_tokens"):
+        assert fb[key] == fa[key], key  # counted over every rank's shard
+    assert fb["longest_completion_tokens"] == fa["longest_completion_tokens"] > 0
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(ma, mb, strict=True):
@@ -156,6 +160,10 @@ def _assert_same_files(a: Path, b: Path, weight_atol: float = 1e-5) -> None:
         wa, wb = load_file(a / rel), load_file(b / rel)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=weight_atol, msg=f"{rel}: {k}")
+    fa, fb = (json.loads((r / "iter_000/logps/data/manifest.json").read_text()) for r in (a, b))
+    for key in ("rows", "truncated_prompts", "truncated_completions", "longest_prompt_tokens"):
+        assert fb[key] == fa[key], key  # counted over every rank's shard
+    assert fb["longest_completion_tokens"] == fa["longest_completion_tokens"] > 0
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(ma, mb, strict=True):

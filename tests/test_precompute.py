@@ -71,6 +71,13 @@ def test_precomputed_values_equal_a_training_step(models, data_file, tmp_path, s
     assert result.manifest.get("packing", False) == packing  # absent when off: old keys hold
     assert not result.skipped
     assert result.manifest["truncated_prompts"] > 0 and result.manifest["truncated_completions"] > 0
+    # the longest prompt and completion before truncation, as an unlimited collator counts them
+    from transformers import AutoTokenizer
+
+    unlimited = PreferenceCollator(AutoTokenizer.from_pretrained(ref))
+    unlimited([json.loads(line) for line in data_file.read_text().splitlines()])
+    assert result.manifest["longest_prompt_tokens"] == unlimited.longest_prompt > 9
+    assert result.manifest["longest_completion_tokens"] == unlimited.longest_completion > 6
     got, stored = _training_step_logps(ref, tmp_path / "out", **lengths)
     torch.testing.assert_close(stored, got, rtol=0, atol=1e-5)
     assert (got < 0).all()

@@ -524,7 +524,10 @@ def test_trains_on_the_folder_inpo_precompute_writes(tiny, tmp_path, caplog):
         train(cfg)
     assert metrics(out)[0]["margins_abs_max"] < 1e-5
     assert "precomputed with" not in caplog.text
-    # other truncation limits than the precompute's are flagged
+    # other truncation limits than the precompute's are flagged where they cut a pair...
+    longest = json.loads((tmp_path / "both" / "manifest.json").read_text())
+    longest = longest["longest_completion_tokens"]
+    assert longest > 4
     cfg = make_cfg(
         tiny,
         tmp_path / "run2",
@@ -535,6 +538,19 @@ def test_trains_on_the_folder_inpo_precompute_writes(tiny, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(cfg)
     assert "max_completion_length=4" in caplog.text and "precomputed with" in caplog.text
+    assert f"its longest has {longest} tokens" in caplog.text
+    # ...and not where both limits exceed the longest completion (they cut nothing)
+    caplog.clear()
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "run3",
+        f"data.train_file={tmp_path / 'both'}",
+        "optim.max_steps=1",
+        f"data.max_completion_length={longest}",
+    )
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "precomputed with" not in caplog.text
 
 
 def test_old_checkpoints_are_pruned_and_each_is_complete(tiny, tmp_path):

@@ -698,7 +698,9 @@ class PreferenceCollator:
       (so a loop can log them even when collation runs in DataLoader workers).
 
     The collator also keeps running totals, ``truncated_prompts``, ``truncated_completions`` and
-    ``pairs_seen`` (valid in the process that calls it; see :meth:`reset_counters`).
+    ``pairs_seen``, and the longest prompt and completion before truncation, ``longest_prompt``
+    and ``longest_completion`` in tokens (valid in the process that calls it; see
+    :meth:`reset_counters`).
 
     Args:
         tokenizer: a transformers tokenizer (with a chat template for conversational rows).
@@ -745,10 +747,12 @@ class PreferenceCollator:
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        """Zero ``truncated_prompts``, ``truncated_completions`` and ``pairs_seen``."""
+        """Zero the running totals and maxima (see the class docstring)."""
         self.truncated_prompts = 0
         self.truncated_completions = 0
         self.pairs_seen = 0
+        self.longest_prompt = 0
+        self.longest_completion = 0
 
     def _encoded(self, key: Any, encode: Any) -> list[int]:
         """``encode()``'s ids, remembered under ``key``: a run's pairs repeat their prompt (K
@@ -768,6 +772,7 @@ class PreferenceCollator:
         # do not depend on its prompt, a conversational one's do
         pkey = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
         prompt_ids = self._encoded(("p", pkey), lambda: encode_prompt(tok, prompt))
+        self.longest_prompt = max(self.longest_prompt, len(prompt_ids))
         out = []
         for key in ("chosen", "rejected"):
             completion = row[key]
@@ -779,6 +784,7 @@ class PreferenceCollator:
             completion_ids = self._encoded(
                 ckey, lambda c=completion: encode_completion(tok, prompt, c)
             )
+            self.longest_completion = max(self.longest_completion, len(completion_ids))
             out.append(
                 _truncate(
                     prompt_ids, completion_ids, self.max_prompt_length, self.max_completion_length

@@ -321,14 +321,17 @@ def precompute_logps(
             bar.update(b)
     if dist.world > 1:
         counts = (collator.truncated_prompts, collator.truncated_completions, packed_batches)
+        longest = (collator.longest_prompt, collator.longest_completion)
         parts = dist.gather(
-            (order, [chosen[i] for i in order], [rejected[i] for i in order], counts)
+            (order, [chosen[i] for i in order], [rejected[i] for i in order], counts, longest)
         )
         tp = tc = packed_batches = 0
-        for idx, c, r, (p_trunc, c_trunc, n_packed) in parts:
+        for idx, c, r, (p_trunc, c_trunc, n_packed), (lp, lc) in parts:
             for j, i in enumerate(idx):
                 chosen[i], rejected[i] = c[j], r[j]
             tp, tc, packed_batches = tp + p_trunc, tc + c_trunc, packed_batches + n_packed
+            collator.longest_prompt = max(collator.longest_prompt, lp)
+            collator.longest_completion = max(collator.longest_completion, lc)
         collator.truncated_prompts, collator.truncated_completions = tp, tc
     scored = time.perf_counter()
     bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
@@ -358,6 +361,9 @@ def precompute_logps(
         "skipped_rows": skipped_rows,
         "truncated_prompts": collator.truncated_prompts,
         "truncated_completions": collator.truncated_completions,
+        # before truncation: lets `inpo train` tell whether other limits change any pair
+        "longest_prompt_tokens": collator.longest_prompt,
+        "longest_completion_tokens": collator.longest_completion,
         "batch_size": batch_size,
         "packed_batches": packed_batches,
         "device": device,

@@ -255,8 +255,10 @@ def _auto_packing(cfg: TrainConfig, accelerator: Any, model: Any) -> bool:
 
 
 def _check_precompute_lengths(cfg: TrainConfig) -> None:
-    """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours:
-    a pair truncated differently has reference log-probs of another completion."""
+    """Warn when ``inpo precompute`` scored the pairs under other truncation limits than ours
+    and they cut some pair differently (a pair truncated differently has reference log-probs
+    of another completion). Limits that both exceed the data's longest prompt (completion),
+    which the manifest records, cut nothing and are equal in effect."""
     if not cfg.data.train_file:
         return
     manifest = Path(cfg.data.train_file) / "manifest.json"
@@ -266,17 +268,30 @@ def _check_precompute_lengths(cfg: TrainConfig) -> None:
         info = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return
-    for key in ("max_prompt_length", "max_completion_length"):
-        if key in info and info[key] != getattr(cfg.data, key):
-            log.warning(
-                "data.%s=%s but %s was precomputed with %s=%s: pairs longer than either limit "
-                "get log-probs of differently truncated text; use the same limits",
-                key,
-                getattr(cfg.data, key),
-                cfg.data.train_file,
-                key,
-                info[key],
-            )
+    for key, longest_key in (
+        ("max_prompt_length", "longest_prompt_tokens"),
+        ("max_completion_length", "longest_completion_tokens"),
+    ):
+        if key not in info or info[key] == getattr(cfg.data, key):
+            continue
+        ours, theirs, longest = getattr(cfg.data, key), info[key], info.get(longest_key)
+        if isinstance(longest, int):  # manifests from before 2026-12 lack it: always warn
+            cut = [
+                min(limit, longest) if limit is not None else longest for limit in (ours, theirs)
+            ]
+            if cut[0] == cut[1]:
+                continue
+        longest_note = f" (its longest has {longest} tokens)" if isinstance(longest, int) else ""
+        log.warning(
+            "data.%s=%s but %s was precomputed with %s=%s%s: pairs longer than either limit "
+            "get log-probs of differently truncated text; use the same limits",
+            key,
+            ours,
+            cfg.data.train_file,
+            key,
+            theirs,
+            longest_note,
+        )
 
 
 def _pair_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
