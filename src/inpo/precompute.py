@@ -162,52 +162,32 @@ def precompute_logps(
         DataError: a missing/malformed dataset; ConfigError: bad settings, an unloadable model or
             tokenizer, or an existing different ``output_dir`` without ``overwrite``.
     """
-    import torch
-
     from inpo.data import PreferenceCollator, load_preference_dataset
+    from inpo.distributed import get_dist
     from inpo.hub import resolve_model
-    from inpo.logprobs import (
-        MIN_PACK_LENGTH,
-        check_packing_support,
-        packed_sequence_logps,
-        packing_pays,
-        sequence_logps,
-    )
 
     dataset_path, output_dir = Path(dataset_path), Path(output_dir)
     model_path = resolve_model(model_path, "--model")  # a folder, or a cached hub id
     tokenizer_path = (
         resolve_model(tokenizer_path, "--tokenizer") if tokenizer_path is not None else model_path
     )
-    if columns not in ("ref", "prev"):
-        raise ConfigError(f"columns must be 'ref' or 'prev', got '{columns}'")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if padding_side not in ("left", "right"):
-        raise ConfigError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
-    if not dataset_path.exists():
-        raise DataError(f"{dataset_path}: no such file or folder")
-    if not (model_path / "config.json").is_file():
-        raise ConfigError(f"model '{model_path}': not a transformers model folder (no config.json)")
-    if not tokenizer_path.is_dir():
-        raise ConfigError(f"tokenizer '{tokenizer_path}': not a folder")
-    device_arg = device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(
-            f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N)"
-        ) from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}': CUDA is not available on this machine")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output '{output_dir}' exists and is not a folder")
+    _check_arguments(
+        dataset_path,
+        model_path,
+        tokenizer_path,
+        output_dir,
+        columns=columns,
+        dtype=dtype,
+        batch_size=batch_size,
+        padding_side=padding_side,
+    )
+    # Under torchrun / accelerate launch every rank scores its share of the rows (on its own
+    # device) and rank 0 writes the whole dataset: the values do not depend on the world size.
+    dist = get_dist()
+    device = str(dist.device) if dist.world > 1 and device == "auto" else _resolve_device(device)
     names = (f"{columns}_chosen_logps", f"{columns}_rejected_logps")
 
+    # ---- the computation's identity: an output with the same key is up to date ----------------
     settings = {
         "columns": columns,
         "model_path": str(model_path.resolve()),
@@ -241,27 +221,139 @@ def precompute_logps(
     ds = load_preference_dataset(
         dataset_path, split=split, skip_bad_rows=skip_bad_rows, keep_columns=True
     )
-    skipped_rows = getattr(ds, "skipped_rows", 0)
-    tokenizer = _load_tokenizer(tokenizer_path)
+    skipped_rows = getattr(ds, "skipped_rows", 0)  # (the loader's count; not kept by a copy)
     collator = PreferenceCollator(
-        tokenizer,
+        _load_tokenizer(tokenizer_path),
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         padding_side=padding_side,
         share_prompt=share_prompt,
     )
 
-    # ---- one model in memory: load, score every pair, free ------------------------------------
-    # Under torchrun / accelerate launch every rank scores its share of the rows (on its own
-    # device) and rank 0 writes the whole dataset: the values do not depend on the world size.
-    from inpo.distributed import get_dist, shard
-
-    dist = get_dist()
-    if dist.world > 1 and device_arg == "auto":
-        device = str(dist.device)
+    # ---- one model in memory: load, score this rank's pairs, gather, free ---------------------
     model = _load_model(model_path, dtype, device)
+    _check_layout_support(model, packing=packing, share_prompt=share_prompt)
+    loaded = time.perf_counter()
+    rows = ds.to_list()
+    order = _rows_by_length(rows, dist.rank, dist.world)
+    chosen, rejected, packed_batches = _score(
+        model,
+        rows,
+        order,
+        collator,
+        device=device,
+        packing=packing,
+        share_prompt=share_prompt,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        where=dataset_path,
+        label=f"log-probs ({columns})",
+        show=dist.is_main,
+    )
+    tally = _Tally.of(collator, packed_batches)
+    if dist.world > 1:
+        tally = _gather(dist, order, chosen, rejected, tally)
+    scored = time.perf_counter()
+    bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
+    if bad:
+        raise DataError(
+            f"{dataset_path}: model '{model_path}' gives non-finite log-probs for "
+            f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
+        )
+    del model
+    _free_device_memory(device)
+
+    # ---- write to a temporary folder, then rename (rank 0; the others wait for it) ------------
+    if not dist.is_main:
+        dist.barrier()
+        return PrecomputeResult(
+            output_dir, _read_manifest(output_dir) or {}, skipped=False, columns=names
+        )
+    ds = ds.remove_columns([n for n in names if n in ds.column_names])
+    ds = ds.add_column(names[0], chosen).add_column(names[1], rejected)
+    previous = _read_manifest(dataset_path) if dataset_path.is_dir() else None
+    manifest = {
+        "key": key,
+        **settings,
+        "rows": len(rows),
+        "skipped_rows": skipped_rows,
+        "truncated_prompts": tally.truncated_prompts,
+        "truncated_completions": tally.truncated_completions,
+        # before truncation: lets `inpo train` tell whether other limits change any pair
+        "longest_prompt_tokens": tally.longest_prompt,
+        "longest_completion_tokens": tally.longest_completion,
+        "batch_size": batch_size,
+        "packed_batches": tally.packed_batches,
+        "device": device,
+        "seconds_load": round(loaded - started, 3),
+        "seconds_score": round(scored - loaded, 3),
+        "pairs_per_second": round(len(rows) / max(scored - loaded, 1e-9), 3),
+        "created_unix": int(time.time()),
+        "history": [
+            *(previous.get("history", []) if previous else []),
+            *([previous] if previous else []),
+        ],
+    }
+    for entry in manifest["history"]:
+        entry.pop("history", None)
+    _write_folder(ds, manifest, output_dir)
+    log.info("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
+    dist.barrier()
+    return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)
+
+
+def _check_arguments(
+    dataset_path: Path,
+    model_path: Path,
+    tokenizer_path: Path,
+    output_dir: Path,
+    *,
+    columns: str,
+    dtype: str,
+    batch_size: int,
+    padding_side: str,
+) -> None:
+    """Every setting checked before anything loads, each in one line naming it."""
+    if columns not in ("ref", "prev"):
+        raise ConfigError(f"columns must be 'ref' or 'prev', got '{columns}'")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
+    if not dataset_path.exists():
+        raise DataError(f"{dataset_path}: no such file or folder")
+    if not (model_path / "config.json").is_file():
+        raise ConfigError(f"model '{model_path}': not a transformers model folder (no config.json)")
+    if not tokenizer_path.is_dir():
+        raise ConfigError(f"tokenizer '{tokenizer_path}': not a folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output '{output_dir}' exists and is not a folder")
+
+
+def _resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where available, else ``cpu``; anything else checked as a device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(
+            f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}': CUDA is not available on this machine")
+    return device
+
+
+def _check_layout_support(model: Any, *, packing: bool | None, share_prompt: bool) -> None:
+    """A forced layout the model cannot compute exactly is a ConfigError naming why."""
+    from inpo.logprobs import check_packing_support
+
     if share_prompt:
-        from inpo.training.loop import bucketed_shared_logps, packed_shared_logps
         from inpo.training.modeling import check_shared_prompt_support
 
         check_shared_prompt_support(model)  # a ConfigError naming the architecture
@@ -270,22 +362,56 @@ def precompute_logps(
             check_packing_support(model)
         except ValueError as err:
             raise ConfigError(f"--packing: {err}") from None
-    # packing=None: probed at the first batch long enough to pack (short data never pays for it)
-    auto = None if packing is None and not (share_prompt and kind != "cpu") else False
-    packed_batches = 0
-    loaded = time.perf_counter()
-    rows = ds.to_list()
-    mine = set(shard(rows, dist.rank, dist.world))
-    # Sort by a length proxy so batches pad little; results go back to their rows by index.
-    order = sorted(
+
+
+def _rows_by_length(rows: list[dict[str, Any]], rank: int, world: int) -> list[int]:
+    """This rank's row indices, sorted by a length proxy so that batches pad little (the
+    scores go back to their rows by index)."""
+    from inpo.distributed import shard
+
+    mine = set(shard(rows, rank, world))
+    return sorted(
         (i for i in range(len(rows)) if i in mine),
         key=lambda i: len(json.dumps([rows[i]["prompt"], rows[i]["chosen"], rows[i]["rejected"]])),
     )
-    chosen = [0.0] * len(rows)
-    rejected = [0.0] * len(rows)
-    from inpo.console import progress
 
-    bar = progress(len(order), f"log-probs ({columns})", enabled=dist.is_main, unit=" pairs")
+
+def _score(
+    model: Any,
+    rows: list[dict[str, Any]],
+    order: list[int],
+    collator: Any,
+    *,
+    device: str,
+    packing: bool | None,
+    share_prompt: bool,
+    batch_size: int,
+    chunk_size: int,
+    where: Path,
+    label: str,
+    show: bool,
+) -> tuple[list[float], list[float], int]:
+    """Score the rows ``order`` names, ``batch_size`` pairs a forward: their chosen and
+    rejected log-probs at those indices (0.0 elsewhere) and how many batches ran packed."""
+    import torch
+
+    from inpo.console import progress
+    from inpo.logprobs import (
+        MIN_PACK_LENGTH,
+        packed_sequence_logps,
+        packing_pays,
+        sequence_logps,
+    )
+
+    if share_prompt:
+        from inpo.training.loop import bucketed_shared_logps, packed_shared_logps
+
+    # packing=None: probed at the first batch long enough to pack (short data never pays for
+    # it); shared rows stay padded on a GPU, where packing them is unmeasured
+    on_cpu = torch.device(device).type == "cpu"
+    auto = None if packing is None and not (share_prompt and not on_cpu) else False
+    chosen, rejected, packed_batches = [0.0] * len(rows), [0.0] * len(rows), 0
+    bar = progress(len(order), label, enabled=show, unit=" pairs")
     with torch.no_grad(), bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -293,7 +419,7 @@ def precompute_logps(
                 batch = collator([rows[i] for i in idx])
             except ValueError as err:  # share_prompt: a pair whose two prompts differ
                 ids = ", ".join(str(rows[i]["row_id"]) for i in idx)
-                raise DataError(f"{dataset_path}: rows (row_id {ids}): {err}") from None
+                raise DataError(f"{where}: rows (row_id {ids}): {err}") from None
             pack = bool(packing)
             if auto is not False and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH:
                 auto = packing_pays(model) if auto is None else auto
@@ -319,65 +445,67 @@ def precompute_logps(
                 chosen[i] = float(logps[j])
                 rejected[i] = float(logps[b + j])
             bar.update(b)
-    if dist.world > 1:
-        counts = (collator.truncated_prompts, collator.truncated_completions, packed_batches)
-        longest = (collator.longest_prompt, collator.longest_completion)
-        parts = dist.gather(
-            (order, [chosen[i] for i in order], [rejected[i] for i in order], counts, longest)
+    return chosen, rejected, packed_batches
+
+
+@dataclass
+class _Tally:
+    """What scoring counted: truncations and packed batches summed, the longest prompt and
+    completion (tokens, before truncation) maxed, over one rank or all of them."""
+
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+    longest_prompt: int = 0
+    longest_completion: int = 0
+    packed_batches: int = 0
+
+    @classmethod
+    def of(cls, collator: Any, packed_batches: int) -> _Tally:
+        return cls(
+            collator.truncated_prompts,
+            collator.truncated_completions,
+            collator.longest_prompt,
+            collator.longest_completion,
+            packed_batches,
         )
-        tp = tc = packed_batches = 0
-        for idx, c, r, (p_trunc, c_trunc, n_packed), (lp, lc) in parts:
-            for j, i in enumerate(idx):
-                chosen[i], rejected[i] = c[j], r[j]
-            tp, tc, packed_batches = tp + p_trunc, tc + c_trunc, packed_batches + n_packed
-            collator.longest_prompt = max(collator.longest_prompt, lp)
-            collator.longest_completion = max(collator.longest_completion, lc)
-        collator.truncated_prompts, collator.truncated_completions = tp, tc
-    scored = time.perf_counter()
-    bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
-    if bad:
-        raise DataError(
-            f"{dataset_path}: model '{model_path}' gives non-finite log-probs for "
-            f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
+
+    def __add__(self, other: _Tally) -> _Tally:
+        return _Tally(
+            self.truncated_prompts + other.truncated_prompts,
+            self.truncated_completions + other.truncated_completions,
+            max(self.longest_prompt, other.longest_prompt),
+            max(self.longest_completion, other.longest_completion),
+            self.packed_batches + other.packed_batches,
         )
-    del model
-    if device.startswith("cuda"):  # give the cached blocks back to the next stage's model
-        gc.collect()  # (a full collection costs ~0.2 s of Python with transformers imported)
+
+
+def _gather(
+    dist: Any, order: list[int], chosen: list[float], rejected: list[float], tally: _Tally
+) -> _Tally:
+    """Every rank's scores into ``chosen``/``rejected`` (in place, by row index); the tally of
+    all ranks."""
+    parts = dist.gather((order, [chosen[i] for i in order], [rejected[i] for i in order], tally))
+    total = _Tally()
+    for idx, c, r, part in parts:
+        for j, i in enumerate(idx):
+            chosen[i], rejected[i] = c[j], r[j]
+        total = total + part
+    return total
+
+
+def _free_device_memory(device: str) -> None:
+    """Give a GPU's cached blocks back to the next stage's model. (On CPU nothing: a full
+    collection costs ~0.2 s of Python with transformers imported.)"""
+    if device.startswith("cuda"):
+        import torch
+
+        gc.collect()
         torch.cuda.empty_cache()
 
-    # ---- write to a temporary folder, then rename (rank 0; the others wait for it) ------------
-    if not dist.is_main:
-        dist.barrier()
-        return PrecomputeResult(
-            output_dir, _read_manifest(output_dir) or {}, skipped=False, columns=names
-        )
-    ds = ds.remove_columns([n for n in names if n in ds.column_names])
-    ds = ds.add_column(names[0], chosen).add_column(names[1], rejected)
-    previous = _read_manifest(dataset_path) if dataset_path.is_dir() else None
-    manifest = {
-        "key": key,
-        **settings,
-        "rows": len(rows),
-        "skipped_rows": skipped_rows,
-        "truncated_prompts": collator.truncated_prompts,
-        "truncated_completions": collator.truncated_completions,
-        # before truncation: lets `inpo train` tell whether other limits change any pair
-        "longest_prompt_tokens": collator.longest_prompt,
-        "longest_completion_tokens": collator.longest_completion,
-        "batch_size": batch_size,
-        "packed_batches": packed_batches,
-        "device": device,
-        "seconds_load": round(loaded - started, 3),
-        "seconds_score": round(scored - loaded, 3),
-        "pairs_per_second": round(len(rows) / max(scored - loaded, 1e-9), 3),
-        "created_unix": int(time.time()),
-        "history": [
-            *(previous.get("history", []) if previous else []),
-            *([previous] if previous else []),
-        ],
-    }
-    for entry in manifest["history"]:
-        entry.pop("history", None)
+
+def _write_folder(ds: Any, manifest: dict[str, Any], output_dir: Path) -> None:
+    """``ds`` and ``manifest.json`` into a temporary folder beside ``output_dir``, renamed over
+    it: a crash never leaves a half-written output."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -395,6 +523,3 @@ def precompute_logps(
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(output_dir)
-    log.info("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
-    dist.barrier()
-    return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)
