@@ -110,6 +110,12 @@ def test_cli_ref_then_prev_gives_all_four_columns(models, data_file, tmp_path, c
     out_ref, out_all = tmp_path / "ref", tmp_path / "all"
     base = ["precompute", "--batch-size", "3", "--device", "cpu"]
     assert cli_main([*base, str(data_file), "--model", str(ref), "--output", str(out_ref)]) == 0
+    longest = json.loads((out_ref / MANIFEST_NAME).read_text())["longest_completion_tokens"]
+    assert f"longest completion {longest}: training limits at or above" in capsys.readouterr().out
+    limited = [*base, str(data_file), "--model", str(ref), "--max-completion-length", "2"]
+    assert cli_main([*limited, "--output", str(tmp_path / "cut")]) == 0
+    printed = capsys.readouterr().out
+    assert "data.max_prompt_length=null data.max_completion_length=2" in printed
     args = [
         *base,
         str(out_ref),

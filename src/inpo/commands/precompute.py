@@ -121,4 +121,17 @@ def main(argv: list[str]) -> int:
             f"({m['skipped_rows']} rows skipped, {m['truncated_prompts']} prompts and "
             f"{m['truncated_completions']} completions truncated) in {m['seconds_score']:.1f}s"
         )
+        longest = (
+            f"  longest prompt {m['longest_prompt_tokens']} tokens, "
+            f"longest completion {m['longest_completion_tokens']}"
+        )
+        if m["truncated_prompts"] or m["truncated_completions"]:
+            limits = [m["max_prompt_length"], m["max_completion_length"]]
+            limits = ["null" if v is None else v for v in limits]
+            print(
+                f"{longest}: train with the same limits (data.max_prompt_length={limits[0]} "
+                f"data.max_completion_length={limits[1]})"
+            )
+        else:
+            print(f"{longest}: training limits at or above these cut nothing, as here")
     return 0
