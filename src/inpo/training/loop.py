@@ -753,7 +753,6 @@ def train(
         check_shared_prompt_support,
         load_policy,
         load_tokenizer,
-        save_policy,
     )
 
     if logps_fn is not None and cfg.data.share_prompt:
@@ -897,26 +896,9 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
-            s = sums.tolist()
-            row = {
-                "step": step + 1,
-                "epoch": epoch + (in_epoch + 1) / data.steps_per_epoch,
-                "loss": s[0] / n_pairs,
-                "margins_mean": s[1] / n_pairs,
-                "margins_abs_max": float(abs_max.item()),
-                "chosen_rewards": s[2] / n_pairs,
-                "rejected_rewards": s[3] / n_pairs,
-                "accuracy": s[4] / n_pairs,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "pairs": n_pairs,
-                "tokens": int(s[5]),
-                "tokens_per_s": s[5] / elapsed,
-                "truncated_prompts": int(s[6]),
-                "truncated_completions": int(s[7]),
-                "logps_chosen": s[8] / n_pairs,
-                "logps_rejected": s[9] / n_pairs,
-            }
+            row = _metrics_row(
+                sums, abs_max, step, data.steps_per_epoch, n_pairs, elapsed, grad_norm, lr
+            )
             if accelerator.device.type == "cuda":  # this process's peak in training
                 row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(row)
@@ -932,36 +914,88 @@ def train(
             start_step < total_steps or find_latest_checkpoint(ckpt_root) is None
         ):
             checkpoint(total_steps)
-        _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
-        if is_main:  # how prompts were given to it, for whoever prompts it next (inpo export)
-            conversational = bool(data.rows) and isinstance(data.rows[0]["prompt"], list)
-            write_prompt_format(out_dir, "chat" if conversational else "text")
-        if is_main and (row is not None or not (out_dir / "README.md").exists()):
-            from inpo.training.modelcard import write_model_card
-
-            write_model_card(
-                out_dir,
-                cfg,
-                hparams=data.hparams,
-                pairs=len(data.rows),
-                steps=total_steps,
-                last=row,
-            )
-        if is_main and cfg.push_to_hub:
-            from inpo.hub import push_model
-
-            push_model(
-                out_dir,
-                str(cfg.hub_model_id),
-                private=cfg.hub_private_repo,
-                message=f"inpo train ({spec.name})",
-            )
+        _finish(cfg, accelerator, model, tokenizer, data, row)
     finally:
         bar.close()
         metrics.close()
         if zero.is_engine(model):
             zero.release()
     return TrainResult(out_dir, total_steps, total_steps, resume_from, row, finished=True)
+
+
+def _metrics_row(
+    sums: torch.Tensor,
+    abs_max: torch.Tensor,
+    step: int,
+    steps_per_epoch: int,
+    n_pairs: int,
+    elapsed: float,
+    grad_norm: float,
+    lr: float,
+) -> dict[str, Any]:
+    """One optimizer step's row of ``metrics.jsonl`` (and of its CSV, in this column order)
+    from :func:`_step`'s sums over all processes."""
+    s = sums.tolist()
+    return {
+        "step": step + 1,
+        "epoch": step // steps_per_epoch + (step % steps_per_epoch + 1) / steps_per_epoch,
+        "loss": s[0] / n_pairs,
+        "margins_mean": s[1] / n_pairs,
+        "margins_abs_max": float(abs_max.item()),
+        "chosen_rewards": s[2] / n_pairs,
+        "rejected_rewards": s[3] / n_pairs,
+        "accuracy": s[4] / n_pairs,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "pairs": n_pairs,
+        "tokens": int(s[5]),
+        "tokens_per_s": s[5] / elapsed,
+        "truncated_prompts": int(s[6]),
+        "truncated_completions": int(s[7]),
+        "logps_chosen": s[8] / n_pairs,
+        "logps_rejected": s[9] / n_pairs,
+    }
+
+
+def _finish(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    last: dict[str, Any] | None,
+) -> None:
+    """The trained model as plain safetensors, the prompt format it learnt, its model card
+    (rewritten when this launch trained), and the upload ``push_to_hub`` asks for."""
+    from inpo.training.modeling import load_policy, save_policy
+
+    out_dir = Path(cfg.output_dir)
+    _write_model(cfg, accelerator, model, tokenizer, out_dir, load_policy, save_policy)
+    if not accelerator.is_main_process:
+        return
+    # how prompts were given to it, for whoever prompts it next (inpo export)
+    conversational = bool(data.rows) and isinstance(data.rows[0]["prompt"], list)
+    write_prompt_format(out_dir, "chat" if conversational else "text")
+    if last is not None or not (out_dir / "README.md").exists():
+        from inpo.training.modelcard import write_model_card
+
+        write_model_card(
+            out_dir,
+            cfg,
+            hparams=data.hparams,
+            pairs=len(data.rows),
+            steps=data.total_steps,
+            last=last,
+        )
+    if cfg.push_to_hub:
+        from inpo.hub import push_model
+
+        push_model(
+            out_dir,
+            str(cfg.hub_model_id),
+            private=cfg.hub_private_repo,
+            message=f"inpo train ({data.spec.name})",
+        )
 
 
 def _step(
