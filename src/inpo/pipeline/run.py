@@ -112,27 +112,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     trackers = start_run_trackers(cfg, run_dir, is_main=dist.is_main)
     with stop_signals(), trackers:
         try:
-            # π_ref: rank 0 builds it (the default workload trains and caches one), then the rest
-            if dist.is_main:
-                plan = None if cfg.reference else workload.reference_plan()
-                if plan:
-                    ctx.log(f"[reference] {plan}")
-                t0 = time.time()
-                ref = (
-                    resolve_model(cfg.reference, "reference")
-                    if cfg.reference
-                    else workload.reference_model(run_dir)
-                )
-                took = time.time() - t0
-                built = f"built in {took:.1f}s, cached" if took > 1 else "ready"
-                ctx.log(f"[reference] π_ref {built}: {ref}")
-            dist.barrier()
-            if not dist.is_main:
-                ref = (
-                    resolve_model(cfg.reference, "reference")
-                    if cfg.reference
-                    else workload.reference_model(run_dir)
-                )
+            ref = _reference(cfg, workload, run_dir, dist, ctx)
             policy = resolve_model(cfg.policy, "policy") if cfg.policy else ref
             ref_id = model_fingerprint(ref)
             oracle = workload.oracle(
@@ -311,6 +291,29 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             )
     dist.barrier()
     return run_dir
+
+
+def _reference(cfg: RunConfig, workload: Any, run_dir: Path, dist: Any, ctx: Any) -> Path:
+    """π_ref's folder: ``reference=`` as given, else the workload's (the default one trains
+    and caches an SFT model). Rank 0 builds it first; the other ranks then load the cache."""
+    import time
+
+    def resolve() -> Path:
+        if cfg.reference:
+            return resolve_model(cfg.reference, "reference")
+        return workload.reference_model(run_dir)
+
+    if dist.is_main:
+        plan = None if cfg.reference else workload.reference_plan()
+        if plan:
+            ctx.log(f"[reference] {plan}")
+        t0 = time.time()
+        ref = resolve()
+        took = time.time() - t0
+        built = f"built in {took:.1f}s, cached" if took > 1 else "ready"
+        ctx.log(f"[reference] π_ref {built}: {ref}")
+    dist.barrier()
+    return ref if dist.is_main else resolve()
 
 
 def _anchor(cfg: RunConfig, iteration: int, ref: Path, policies: list[Path]) -> Path:
