@@ -381,11 +381,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available()
     )
-    world, rank, is_main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
+    is_main = accelerator.is_main_process
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "train_oracle_config.yaml")
@@ -450,7 +446,6 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     )
     row = None
     order, order_epoch = [], -1
-    micro = cfg.optim.per_device_batch_size
     try:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -463,43 +458,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
                 )
             step_rows = order[in_epoch * g : (in_epoch + 1) * g]
             n_pairs = len(step_rows)
-            local = step_rows[rank::world]
-            n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, strict pairs
-            for m in range(n_micro):
-                ids = local[m * micro : (m + 1) * micro]
-                weight = 1.0 if ids else 0.0  # a rank out of pairs runs one weighted by zero
-                batch = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
-                sync = accelerator.no_sync(model) if m < n_micro - 1 else nullcontext()
-                with sync:
-                    # ---- the algorithm: the pair's logit, binary cross-entropy, step mean ----
-                    with accelerator.autocast():
-                        d, y = pair_logits(
-                            cfg.kind,
-                            model,
-                            tokenizer,
-                            batch,
-                            cfg.data.max_length,
-                            accelerator.device,
-                        )
-                    per = bce(d, y)
-                    if cfg.kind == "pairwise":  # each order is half the pair's loss
-                        per = 0.5 * per
-                    loss_sum = per.sum() * weight
-                    accelerator.backward(loss_sum * (world / n_pairs))
-                if weight:
-                    dd, yy = d.detach().double().cpu(), y.detach().double().cpu()
-                    strict = yy != 0.5
-                    sums += torch.tensor(
-                        [
-                            float(loss_sum.detach()),
-                            float(((dd > 0) == (yy > 0.5))[strict].sum()),
-                            float(strict.sum()),
-                        ],
-                        dtype=torch.float64,
-                    )
-            if world > 1:
-                sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+            sums = _step(cfg, accelerator, model, tokenizer, rows, step_rows)
             if not math.isfinite(float(sums[0])):
                 path = checkpoint(step, rng_before)
                 raise TrainingDivergedError(
@@ -555,19 +514,74 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         metrics.close()
     result = None
     if is_main and eval_rows is not None:
-        oracle = load_oracle(
-            cfg.kind, model_dir, max_length=cfg.data.max_length, device=str(accelerator.device)
-        )
-        t0 = time.perf_counter()
-        result = {
-            **evaluate_oracle(oracle, eval_rows),
-            "kind": cfg.kind,
-            "eval_file": cfg.data.eval_file,
-        }
-        result["forward_passes"] = int(oracle.stats.extra.get("sequences_scored", 0))
-        result["seconds"] = round(time.perf_counter() - t0, 3)
-        (out_dir / "eval_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        result = _held_out_metrics(cfg, model_dir, eval_rows, str(accelerator.device))
     return OracleTrainResult(out_dir, total_steps, row, result, resume_from)
+
+
+def _step(
+    cfg: OracleTrainConfig,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict],
+    step_rows: list[int],
+) -> torch.Tensor:
+    """One optimizer step's gradients, accumulated over this process's micro-batches of
+    ``step_rows``; returns ``[loss sum, correct, strict pairs]`` summed over all processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.optim.per_device_batch_size
+    n_pairs = len(step_rows)
+    local = step_rows[rank::world]
+    n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, strict pairs
+    for m in range(n_micro):
+        ids = local[m * micro : (m + 1) * micro]
+        weight = 1.0 if ids else 0.0  # a rank out of pairs runs one weighted by zero
+        batch = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
+        sync = accelerator.no_sync(model) if m < n_micro - 1 else nullcontext()
+        with sync:
+            # ---- the algorithm: the pair's logit, binary cross-entropy, step mean ----
+            with accelerator.autocast():
+                d, y = pair_logits(
+                    cfg.kind, model, tokenizer, batch, cfg.data.max_length, accelerator.device
+                )
+            per = bce(d, y)
+            if cfg.kind == "pairwise":  # each order is half the pair's loss
+                per = 0.5 * per
+            loss_sum = per.sum() * weight
+            accelerator.backward(loss_sum * (world / n_pairs))
+        if weight:
+            dd, yy = d.detach().double().cpu(), y.detach().double().cpu()
+            strict = yy != 0.5
+            sums += torch.tensor(
+                [
+                    float(loss_sum.detach()),
+                    float(((dd > 0) == (yy > 0.5))[strict].sum()),
+                    float(strict.sum()),
+                ],
+                dtype=torch.float64,
+            )
+    if world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    return sums
+
+
+def _held_out_metrics(
+    cfg: OracleTrainConfig, model_dir: Path, eval_rows: list[dict], device: str
+) -> dict[str, Any]:
+    """The saved model, loaded as the pipeline's oracle, on ``data.eval_file``'s pairs
+    (``eval_metrics.json``)."""
+    oracle = load_oracle(cfg.kind, model_dir, max_length=cfg.data.max_length, device=device)
+    t0 = time.perf_counter()
+    result = {
+        **evaluate_oracle(oracle, eval_rows),
+        "kind": cfg.kind,
+        "eval_file": cfg.data.eval_file,
+    }
+    result["forward_passes"] = int(oracle.stats.extra.get("sequences_scored", 0))
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _fingerprint(rows: list[dict], cfg: OracleTrainConfig) -> str:
