@@ -145,7 +145,12 @@ def test_bad_answer_files_are_named(reward_model, tmp_path, capsys):
     assert "other.json" in err and "base.json" in err and "different instructions" in err
     assert main(["eval", "--answers", str(empty), *common]) == 2
     err = capsys.readouterr().err
-    assert "empty.json: row 1: field 'output'" in err and "Traceback" not in err
+    assert "empty.json: row 1: field 'output' is missing or empty" in err
+    assert "Traceback" not in err
+    number = tmp_path / "number.json"
+    number.write_text(json.dumps([{"instruction": t, "output": 5} for t in ("x", "y", "z")]))
+    assert main(["eval", "--answers", str(number), *common]) == 2
+    assert "number.json: row 0: field 'output' is not text (int)" in capsys.readouterr().err
     assert main(["eval", "--answers", str(empty), *common, "--skip-bad-rows"]) == 0
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["instructions"] == 2 and report["models"]["m"]["skipped_rows"] == 1

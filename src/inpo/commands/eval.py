@@ -165,8 +165,13 @@ def read_answers(
             if skip_bad:
                 skipped += 1
                 continue
+            what = (
+                f"is not text ({type(answer).__name__})"
+                if answer is not None and not isinstance(answer, str)
+                else "is missing or empty"
+            )
             raise DataError(
-                f"{path}: row {i}: field '{field}' is missing or empty (--skip-bad-rows skips such rows)"
+                f"{path}: row {i}: field '{field}' {what} (--skip-bad-rows skips such rows)"
             )
         if key in out:
             raise DataError(f"{path}: row {i}: instruction {key[:60]!r} answered twice")
