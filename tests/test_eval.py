@@ -155,6 +155,10 @@ def test_bad_answer_files_are_named(reward_model, tmp_path, capsys):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["instructions"] == 2 and report["models"]["m"]["skipped_rows"] == 1
     assert main(["eval", "--answers", str(base), *common[:-2], "--oracle", "gpm"]) == 2
+    capsys.readouterr()
+    assert main(["eval", "--answers", str(base), *common, "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "argument --bootstrap: expected an integer >= 1, got 0" in err and "\n" not in err
 
 
 def test_win_rate_summary_on_a_run_like_layout():

@@ -127,6 +127,24 @@ def test_bad_questions_file(model_dir, tmp_path, capsys):
     assert "row 0: missing field 'turns'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--max-new-tokens", "-3", "expected an integer >= 1, got -3"),
+        ("--temperature", "nan", "expected a finite number, got 'nan'"),
+        ("--temperature", "-1", "expected a number >= 0, got -1.0"),
+        ("--batch-size", "0", "expected an integer >= 1, got 0"),
+        ("--limit", "-1", "expected an integer >= 1, got -1"),
+    ],
+)
+def test_bad_numbers_are_one_line_before_the_model_loads(tmp_path, capsys, flag, value, needle):
+    argv = ["export", "--model", str(tmp_path / "nowhere"), "--format", "alpaca_eval"]
+    argv += ["--questions", "q.json", "--output", "o.json", flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"argument {flag}: {needle}" in err and "\n" not in err
+
+
 @pytest.mark.slow
 def test_the_default_task_model_answers_in_its_own_text_format(tmp_path, capsys):
     """A model inpo trained on text prompts is prompted with text (``inpo.json``), even when its

@@ -100,6 +100,7 @@ def test_matrix_and_reference_files(tmp_path, capsys, suffix):
         (["--algorithms", "inpo,nashmd"], "did you mean 'nash_md'"),
         (["--tau", "0", "--algorithms", "dpo"], "algorithm 'dpo' needs --tau > 0"),
         (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--every", "-1"], "argument --every: expected an integer >= 0, got -1"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

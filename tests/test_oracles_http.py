@@ -458,6 +458,19 @@ def test_serve_oracle_command_errors(tmp_path, capsys):
     assert "matrix file" in capsys.readouterr().err
     assert main(["serve-oracle", "--oracle", "reward-model", "--model", str(tmp_path)]) == 2
     assert "not a model folder" in capsys.readouterr().err
+    # bad numbers and names: one line naming the flag, before anything loads
+    for argv, needle in [
+        (["--port", "70000"], "argument --port: expected a port in 0..65535, got 70000"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["--max-length", "x"], "argument --max-length: expected an integer, got 'x'"),
+        (["--fault-delay-s", "nan"], "argument --fault-delay-s: expected a finite number"),
+    ]:
+        assert main(["serve-oracle", "--oracle", "pairwise", "--model", "m", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    assert main(["serve-oracle", "--oracle", "reward"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid choice: 'reward'" in err and "\n" not in err
 
 
 def test_responses_file_formats(tmp_path):

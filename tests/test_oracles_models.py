@@ -281,6 +281,9 @@ def test_serve_oracle_builds_model_oracles(rm_path, pm_path):
     pm = build_oracle(_parser().parse_args(["--oracle", "pairwise", "--model", str(pm_path)]))
     assert isinstance(rm, RewardModelOracle) and isinstance(pm, PairwisePreferenceOracle)
     assert rm.oracle_id == RewardModelOracle(rm_path, max_length=2048).oracle_id
+    # the spelling annotate.oracle and inpo eval use names the same oracle
+    same = build_oracle(_parser().parse_args(["--oracle", "reward_model", "--model", str(rm_path)]))
+    assert isinstance(same, RewardModelOracle) and same.oracle_id == rm.oracle_id
 
 
 @pytest.fixture(scope="module")

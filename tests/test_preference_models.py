@@ -111,6 +111,29 @@ def test_gpm_oracle_costs_one_forward_pass_per_response(kit, tmp_path):
     assert oracle.stats.extra["sequences_scored"] == k + 1  # one new prompt: one new pass
 
 
+def test_serve_oracle_serves_a_gpm_with_the_local_probabilities(kit, tmp_path):
+    """``inpo serve-oracle --oracle gpm``: the HTTP judge answers what the local GPM does."""
+    from inpo.commands.serve_oracle import _parser, build_oracle
+    from inpo.oracles.gpm import GPMOracle, build_gpm
+    from inpo.oracles.http import HTTPJudgeOracle
+    from inpo.oracles.server import OracleServer
+    from inpo.tiny import word_tokenizer
+
+    build_gpm(kit / "lm", dim=4, prompt_scales=True, beta=0.1).save(
+        tmp_path / "gpm", word_tokenizer(pair_words())
+    )
+    args = ["--oracle", "gpm", "--model", str(tmp_path / "gpm"), "--device", "cpu"]
+    served = build_oracle(_parser().parse_args(args))
+    assert isinstance(served, GPMOracle)
+    local = GPMOracle(tmp_path / "gpm", device="cpu")
+    a = [f"the answer is {w}" for w in ("apple", "brick", "cloud")]
+    b = [f"the answer is {w}" for w in ("cloud", "apple", "brick")]
+    with OracleServer(served, port=0) as server:
+        judge = HTTPJudgeOracle(server.url, server.model_name, api_key_env=None)
+        got = judge.prob_prefers(["pick one"] * 3, a, b)
+    np.testing.assert_allclose(got, local.prob_prefers(["pick one"] * 3, a, b), atol=1e-6)
+
+
 # ---- inpo train-oracle ----------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inpo.commands._args import ArgumentParser
+from inpo.commands._args import ArgumentParser, positive_int
 from inpo.errors import ConfigError, DataError
 
 ORACLES = ("reward_model", "pairwise", "gpm", "http")
@@ -59,7 +59,9 @@ def _parser() -> ArgumentParser:
     p.add_argument(
         "--output", required=True, type=Path, help="the folder for eval.json/.md and the plot"
     )
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples (default 1000)")
+    p.add_argument(
+        "--bootstrap", type=positive_int, default=1000, help="bootstrap samples (default 1000)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--skip-bad-rows",

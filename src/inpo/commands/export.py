@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from inpo.commands._args import ArgumentParser
+from inpo.commands._args import ArgumentParser, non_negative_float, positive_int
 from inpo.errors import DataError, InpoError
 
 FORMATS = ("alpaca_eval", "mt_bench", "arena_hard")
@@ -45,10 +45,14 @@ def _parser() -> ArgumentParser:
         help="model name in the output (default: RUN-iter_00t for a run's model, else the "
         "folder's name)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="answer only the first N questions"
+    )
     p.add_argument(
         "--prompt-format",
         choices=("auto", "chat", "text"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inpo.commands._args import ArgumentParser
+from inpo.commands._args import ArgumentParser, non_negative_int
 from inpo.errors import InpoError, did_you_mean
 
 DEFAULT_ALGORITHMS = "inpo,online_ipo,sppo,nash_md,mmd,extragradient,comal,dpo,ipo"
@@ -77,7 +77,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", default="inpo-game.png", help="PNG path for the plot, or 'none'")
     p.add_argument(
-        "--every", type=int, default=0, help="print every k-th iteration (default: auto)"
+        "--every",
+        type=non_negative_int,
+        default=0,
+        help="print every k-th iteration (default 0: auto)",
     )
     return p
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from inpo.commands._args import positive_int
+
 DESCRIPTION = """\
 Score every (prompt, chosen, rejected) pair of a preference dataset with one causal LM and save a
 copy of the dataset with two more columns of summed completion log-probs:
@@ -22,16 +24,6 @@ example:
   inpo precompute pairs.jsonl --model runs/sft --output runs/it0/data_ref --columns ref
   inpo precompute runs/it0/data_ref --model runs/it0/policy --output runs/it0/data --columns prev
 """
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-bad-rows", action="store_true", help="skip malformed rows (counted in manifest)"
     )
-    parser.add_argument("--batch-size", type=_positive, default=8, help="pairs per forward (8)")
-    parser.add_argument("--max-prompt-length", type=_positive, default=None, help="keep the end")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="pairs per forward (8)")
+    parser.add_argument("--max-prompt-length", type=positive_int, default=None, help="keep the end")
     parser.add_argument(
-        "--max-completion-length", type=_positive, default=None, help="keep the start"
+        "--max-completion-length", type=positive_int, default=None, help="keep the start"
     )
     parser.add_argument("--padding-side", choices=("right", "left"), default="right")
     parser.add_argument(
-        "--chunk-size", type=_positive, default=1024, help="LM-head chunk (positions)"
+        "--chunk-size", type=positive_int, default=1024, help="LM-head chunk (positions)"
     )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32"

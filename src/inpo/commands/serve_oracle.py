@@ -2,7 +2,7 @@
 
 Examples::
 
-    inpo serve-oracle --oracle reward-model --model ./my-rm --port 8000
+    inpo serve-oracle --oracle reward_model --model ./my-rm --port 8000
     inpo serve-oracle --oracle pairwise --model ./pair-pm --device cuda
     inpo serve-oracle --oracle table --matrix P.npy --responses responses.txt
 
@@ -24,6 +24,13 @@ import signal
 import sys
 from pathlib import Path
 
+from inpo.commands._args import (
+    ArgumentParser,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_int,
+)
 from inpo.errors import ConfigError, DataError
 
 __all__ = ["DEFAULT_KEY_ENV", "build_oracle", "main"]
@@ -31,20 +38,25 @@ __all__ = ["DEFAULT_KEY_ENV", "build_oracle", "main"]
 DEFAULT_KEY_ENV = "INPO_ORACLE_API_KEY"
 
 
+# the model oracles by the names `annotate.oracle` and `inpo eval --oracle` use, and the
+# hyphenated name this command first took
+ORACLES = ("reward_model", "reward-model", "pairwise", "gpm", "table")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="inpo serve-oracle",
         description="Serve a local preference oracle as an OpenAI-compatible judge endpoint "
         "(POST /v1/chat/completions, GET /v1/models, GET /health).",
     )
-    p.add_argument("--oracle", required=True, choices=["reward-model", "pairwise", "table"])
-    p.add_argument("--model", help="model folder (reward-model, pairwise)")
+    p.add_argument("--oracle", required=True, choices=ORACLES)
+    p.add_argument("--model", help="model folder (reward_model, pairwise, gpm)")
     p.add_argument("--matrix", help="table: .npy preference matrix P[i, j] = P(y_i > y_j)")
     p.add_argument(
         "--responses", help="table: the responses, one per line (.txt) or a JSON list (.json)"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=port_number, default=8000, help="0 picks a free port")
     p.add_argument("--served-model-name", help="model name clients send (default: oracle id)")
     p.add_argument("--template", action="append", help="judge template(s) accepted (default: all)")
     p.add_argument(
@@ -57,16 +69,20 @@ def _parser() -> argparse.ArgumentParser:
         "--no-auth", action="store_true", help="serve without a key (only on a loopback host)"
     )
     p.add_argument("--no-logprobs", action="store_true", help="answer with text verdicts only")
-    p.add_argument("--batch-size", type=int, default=16, help="model forward batch size")
-    p.add_argument("--max-batch", type=int, default=64, help="queries gathered per oracle call")
-    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="model forward batch size")
+    p.add_argument(
+        "--max-batch", type=positive_int, default=64, help="queries gathered per oracle call"
+    )
+    p.add_argument("--max-length", type=positive_int, default=2048)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     t = p.add_argument_group("test-only fault injection (never in production)")
-    t.add_argument("--fault-delay-s", type=float, default=0.0, help="delay every answer")
-    t.add_argument("--fault-fail-first-n", type=int, default=0)
+    t.add_argument(
+        "--fault-delay-s", type=non_negative_float, default=0.0, help="delay every answer"
+    )
+    t.add_argument("--fault-fail-first-n", type=non_negative_int, default=0)
     t.add_argument("--fault-fail-status", type=int, default=500)
-    t.add_argument("--fault-malformed-json-first-n", type=int, default=0)
+    t.add_argument("--fault-malformed-json-first-n", type=non_negative_int, default=0)
     return p
 
 
@@ -86,22 +102,14 @@ def _read_responses(path: Path) -> list[str]:
 
 def build_oracle(args: argparse.Namespace):
     """The oracle named by the parsed command line."""
-    if args.oracle in ("reward-model", "pairwise"):
+    if args.oracle != "table":
         if not args.model:
             raise ConfigError(f"--oracle {args.oracle} needs --model PATH")
-        if args.oracle == "reward-model":
-            from inpo.oracles.reward_model import RewardModelOracle
+        from inpo.training.oracle_loop import load_oracle
 
-            return RewardModelOracle(
-                args.model,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                device=args.device,
-                dtype=args.dtype,
-            )
-        from inpo.oracles.pairwise import PairwisePreferenceOracle
-
-        return PairwisePreferenceOracle(
+        kind = {"reward_model": "bt", "reward-model": "bt"}.get(args.oracle, args.oracle)
+        return load_oracle(
+            kind,
             args.model,
             batch_size=args.batch_size,
             max_length=args.max_length,
