@@ -121,3 +121,14 @@ def test_run_help_lists_every_algorithm_with_its_paper(capsys):
         cited = " ".join(x.strip() for x in lines[at + 1 : at + 8])
         assert PAPERS[name].split(",")[0] in cited, name  # the first author
         assert " 20" in cited, name  # and the year
+
+
+def test_an_unknown_kind_and_a_file_for_a_folder_are_one_line(tmp_path, capsys):
+    assert main(["config", "keys", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "inpo config: error: expected 'run', 'train' or 'train-oracle', got 'nope'"
+    (tmp_path / "file").write_text("")
+    for extra in ([], ["--chat"]):
+        assert main(["toy", str(tmp_path / "file"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "exists and is not a folder" in err and "\n" not in err

@@ -36,7 +36,7 @@ def _config_class(kind: str) -> type:
         from inpo.training.oracle_config import OracleTrainConfig
 
         return OracleTrainConfig
-    raise ConfigError(f"inpo config: expected 'run', 'train' or 'train-oracle', got '{kind}'")
+    raise ConfigError(f"expected 'run', 'train' or 'train-oracle', got '{kind}'")
 
 
 def _type_name(tp: Any) -> str:

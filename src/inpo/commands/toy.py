@@ -64,6 +64,10 @@ def main(argv: list[str]) -> int:
         "--chat", action="store_true", help="a chat model and conversational prompt files"
     )
     args = parser.parse_args(argv)
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        from inpo.errors import ConfigError
+
+        raise ConfigError(f"'{args.dir}' exists and is not a folder; name a folder to write")
     if args.chat:
         return _chat(Path(args.dir), args.seed)
 
