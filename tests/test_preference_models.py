@@ -137,6 +137,41 @@ def test_serve_oracle_serves_a_gpm_with_the_local_probabilities(kit, tmp_path):
 # ---- inpo train-oracle ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["bt", "gpm"])
+def test_gradient_checkpointing_trains_the_same_oracle(kit, tmp_path, kind):
+    """``model.gradient_checkpointing=true`` recomputes activations, nothing else: the same
+    losses step by step and the same held-out metrics."""
+    plain = _train(kit, tmp_path / "plain", kind, "cyclic", "optim.max_steps=3")
+    ckpt = _train(
+        kit,
+        tmp_path / "ckpt",
+        kind,
+        "cyclic",
+        "optim.max_steps=3",
+        "model.gradient_checkpointing=true",
+    )
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("plain", "ckpt")
+    ]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and len(losses[0]) == 3
+    assert ckpt["accuracy"] == pytest.approx(plain["accuracy"], abs=1e-6)
+    # and the layers do recompute (the flag transformers' decoder layers read)
+    from transformers import AutoTokenizer
+
+    from inpo.config import load_config
+    from inpo.training.oracle_config import OracleTrainConfig
+    from inpo.training.oracle_loop import _load_model
+
+    settings = [f"kind={kind}", f"model.path={kit / 'lm'}", "output_dir=o"]
+    settings.append(f"data.train_file={kit / 'cyclic_train.jsonl'}")
+    for flag in (False, True):
+        flagged = [*settings, f"model.gradient_checkpointing={str(flag).lower()}"]
+        cfg = load_config(OracleTrainConfig, None, flagged)
+        model = _load_model(cfg, kit / "lm", AutoTokenizer.from_pretrained(kit / "lm"))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is flag
+
+
 @pytest.mark.parametrize("kind", ["bt", "pairwise", "gpm"])
 def test_each_kind_trains_a_folder_its_oracle_loads(kit, tmp_path, kind):
     from inpo.training.oracle_loop import load_oracle

@@ -11,6 +11,7 @@ import torch
 
 from inpo.logprobs import shared_prompt_mask
 from inpo.tiny import char_tokenizer, tiny_causal_lm
+from inpo.training.modeling import enable_activation_checkpointing
 from inpo.varlen import (
     VARLEN_ATTENTION,
     VarlenUnsupported,
@@ -157,7 +158,7 @@ def test_supported_models_and_refused_ones(tok):
     with pytest.raises(ValueError, match="not exact for MistralForCausalLM"):
         use_varlen(windowed, True)
     ckpt = tiny_causal_lm("llama", tok, hidden_size=32, num_hidden_layers=2)
-    ckpt.gradient_checkpointing_enable()
+    enable_activation_checkpointing(ckpt)  # as model.gradient_checkpointing=true does
     assert not supports_varlen(ckpt)
 
 

@@ -75,11 +75,12 @@ def _fit_logistic(x: np.ndarray, p: np.ndarray, ridge: float = 1e-6) -> np.ndarr
     """Weights ``w`` maximising ``Σ p log σ(xw) + (1 − p) log σ(−xw) − ridge |w|²`` (soft
     labels; a tiny ridge keeps a separable fit finite)."""
     from scipy.optimize import minimize
+    from scipy.special import expit
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = x @ w
         ll = p * -np.logaddexp(0, -z) + (1 - p) * -np.logaddexp(0, z)
-        grad_z = p - 1 / (1 + np.exp(-z))
+        grad_z = p - expit(z)  # (1 / (1 + exp(−z)) overflows for z ≪ 0 on the way)
         return -ll.sum() + ridge * w @ w, -(x.T @ grad_z) + 2 * ridge * w
 
     out = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B")

@@ -47,6 +47,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(check_model_dir(cfg.path), trust_remote_code=False)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model, under the
+    name of the installed transformers (``activation_…`` from 5.x; ``gradient_…`` before)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_policy(cfg: ModelConfig) -> torch.nn.Module:
     """Load the policy in train mode, with gradient checkpointing / LoRA as configured."""
     from transformers import AutoModelForCausalLM
@@ -56,11 +66,7 @@ def load_policy(cfg: ModelConfig) -> torch.nn.Module:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(check_model_dir(cfg.path), **kwargs)
     if cfg.gradient_checkpointing:
-        ckpt_kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora is not None:
         try:

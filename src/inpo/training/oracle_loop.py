@@ -164,8 +164,9 @@ def _load_model(cfg: OracleTrainConfig, folder: Path, tokenizer: Any) -> torch.n
         if cfg.model.lora is not None:
             model.backbone = _lora(model.backbone, cfg, None, [])
     if cfg.model.gradient_checkpointing:
-        inner = model.backbone if cfg.kind == "gpm" else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from inpo.training.modeling import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model.backbone if cfg.kind == "gpm" else model)
     model.train()
     return model
 
