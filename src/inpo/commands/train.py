@@ -1,4 +1,4 @@
-"""``inpo train CONFIG.yaml [key=value ...]``: train a causal LM on preference pairs.
+"""``inpo train [CONFIG.yaml] [key=value ...]``: train a causal LM on preference pairs.
 
 The config is :class:`inpo.training.TrainConfig` (see ``examples/train_inpo.yaml``); overrides
 use dotted keys (``optim.max_steps=100``, ``loss.name=dpo``, ``loss.beta=0.1``). Everything is
