@@ -276,6 +276,12 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["win_rate_vs_ref"] is not None and len(rows[0]["win_rate_ci"]) == 2
+    for row in rows:  # the Monte-Carlo KL comes with its interval over prompts
+        lo, hi = row["kl_to_ref_ci"]
+        assert lo <= row["kl_to_ref"] + 1e-12 and row["kl_to_ref"] <= hi + 1e-12
+    assert (
+        "KL(π ‖ π_ref)" in proc.stderr and rows[1]["kl_to_ref_ci"][0] <= rows[1]["kl_to_ref_ci"][1]
+    )
     assert rows[1]["oracle_queries"] == 3 * 4  # best/worst of K = 4: K reward calls a prompt
     assert rows[1]["eval_prompts"] == 1
     samples = (tmp_path / "run" / "iter_000" / "generate" / "samples.jsonl").read_text()

@@ -118,6 +118,14 @@ SUMMARY = (
 )
 
 
+#: The metrics that come with a 95% interval (bootstrapped over prompts), and its key.
+INTERVALS = {
+    "win_rate_vs_ref": "win_rate_ci",
+    "lc_win_rate_vs_ref": "lc_win_rate_ci",
+    "kl_to_ref": "kl_to_ref_ci",
+}
+
+
 def iteration_summary(rows: Sequence[dict[str, Any]]) -> str:
     """A short table of the newest iteration's metrics, the previous row's and the change."""
     now, before = rows[-1], rows[-2] if len(rows) > 1 else {}
@@ -135,10 +143,9 @@ def iteration_summary(rows: Sequence[dict[str, Any]]) -> str:
             if lower_better is not None and delta != 0:
                 change += " ✓" if (delta < 0) == lower_better else " ✗"
         extra = ""
-        interval = {"win_rate_vs_ref": "win_rate_ci", "lc_win_rate_vs_ref": "lc_win_rate_ci"}
-        if key in interval and now.get(interval[key]):
-            lo, hi = now[interval[key]]
-            extra = f"  [{lo:.3f}, {hi:.3f}]"
+        if now.get(INTERVALS.get(key, "")):
+            lo, hi = now[INTERVALS[key]]
+            extra = f"  [{lo:.3g}, {hi:.3g}]" if key == "kl_to_ref" else f"  [{lo:.3f}, {hi:.3f}]"
         row = f"  {label:{width}}  {_fmt(prev):>10}  {_fmt(value):>10}  {change:>10}{extra}"
         lines.append(row.rstrip())
     seconds = now.get("seconds")
@@ -177,6 +184,7 @@ COLUMNS = (
     "lc_win_rate_vs_ref",
     "lc_win_rate_ci",
     "kl_to_ref",
+    "kl_to_ref_ci",
     "mean_length",
     "mass_outside",
     "oracle_queries",

@@ -52,7 +52,7 @@ def iteration_values(row: dict[str, Any]) -> dict[str, float]:
                     out[f"time/{stage}_s"] = float(s)
             continue
         if (
-            key in ("win_rate_ci", "lc_win_rate_ci")
+            key in ("win_rate_ci", "lc_win_rate_ci", "kl_to_ref_ci")
             and isinstance(value, list | tuple)
             and len(value) == 2
         ):

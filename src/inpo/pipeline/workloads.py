@@ -417,7 +417,7 @@ class PromptFileWorkload(Workload):
         import numpy as np
         import torch
 
-        from inpo.evaluation import win_rate_summary
+        from inpo.evaluation import cluster_bootstrap, win_rate_summary
         from inpo.generation import GenerationSettings
         from inpo.logprobs import completion_logps
         from inpo.pipeline.runtime import load_model
@@ -468,12 +468,17 @@ class PromptFileWorkload(Workload):
             samples=1000,
             seed=0,
         )
+        # the estimate is unbiased but can fall below 0: its interval says how far it is from
+        # 0 on this many prompts (bootstrapped over prompts, as the win rates)
+        log_ratio = (lp_pol - lp_ref).double().cpu().numpy()
+        kl_ci = cluster_bootstrap(lambda i: log_ratio[i].mean(), len(log_ratio), held, seed=0)
         return {
             "win_rate_vs_ref": stats["win_rate"],
             "win_rate_ci": stats["win_rate_ci"],
             "lc_win_rate_vs_ref": stats["lc_win_rate"],
             "lc_win_rate_ci": stats["lc_win_rate_ci"],
             "kl_to_ref": float(torch.mean(lp_pol - lp_ref)),
+            "kl_to_ref_ci": list(kl_ci),
             "mean_length": sum(lengths) / len(lengths),
             "eval_prompts": len(prompts),
         }
