@@ -80,3 +80,21 @@ def test_a_terminal_gets_a_rich_bar_with_eta():
     assert proc.returncode == 0, screen
     assert "train inpo" in screen and "━" in screen and "eta" in screen
     assert "/5 steps" in screen and "loss 0.5" in screen
+
+
+def test_tracker_values_split_every_interval_into_low_and_high():
+    from inpo.pipeline.tracking import iteration_values
+
+    row = {
+        "iteration": 2,
+        "win_rate_vs_ref": 0.6,
+        "win_rate_ci": [0.5, 0.7],
+        "lc_win_rate_ci": [0.4, 0.8],
+        "kl_to_ref": -0.01,
+        "kl_to_ref_ci": [-0.05, 0.03],
+    }
+    values = iteration_values(row)
+    for key, (lo, hi) in (("win_rate_ci", (0.5, 0.7)), ("kl_to_ref_ci", (-0.05, 0.03))):
+        assert values[f"eval/{key}_low"] == lo and values[f"eval/{key}_high"] == hi
+    assert values["eval/lc_win_rate_ci_low"] == 0.4
+    assert not any(isinstance(v, list) for v in values.values())
