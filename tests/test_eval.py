@@ -145,7 +145,7 @@ def test_bad_answer_files_are_named(reward_model, tmp_path, capsys):
     assert "other.json" in err and "base.json" in err and "different instructions" in err
     assert main(["eval", "--answers", str(empty), *common]) == 2
     err = capsys.readouterr().err
-    assert "empty.json: row 1: field 'output' is missing or empty" in err
+    assert "empty.json: row 1: field 'output' is missing, empty or only whitespace" in err
     assert "Traceback" not in err
     number = tmp_path / "number.json"
     number.write_text(json.dumps([{"instruction": t, "output": 5} for t in ("x", "y", "z")]))

@@ -170,7 +170,7 @@ def read_answers(
             what = (
                 f"is not text ({type(answer).__name__})"
                 if answer is not None and not isinstance(answer, str)
-                else "is missing or empty"
+                else "is missing, empty or only whitespace"
             )
             raise DataError(
                 f"{path}: row {i}: field '{field}' {what} (--skip-bad-rows skips such rows)"
