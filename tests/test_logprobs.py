@@ -85,6 +85,27 @@ def test_completion_logps_equals_reference(model, tok, reference, side):
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-4)
 
 
+def test_completion_logps_packs_long_batches_by_default_with_the_same_values(model, tok):
+    """``packing=None``: batches from ``MIN_PACK_LENGTH`` tokens run packed on CPU (where
+    packing measured faster and is exact for these models), shorter ones padded; the values are
+    those of the padded path to float rounding, in both cases."""
+    from unittest import mock
+
+    from inpo import logprobs
+
+    prompts = ["Hi.", "Tell me a story", "Q?", "Why?"]
+    completions = [" short", " once upon a time " * 5, " a", " because " * 9]
+    padded = completion_logps(model, tok, prompts, completions, batch_size=2, packing=False)
+    spy = mock.patch.object(logprobs, "packed_sequence_logps", wraps=logprobs.packed_sequence_logps)
+    with spy as packed:
+        auto = completion_logps(model, tok, prompts, completions, batch_size=2)
+    assert packed.call_count == 1  # the long batch only (sorted by length: the second)
+    assert packed.call_args.args[1].shape[1] >= logprobs.MIN_PACK_LENGTH
+    torch.testing.assert_close(auto, padded, rtol=0, atol=1e-5)
+    forced = completion_logps(model, tok, prompts, completions, batch_size=2, packing=True)
+    torch.testing.assert_close(forced, padded, rtol=0, atol=1e-5)
+
+
 def test_completion_logps_conversational(model, tok):
     prompts = [[{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "Q?"}]]
     completions = [

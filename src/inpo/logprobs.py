@@ -927,14 +927,18 @@ def completion_logps(
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
+    packing: bool | None = None,
 ) -> Tensor:
     """Summed log-probs ``log π(completion | prompt)`` of ``n`` pairs, float32 ``[n]``, no grad.
 
     Tokenisation is :func:`inpo.data.tokenize_pair`'s: text prompts as ``tokenizer(prompt)``
     gives them, text completions without special tokens plus EOS; conversational prompts and
     completions (message lists) through the chat template. Pairs are sorted by length and scored
-    ``batch_size`` at a time (right padding) on the model's device; the model is put in eval
-    mode for the call and restored afterwards.
+    ``batch_size`` at a time on the model's device; the model is put in eval mode for the call
+    and restored afterwards. ``packing``: score a batch as padding-free rows
+    (:func:`packed_sequence_logps`; the same values up to float rounding); ``None`` (default):
+    the batches of :data:`MIN_PACK_LENGTH` tokens or more where :func:`packing_pays` (as
+    ``inpo precompute`` does), ``False``: right-padded rows always.
     """
     import torch
 
@@ -969,12 +973,15 @@ def completion_logps(
     pad = int(pad) if pad is not None else 0
     was_training = model.training
     model.eval()
+    pack = packing  # None: probed at the first batch long enough to pack
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 seqs = [encoded[i] for i in idx]
                 length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+                if pack is None and length >= MIN_PACK_LENGTH:
+                    pack = packing_pays(model)
                 ids = torch.full((len(seqs), length), pad, dtype=torch.long)
                 attn = torch.zeros_like(ids)
                 comp = torch.zeros_like(ids)
@@ -983,7 +990,8 @@ def completion_logps(
                     ids[r, : len(full)] = torch.tensor(full)
                     attn[r, : len(full)] = 1
                     comp[r, len(s.prompt_ids) : len(full)] = 1
-                lp = sequence_logps(model, ids.to(device), attn.to(device), comp.to(device))
+                score = packed_sequence_logps if pack else sequence_logps
+                lp = score(model, ids.to(device), attn.to(device), comp.to(device))
                 result[torch.tensor(idx)] = lp.cpu()
     finally:
         model.train(was_training)
