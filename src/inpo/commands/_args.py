@@ -17,46 +17,33 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---- argument types: a bad number is one line naming the flag (argparse adds "argument --x") --
 
 
-def _number(text: str, kind: type) -> int | float:
+def _bounded(kind: type, low: float, high: float | None = None, what: str = ""):
+    """An argparse type: ``kind`` parsed from the text, finite, in ``[low, high]``."""
     import math
 
-    try:
-        value = kind(text)
-    except ValueError:
-        noun = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"expected {noun}, got '{text}'") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
-    return value
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got '{text}'") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in {low}..{high}, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {low}, got {value}")
+        return value
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a batch size, a token budget, a count)."""
-    value = int(_number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = int(_number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (a temperature, a delay)."""
-    value = float(_number(text, float))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 0 (a free one) to 65535."""
-    value = int(_number(text, int))
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
-    return value
+#: An integer >= 1 (a batch size, a token budget, a count).
+positive_int = _bounded(int, 1)
+#: An integer >= 0.
+non_negative_int = _bounded(int, 0)
+#: A finite number >= 0 (a temperature, a delay).
+non_negative_float = _bounded(float, 0)
+#: A TCP port, 0 (a free one) to 65535.
+port_number = _bounded(int, 0, 65535, "a port")
