@@ -198,6 +198,10 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
         ),
         ("iterations=three", "'iterations' must be an integer, got 'three' (in overrides)"),
         ("annotate.oracle=reward_model", "annotate.model is required"),
+        # a section checks itself under the name it has here, not in `inpo train`
+        ("train.lora.r=0", "train.lora: r must be >= 1, got 0"),
+        # literals as YAML spells them
+        ("train.bf16=maybe", "'train.bf16' must be one of auto, true, false; got 'maybe'"),
     ],
 )
 def test_more_bad_configs(override, needle):

@@ -78,6 +78,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _yaml_name(value: Any) -> str:
+    """A literal as YAML (and a ``key=value`` override) spells it."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
     """Check ``value`` against type ``tp`` (converting int→float, str→Path); raise naming ``key``."""
     origin = get_origin(tp)
@@ -99,11 +106,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            names = [_yaml_name(a) for a in allowed]  # true/false/null, as a user writes them
+            close = difflib.get_close_matches(str(value), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"'{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}{hint}"
-            )
+            raise ConfigError(f"'{key}' must be one of {', '.join(names)}; got {value!r}{hint}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):

@@ -64,12 +64,14 @@ class LoraSettings:
     )
 
     def validate(self) -> None:
+        # ValueErrors: the loader prefixes the section's own name (model.lora in `inpo train`,
+        # train.lora in `inpo run`)
         if self.r < 1:
-            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
+            raise ValueError(f"r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ConfigError("model.lora.target_modules must name at least one module")
+            raise ValueError("target_modules must name at least one module")
 
 
 @dataclass
