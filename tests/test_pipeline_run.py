@@ -200,6 +200,10 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
         ("annotate.oracle=reward_model", "annotate.model is required"),
         # a section checks itself under the name it has here, not in `inpo train`
         ("train.lora.r=0", "train.lora: r must be >= 1, got 0"),
+        (
+            "annotate.oracle=http annotate.url=ftp://x annotate.judge_model=m",
+            "annotate.url 'ftp://x' must start with http:// or https://",
+        ),
         # literals as YAML spells them
         ("train.bf16=maybe", "'train.bf16' must be one of auto, true, false; got 'maybe'"),
     ],
@@ -209,7 +213,7 @@ def test_more_bad_configs(override, needle):
     from inpo.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        load_config(RunConfig, None, [override])
+        load_config(RunConfig, None, override.split())
     assert needle in str(err.value)
 
 

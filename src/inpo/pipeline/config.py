@@ -267,6 +267,8 @@ class AnnotateConfig:
             raise ConfigError(f"annotate.model is required for annotate.oracle={self.oracle}")
         if self.oracle == "http" and not (self.url and self.judge_model):
             raise ConfigError("annotate.url and annotate.judge_model are required for http")
+        if self.oracle == "http" and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"annotate.url '{self.url}' must start with http:// or https://")
         if self.oracle == "gpm" and self.model and Path(self.model).is_dir():
             from inpo.oracles.gpm import GPM_CONFIG, is_gpm_folder
 
