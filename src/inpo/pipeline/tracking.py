@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inpo.pipeline.report import INTERVALS
+
 __all__ = ["RunTrackers", "iteration_values"]
 
 #: Iteration-row keys and the tracker names they go under.
@@ -51,11 +53,7 @@ def iteration_values(row: dict[str, Any]) -> dict[str, float]:
                 if isinstance(s, int | float):
                     out[f"time/{stage}_s"] = float(s)
             continue
-        if (
-            key in ("win_rate_ci", "lc_win_rate_ci", "kl_to_ref_ci")
-            and isinstance(value, list | tuple)
-            and len(value) == 2
-        ):
+        if key in INTERVALS.values() and isinstance(value, list | tuple) and len(value) == 2:
             out[f"eval/{key}_low"], out[f"eval/{key}_high"] = map(float, value)
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
