@@ -46,7 +46,13 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-def _run(workdir: Path, *args: str, launch: bool = True, env: dict | None = None):
+def _run(
+    workdir: Path,
+    *args: str,
+    launch: bool = True,
+    env: dict | None = None,
+    config: Path | str = "ds.yaml",
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "inpo", "train", "cfg.yaml", *args]
     if launch:
@@ -55,7 +61,7 @@ def _run(workdir: Path, *args: str, launch: bool = True, env: dict | None = None
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            "ds.yaml",
+            str(config),
             "--main_process_port",
             str(free_port()),  # never torchrun's default 29500: suites must not collide
             *cmd[1:],
@@ -67,6 +73,17 @@ def _weights(path: Path):
     from safetensors.torch import load_file
 
     return load_file(path / "model.safetensors")
+
+
+def _zero_config(checkpoint: Path) -> dict:
+    """The ZeRO section of the DeepSpeed config the engine ran with (DeepSpeed records it in
+    each rank's model-states file of the checkpoint)."""
+    import torch
+
+    (states,) = checkpoint.glob("zero/*/zero_pp_rank_0_*model_states.pt")
+    return torch.load(states, weights_only=False, map_location="cpu")["ds_config"][
+        "zero_optimization"
+    ]
 
 
 def test_zero3_two_processes_train_the_weights_of_one_and_resume_exactly(workdir):
@@ -100,6 +117,13 @@ def test_zero3_two_processes_train_the_weights_of_one_and_resume_exactly(workdir
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["optimizer_format"] == "deepspeed" and state["num_processes"] == 2
     assert not list((workdir / "two" / "checkpoints").glob("*.zero-parts"))
+    # ZeRO's buffers sized by the model (accelerate's `auto`), not DeepSpeed's fixed
+    # 5e8-element gradient bucket
+    h = json.loads((workdir / "model" / "config.json").read_text())["hidden_size"]
+    zero = _zero_config(ckpt)
+    assert zero["reduce_bucket_size"] == h * h
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert zero["stage3_param_persistence_threshold"] == 10 * h
 
     # stopped after step 2 (as if killed), then the same command: the uninterrupted weights
     stop = _run(workdir, "output_dir=three", env={"INPO_FAULT_KILL": "train:2"})
@@ -142,6 +166,27 @@ def test_the_scale_page_launch_runs_as_shown(workdir):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(page / "out")
+
+
+def test_a_deepspeed_json_keeps_the_bucket_sizes_it_sets(workdir):
+    """An accelerate config pointing at a DeepSpeed JSON: the sizes it sets are kept, the ones
+    it leaves out follow the model's hidden size."""
+    own = workdir / "own"
+    own.mkdir()
+    (own / "ds.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 5000}})
+    )
+    (own / "ds.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {own / 'ds.json'}\n"
+        "  zero3_init_flag: true\nnum_machines: 1\nnum_processes: 2\n"
+    )
+    out = _run(workdir, "output_dir=own/out", "optim.max_steps=1", config=own / "ds.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    h = json.loads((workdir / "model" / "config.json").read_text())["hidden_size"]
+    zero = _zero_config(workdir / "own" / "out" / "checkpoints" / "step_000001")
+    assert zero["reduce_bucket_size"] == 5000
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
 
 
 def test_zero3_refuses_shared_prompt_and_fsdp_in_one_line(workdir):
