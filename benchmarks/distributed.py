@@ -21,7 +21,10 @@ the order rotating each round, every run a fresh ``torchrun``), on CPU with gloo
 Usage::
 
     python benchmarks/distributed.py                 # all three; writes results/distributed.md
-    python benchmarks/distributed.py --parts engine  # one part (results file not written)
+    python benchmarks/distributed.py --parts engine --out ''  # one part, printed only
+    # memory alone at a size where sharding outweighs the engines' own buffers, with ZeRO-3:
+    .venv-deepspeed/bin/python benchmarks/distributed.py --parts memory --hidden 1024 \
+        --layers 12 --pairs 32 --steps 3 --rounds 2 --out benchmarks/results/distributed_memory.md
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "distributed.md"
+#: The options and their defaults (the full run that writes ``RESULTS``).
+DEFAULTS = {
+    "rounds": 3,
+    "steps": 6,
+    "pairs": 64,
+    "hidden": 384,
+    "layers": 6,
+    "parts": "engine,memory,iteration",
+    "out": str(RESULTS.relative_to(ROOT)),
+}
 BASELINE_COMMIT = "d535c2a"
 ITERATION_ARGS = "max_prompts=64 prompt_repeats=8"
 VOCAB = [f"w{i}" for i in range(2000)]
@@ -264,40 +277,74 @@ def fmt(xs: list[float], spec: str = ",.0f") -> str:
     return ", ".join(format(x, spec) for x in xs)
 
 
-def zero3_line(med: dict) -> str:
+def zero3_line(med: dict, params: int) -> str:
     """The DeepSpeed ZeRO-3 row's reading (measured where DeepSpeed is installed)."""
     if "deepspeed_zero3" not in med:
         return "- DeepSpeed ZeRO-3: not measured (DeepSpeed is not installed in this run)."
     z = med["ddp"] - med["deepspeed_zero3"]
     vs_fsdp = med["deepspeed_zero3"] - med["full_shard"]
-    return (
+    master = 4 * params / 2**20 / 2
+    line = (
         f"- DeepSpeed ZeRO-3 (its accelerate environment, `.venv-deepspeed`) saves {z:,.0f} MiB "
         f"on rank 1 against DDP ({vs_fsdp:+,.0f} MiB against FSDP full_shard). Claim "
-        f'"ZeRO-3 uses less memory per process than DDP": **{"met" if z > 0 else "NOT met"}**.'
-        " At this size the sharding saves less than DeepSpeed adds: importing it costs ~25 MiB "
-        "(measured), and ZeRO-3 keeps, beside the partitioned weights, a flat fp32 master "
-        "partition and communication buckets of its own; the memory-per-GPU table of "
-        "docs/scale.md (0.5B to 70B parameters) is where its sharding pays."
+        f'"ZeRO-3 uses less memory per process than DDP": **{"met" if z > 0 else "NOT met"}**. '
+        "Beside the partitioned weights, ZeRO-3 keeps a flat fp32 master copy of each "
+        f"partition for its optimizer ({master:,.0f} MiB here, which FSDP does not hold in "
+        "fp32 training), communication buffers of its own, and its import (~25 MiB, measured); "
+        "its gradient buckets are sized by the model's hidden size (`inpo` sets accelerate's "
+        "`auto` where the config sets none: with DeepSpeed's fixed 5e8-element bucket, ZeRO-3 "
+        "used 3,848 MiB on rank 1 at 155M parameters, more than DDP's 3,731)."
     )
+    if z <= 0:
+        line += (
+            " At this size its own buffers outweigh what sharding saves; "
+            "`benchmarks/results/distributed_memory.md` measures a model large enough for "
+            "sharding to pay, and docs/scale.md's table (0.5B to 70B parameters) computes it "
+            "at scale."
+        )
+    return line
 
 
-def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str:
-    lines = [
-        "# Multi-process `inpo`: the engine, FSDP memory, and a whole iteration on 2 vs 1",
+def command(args, meta: dict) -> str:
+    """The exact command that produced a report: every option that differs from its default."""
+    python = ".venv-deepspeed/bin/python" if meta["deepspeed"] else "python"
+    words = [python, "benchmarks/distributed.py"]
+    for name, default in DEFAULTS.items():
+        value = getattr(args, name)
+        if value != default:
+            words += [f"--{name}", str(value)]
+    return " ".join(words)
+
+
+def header(args, meta: dict) -> list[str]:
+    title = "Multi-process `inpo`: " + (
+        "the engine, FSDP memory, and a whole iteration on 2 vs 1"
+        if args.parts == DEFAULTS["parts"]
+        else f"{args.parts.replace(',', ', ')} (2 processes)"
+    )
+    return [
+        f"# {title}",
         "",
         f"- Date: {meta['date']}",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}; "
         f"no GPU; gloo. 1-minute load average {meta['load_start']:.1f} at the start, "
         f"{meta['load_end']:.1f} at the end.",
         f"- Versions: torch {meta['torch']}, accelerate {meta['accelerate']}, "
-        f"Python {platform.python_version()}",
-        f"- Command: `python benchmarks/distributed.py --rounds {args.rounds} --steps "
-        f"{args.steps}`",
+        f"deepspeed {meta['deepspeed'] or 'not installed'}, Python {platform.python_version()}",
+        f"- Command: `{command(args, meta)}`",
         f"- Training model: Llama-style, {meta['params'] / 1e6:.1f}M parameters, hidden "
         f"{args.hidden}, {args.layers} layers, fp32, AdamW; {args.pairs} pairs with precomputed "
         f"reference log-probs; global batch 8 (2 processes × 2 pairs × 2 micro-batches), "
         f"{args.steps} steps; loss dpo. Each process runs with OMP_NUM_THREADS=1.",
         "",
+    ]
+
+
+def engine_section(engine: dict) -> list[str]:
+    p = [x["tokens_per_s"] for x in engine["prepare"]]
+    m = [x["tokens_per_s"] for x in engine["manual"]]
+    ratios = [a / b for a, b in zip(p, m, strict=True)]
+    return [
         "## Engine: `accelerator.prepare` (DDP) vs the old hand-written all-reduce, 2 processes",
         "",
         f"Baseline: `src/` of commit `{BASELINE_COMMIT}` (per-parameter `all_reduce` after "
@@ -305,11 +352,6 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         "",
         "| engine | tokens/s per round | median |",
         "|---|---:|---:|",
-    ]
-    p = [x["tokens_per_s"] for x in engine["prepare"]]
-    m = [x["tokens_per_s"] for x in engine["manual"]]
-    ratios = [a / b for a, b in zip(p, m, strict=True)]
-    lines += [
         f"| accelerator.prepare (DDP, bucketed) | {fmt(p)} | {statistics.median(p):,.0f} |",
         f"| hand-written all-reduce ({BASELINE_COMMIT}) | {fmt(m)} | {statistics.median(m):,.0f} |",
         "",
@@ -318,6 +360,11 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         f'- Claim "not slower" (median ratio ≥ 0.95, the rounds\' noise): '
         f"**{'met' if statistics.median(ratios) >= 0.95 else 'NOT met'}**.",
         "",
+    ]
+
+
+def memory_section(meta: dict, memory: dict) -> list[str]:
+    lines = [
         "## Peak memory per process: DDP vs FSDP2 (and DeepSpeed ZeRO-3), 2 processes",
         "",
         f"Model states under DDP: 16 bytes × {meta['params'] / 1e6:.1f}M = "
@@ -327,9 +374,9 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         "optimizer state to write the checkpoint and the model; rank 1 shows training alone. "
         "Run with `MALLOC_MMAP_THRESHOLD_=65536` so that RSS follows live memory: with glibc's "
         "default, freed large blocks stay in the heap and FSDP's per-layer gather-and-free "
-        "cycles read as growth (measured on rank 1 after 6 steps: full_shard +225 MiB over DDP "
-        "with the default, -124 MiB with large blocks mmap'ed). On a GPU the figure to read is "
-        "`torch.cuda.max_memory_allocated` (benchmarks/gpu_iteration.py).",
+        "cycles read as growth (measured on rank 1 after 6 steps of the 12M model: full_shard "
+        "+225 MiB over DDP with the default, -124 MiB with large blocks mmap'ed). On a GPU the "
+        "figure to read is `torch.cuda.max_memory_allocated` (benchmarks/gpu_iteration.py).",
         "",
         "| engine | rank 0 peak RSS (MiB) per round | rank 1 peak RSS (MiB) per round | "
         "rank 1 median |",
@@ -343,14 +390,20 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         lines.append(f"| {k} | {fmt(r0)} | {fmt(r1)} | {med[k]:,.0f} |")
     saved = med["ddp"] - med["full_shard"]
     expected = 16 * meta["params"] / 2**20 / 2
-    lines += [
+    return [
+        *lines,
         "",
         f"full_shard saves {saved:,.0f} MiB on rank 1 (model states halved: "
         f"{expected:,.0f} MiB expected).",
         f'- Claim "FSDP full_shard uses less memory per process than DDP" (rank 1): '
         f"**{'met' if saved > 0 else 'NOT met'}**.",
-        zero3_line(med),
+        zero3_line(med, meta["params"]),
         "",
+    ]
+
+
+def iteration_section(iteration: dict) -> list[str]:
+    lines = [
         "## One whole `inpo run` iteration: 2 processes vs 1",
         "",
         f"`inpo run iterations=1 {ITERATION_ARGS}` (the default task's tiny policy, the "
@@ -372,7 +425,8 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
     w1 = [x["wall"] for x in iteration[1]]
     w2 = [x["wall"] for x in iteration[2]]
     ratios = [b / a for a, b in zip(w1, w2, strict=True)]
-    lines += [
+    return [
+        *lines,
         "",
         f"2-process / 1-process wall time per round: {fmt(ratios, '.2f')}; median "
         f"{statistics.median(ratios):.2f}×. On 2 cores the second process brings no new "
@@ -380,27 +434,42 @@ def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str
         "barriers and the merge; on N devices the sharded stages divide by N.",
         "",
     ]
+
+
+def report(args, meta: dict, engine: dict, memory: dict, iteration: dict) -> str:
+    lines = header(args, meta)
+    if engine:
+        lines += engine_section(engine)
+    if memory:
+        lines += memory_section(meta, memory)
+    if iteration:
+        lines += iteration_section(iteration)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--parts", default="engine,memory,iteration")
+    for name, default in DEFAULTS.items():
+        ap.add_argument(f"--{name}", type=type(default), default=default)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if not parts <= {"engine", "memory", "iteration"}:
+        ap.error(f"--parts: choose from engine, memory, iteration, got {args.parts!r}")
+    import importlib.metadata
+
     import accelerate
     import torch
 
+    try:
+        deepspeed = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        deepspeed = None
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_start": load(),
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
+        "deepspeed": deepspeed,
     }
     with tempfile.TemporaryDirectory(prefix="inpo-dist-bench-") as tmp:
         work = Path(tmp)
@@ -410,13 +479,11 @@ def main() -> None:
         memory = memory_part(work, args.rounds) if "memory" in parts else {}
         iteration = iteration_part(work, args.rounds) if "iteration" in parts else {}
     meta["load_end"] = load()
-    if parts == {"engine", "memory", "iteration"}:
-        text = report(args, meta, engine, memory, iteration)
-        RESULTS.write_text(text)
-        print(text)
-        print(f"wrote {RESULTS}")
-    else:
-        print(json.dumps({"engine": engine, "memory": memory, "iteration": iteration}, indent=1))
+    text = report(args, meta, engine, memory, iteration)
+    print(text)
+    if args.out:
+        Path(ROOT, args.out).write_text(text)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

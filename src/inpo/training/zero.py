@@ -123,7 +123,7 @@ def configure(accelerator: Any, cfg: Any) -> None:
     ds["zero_allow_untested_optimizer"] = True
     # buffers sized by the model, not DeepSpeed's fixed defaults: an accelerate config without
     # a DeepSpeed JSON sets none of these, and ZeRO-3 then allocates a 5e8-element gradient
-    # bucket on every rank (2 GB in fp32; measured on CPU at 151M parameters: ZeRO-3 used
+    # bucket on every rank (2 GB in fp32; measured on CPU at 155M parameters: ZeRO-3 used
     # more memory per process than DDP). ``auto`` is what HF's recommended config writes:
     # accelerate fills it from ``config.hidden_size`` at ``prepare``; values set are kept
     zero = ds.setdefault("zero_optimization", {})
