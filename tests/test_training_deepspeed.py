@@ -80,7 +80,8 @@ def _zero_config(checkpoint: Path) -> dict:
     each rank's model-states file of the checkpoint)."""
     import torch
 
-    (states,) = checkpoint.glob("zero/*/zero_pp_rank_0_*model_states.pt")
+    # ZeRO-3 names it per rank (zero_pp_rank_0_mp_rank_00_...), ZeRO-2 once (mp_rank_00_...)
+    states = sorted(checkpoint.glob("zero/*/*mp_rank_00_model_states.pt"))[0]
     return torch.load(states, weights_only=False, map_location="cpu")["ds_config"][
         "zero_optimization"
     ]
@@ -93,6 +94,7 @@ def test_zero3_two_processes_train_the_weights_of_one_and_resume_exactly(workdir
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run(workdir, "output_dir=two")
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "lr_scheduler.step()" not in two.stderr  # the engine's step counts as the step
     a, b, start = _weights(workdir / "one"), _weights(workdir / "two"), _weights(workdir / "model")
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # it trained
     assert set(a) == set(b)
@@ -166,6 +168,26 @@ def test_the_scale_page_launch_runs_as_shown(workdir):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(page / "out")
+
+
+def test_zero2_trains_the_weights_of_one_process(workdir):
+    """``zero_stage: 2`` (weights replicated, gradients and optimizer state partitioned)."""
+    import torch
+
+    if not (workdir / "one" / "model.safetensors").exists():
+        assert _run(workdir, "output_dir=one", launch=False).returncode == 0
+    (workdir / "ds2.yaml").write_text(
+        (workdir / "ds.yaml")
+        .read_text()
+        .replace("zero_stage: 3", "zero_stage: 2")
+        .replace("zero3_init_flag: true", "zero3_init_flag: false")
+    )
+    out = _run(workdir, "output_dir=zero2", config="ds2.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _weights(workdir / "one"), _weights(workdir / "zero2")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5)
+    assert _zero_config(workdir / "zero2" / "checkpoints" / "step_000003")["stage"] == 2
 
 
 def test_a_deepspeed_json_keeps_the_bucket_sizes_it_sets(workdir):

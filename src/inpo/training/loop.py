@@ -891,8 +891,9 @@ def train(
                     f"last good state (after step {step}) is saved in {path}"
                 )
             lr = scheduler.get_last_lr()[0]
-            if not zero.is_engine(model):
-                optimizer.step()
+            # under ZeRO the engine stepped above and accelerate's optimizer wrapper's step is a
+            # no-op; calling it tells the scheduler the step came first (torch warns otherwise)
+            optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
