@@ -810,6 +810,8 @@ def train(
         model = model.to(accelerator.device)
     auto_pack = default_logps and _auto_packing(cfg, accelerator, model)
     optimizer = _optimizer(cfg, model, sharded=_fsdp_engine(accelerator))
+    if zero.requested():
+        zero.size_buckets(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if _sharded(model) and default_logps:
         # FSDP2 and ZeRO-3 free a layer's gathered weights outside that module's forward, so the

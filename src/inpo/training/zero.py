@@ -48,6 +48,7 @@ __all__ = [
     "release",
     "requested",
     "save_state",
+    "size_buckets",
     "step",
     "unpartitioned",
 ]
@@ -112,8 +113,7 @@ def configure(accelerator: Any, cfg: Any) -> None:
     """The DeepSpeed config entries the loop owns, before ``prepare``: one micro-batch of
     ``per_device_batch_size`` pairs a backward (the loop divides the loss itself, so DeepSpeed's
     accumulation is 1), clipping at ``optim.max_grad_norm``, the loop's optimizer (SGD
-    included), and ZeRO's bucket sizes from the model's hidden size where the config sets
-    none."""
+    included)."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     micro = cfg.optim.per_device_batch_size
     ds["train_micro_batch_size_per_gpu"] = micro
@@ -121,17 +121,25 @@ def configure(accelerator: Any, cfg: Any) -> None:
     ds["train_batch_size"] = micro * accelerator.num_processes
     ds["gradient_clipping"] = float(cfg.optim.max_grad_norm or 0.0)
     ds["zero_allow_untested_optimizer"] = True
-    # buffers sized by the model, not DeepSpeed's fixed defaults: an accelerate config without
-    # a DeepSpeed JSON sets none of these, and ZeRO-3 then allocates a 5e8-element gradient
-    # bucket on every rank (2 GB in fp32; measured on CPU at 155M parameters: ZeRO-3 used
-    # more memory per process than DDP). ``auto`` is what HF's recommended config writes:
-    # accelerate fills it from ``config.hidden_size`` at ``prepare``; values set are kept
-    zero = ds.setdefault("zero_optimization", {})
-    for key in HIDDEN_SIZE_KEYS:
-        zero.setdefault(key, "auto")
     # registered with transformers (again: a later train stage of `inpo run` in this process
     # reuses accelerate's state), so the policy is partitioned as it loads under ZeRO-3
     accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def size_buckets(accelerator: Any, model: Any) -> None:
+    """ZeRO's buffers sized by the model, not DeepSpeed's fixed defaults, where the config sets
+    none (before ``prepare``). An accelerate config without a DeepSpeed JSON sets none, and
+    ZeRO-3 then allocates a 5e8-element gradient bucket on every rank (2 GB in fp32; measured
+    on CPU at 155M parameters, ZeRO-3 used more memory per process than DDP). ``auto`` is what
+    HF's recommended config writes: ``prepare`` fills it from the model's hidden size. A model
+    whose config has none keeps DeepSpeed's defaults (accelerate would refuse ``auto``)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    config = getattr(model, "config", None)
+    if plugin is None or not (hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes")):
+        return
+    zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+    for key in HIDDEN_SIZE_KEYS:
+        zero.setdefault(key, "auto")
 
 
 def release() -> None:
