@@ -112,8 +112,8 @@ def accelerator_kwargs(cfg: Any) -> dict[str, Any]:
 def configure(accelerator: Any, cfg: Any) -> None:
     """The DeepSpeed config entries the loop owns, before ``prepare``: one micro-batch of
     ``per_device_batch_size`` pairs a backward (the loop divides the loss itself, so DeepSpeed's
-    accumulation is 1), clipping at ``optim.max_grad_norm``, the loop's optimizer (SGD
-    included)."""
+    accumulation is 1), clipping at ``optim.max_grad_norm``, and the loop's optimizer
+    (SGD included)."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     micro = cfg.optim.per_device_batch_size
     ds["train_micro_batch_size_per_gpu"] = micro
