@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +69,19 @@ def _os_error(err: OSError) -> str:
     )
 
 
+def _run(name: str, rest: list[str]) -> int | None:
+    """The command, then out of the process group (if a launcher put this process in one)."""
+    try:
+        return resolve(name)(rest)
+    finally:
+        from inpo.distributed import release
+
+        try:
+            release()
+        except Exception as err:  # never hide the command's own result or error
+            logging.getLogger("inpo").debug("leaving the process group failed: %s", err)
+
+
 def main(argv: list[str] | None = None) -> int:
     from inpo.errors import InpoError
 
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     set_verbosity(level)
     quiet_libraries()
     try:
-        code = resolve(name)(rest)
+        code = _run(name, rest)
     except InpoError as err:
         print(f"inpo {name}: error: {err}", file=sys.stderr)
         return 2

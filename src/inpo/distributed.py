@@ -14,10 +14,11 @@ process as an independent single-process run that raced the others on one output
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Dist", "get_dist", "shard"]
+__all__ = ["Dist", "get_dist", "release", "shard"]
 
 T = TypeVar("T")
 
@@ -95,6 +96,26 @@ def get_dist() -> Dist:
     if _DIST is None:
         _DIST = Dist()
     return _DIST
+
+
+def release() -> None:
+    """Leave the process group, if this process joined one: call once, when its work is done.
+
+    Left to interpreter exit, gloo's teardown can find its worker threads still holding tensors
+    whose release needs the GIL the finalizing interpreter no longer gives: the process then
+    aborts (SIGABRT, "terminate called without an active exception") after finishing its work,
+    and the launcher reports the run as failed. torch registers no exit hook for this
+    (pytorch/pytorch#179291 was abandoned), so ``inpo``'s command line calls this on the way out.
+    A process that never imported torch, or never joined a group, has nothing to release.
+    """
+    global _DIST
+    _DIST = None
+    tdist = sys.modules.get("torch.distributed")
+    if tdist is None or not tdist.is_available() or not tdist.is_initialized():
+        return
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[int]:
