@@ -208,6 +208,35 @@ def test_concurrent_writers_from_several_processes(tmp_path):
     assert sum(r["asked"] + r["hits"] for r in results) == n_workers * n_keys
 
 
+def _open_at_once(path: str, barrier, errors) -> None:
+    barrier.wait()
+    try:
+        QueryCache(path).close()
+    except Exception as exc:  # reported to the parent, which names it
+        errors.put(repr(exc))
+
+
+def test_processes_opening_a_fresh_file_at_once_wait_for_each_other(tmp_path):
+    """The ranks of a run open the shared cache at once. SQLite calls no busy handler for
+    ``PRAGMA journal_mode = WAL``: before the wait, 58 of 300 such pairs failed with
+    "database is locked" (a 2-process ``inpo run`` did too)."""
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    errors = ctx.Queue()
+    for trial in range(40):  # 0.81**40 < 1e-3: without the wait this fails
+        barrier = ctx.Barrier(2)
+        path = str(tmp_path / f"fresh{trial}.sqlite")
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, errors)) for _ in "ab"]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+            assert proc.exitcode == 0
+        assert errors.empty(), f"trial {trial}: {errors.get()}"
+    for trial in (0, 39):
+        conn = QueryCache(tmp_path / f"fresh{trial}.sqlite")._connection()
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 # ---- a run killed with SIGKILL and restarted --------------------------------------------------
 
 RUN_SCRIPT = textwrap.dedent(
