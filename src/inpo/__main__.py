@@ -1,5 +1,3 @@
-import sys
+from inpo.cli import entry
 
-from inpo.cli import main
-
-sys.exit(main())
+entry()

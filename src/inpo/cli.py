@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -152,5 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+def entry() -> None:
+    """``inpo`` and ``python -m inpo``: :func:`main`, then the process's exit.
+
+    Under a launcher (torchrun, ``accelerate launch``: ``WORLD_SIZE`` > 1) the exit goes
+    through :func:`inpo.distributed.exit_launched`, which a gloo teardown race needs.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from inpo.distributed import exit_launched
+
+        exit_launched(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

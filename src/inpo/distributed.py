@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-__all__ = ["Dist", "get_dist", "release", "shard"]
+__all__ = ["Dist", "exit_launched", "get_dist", "release", "shard"]
 
 T = TypeVar("T")
 
@@ -101,12 +101,9 @@ def get_dist() -> Dist:
 def release() -> None:
     """Leave the process group, if this process joined one: call once, when its work is done.
 
-    Left to interpreter exit, gloo's teardown can find its worker threads still holding tensors
-    whose release needs the GIL the finalizing interpreter no longer gives: the process then
-    aborts (SIGABRT, "terminate called without an active exception") after finishing its work,
-    and the launcher reports the run as failed. torch registers no exit hook for this
-    (pytorch/pytorch#179291 was abandoned), so ``inpo``'s command line calls this on the way out.
     A process that never imported torch, or never joined a group, has nothing to release.
+    Objects a run keeps (a DDP model's reducer) can keep gloo's worker threads alive past
+    this; :func:`exit_launched` is what makes a launched process's exit safe.
     """
     global _DIST
     _DIST = None
@@ -116,6 +113,35 @@ def release() -> None:
     from accelerate import PartialState
 
     PartialState().destroy_process_group()
+
+
+def exit_launched(code: int) -> NoReturn:
+    """End a process started by a launcher: exit handlers, then exit without finalization.
+
+    gloo's worker threads drop a finished collective's tensors a moment after the caller sees
+    it done; that drop needs the GIL. If the interpreter is finalizing by then, the thread is
+    unwound through a ``noexcept`` frame and the process aborts (SIGABRT, "terminate called
+    without an active exception") after finishing its work, and torchrun reports the job
+    failed. A core dump of one such rank showed exactly that (``ProcessGroupGloo::runLoop`` →
+    ``~AsyncBarrierWork`` → ``take_gil`` → ``std::terminate``), in 3 of 130 two-process
+    ``inpo run`` launches and once in CI, even with the group destroyed first: the threads
+    outlive ``destroy_process_group`` while anything still holds the group. torch has no fix
+    (pytorch/pytorch#179291 was abandoned). So the exit handlers run while the interpreter is
+    whole (trackers, log handlers, temporary folders, what a normal exit runs), the streams
+    are flushed, and ``os._exit`` ends the process without the finalization that races.
+    """
+    import atexit
+
+    try:
+        release()
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed (e.g. a broken pipe)
+                pass
+        os._exit(code)
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[int]:
