@@ -1,10 +1,12 @@
-"""Shared by the multi-process tests: a free port, and a tiny model with preference pairs."""
+"""Shared by the multi-process tests: a free port, a torchrun launch, and a tiny model with
+preference pairs."""
 
 from __future__ import annotations
 
 import json
 import random
 import socket
+import sys
 from pathlib import Path
 
 WORDS = "red blue green circle square say describe a the".split()
@@ -15,6 +17,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` processes on a free port: append
+    ``-m inpo ...`` or a script."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()),
+    ]  # fmt: skip
 
 
 def tiny_pairs(folder: Path, *, optimizer: str = "adamw", save_steps: int | None = None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,7 @@ ARGS = ["iterations=1", "max_prompts=16", "prompt_repeats=4"]
 def inpo_run(cwd: Path, run_dir: str, nproc: int, *extra: str, env: dict | None = None):
     launch = [sys.executable, "-m", "inpo"]
     if nproc > 1:
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "inpo",
-        ]
+        launch = [*torchrun(nproc), "-m", "inpo"]
     return subprocess.run(
         [*launch, "run", f"run_dir={run_dir}", *ARGS, *extra],
         cwd=cwd,

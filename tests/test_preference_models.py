@@ -294,19 +294,15 @@ def test_two_processes_train_the_oracle_of_one(kit, tmp_path):
     """The engine's invariant for the oracle loop: torchrun with 2 processes (gloo, DDP through
     ``accelerator.prepare``) trains the GPM that 1 process trains, to fp32 tolerance."""
     import os
-    import socket
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
+    from helpers import torchrun
+
     def run(n: int) -> Path:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         out = tmp_path / f"p{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-        cmd += ["--master_port", str(port), "-m", "inpo", "train-oracle", "kind=gpm"]
+        cmd = [*torchrun(n), "-m", "inpo", "train-oracle", "kind=gpm"]
         cmd += [f"model.path={kit / 'lm'}", f"data.train_file={kit / 'cyclic_train.jsonl'}"]
         cmd += [f"output_dir={out}", "optim.learning_rate=3e-4", "optim.max_steps=4"]
         cmd += ["optim.global_batch_size=16", "optim.per_device_batch_size=4", "save_steps=null"]

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from helpers import free_port
+from helpers import torchrun
 
 # Collectives still in flight when the command returns, and the group still held, as a DDP model
 # holds it. Without ``release`` a process exiting with collectives in flight aborted in 6 of 15
@@ -58,16 +58,7 @@ def test_a_command_with_collectives_in_flight_exits_cleanly(tmp_path):
         for rank in (0, 1):
             (tmp_path / f"rank{rank}.txt").unlink(missing_ok=True)
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(free_port()),  # never torchrun's default 29500
-                str(script),
-            ],
+            [*torchrun(2), str(script)],
             cwd=tmp_path,
             capture_output=True,
             text=True,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import free_port, tiny_pairs
+from helpers import tiny_pairs, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -52,22 +52,7 @@ def test_two_processes_equal_one(tmp_path, optimizer, engine, both):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),  # never torchrun's default 29500: suites must not collide
-            "-m",
-            "inpo",
-            "train",
-            "cfg.yaml",
-            "output_dir=two",
-            *engine,
-            *both,
-        ],
+        [*torchrun(2), "-m", "inpo", "train", "cfg.yaml", "output_dir=two", *engine, *both],
         cwd=tmp_path,
         capture_output=True,
         text=True,
