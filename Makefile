@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast faults lint format bench bench-gpu reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
+.PHONY: install run test test-fast faults lint format bench bench-gpu gpu-dry reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -81,6 +81,11 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PYTHON) -m pip install -q 'trl>=1.0'
 	bash benchmarks/gpu.sh
+
+# The same script on the CPU at tiny sizes (about two minutes): checks it still runs end to end.
+gpu-dry: $(STAMP)
+	$(PYTHON) -m pip install -q 'trl>=1.0'
+	DRY=1 OUT=$${OUT:-/tmp/inpo-gpu-dry} bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(STAMP) build dist .pytest_cache inpo-run inpo-game.png

@@ -370,6 +370,8 @@ def main() -> None:
     parser.add_argument("--accum", type=int, help="micro-batches a step (default: 2)")
     parser.add_argument("--out", help="the results file (default: results/train_throughput*.md)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (tokens/s are timed from the second step on)")
     args.out = args.out or str(RESULTS_GPU if args.device == "cuda" else RESULTS)
     if args.worker:
         worker(args.worker, Path(args.setup))
