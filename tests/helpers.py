@@ -1,13 +1,21 @@
 """Shared by the multi-process tests: a free port, a torchrun launch, and a tiny model with
-preference pairs."""
+preference pairs; where the real-model tier finds SmolLM2."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import sys
 from pathlib import Path
+
+#: ``make real-model``'s output: SmolLM2-135M-Instruct converted from the GGUF it keeps beside.
+_REAL_CACHE = (
+    Path(os.environ.get("INPO_REAL_MODEL_CACHE") or Path.home() / ".cache" / "inpo") / "models"
+)
+REAL_MODEL_DIR = _REAL_CACHE / "SmolLM2-135M-Instruct"
+REAL_MODEL_GGUF = _REAL_CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 WORDS = "red blue green circle square say describe a the".split()
 

@@ -95,12 +95,12 @@ def test_generation_stops_at_the_end_tokens_of_generation_config(tmp_path):
     [(_, samples, truncated)] = list(
         generate_chunks(model, tok, [CONVERSATION], 3, settings, seed=0)
     )
-    assert samples == [["", "", ""]] and truncated == [0]
+    assert samples == [["", "", ""]] and truncated == [[False] * 3]
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)  # eot not listed
     [(_, samples, truncated)] = list(
         generate_chunks(model, tok, [CONVERSATION], 3, settings, seed=0)
     )
-    assert truncated == [3]  # the end-of-turn token is not an end: every sample runs on
+    assert truncated == [[True] * 3]  # the end-of-turn token is not an end: every sample runs on
 
 
 def test_bad_conversations_are_named_before_any_model_loads(tmp_path):

@@ -66,7 +66,7 @@ def test_end_tokens_and_truncation_match_the_transformers_backend(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = GenerationSettings(temperature=1.0, max_new_tokens=5)
-    for token, text, cut in (("<|eot_id|>", "", 0), ("a", "aaaaa", 2)):
+    for token, text, cut in (("<|eot_id|>", "", [False] * 2), ("a", "aaaaa", [True] * 2)):
         path = save_tiny_chat_lm(tmp_path / token.strip("<|>"), "llama3", **SIZES)
         always_say(path, token)
         samples, truncated, _ = vllm_generate(

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-oracle": ("inpo.commands.serve_oracle:main", "serve a local oracle over HTTP"),
     "export": ("inpo.commands.export:main", "write a model's answers for AlpacaEval etc."),
     "config": ("inpo.commands.config:main", "list the keys of run/train, show a resolved config"),
+    "convert": ("inpo.commands.convert:main", "turn a GGUF file into a Hugging Face model folder"),
     "toy": ("inpo.commands.toy:main", "write a tiny policy, reward model and prompts to try"),
 }
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CUT_COLUMNS",
     "LOGP_COLUMNS",
     "OPTIONAL_COLUMNS",
     "EncodedPair",
@@ -61,8 +62,13 @@ LOGP_COLUMNS = (
 )
 #: SPPO win-rate estimates ``P̂(y ≻ π_t)``, floats in [0, 1].
 WINRATE_COLUMNS = ("chosen_winrate", "rejected_winrate")
-#: Every optional column that loading keeps (``tie`` is a bool, the rest floats).
-OPTIONAL_COLUMNS = ("tie", *WINRATE_COLUMNS, *LOGP_COLUMNS)
+#: A sampled completion cut at ``max_new_tokens`` (no end token generated), bools: its ids are
+#: scored as sampled, without the end-of-turn the template would write (:func:`encode_completion`).
+CUT_COLUMNS = ("chosen_truncated", "rejected_truncated")
+#: Bool-valued optional columns.
+BOOL_COLUMNS = ("tie", *CUT_COLUMNS)
+#: Every optional column that loading keeps (``tie`` and the cut flags are bools, the rest floats).
+OPTIONAL_COLUMNS = ("tie", *CUT_COLUMNS, *WINRATE_COLUMNS, *LOGP_COLUMNS)
 
 Text = str | list[dict[str, str]]
 
@@ -282,7 +288,7 @@ def _split_implicit(chosen: Any, rejected: Any, conversational: bool) -> tuple[T
 def _check_optional(name: str, value: Any) -> bool | float:
     if value is None:
         raise _RowError(name, "missing (the column is present in other rows)")
-    if name == "tie":
+    if name in BOOL_COLUMNS:
         if isinstance(value, bool):
             return value
         if isinstance(value, int) and value in (0, 1):
@@ -450,7 +456,7 @@ def _features(conversational: bool, optional: Sequence[str]):
         text = datasets.Value("string")
     spec: dict[str, Any] = {"prompt": text, "chosen": text, "rejected": text}
     for name in optional:
-        spec[name] = datasets.Value("bool" if name == "tie" else "float64")
+        spec[name] = datasets.Value("bool" if name in BOOL_COLUMNS else "float64")
     spec["row_id"] = datasets.Value("int64")
     return datasets.Features(spec)
 
@@ -574,7 +580,9 @@ def _require_template(tokenizer: Any) -> None:
         )
 
 
-def encode_completion(tokenizer: Any, prompt: Text, completion: Text) -> list[int]:
+def encode_completion(
+    tokenizer: Any, prompt: Text, completion: Text, *, ended: bool = True
+) -> list[int]:
     """The completion's ids as the model produces them after the prompt.
 
     Text: ``tokenizer(completion, add_special_tokens=False)`` then EOS (as TRL does).
@@ -582,13 +590,18 @@ def encode_completion(tokenizer: Any, prompt: Text, completion: Text) -> list[in
     :func:`as_completion`): the template renders prompt + completion; the prompt's render (with the
     generation prompt) must be a prefix of it, and the remainder (the assistant turn, including
     whatever end-of-turn marker the template writes) is tokenised without special tokens.
+
+    ``ended=False`` (a sample cut at ``max_new_tokens``): the completion as it was sampled, with
+    no end token — text: no EOS; conversational: the assistant turn's render up to the end of its
+    content, without the end-of-turn marker and what the template writes after it. So a cut
+    sample's log-probs and gradients never include an end the policy did not produce.
     """
     if isinstance(completion, str) and isinstance(prompt, list):
         completion = as_completion(prompt, completion)  # the assistant turn it is
     if isinstance(completion, str):
         ids = _ids(tokenizer(completion, add_special_tokens=False))
         eos = tokenizer.eos_token_id
-        return [*ids, int(eos)] if eos is not None else ids
+        return [*ids, int(eos)] if eos is not None and ended else ids
     if not isinstance(prompt, list):
         raise DataError("completion is a conversation but the prompt is a string")
     _require_template(tokenizer)
@@ -600,7 +613,12 @@ def encode_completion(tokenizer: Any, prompt: Text, completion: Text) -> list[in
             "prefix of its render of prompt + completion; this template cannot be split into "
             f"prompt and completion tokens (prompt render ends with {head[-40:]!r})"
         )
-    return _ids(tokenizer(full[len(head) :], add_special_tokens=False))
+    turn = full[len(head) :]
+    if not ended:
+        content = completion_text(completion)
+        at = turn.find(content) if content else -1
+        turn = turn[: at + len(content)] if at >= 0 else content
+    return _ids(tokenizer(turn, add_special_tokens=False))
 
 
 def _truncate(
@@ -634,12 +652,14 @@ def encode_pair(
     *,
     max_prompt_length: int | None,
     max_completion_length: int | None,
+    ended: bool = True,
 ) -> EncodedPair:
-    """:func:`tokenize_pair` with truncation flags (see there)."""
+    """:func:`tokenize_pair` with truncation flags (see there); ``ended=False``: a sample cut at
+    ``max_new_tokens``, scored without an end token (:func:`encode_completion`)."""
     _check_lengths(max_prompt_length, max_completion_length)
     return _truncate(
         encode_prompt(tokenizer, prompt),
-        encode_completion(tokenizer, prompt, completion),
+        encode_completion(tokenizer, prompt, completion, ended=ended),
         max_prompt_length,
         max_completion_length,
     )
@@ -776,13 +796,14 @@ class PreferenceCollator:
         out = []
         for key in ("chosen", "rejected"):
             completion = row[key]
+            ended = not row.get(f"{key}_truncated", False)
             ckey = (
-                ("c", completion)
+                ("c", completion, ended)
                 if isinstance(completion, str) and isinstance(prompt, str)
-                else ("cc", pkey, json.dumps(completion, sort_keys=True))
+                else ("cc", pkey, json.dumps(completion, sort_keys=True), ended)
             )
             completion_ids = self._encoded(
-                ckey, lambda c=completion: encode_completion(tok, prompt, c)
+                ckey, lambda c=completion, e=ended: encode_completion(tok, prompt, c, ended=e)
             )
             self.longest_completion = max(self.longest_completion, len(completion_ids))
             out.append(
@@ -824,7 +845,7 @@ class PreferenceCollator:
                 missing = next(i for i, v in enumerate(values) if v is None)
                 rid = rows[missing].get("row_id", missing)
                 raise DataError(f"row {rid}: field '{name}' missing (present in other rows)")
-            dtype = torch.bool if name == "tie" else torch.float32
+            dtype = torch.bool if name in BOOL_COLUMNS else torch.float32
             batch[name] = torch.tensor(values, dtype=dtype)
         return batch
 

@@ -14,8 +14,8 @@ Text prompts are tokenised as ``tokenizer(prompt)`` gives them (the same as
 template with the generation prompt (:func:`inpo.data.encode_prompt`, the one place a prompt
 becomes ids). A completion is the decoded new tokens up to the first end token — the tokenizer's
 EOS or any ``eos_token_id`` of the model's ``generation_config.json`` (:func:`end_token_ids`) —
-special tokens removed; a sample that stops at ``max_new_tokens`` is kept and counted as
-truncated.
+special tokens removed; a sample that stops at ``max_new_tokens`` is kept and flagged as
+truncated (its log-probs are then scored without an end token: :func:`inpo.data.encode_completion`).
 """
 
 from __future__ import annotations
@@ -273,8 +273,8 @@ def generate_chunks(
 ) -> Iterator[tuple[int, list[list[str]], int]]:
     """Yield ``(chunk_start, samples, truncated)`` per chunk of prompts, from ``start_chunk``.
 
-    ``truncated[i]`` counts the samples of prompt ``chunk_start + i`` cut at
-    ``max_new_tokens``; ``samples[i]`` holds the ``k`` completions of prompt ``chunk_start + i``. ``indices[i]``
+    ``truncated[i][j]`` is true when sample ``j`` of prompt ``chunk_start + i`` was cut at
+    ``max_new_tokens`` (no end token generated); ``samples[i]`` holds the ``k`` completions of prompt ``chunk_start + i``. ``indices[i]``
     is prompt ``i``'s index in the whole prompt list (default ``i``): it, with ``seed``, seeds
     the prompt's samples (:func:`sample_seed`), so a shard of the prompts gets the samples the
     whole list would.
@@ -348,19 +348,18 @@ def generate_chunks(
                 )
             new = out[:, length:].cpu()
             samples: list[list[str]] = []
-            truncated: list[int] = []
+            truncated: list[list[bool]] = []
             for r in range(len(chunk)):
-                row = []
-                truncated.append(0)
+                row, cut = [], []
                 for j in range(k):
                     toks = new[r * k + j].tolist()
                     stop = next((i for i, t in enumerate(toks) if t in eos), None)
-                    if stop is None:
-                        truncated[-1] += 1
-                    else:
+                    cut.append(stop is None)
+                    if stop is not None:
                         toks = toks[:stop]
                     row.append(tokenizer.decode(toks, skip_special_tokens=True))
                 samples.append(row)
+                truncated.append(cut)
             yield start, samples, truncated
     finally:
         model.train(was_training)
@@ -375,14 +374,16 @@ def sample_responses(
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    truncated: list[list[bool]] | None = None,
 ) -> list[list[str]]:
-    """``k`` sampled completions for each prompt (see the module docstring)."""
+    """``k`` sampled completions for each prompt (see the module docstring); ``truncated``, when
+    given, is extended with each prompt's cut-at-``max_new_tokens`` flags."""
     settings = settings or GenerationSettings()
     out: list[list[str]] = []
-    for _start, samples, _trunc in generate_chunks(
-        model, tokenizer, prompts, k, settings, seed=seed
-    ):
+    for _start, samples, cut in generate_chunks(model, tokenizer, prompts, k, settings, seed=seed):
         out.extend(samples)
+        if truncated is not None:
+            truncated.extend(cut)
         if progress is not None:
             progress(len(samples))
     return out

@@ -928,8 +928,12 @@ def completion_logps(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     packing: bool | None = None,
+    ended: Sequence[bool] | None = None,
 ) -> Tensor:
     """Summed log-probs ``log π(completion | prompt)`` of ``n`` pairs, float32 ``[n]``, no grad.
+
+    ``ended[i] = False`` scores completion ``i`` as a sample cut at ``max_new_tokens``, without
+    an end token (:func:`inpo.data.encode_completion`); default: every completion ended.
 
     Tokenisation is :func:`inpo.data.tokenize_pair`'s: text prompts as ``tokenizer(prompt)``
     gives them, text completions without special tokens plus EOS; conversational prompts and
@@ -952,6 +956,9 @@ def completion_logps(
     result = torch.zeros(n, dtype=torch.float32)
     if n == 0:
         return result
+    ended = [True] * n if ended is None else [bool(e) for e in ended]
+    if len(ended) != n:
+        raise ValueError(f"{len(ended)} ended flags for {n} completions")
     encoded = [
         encode_pair(
             tokenizer,
@@ -959,8 +966,9 @@ def completion_logps(
             c,
             max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length,
+            ended=e,
         )
-        for p, c in zip(prompts, completions, strict=True)
+        for p, c, e in zip(prompts, completions, ended, strict=True)
     ]
     for e in encoded:
         if not e.prompt_ids:

@@ -81,10 +81,10 @@ def vllm_generate(
     tensor_parallel_size: int = 1,
     local_rank: int = 0,
     gpu_memory_utilization: float = 0.85,
-) -> tuple[list[list[str]], list[int], list[list[int]]]:
+) -> tuple[list[list[str]], list[list[bool]], list[list[int]]]:
     """``k`` samples of each prompt from a fresh vLLM engine in a child process.
 
-    Returns ``(samples, truncated, prompt_ids)``: the completions of each prompt, how many of
+    Returns ``(samples, truncated, prompt_ids)``: the completions of each prompt, which of
     them stopped at ``max_new_tokens``, and the token ids vLLM conditioned on (as it reports
     them), in the order of ``prompts``.
     """
@@ -143,7 +143,7 @@ def vllm_generate(
         f.unlink()
     tokens = [r["prompt_token_ids"] for r in rows]
     samples = [[tok.decode(ids, skip_special_tokens=True) for ids in r["token_ids"]] for r in rows]
-    return samples, [int(r["truncated"]) for r in rows], tokens
+    return samples, [[bool(c) for c in r["truncated"]] for r in rows], tokens
 
 
 def _serve_job(job_file: str, out_file: str) -> int:
@@ -196,7 +196,7 @@ def _serve_job(job_file: str, out_file: str) -> int:
             row = {
                 "prompt_token_ids": list(out.prompt_token_ids),
                 "token_ids": token_ids,
-                "truncated": sum(c.finish_reason == "length" for c in out.outputs),
+                "truncated": [c.finish_reason == "length" for c in out.outputs],
             }
             fh.write(json.dumps(row) + "\n")
     return 0

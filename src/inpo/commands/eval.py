@@ -46,6 +46,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--baseline", required=True, type=Path, help="the baseline's answer file")
     p.add_argument("--oracle", required=True, choices=ORACLES, help="the judge")
     p.add_argument("--model", default="", help="the reward / pairwise / GPM model folder")
+    p.add_argument(
+        "--pairwise-format",
+        choices=("rlhflow", "chat"),
+        default="rlhflow",
+        help="--oracle pairwise: RLHFlow's rendering (its pairwise models) or a general judging "
+        "question through the model's chat template (any chat model as judge)",
+    )
     p.add_argument("--url", default="", help="the OpenAI-compatible judge's base URL (http)")
     p.add_argument("--judge-model", default="", help="the model the HTTP judge is asked for")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="where the judge's key is")
@@ -211,7 +218,8 @@ def _oracle(args: Any, cache: Path) -> Any:
         from inpo.training.oracle_loop import load_oracle
 
         kind = {"reward_model": "bt"}.get(args.oracle, args.oracle)
-        base = load_oracle(kind, args.model)
+        extra = {"format": args.pairwise_format} if kind == "pairwise" else {}
+        base = load_oracle(kind, args.model, **extra)
     if hasattr(base, "position_probs"):  # a positional judge: each order asked on its own
         return CachedOracle(_FirstPosition(base), cache)
     return CachedOracle(base, cache)

@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--oracle", required=True, choices=ORACLES)
     p.add_argument("--model", help="model folder (reward_model, pairwise, gpm)")
+    p.add_argument(
+        "--pairwise-format",
+        choices=("rlhflow", "chat"),
+        default="rlhflow",
+        help="pairwise: RLHFlow's rendering (its pairwise models) or a general judging question "
+        "through the model's chat template (any chat model as judge)",
+    )
     p.add_argument("--matrix", help="table: .npy preference matrix P[i, j] = P(y_i > y_j)")
     p.add_argument(
         "--responses", help="table: the responses, one per line (.txt) or a JSON list (.json)"
@@ -115,6 +122,7 @@ def build_oracle(args: argparse.Namespace):
             max_length=args.max_length,
             device=args.device,
             dtype=args.dtype,
+            **({"format": args.pairwise_format} if kind == "pairwise" else {}),
         )
     if not args.matrix or not args.responses:
         raise ConfigError("--oracle table needs --matrix FILE.npy and --responses FILE")

@@ -9,7 +9,8 @@ The RLHFlow pair-preference format (Dong et al. 2024, "RLHF Workflow", §2; the 
 2. the comparison text
    ``[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \\n``
    is the user turn of the model's own chat template, rendered as text *without* a generation
-   prompt, every BOS string removed, and tokenised without special tokens;
+   prompt, a leading BOS string that the tokenizer adds as well removed (Llama 3's; never a
+   turn marker such as ChatML's ``<|im_start|>``), and tokenised without special tokens;
 
 the model's next-token distribution at the last position then puts mass on ``"A"`` and ``"B"``:
 
@@ -21,8 +22,9 @@ Such a model has a position bias, so both orders are queried and combined
 
 Batches are left-padded with explicit ``position_ids``, so a batched query equals a one-by-one
 query up to float rounding. A tokenizer without a chat template gets the comparison text alone
-(plus its own special tokens). ``format="chat"`` is for other pairwise models: ``{prompt}`` is
-the prompt as plain text and the comparison is the user turn followed by the generation prompt.
+(plus its own special tokens). ``format="chat"`` judges with any chat model: ``{prompt}`` is the
+prompt as plain text, the comparison is a general judging question (:data:`JUDGE_TEMPLATE`) as
+the user turn, followed by the generation prompt; the verdict is the answer's first token.
 """
 
 from __future__ import annotations
@@ -49,15 +51,50 @@ from inpo.oracles.reward_model import (
 )
 
 __all__ = [
+    "FORMATS",
+    "JUDGE_TEMPLATE",
     "RLHFLOW_TEMPLATE",
     "PairwisePreferenceOracle",
     "combine_orders",
+    "default_template",
     "render_comparison",
     "rlhflow_context",
 ]
 
 #: The RLHFlow pair-preference comparison text (user turn). Placeholders: prompt, response_a/b.
 RLHFLOW_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
+
+#: The general judging prompt for any chat model (``format="chat"``): the conversation, the two
+#: answers and the question, as the user turn of the model's own chat template; the verdict is
+#: the first token of the assistant's answer.
+JUDGE_TEMPLATE = (
+    "You are judging two answers to the same request. Read the conversation and both answers, "
+    "then say which answer is more helpful, correct and clear.\n\n"
+    "[Conversation]\n{prompt}\n\n[Answer A]\n{response_a}\n\n[Answer B]\n{response_b}\n\n"
+    "Which answer is better? Reply with one letter: A or B."
+)
+
+#: Comparison formats: RLHFlow's exact rendering (for RLHFlow's pairwise models) and a general
+#: judging prompt through the model's own chat template (for any chat model).
+FORMATS = ("rlhflow", "chat")
+
+
+def default_template(format: str) -> str:
+    """The comparison text a format uses unless one is given."""
+    return RLHFLOW_TEMPLATE if format == "rlhflow" else JUDGE_TEMPLATE
+
+
+def strip_sequence_bos(tokenizer: Any, text: str) -> str:
+    """``text`` without a leading BOS string that the template writes and the tokenizer adds
+    too (Llama 3's ``<|begin_of_text|>``, which RLHFlow's card removes). A BOS the tokenizer
+    does not add of its own (ChatML's ``<|im_start|>``, which SmolLM2 names its BOS) is the
+    template's turn marker and is kept, as is every BOS after the start."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None or not text.startswith(bos):
+        return text
+    added = list(tokenizer("x")["input_ids"])[:1] == [bos_id]
+    return text[len(bos) :] if added else text
+
 
 #: The model card's plain context template (``tokenizer_plain.chat_template``), for reference
 #: and the test that :func:`rlhflow_context` renders what it renders.
@@ -98,13 +135,15 @@ def render_comparison(
     prompt: Any,
     response_a: str,
     response_b: str,
-    template: str = RLHFLOW_TEMPLATE,
+    template: str | None = None,
     format: str = "rlhflow",
 ) -> list[int]:
     """Token ids of the comparison prompt (A = ``response_a`` shown first), as the module
-    docstring describes; ``inpo train-oracle kind=pairwise`` trains on exactly these."""
+    docstring describes; ``inpo train-oracle kind=pairwise`` trains on exactly these.
+    ``template``: the comparison text (default: the format's, :func:`default_template`)."""
     from inpo.data import prompt_text
 
+    template = default_template(format) if template is None else template
     tok = tokenizer
     has_template = bool(getattr(tok, "chat_template", None))
     context = rlhflow_context(prompt, tok) if format == "rlhflow" else prompt_text(prompt)
@@ -114,12 +153,10 @@ def render_comparison(
         r"\{prompt\}|\{response_a\}|\{response_b\}", lambda m: values[m.group(0)], template
     )
     if has_template and format == "rlhflow":
-        # the card: apply_chat_template(tokenize=False) without a generation prompt, every
-        # BOS string removed, encoded without special tokens
+        # the card: apply_chat_template(tokenize=False) without a generation prompt, its
+        # leading BOS string removed (never a turn marker), encoded without special tokens
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-        if tok.bos_token:
-            text = text.replace(tok.bos_token, "")
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(strip_sequence_bos(tok, text), add_special_tokens=False)["input_ids"])
     if has_template:
         text = tok.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -135,9 +172,11 @@ class PairwisePreferenceOracle:
     Args:
         path: local folder (or hub id) of a causal LM whose tokenizer has single tokens for
             ``token_a`` and ``token_b``.
-        template: the comparison text with ``{prompt}``, ``{response_a}``, ``{response_b}``.
-        format: ``rlhflow`` (the model card's rendering, above) or ``chat`` (``{prompt}`` as plain
-            text; the comparison as a user turn plus the generation prompt).
+        template: the comparison text with ``{prompt}``, ``{response_a}``, ``{response_b}``
+            (default: the format's: :data:`RLHFLOW_TEMPLATE` or :data:`JUDGE_TEMPLATE`).
+        format: ``rlhflow`` (the model card's rendering, above; for RLHFlow's models) or ``chat``
+            (any chat model: ``{prompt}`` as plain text, the general judging question
+            :data:`JUDGE_TEMPLATE` as a user turn of its own template plus the generation prompt).
         token_a, token_b: the verdict tokens.
         batch_size: comparison prompts per forward pass (each pair costs two).
         max_length: longest comparison prompt; longer ones raise :class:`OracleError` (cutting
@@ -150,7 +189,7 @@ class PairwisePreferenceOracle:
         self,
         path: str | Path,
         *,
-        template: str = RLHFLOW_TEMPLATE,
+        template: str | None = None,
         format: str = "rlhflow",
         token_a: str = "A",
         token_b: str = "B",
@@ -163,13 +202,14 @@ class PairwisePreferenceOracle:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if format not in FORMATS:
+            raise ConfigError(f"pairwise format must be rlhflow or chat, got '{format}'")
+        template = default_template(format) if template is None else template
         for field in ("{prompt}", "{response_a}", "{response_b}"):
             if template.count(field) != 1:
                 raise ConfigError(f"pairwise template must contain '{field}' exactly once")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if format not in ("rlhflow", "chat"):
-            raise ConfigError(f"pairwise format must be rlhflow or chat, got '{format}'")
         self.format = format
         _check_local(path, "pairwise preference model")
         self.path = str(path)

@@ -233,6 +233,10 @@ class AnnotateConfig:
     oracle: Literal["task", "task_bt", "reward_model", "pairwise", "gpm", "http"] = "task"
     #: The reward, pairwise or GPM model (a folder or a cached hub id) for those oracles.
     model: str = ""
+    #: How a pairwise model reads a comparison (``oracle=pairwise``): ``rlhflow`` (RLHFlow's exact
+    #: rendering, for RLHFlow's pairwise models) or ``chat`` (a general judging question through
+    #: the model's own chat template: any chat model as a judge).
+    pairwise_format: Literal["rlhflow", "chat"] = "rlhflow"
     #: The OpenAI-compatible judge's base URL (``oracle=http``).
     url: str = ""
     #: The model name the HTTP judge is asked for.
@@ -252,6 +256,11 @@ class AnnotateConfig:
     hard_labels: bool | None = None
     #: Prompts an oracle batch.
     batch_size: int = 64
+    #: What a sample cut at ``generate.max_new_tokens`` (no end token) gets: ``keep`` (judged like
+    #: any other, scored as sampled, without an end token; TRL's and the INPO authors' default),
+    #: ``drop`` (left out of selection), ``lose`` (loses to every sample that ended, without asking
+    #: the oracle: TRL's ``missing_eos_penalty`` taken to its limit).
+    truncated: Literal["keep", "drop", "lose"] = "keep"
 
     def __post_init__(self) -> None:
         if self.hard_labels is not None:  # the old key, mapped once onto the new one
@@ -279,6 +288,10 @@ class AnnotateConfig:
                 )
         if self.batch_size < 1:
             raise ConfigError(f"annotate.batch_size must be >= 1, got {self.batch_size}")
+        if self.truncated not in ("keep", "drop", "lose"):
+            raise ConfigError(
+                f"annotate.truncated must be keep, drop or lose, got '{self.truncated}'"
+            )
 
 
 @dataclass

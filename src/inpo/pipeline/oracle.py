@@ -51,7 +51,7 @@ def build_oracle(
     elif acfg.oracle == "pairwise":
         from inpo.oracles.pairwise import PairwisePreferenceOracle
 
-        base = PairwisePreferenceOracle(acfg.model, **device_kw)
+        base = PairwisePreferenceOracle(acfg.model, format=acfg.pairwise_format, **device_kw)
     elif acfg.oracle == "gpm":
         from inpo.oracles.gpm import GPMOracle
 

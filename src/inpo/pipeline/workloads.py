@@ -249,7 +249,7 @@ class PromptFileWorkload(Workload):
                         "held-out prompts must never be trained on"
                     )
         self._oracle = None
-        self._ref_samples: dict[Any, list[list[str]]] = {}
+        self._ref_samples: dict[Any, tuple[list[list[str]], list[list[bool]]]] = {}
 
     def _source(self, i: int) -> list[Any]:
         if i not in self._loaded:
@@ -383,9 +383,10 @@ class PromptFileWorkload(Workload):
         self, path: Path, prompts: list[Any], k: int, settings: Any, seed: int, who: str,
         loaded: Any = None,
     ):  # fmt: skip
-        """``k`` answers a prompt from the model in ``path``, with the configured generation
-        backend (vLLM in its own process, then gone, when ``generate.backend=vllm``;
-        ``loaded``: the ``(model, tokenizer)`` already in memory for transformers)."""
+        """``(answers, cut)``: ``k`` answers a prompt from the model in ``path`` and their
+        cut-at-``max_new_tokens`` flags, with the configured generation backend (vLLM in its own
+        process, then gone, when ``generate.backend=vllm``; ``loaded``: the ``(model,
+        tokenizer)`` already in memory for transformers)."""
         from inpo.console import progress
 
         g = self.cfg.generate
@@ -395,20 +396,22 @@ class PromptFileWorkload(Workload):
             from inpo.vllm_backend import vllm_generate
 
             with tempfile.TemporaryDirectory(prefix="inpo-eval-") as tmp:
-                samples, _, _ = vllm_generate(
+                samples, cut, _ = vllm_generate(
                     path, prompts, list(range(len(prompts))), k, settings, seed=seed,
                     work_dir=Path(tmp), tensor_parallel_size=g.tensor_parallel_size,
                     gpu_memory_utilization=g.gpu_memory_utilization,
                 )  # fmt: skip
-            return samples
+            return samples, cut
         from inpo.generation import sample_responses
         from inpo.pipeline.runtime import load_model
 
         model, tok = loaded if loaded is not None else load_model(path, _device())
+        cut: list[list[bool]] = []
         with progress(len(prompts), f"evaluate ({who}'s answers)", unit=" prompts") as bar:
-            return sample_responses(
-                model, tok, prompts, k, settings, seed=seed, progress=bar.update
+            answers = sample_responses(
+                model, tok, prompts, k, settings, seed=seed, progress=bar.update, truncated=cut
             )
+        return answers, cut
 
     def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:
         """Win rate of one sample of π_t against one of π_ref per held-out prompt, by the
@@ -428,13 +431,16 @@ class PromptFileWorkload(Workload):
         k = self.cfg.evaluate.k
 
         vllm = g.backend == "vllm"  # sample first: its engine's memory is gone before loading
-        ys = self._answers(policy, prompts, k, settings, 12345, "π_t") if vllm else None
+        answered = self._answers(policy, prompts, k, settings, 12345, "π_t") if vllm else None
         model, tok = load_model(policy, _device())
-        if ys is None:
-            ys = self._answers(policy, prompts, k, settings, 12345, "π_t", (model, tok))
+        if answered is None:
+            answered = self._answers(policy, prompts, k, settings, 12345, "π_t", (model, tok))
+        ys, cut = answered
         flat_p = [p for p, rs in zip(prompts, ys) for _ in rs]
         flat_y = [y for rs in ys for y in rs]
-        lp_pol = completion_logps(model, tok, flat_p, flat_y)
+        # the KL's samples scored as they were sampled (a cut one without an end token)
+        ended = [not c for cs in cut for c in cs]
+        lp_pol = completion_logps(model, tok, flat_p, flat_y, ended=ended)
         del model
         # π_ref's answers do not change between iterations (a fixed seed): sampled once a run
         key = (str(Path(ref).resolve()), repr(prompts), k, repr(settings), g.backend)
@@ -445,8 +451,8 @@ class PromptFileWorkload(Workload):
             self._ref_samples[key] = self._answers(
                 ref, prompts, k, settings, 54321, "π_ref", (ref_model, ref_tok)
             )
-        yr = self._ref_samples[key]
-        lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y)
+        yr = self._ref_samples[key][0]
+        lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y, ended=ended)
         del ref_model
         flat_r = [y for rs in yr for y in rs]
         # the answers judged, for `inpo eval --answers RUN/iter_00t` (written by evaluate_shard)

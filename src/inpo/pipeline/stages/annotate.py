@@ -34,21 +34,104 @@ def extra_settings(cfg: Any) -> dict[str, Any]:
 
 
 def _with_teacher(chunk: list[dict], teacher: dict[str, str] | None) -> list[dict]:
-    """Each row's candidates: its K samples, then the teacher's response (DNO)."""
+    """Each row's candidates: its K samples, then the teacher's response (DNO), with their
+    cut-at-``max_new_tokens`` flags (a teacher's response ended)."""
+    chunk = [{**r, "truncated": _cut_flags(r)} for r in chunk]
     if not teacher:
         return chunk
     from inpo.pipeline.teacher import prompt_key
 
-    return [{**r, "responses": [*r["responses"], teacher[prompt_key(r["prompt"])]]} for r in chunk]
+    return [
+        {
+            **r,
+            "responses": [*r["responses"], teacher[prompt_key(r["prompt"])]],
+            "truncated": [*r["truncated"], False],
+        }
+        for r in chunk
+    ]
+
+
+def _cut_flags(row: dict) -> list[bool]:
+    flags = row.get("truncated")
+    if not isinstance(flags, list):  # samples written before the flags existed: none known
+        return [False] * len(row["responses"])
+    return [bool(f) for f in flags]
+
+
+def _drop_cut(chunk: list[dict]) -> list[dict]:
+    """``annotate.truncated=drop``: each row's samples that ended; a row left with fewer than
+    two gives no pair."""
+    out = []
+    for r in chunk:
+        keep = [j for j, cut in enumerate(r["truncated"]) if not cut]
+        if len(keep) >= 2:
+            responses = [r["responses"][j] for j in keep]
+            out.append({**r, "responses": responses, "truncated": [False] * len(keep)})
+    return out
+
+
+class CutLoses:
+    """``annotate.truncated=lose``: a sample cut at ``max_new_tokens`` loses to one that ended
+    (``P = 0`` or ``1``) without asking the oracle; every other query goes to ``oracle``."""
+
+    def __init__(self, oracle: Any, chunk: list[dict]) -> None:
+        self.oracle = oracle
+        self.stats = getattr(oracle, "stats", None)
+        self.cut = {
+            (json.dumps(r["prompt"], sort_keys=True), y)
+            for r in chunk
+            for y, c in zip(r["responses"], r["truncated"])
+            if c
+        }
+
+    def prob_prefers(self, prompts, responses_a, responses_b):
+        import numpy as np
+
+        out = np.full(len(prompts), np.nan)
+        ask = []
+        for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
+            key = json.dumps(p, sort_keys=True)
+            a_cut, b_cut = (key, a) in self.cut, (key, b) in self.cut
+            if a_cut != b_cut:
+                out[i] = 0.0 if a_cut else 1.0
+            else:
+                ask.append(i)
+        if ask:
+            got = self.oracle.prob_prefers(
+                [prompts[i] for i in ask],
+                [responses_a[i] for i in ask],
+                [responses_b[i] for i in ask],
+            )
+            out[ask] = np.asarray(got, dtype=np.float64)
+        return out
 
 
 def _pairs(
-    rule: str, oracle: Any, chunk: list[dict], tie_policy: str, margin: float | None = None
+    rule: str,
+    oracle: Any,
+    chunk: list[dict],
+    tie_policy: str,
+    margin: float | None = None,
+    truncated: str = "keep",
 ) -> tuple[list[dict], int, int]:
     """The selected pairs of a batch of sample rows, the queries the rule asked, and the pairs
-    DNO's ``margin`` dropped (win-rate selection only)."""
+    DNO's ``margin`` dropped (win-rate selection only). Each pair carries its responses'
+    ``chosen_truncated``/``rejected_truncated`` flags; ``truncated`` is ``annotate.truncated``."""
     from inpo import selection as sel
     from inpo.data import as_completion
+
+    if truncated == "drop":
+        chunk = _drop_cut(chunk)
+    elif truncated == "lose":
+        oracle = CutLoses(oracle, chunk)
+    if not chunk:
+        return [], 0, 0
+
+    def cut(r: dict, chosen: int, rejected: int) -> dict[str, bool]:
+        return {
+            "chosen_truncated": r["truncated"][chosen],
+            "rejected_truncated": r["truncated"][rejected],
+        }
 
     # Oracles get the prompt as it is (a conversation stays a message list) and render it in
     # their own format; the pairs are in TRL's format (an assistant turn after a conversation).
@@ -72,6 +155,7 @@ def _pairs(
                     "chosen": as_completion(r["prompt"], r["responses"][res.chosen]),
                     "rejected": as_completion(r["prompt"], r["responses"][res.rejected]),
                     "tie": tie,
+                    **cut(r, res.chosen, res.rejected),
                 }
             )
     else:  # all_pairs (SPPO, DNO): the best and worst by estimated win rate, with their rates
@@ -93,6 +177,7 @@ def _pairs(
                     "rejected": as_completion(r["prompt"], r["responses"][worst]),
                     "chosen_winrate": float(rates[best]),
                     "rejected_winrate": float(rates[worst]),
+                    **cut(r, best, worst),
                 }
             )
     return pairs, queries, below
@@ -133,7 +218,9 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
         if start:
             fault("annotate", start // bs)
         chunk = _with_teacher(mine[start : start + bs], teacher)
-        got, asked, dropped = _pairs(rule, oracle, chunk, cfg.annotate.tie_policy, margin)
+        got, asked, dropped = _pairs(
+            rule, oracle, chunk, cfg.annotate.tie_policy, margin, cfg.annotate.truncated
+        )
         pairs += got
         queries += asked
         below += dropped
@@ -197,6 +284,10 @@ def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
         "pairs": len(kept),
         "prompts": n_prompts,
         "ties": sum(bool(p.get("tie")) for p in kept),
+        # pairs with a response cut at max_new_tokens (scored as sampled: no end token)
+        "cut_pairs": sum(
+            bool(p.get("chosen_truncated") or p.get("rejected_truncated")) for p in kept
+        ),
         "dropped_empty": len(pairs) - len(kept),
         # Queries the selection rule asked, and of those the ones the backend answered (the
         # rest came from the persistent cache, e.g. after a restart).

@@ -111,7 +111,8 @@ def work(
 
 
 def merge(ctx: Ctx, prompts: list[Any], folder: Path) -> dict[str, Any]:
-    """``samples.jsonl``: one row ``{index, prompt, responses}`` a prompt, in index order."""
+    """``samples.jsonl``: one row ``{index, prompt, responses, truncated}`` a prompt, in index
+    order; ``truncated[j]`` flags a response cut at ``max_new_tokens`` (no end token)."""
     rows: dict[int, dict[str, Any]] = {}
     files = sorted(folder.glob("samples.rank*.jsonl"))
     for f in files:
@@ -124,10 +125,15 @@ def merge(ctx: Ctx, prompts: list[Any], folder: Path) -> dict[str, Any]:
     truncated = 0
     with open(folder / "samples.jsonl", "w") as fh:
         for i, prompt in enumerate(prompts):
-            truncated += rows[i]["truncated"]
-            fh.write(
-                json.dumps({"index": i, "prompt": prompt, "responses": rows[i]["responses"]}) + "\n"
-            )
+            cut = [bool(c) for c in rows[i]["truncated"]]
+            truncated += sum(cut)
+            row = {
+                "index": i,
+                "prompt": prompt,
+                "responses": rows[i]["responses"],
+                "truncated": cut,
+            }
+            fh.write(json.dumps(row) + "\n")
     for f in files:
         f.unlink()
     k = ctx.cfg.generate.k

