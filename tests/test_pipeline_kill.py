@@ -114,16 +114,19 @@ def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
     assert [m["iteration"] for m in metrics] == [0, 1]
 
 
-@pytest.mark.parametrize("fault", ["generate:2", pytest.param("annotate:2", marks=_ALL)])
-def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
-    """SIGTERM (sent by the fault hook at a fixed point) stops the run with a one-line message
-    and exit code 2; re-running the command finishes with the same weights."""
+@pytest.mark.parametrize(
+    "fault,signal",
+    [("generate:2", "TERM"), ("generate:1", "INT"), pytest.param("annotate:2", "TERM", marks=_ALL)],
+)
+def test_sigterm_stops_cleanly_and_resumes(baseline, fault, signal):
+    """SIGTERM or Ctrl-C (sent by the fault hook at a fixed point) stops the run with a one-line
+    message naming it and exit code 2; re-running the command finishes with the same weights."""
     import torch
 
     root, cache, weights, _rows = baseline
-    run_dir = root / ("sigterm_" + fault.replace(":", "_"))
+    run_dir = root / (f"sig{signal}_" + fault.replace(":", "_"))
     env = {**os.environ, "INPO_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
-    env.update({"INPO_FAULT_KILL": fault, "INPO_FAULT_SIGNAL": "TERM"})
+    env.update({"INPO_FAULT_KILL": fault, "INPO_FAULT_SIGNAL": signal})
     proc = subprocess.run(
         [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", *ARGS],
         capture_output=True,
@@ -133,6 +136,8 @@ def test_sigterm_stops_cleanly_and_resumes(baseline, fault):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "re-run the same command to continue" in proc.stderr.splitlines()[-1]
+    shown = {"TERM": "stopped (SIGTERM)", "INT": "stopped (Ctrl-C)"}[signal]
+    assert shown in proc.stderr.splitlines()[-1]
     assert (run_dir / "iter_000" / f"{fault.split(':')[0]}.partial").exists()
     resumed = _run(run_dir, cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -48,6 +48,7 @@ __all__ = [
     "encode_prompt",
     "load_preference_dataset",
     "prompt_text",
+    "read_text",
     "tokenize_pair",
 ]
 
@@ -76,6 +77,20 @@ Text = str | list[dict[str, str]]
 # ----------------------------------------------------------------------------------------------
 # Loading and validation
 # ----------------------------------------------------------------------------------------------
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's content as UTF-8; a file in another encoding is a :class:`DataError`
+    naming the file and the line of the first byte that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def _is_saved_dataset(path: Path) -> bool:

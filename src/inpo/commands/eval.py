@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from inpo.commands._args import ArgumentParser, positive_int
+from inpo.data import read_text
 from inpo.errors import ConfigError, DataError
 
 ORACLES = ("reward_model", "pairwise", "gpm", "http")
@@ -81,7 +82,7 @@ def _parser() -> ArgumentParser:
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text()
+    text = read_text(path)
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
@@ -116,7 +117,7 @@ def _run_answers(path: Path, column: str) -> tuple[str, dict[str, tuple[Any, str
             "answers its evaluation judged; for the default task use `inpo export`)"
         )
     out = {}
-    for i, line in enumerate(file.read_text().splitlines()):
+    for i, line in enumerate(read_text(file).splitlines()):
         try:
             r = json.loads(line)
             prompt, answer, sample = r["prompt"], r[column], int(r["sample"])

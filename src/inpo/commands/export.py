@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from inpo.commands._args import ArgumentParser, non_negative_float, positive_int
-from inpo.errors import DataError, InpoError
+from inpo.data import read_text
+from inpo.errors import ConfigError, DataError, InpoError
 
 FORMATS = ("alpaca_eval", "mt_bench", "arena_hard")
 
@@ -67,7 +68,7 @@ def _parser() -> ArgumentParser:
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"questions file '{path}' does not exist")
-    text = path.read_text()
+    text = read_text(path)
     if text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -163,8 +164,21 @@ def default_name(model_dir: Path) -> str:
     return path.name
 
 
+def _check_output(output: Path, questions: Path) -> None:
+    """The answer file is never the questions file or a folder (checked before any model
+    loads)."""
+    if output.is_dir():
+        raise ConfigError(f"--output '{output}' is a folder; name the answer file to write")
+    if output.exists() and questions.exists() and output.resolve() == questions.resolve():
+        raise ConfigError(
+            f"--output '{output}' is the --questions file; it would be replaced by the answers: "
+            "name another file"
+        )
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    _check_output(args.output, args.questions)
     rows = _read(args.questions)[: args.limit]
     turns = [_turns(r, args.format, args.questions, i) for i, r in enumerate(rows)]
     name = args.name or default_name(args.model)

@@ -3,7 +3,7 @@
 ``INPO_FAULT_KILL=<stage>:<n>`` kills the process (SIGKILL, as ``kill -9`` would) right after
 unit ``n`` of ``stage`` is safely written: a generation chunk, an annotation batch, a log-prob
 column, a training checkpoint (``train:<optimizer steps>``), an evaluation.
-``INPO_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a clean stop). ``INPO_FAULT_RANK=<r>`` limits
+``INPO_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a clean stop), ``INT`` SIGINT (Ctrl-C). ``INPO_FAULT_RANK=<r>`` limits
 the fault to rank ``r`` of a multi-process run (default: every rank). Unset in normal use.
 """
 
@@ -32,7 +32,8 @@ def fault(stage: str, unit: int) -> None:
 
 
 def die() -> None:
-    sig = signal.SIGTERM if os.environ.get("INPO_FAULT_SIGNAL") == "TERM" else signal.SIGKILL
+    named = {"TERM": signal.SIGTERM, "INT": signal.SIGINT}
+    sig = named.get(os.environ.get("INPO_FAULT_SIGNAL", ""), signal.SIGKILL)
     os.kill(os.getpid(), sig)
 
 

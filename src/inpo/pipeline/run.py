@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from inpo.config import save_config
 from inpo.distributed import get_dist
+from inpo.errors import ConfigError
 from inpo.hashing import model_fingerprint
 from inpo.hub import resolve_model
 from inpo.pipeline.artifacts import manifest_hash
@@ -67,13 +68,17 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 
     dist = get_dist()
     run_dir = Path(cfg.run_dir)
-    fd, busy = None, None
+    fd, busy, refused = None, None, None
     if dist.is_main:
-        try:
-            fd = acquire(run_dir)
-        except RunFolderBusy as err:
-            busy = str(err)
-    busy = dist.broadcast(busy)
+        refused = foreign_run_dir(run_dir, [cfg.reference, cfg.policy])
+        if refused is None:
+            try:
+                fd = acquire(run_dir)
+            except RunFolderBusy as err:
+                busy = str(err)
+    busy, refused = dist.broadcast((busy, refused))
+    if refused:
+        raise ConfigError(refused)
     if busy:
         raise RunFolderBusy(busy)
     try:
@@ -81,6 +86,34 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
     finally:
         if fd is not None:
             os.close(fd)  # releases the folder's lock
+
+
+def foreign_run_dir(run_dir: Path, models: list[str]) -> str | None:
+    """Why ``run_dir`` must not be written, or ``None``: a file; a non-empty folder that is not
+    an inpo run folder (no ``.lock`` of a run that used it), whose files a run would write
+    over; a folder that is (or lies inside) the reference or policy model's folder."""
+    from inpo.pipeline.lock import LOCK
+
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run_dir '{run_dir}' is a file; name a folder for the run (it is created)"
+    here = run_dir.resolve()
+    for model in models:
+        if model and Path(model).is_dir():
+            folder = Path(model).resolve()
+            if here == folder or folder in here.parents:
+                return (
+                    f"run_dir '{run_dir}' is inside the model folder '{model}'; a run must not "
+                    "write into a model it reads: name another folder"
+                )
+    if run_dir.is_dir() and not (run_dir / LOCK).exists():
+        mine = sorted(p.name for p in run_dir.iterdir())
+        if mine:
+            shown = ", ".join(mine[:3]) + (", …" if len(mine) > 3 else "")
+            return (
+                f"run_dir '{run_dir}' is not empty and is not an inpo run folder (it holds "
+                f"{shown}); a run would write over such files: name a new or empty folder"
+            )
+    return None
 
 
 def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
@@ -273,7 +306,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             if dist.is_main:
                 write_metrics(run_dir, rows)
             raise Interrupted(
-                f"stopped ({err or 'interrupt'}); completed stages are kept — re-run the same "
+                f"stopped ({str(err) or 'Ctrl-C'}); completed stages are kept — re-run the same "
                 "command to continue"
             ) from None
     if dist.is_main:

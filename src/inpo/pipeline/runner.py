@@ -67,7 +67,7 @@ def stop_signals():
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
         signal.signal(signal.SIGTERM, handler)
