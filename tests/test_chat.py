@@ -293,12 +293,14 @@ def test_the_papers_shape_on_a_tiny_chat_model(oracle, tmp_path):
     )
     ref = AutoModelForCausalLM.from_pretrained(policy)
     tok = AutoTokenizer.from_pretrained(policy)
-    expected = completion_logps(ref, tok, data["prompt"], data["chosen"])
+    ended = [not cut for cut in data["chosen_truncated"]]
+    expected = completion_logps(ref, tok, data["prompt"], data["chosen"], ended=ended)
     torch.testing.assert_close(torch.tensor(data["ref_chosen_logps"]), expected, atol=1e-4, rtol=0)
-    # by hand: the prompt's template render, then the content and <|eot_id|>
+    # by hand: the prompt's template render, then the content and <|eot_id|> (if it was sampled)
     row = data[0]
     ids = encode_prompt(tok, row["prompt"])
-    completion = tok(row["chosen"][0]["content"] + "<|eot_id|>", add_special_tokens=False)
+    end = "" if row["chosen_truncated"] else "<|eot_id|>"
+    completion = tok(row["chosen"][0]["content"] + end, add_special_tokens=False)
     full = torch.tensor([ids + completion["input_ids"]])
     with torch.no_grad():
         logp = torch.log_softmax(ref(input_ids=full).logits[0, :-1].double(), -1)

@@ -130,7 +130,12 @@ def test_eval_judges_both_orders_through_the_cache(reward_model, tmp_path, capsy
     assert main(args) == 0
     again = QueryCache(tmp_path / "ev" / "oracle_cache.sqlite")
     assert len(again) == before
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text()) == report
+    second = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert (second["queries_sent"], second["answers_reused"]) == (0, second["oracle_queries"])
+    assert report["queries_sent"] > 0
+    for counts in ("queries_sent", "answers_reused"):
+        second.pop(counts), report.pop(counts)
+    assert second == report
 
 
 def test_bad_answer_files_are_named(reward_model, tmp_path, capsys):
@@ -267,3 +272,58 @@ def test_an_http_judge_each_order_and_one_answering_nonsense(tmp_path, capsys):
             err = capsys.readouterr().err
             assert "neither A nor B" in err and "pair " in err and "Traceback" not in err
             assert len(QueryCache(tmp_path / "bad" / "oracle_cache.sqlite")) == 0
+
+
+def test_an_http_judge_failing_part_way_is_never_asked_an_answered_query_again(tmp_path, capsys):
+    """A judge (the real server on loopback) that answers 25 of the 40 requests and then fails:
+    the 25 answers are kept, so the re-run sends the 15 unanswered requests only, and
+    ``eval.json`` tells queries sent from answers reused."""
+    from inpo.oracles.server import FaultInjection, OracleServer
+    from inpo.oracles.synthetic import TableOracle
+
+    ys = [f"answer {i}" for i in range(40)]
+    p = np.full((40, 40), 0.5)
+    for i in range(0, 40, 2):
+        p[i, i + 1], p[i + 1, i] = 0.8, 0.2
+    model = _answers(tmp_path / "m.json", "m", ys[0::2])
+    base = _answers(tmp_path / "b.json", "b", ys[1::2])
+    out = tmp_path / "out"
+
+    def run(faults):
+        server = OracleServer(TableOracle(p, ys), port=0, faults=faults).start()
+        try:
+            args = ["eval", "--answers", str(model), "--baseline", str(base), "--oracle", "http"]
+            args += ["--url", server.url, "--judge-model", server.model_name, "--api-key-env"]
+            args += ["INPO_TEST_NO_KEY", "--output", str(out), "--bootstrap", "50"]
+            return main(args), server.requests
+        finally:
+            server.shutdown()
+
+    code, sent = run(FaultInjection(fail_after_n=25, fail_status=400))
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert sent >= 25
+    code, sent = run(None)
+    assert code == 0
+    assert sent == 40 - 25  # nothing answered before the failure is asked again
+    report = json.loads((out / "eval.json").read_text())
+    assert (report["queries_sent"], report["answers_reused"]) == (15, 25)
+    assert report["models"]["m"]["win_rate"] == pytest.approx(0.8)
+    code, sent = run(None)  # everything cached: nothing sent
+    report = json.loads((out / "eval.json").read_text())
+    assert code == 0 and sent == 0 and report["queries_sent"] == 0
+    assert report["answers_reused"] == report["oracle_queries"] == 40
+
+
+@pytest.mark.parametrize("names", [("same", "same"), ("a/b", "a_b")])
+def test_two_answer_files_never_share_a_row_or_an_annotations_file(tmp_path, capsys, names):
+    """Two ``--answers`` files with one generator name, or names that make one file name, are
+    refused naming both files, before the judge is asked anything."""
+    first = _answers(tmp_path / "one.json", names[0], ["x", "y"])
+    second = _answers(tmp_path / "two.json", names[1], ["y", "x"])
+    base = _answers(tmp_path / "b.json", "b", ["z", "z"])
+    args = ["eval", "--answers", str(first), "--answers", str(second), "--baseline", str(base)]
+    args += ["--oracle", "http", "--url", "http://127.0.0.1:9", "--judge-model", "m"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one.json" in err and "two.json" in err and "rename one" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

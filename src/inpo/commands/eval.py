@@ -198,6 +198,10 @@ class _FirstPosition:
     def __init__(self, base: Any):
         self.base = base
         self.oracle_id = f"{base.oracle_id}:first-position"
+        if hasattr(base, "iter_position_probs"):
+            # answers streamed into the cache as they arrive: a judge failing part-way loses
+            # (and re-asks) none of them
+            self.iter_prob_prefers = base.iter_position_probs
         self.stats = base.stats
 
     def prob_prefers(self, prompts, responses_a, responses_b):
@@ -282,6 +286,7 @@ def main(argv: list[str]) -> int:
                 f"baseline's missing, {len(extra)} not in the baseline; e.g. {example[:60]!r})"
             )
         models.append((name, path, answers, skipped))
+    _check_names([(m[0], m[1]) for m in models])
     args.output.mkdir(parents=True, exist_ok=True)
     oracle = _oracle(args, args.output / "oracle_cache.sqlite")
     keys = sorted(set(base).intersection(*(set(m[2]) for m in models)))
@@ -332,7 +337,10 @@ def main(argv: list[str]) -> int:
         "baseline_skipped_rows": base_skipped,
         "oracle": getattr(oracle, "oracle_id", args.oracle),
         "instructions": len(keys),
-        "oracle_queries": int(oracle.stats.queries) if hasattr(oracle, "stats") else None,
+        # the judge's answers used, those asked of it now, and those read back from the cache
+        "oracle_queries": int(oracle.stats.queries),
+        "queries_sent": int(oracle.stats.extra.get("cache_misses", 0)),
+        "answers_reused": int(oracle.stats.cache_hits),
         "models": results,
     }
     (args.output / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -343,6 +351,24 @@ def main(argv: list[str]) -> int:
         f"inpo eval: {args.output / 'eval.md'}, {args.output / 'eval.json'}, {args.output / 'win_rates.png'}"
     )
     return 0
+
+
+def _check_names(models: list[tuple[str, Path]]) -> None:
+    """Every model gets a row and an annotations file of its own: two answer files with one
+    generator name, or names that make one file name, are refused, naming both files."""
+    seen: dict[str, tuple[str, Path]] = {}
+    for name, path in models:
+        slug = _slug(name)
+        if slug in seen:
+            other, other_path = seen[slug]
+            same = "the same generator" if other == name else "generators"
+            raise ConfigError(
+                f"{other_path} and {path} have {same} '{other}'"
+                + ("" if other == name else f" and '{name}'")
+                + f" (one results row, one annotations.{slug}.jsonl); rename one "
+                "(the 'generator' field)"
+            )
+        seen[slug] = (name, path)
 
 
 def _slug(name: str) -> str:

@@ -379,8 +379,20 @@ class HTTPJudgeOracle:
         The first failure (after its retries) is raised once the requests in flight end."""
         n = check_lengths(prompts, responses_a, responses_b)
         out = np.empty(n, dtype=np.float64)
-        if n == 0:
-            return out
+        for i, p in self.iter_position_probs(prompts, responses_a, responses_b):
+            out[i] = p
+        return out
+
+    def iter_position_probs(
+        self,
+        prompts: Sequence[str],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> Iterator[tuple[int, float]]:
+        """``(i, P_A(a_i, b_i))`` as each request is answered (:meth:`position_probs` one at a
+        time), so a cache commits every answer received before a failure; the failure is raised
+        after them, the other requests cancelled."""
+        n = check_lengths(prompts, responses_a, responses_b)
         jobs = [
             (
                 f"pair {i} (prompt {_truncate(str(prompts[i]), 40)}, a shown first)",
@@ -388,21 +400,39 @@ class HTTPJudgeOracle:
             )
             for i in range(n)
         ]
+        for j, p in self._answers(jobs):
+            self._count("queries")
+            yield j, p
+
+    def _answers(self, jobs: list[tuple[str, Any]]) -> Iterator[tuple[int, float]]:
+        """``(j, P_A)`` for each job as its request is answered; the first failure (after its
+        retries) stops the rest and is raised after the answers received before it."""
+        if not jobs:
+            return
         abort = threading.Event()
-        with ThreadPoolExecutor(
-            max_workers=min(self.concurrency, n), thread_name_prefix="inpo-judge"
-        ) as pool:
-            futures = {pool.submit(self._judge, *job, abort): i for i, job in enumerate(jobs)}
-            try:
-                for f in as_completed(futures):
-                    out[futures[f]] = f.result()
-            except OracleError:
-                abort.set()
-                for g in futures:
-                    g.cancel()
-                raise
-        self._count("queries", n)
-        return out
+        first_error: OracleError | None = None
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="inpo-judge"
+        )
+        try:
+            futures = {pool.submit(self._judge, *job, abort): j for j, job in enumerate(jobs)}
+            for f in as_completed(futures):
+                try:
+                    answer = f.result()
+                except (_Cancelled, CancelledError):
+                    continue
+                except OracleError as err:
+                    first_error = first_error or err
+                    abort.set()
+                    for g in futures:
+                        g.cancel()
+                    continue
+                yield futures[f], answer
+        finally:
+            abort.set()  # a consumer that stops early (or an error) stops the other requests
+            pool.shutdown(wait=True, cancel_futures=True)
+        if first_error is not None:
+            raise first_error
 
     def iter_prob_prefers(
         self,
@@ -428,34 +458,11 @@ class HTTPJudgeOracle:
         for i in range(n):
             jobs.append((label(i, "a,b"), self._body(prompts[i], responses_a[i], responses_b[i])))
             jobs.append((label(i, "b,a"), self._body(prompts[i], responses_b[i], responses_a[i])))
-        workers = min(self.concurrency, len(jobs))
-        abort = threading.Event()
         answers: dict[int, float] = {}  # job j → P_A; job 2i is pair i's a,b order, 2i+1 b,a
-        first_error: OracleError | None = None
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inpo-judge")
-        try:
-            futures = {pool.submit(self._judge, *job, abort): j for j, job in enumerate(jobs)}
-            for f in as_completed(futures):
-                j = futures[f]
-                try:
-                    answers[j] = f.result()
-                except (_Cancelled, CancelledError):
-                    continue
-                except OracleError as err:
-                    first_error = first_error or err
-                    abort.set()
-                    for g in futures:
-                        g.cancel()
-                    continue
-                i = j // 2
-                if 2 * i in answers and 2 * i + 1 in answers:
-                    self._count("queries")
-                    pair = combine_orders(
-                        np.array([answers[2 * i]]), np.array([answers[2 * i + 1]])
-                    )
-                    yield i, float(pair[0])
-        finally:
-            abort.set()  # a consumer that stops early (or an error) stops the other requests
-            pool.shutdown(wait=True, cancel_futures=True)
-        if first_error is not None:
-            raise first_error
+        for j, p in self._answers(jobs):
+            answers[j] = p
+            i = j // 2
+            if 2 * i in answers and 2 * i + 1 in answers:
+                self._count("queries")
+                pair = combine_orders(np.array([answers[2 * i]]), np.array([answers[2 * i + 1]]))
+                yield i, float(pair[0])

@@ -80,6 +80,8 @@ class FaultInjection:
         retry_after_s: send ``Retry-After`` with that many seconds on the failures.
         malformed_json_first_n: answer the first ``n`` with a truncated JSON body (status 200).
         bad_verdict_first_n: answer the first ``n`` with the verdict "C" and no log-probs.
+        fail_after_n: answer every request from number ``n`` on with HTTP ``fail_status`` (a
+            judge that dies part-way; ``-1``: never).
     """
 
     delay_s: float = 0.0
@@ -89,6 +91,7 @@ class FaultInjection:
     retry_after_s: float | None = None
     malformed_json_first_n: int = 0
     bad_verdict_first_n: int = 0
+    fail_after_n: int = -1
 
 
 class _HTTPError(Exception):
@@ -426,7 +429,7 @@ class OracleServer:
                     faults.delay_first_n < 0 or number < faults.delay_first_n
                 ):
                     await asyncio.sleep(faults.delay_s)
-                if number < faults.fail_first_n:
+                if number < faults.fail_first_n or 0 <= faults.fail_after_n <= number:
                     headers = {}
                     if faults.retry_after_s is not None:
                         headers["Retry-After"] = f"{faults.retry_after_s:g}"
