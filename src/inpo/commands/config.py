@@ -71,10 +71,10 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _one_line(doc: str, width: int = 96) -> str:
-    """The first sentence of ``doc``, cut to ``width`` characters."""
-    first = doc.replace("``", "").split(". ")[0].rstrip(".")
-    return first if len(first) <= width else first[: width - 1] + "…"
+def _one_line(doc: str) -> str:
+    """``doc`` whole, as plain text (reST's double backquotes dropped), on one line; the table
+    wraps it (:func:`key_table`)."""
+    return " ".join(doc.replace("``", "").split())
 
 
 def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -115,13 +115,17 @@ def _section_class(tp: Any, default: Any) -> type | None:
 
 
 def key_table(kind: str) -> str:
-    """Every key of ``inpo run``/``inpo train``'s config: ``key  type = default`` and its
-    one-line doc beneath (``--help`` and ``inpo config keys`` show it)."""
+    """Every key of ``inpo run``/``inpo train``'s config: ``key  type = default`` and its whole
+    doc beneath, wrapped (``--help`` and ``inpo config keys`` show it)."""
+    import shutil
+    import textwrap
+
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     lines = []
     for key, tp, default, doc in _rows(_config_class(kind)):
         lines.append(f"  {key}  {tp} = {default}")
-        if doc:
-            lines.append(f"      {doc}")
+        if doc:  # the whole doc, wrapped to the terminal (never cut)
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
 
