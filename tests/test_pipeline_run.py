@@ -284,6 +284,8 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["win_rate_vs_ref"] is not None and len(rows[0]["win_rate_ci"]) == 2
+    # iteration 0 is π_ref against itself, judged from probabilities (not sampled 0/1 labels)
+    assert abs(rows[0]["win_rate_vs_ref"] - 0.5) < 0.05
     for row in rows:  # the Monte-Carlo KL comes with its interval over prompts
         lo, hi = row["kl_to_ref_ci"]
         assert lo <= row["kl_to_ref"] + 1e-12 and row["kl_to_ref"] <= hi + 1e-12
@@ -717,3 +719,27 @@ def test_nash_md_samples_a_mixture_and_refuses_vllm(tmp_path):
     )
     manifest = json.loads((run / "iter_000" / "generate" / "manifest.json").read_text())
     assert "mixture" in manifest["input_hashes"]
+
+
+@pytest.mark.parametrize("labels", ["sample", "threshold", "soft"])
+def test_evaluation_reads_probabilities_whatever_the_training_labels(tmp_path, labels):
+    """``annotate.labels`` labels training pairs; the oracle's ``probabilities`` (what
+    evaluation reads) are the backend's ``P(a ≻ b)`` through the same cache, never a 0/1 draw."""
+    import numpy as np
+
+    from inpo.oracles.synthetic import AnnotatorGroup, AnnotatorPanel, keyword
+    from inpo.pipeline.config import AnnotateConfig
+    from inpo.pipeline.oracle import build_oracle
+
+    panel = AnnotatorPanel([AnnotatorGroup(keyword("red"))], epsilon=0.3)  # P = 0.7 or 0.3
+    acfg = AnnotateConfig(oracle="task", labels=labels)
+    oracle = build_oracle(acfg, tmp_path / "cache.sqlite", task_oracle=panel, seed=0)
+    prompts, a, b = ["p"] * 40, [f"red {i}" for i in range(40)], [f"blue {i}" for i in range(40)]
+    probs = oracle.probabilities.prob_prefers(prompts, a, b)
+    np.testing.assert_allclose(probs, 0.7)
+    trained = oracle.prob_prefers(prompts, a, b)
+    if labels == "soft":
+        np.testing.assert_allclose(trained, 0.7)
+    else:
+        assert set(np.unique(trained)) <= {0.0, 1.0}
+    np.testing.assert_allclose(oracle.probabilities.prob_prefers(prompts, a, b), 0.7)  # cached

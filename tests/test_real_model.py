@@ -225,7 +225,9 @@ def test_reference_logps_equal_trls_computation(run, model, tokenizer):
 def test_the_run_trains_and_evaluates_with_intervals(run):
     """The iteration trained a model and evaluated it: win rate and KL with their intervals,
     the cut samples counted (and the pairs holding one)."""
-    last = _rows(run / "metrics.jsonl")[-1]
+    first, last = _rows(run / "metrics.jsonl")[0], _rows(run / "metrics.jsonl")[-1]
+    low, high = first["win_rate_ci"]  # π_ref against itself: ½ in expectation
+    assert first["iteration"] == 0 and low <= 0.5 <= high
     assert last["iteration"] == 1 and last["train_steps"] >= 1
     for key in ("win_rate_vs_ref", "kl_to_ref"):
         low, high = last[f"{key.removesuffix('_vs_ref')}_ci"]

@@ -35,7 +35,9 @@ def build_oracle(
 ):
     """The configured oracle behind the persistent query cache (and hard labels if asked).
 
-    Reward-model oracles keep their ``rewards`` method for best-of-K/worst-of-K selection.
+    Reward-model oracles keep their ``rewards`` method for best-of-K/worst-of-K selection. Its
+    ``probabilities`` attribute is the backend's ``P(a ≻ b)`` through the same cache, without the
+    labels (``annotate.labels`` is a training-time choice; evaluation reads probabilities).
     """
     from inpo.oracles.cache import CachedOracle
 
@@ -64,8 +66,13 @@ def build_oracle(
     labelled = _labels(acfg.labels, base, seed)
     if hasattr(base, "rewards") and not hasattr(base, "preference_matrix"):
         # Selection by reward needs rewards; a BT reward oracle's labels are σ(r_a − r_b).
-        return _RewardCached(base, labelled, store)
-    return CachedOracle(labelled, store)
+        oracle: Any = _RewardCached(base, labelled, store)
+    else:
+        oracle = CachedOracle(labelled, store)
+    # Evaluation reads the oracle's probabilities P(a ≻ b), never its training labels (a
+    # Bernoulli draw would add its own noise to every win rate), through the same cache.
+    oracle.probabilities = oracle if labelled is base else CachedOracle(base, store)
+    return oracle
 
 
 def _labels(kind: str, base: Any, seed: int) -> Any:

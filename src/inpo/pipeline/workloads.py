@@ -461,7 +461,13 @@ class PromptFileWorkload(Workload):
             for (p, rs, refs) in zip(prompts, ys, yr)
             for j, (y, r) in enumerate(zip(rs, refs))
         ]
-        probs = np.asarray(self._oracle.prob_prefers(flat_p, flat_y, flat_r), dtype=np.float64)
+        # P(π_t's answer ≻ π_ref's) from the oracle's probabilities, asked in both orders
+        # (½[P(y ≻ r) + 1 − P(r ≻ y)]: a judge's position bias cancels): π_ref against itself
+        # reads ½ in expectation, never a sampled 0/1 label (annotate.labels is for training)
+        judge = getattr(self._oracle, "probabilities", self._oracle)
+        first = np.asarray(judge.prob_prefers(flat_p, flat_y, flat_r), dtype=np.float64)
+        second = np.asarray(judge.prob_prefers(flat_p, flat_r, flat_y), dtype=np.float64)
+        probs = 0.5 * (first + 1.0 - second)
         lengths = [len(tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y]
         # intervals bootstrapped over prompts: the k answers of a prompt are not independent;
         # the LC win rate from answer lengths in characters, as AlpacaEval counts them
