@@ -140,7 +140,7 @@ def test_bad_conversations_are_named_before_any_model_loads(tmp_path):
         path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": prompt}))
         with pytest.raises(DataError) as err:
             load_prompts(path)
-        assert f"{path}: row 1: field '{field}'" in str(err.value) and needle in str(err.value)
+        assert f"{path}: line 2: field '{field}'" in str(err.value) and needle in str(err.value)
 
 
 def _run_args(tmp_path: Path, model: Path, files: list[Path], ev: Path) -> list[str]:
@@ -185,11 +185,11 @@ def test_no_chat_template_and_too_long_prompts_fail_before_any_model_loads(tmp_p
     ev = tmp_path / "e.jsonl"
     ev.write_text(json.dumps({"prompt": "held out"}) + "\n")
     cfg = load_config(RunConfig, None, _run_args(tmp_path, plain, [files], ev))
-    with pytest.raises(DataError, match=r"p.jsonl: row 1: field 'prompt': a conversation, but "):
+    with pytest.raises(DataError, match=r"p.jsonl: line 2: field 'prompt': a conversation, but "):
         PromptFileWorkload(cfg)
     rows[1] = {"prompt": "x" * 80}
     files.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"row 1: field 'prompt': 81 tokens, longer than the "):
+    with pytest.raises(DataError, match=r"line 2: field 'prompt': 81 tokens, longer than the "):
         PromptFileWorkload(cfg)
     cfg.skip_bad_rows = True
     work = PromptFileWorkload(cfg)
@@ -374,7 +374,7 @@ def test_a_prompt_of_no_tokens_is_a_named_bad_row(tmp_path):
     ev = tmp_path / "e.jsonl"
     ev.write_text(json.dumps({"prompt": "red"}) + "\n")
     cfg = load_config(RunConfig, None, _run_args(tmp_path, policy, [files], ev))
-    with pytest.raises(DataError, match=r"p.jsonl: row 1: field 'prompt': no tokens: the "):
+    with pytest.raises(DataError, match=r"p.jsonl: line 2: field 'prompt': no tokens: the "):
         PromptFileWorkload(cfg)
     cfg.skip_bad_rows = True
     work = PromptFileWorkload(cfg)

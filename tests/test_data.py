@@ -80,7 +80,7 @@ def test_bad_paths_and_file_types(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         load_preference_dataset(tmp_path / "d.csv")
     (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + "\n{oops\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl: row 1 \(line 2\): invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2: invalid JSON"):
         load_preference_dataset(tmp_path / "bad.jsonl")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="save_to_disk"):
@@ -169,7 +169,7 @@ def test_malformed_text_row_names_file_row_and_field(tmp_path, row, field, messa
         load_preference_dataset(path)
     text = str(info.value)
     assert str(path) in text
-    assert "row 2" in text
+    assert "bad.jsonl: line 3:" in text  # the third line (1-based, as editors count)
     assert f"field '{field}'" in text
     assert message in text
 
@@ -192,16 +192,16 @@ def test_malformed_conversation_names_file_row_and_field(tmp_path, row, field, m
     with pytest.raises(DataError) as info:
         load_preference_dataset(path)
     text = str(info.value)
-    assert str(path) in text and "row 1" in text and f"field '{field}'" in text, text
+    assert str(path) in text and "line 2" in text and f"field '{field}'" in text, text
     assert message in text
 
 
 def test_implicit_conversation_without_shared_prompt_is_an_error(tmp_path):
     rows = [{"chosen": [user("a"), assistant("b")], "rejected": [user("x"), assistant("y")]}]
-    with pytest.raises(DataError, match=r"row 0: field 'chosen': .*share no prompt"):
+    with pytest.raises(DataError, match=r"line 1: field 'chosen': .*share no prompt"):
         load_preference_dataset(write_jsonl(tmp_path / "c.jsonl", rows))
     rows = [{"chosen": "same text", "rejected": "same text"}]
-    with pytest.raises(DataError, match=r"row 0: field 'rejected': identical to chosen"):
+    with pytest.raises(DataError, match=r"line 1: field 'rejected': identical to chosen"):
         load_preference_dataset(write_jsonl(tmp_path / "t.jsonl", rows))
 
 
@@ -214,7 +214,7 @@ def test_optional_value_ranges(tmp_path):
         load_preference_dataset(write_jsonl(tmp_path / "l.jsonl", rows))
     # an optional column present in one row must be present in all of them
     rows = [{**ROWS[0], "tie": True}, {k: v for k, v in ROWS[1].items() if k != "tie"}]
-    with pytest.raises(DataError, match=r"row 1: field 'tie': missing"):
+    with pytest.raises(DataError, match=r"line 2: field 'tie': missing"):
         load_preference_dataset(write_jsonl(tmp_path / "t.jsonl", rows))
 
 
@@ -223,8 +223,8 @@ def test_skip_bad_rows_counts_and_keeps_source_row_ids(tmp_path, caplog):
     rows.insert(3, {"prompt": "p", "chosen": "c", "tie": False})
     ds = load_preference_dataset(write_jsonl(tmp_path / "d.jsonl", rows), skip_bad_rows=True)
     assert ds.skipped_rows == 2
-    assert len(ds.skip_reasons) == 2 and "row 1" in ds.skip_reasons[0]
-    assert "row 3" in ds.skip_reasons[1] and "'rejected'" in ds.skip_reasons[1]
+    assert len(ds.skip_reasons) == 2 and "line 2" in ds.skip_reasons[0]
+    assert "line 4" in ds.skip_reasons[1] and "'rejected'" in ds.skip_reasons[1]
     assert ds["row_id"] == [0, 2, 4]
     assert "skipped 2 malformed row(s)" in caplog.text
     with pytest.raises(DataError, match="every row is malformed"):

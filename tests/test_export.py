@@ -124,7 +124,7 @@ def test_bad_questions_file(model_dir, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "row 0: missing field 'turns'" in capsys.readouterr().err
+    assert "q.jsonl: line 1: missing field 'turns'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -169,14 +169,14 @@ def test_a_teacher_file_missing_prompts_fails_at_the_config_check(tmp_path):
         load_config(RunConfig, None, ["algorithm=dno", f"teacher={bad}"])
     rows = [{"prompt": DEFAULT_PROMPT}]
     with pytest.raises(
-        (ConfigError, DataError), match=r"t2.jsonl: row 0: missing field 'completion'"
+        (ConfigError, DataError), match=r"t2.jsonl: line 1: missing field 'completion'"
     ):
         load_config(
             RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't2.jsonl', rows)}"]
         )
     rows = [{"prompt": DEFAULT_PROMPT, "completion": [{"role": "user", "content": "x"}]}]
     with pytest.raises(
-        (ConfigError, DataError), match=r"row 0: field 'completion': expected a non-empty text"
+        (ConfigError, DataError), match=r"line 1: field 'completion': expected a non-empty text"
     ):
         load_config(
             RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't3.jsonl', rows)}"]

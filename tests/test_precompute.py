@@ -179,7 +179,7 @@ def test_skip_bad_rows_is_counted(models, tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [*PAIRS[:3], {"prompt": "p", "chosen": "", "rejected": "r"}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(DataError, match="row 3: field 'chosen': empty completion"):
+    with pytest.raises(DataError, match="line 4: field 'chosen': empty completion"):
         precompute_logps(path, ref, tmp_path / "out")
     result = precompute_logps(path, ref, tmp_path / "out", skip_bad_rows=True)
     assert result.manifest["rows"] == 3 and result.manifest["skipped_rows"] == 1
@@ -344,4 +344,4 @@ def test_share_prompt_cli_and_a_pair_with_two_prompts(models, tmp_path, capsys):
     code = cli_main(["precompute", str(bad), "--model", str(ref), "--output", str(tmp_path / "b"), "--share-prompt"])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
-    assert "bad.json: row 0" in err and "share no prompt" in err, err
+    assert "bad.json: row 1" in err and "share no prompt" in err, err

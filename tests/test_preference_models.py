@@ -210,7 +210,7 @@ def test_bt_reads_ties_and_margins(kit, tmp_path, capsys):
     _write(tmp_path / "bad.jsonl", [*rows[:3], {**rows[3], "margin": None}])
     assert main(["train-oracle", f"data.train_file={tmp_path / 'bad.jsonl'}", *base]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl" in err and "row 3" in err and "'margin'" in err
+    assert "bad.jsonl" in err and "line 4" in err and "'margin'" in err
     _write(tmp_path / "mixed.jsonl", [*rows[:3], {**rows[3], "margin": "big"}])
     assert main(["train-oracle", f"data.train_file={tmp_path / 'mixed.jsonl'}", *base]) == 2
     err = capsys.readouterr().err
@@ -226,7 +226,7 @@ def test_bad_input_is_named_before_any_model_loads(kit, tmp_path, capsys):
     base = [f"model.path={kit / 'lm'}", f"output_dir={tmp_path / 'o'}"]
     assert main(["train-oracle", f"data.train_file={tmp_path / 'no_chosen.jsonl'}", *base]) == 2
     err = capsys.readouterr().err
-    assert "no_chosen.jsonl" in err and "row 1" in err and "chosen" in err
+    assert "no_chosen.jsonl" in err and "line 2" in err and "chosen" in err
     assert "Traceback" not in err
     assert main(["train-oracle", "kind=gmp", f"data.train_file={tmp_path / 'x'}", *base]) == 2
     assert "gpm" in capsys.readouterr().err  # a did-you-mean or the list of kinds

@@ -40,6 +40,7 @@ __all__ = [
     "OPTIONAL_COLUMNS",
     "EncodedPair",
     "PreferenceCollator",
+    "Records",
     "as_completion",
     "check_prompt",
     "completion_text",
@@ -49,6 +50,7 @@ __all__ = [
     "load_preference_dataset",
     "prompt_text",
     "read_text",
+    "row_place",
     "tokenize_pair",
 ]
 
@@ -146,6 +148,23 @@ def _pick_split(names: list[str], split: str | None, where: str, how: str, kind:
     return chosen
 
 
+class Records(list):
+    """A JSONL file's rows, with ``lines[i]``: the (1-based) line row ``i`` was read from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+
+def row_place(records: Any, index: int) -> str:
+    """Where row ``index`` (0-based) of ``records`` is, as a person finds it: ``line N`` of a
+    JSONL file (1-based, as editors count), else ``row N`` (1-based). ``records``: the rows
+    (:class:`Records` know their lines) or a dataset loaded by
+    :func:`load_preference_dataset` (``source_lines``, indexed by ``row_id``)."""
+    lines = getattr(records, "lines", None) or getattr(records, "source_lines", None)
+    return f"line {lines[index]}" if lines else f"row {index + 1}"
+
+
 def _read_records(path: Path, split: str | None, config: str | None = None) -> list[Any]:
     """Return the raw rows of ``path`` (one entry per source row, in file order): a file, a
     ``save_to_disk`` folder, a folder of data files or a cached hub dataset id."""
@@ -167,14 +186,14 @@ def _read_records(path: Path, split: str | None, config: str | None = None) -> l
         raise DataError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: list[Any] = []
+        rows = Records()
         with path.open("rb") as fh:
             for line_no, raw in enumerate(fh, start=1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     raise DataError(
-                        f"{path}: row {len(rows)} (line {line_no}): not UTF-8 text (byte "
+                        f"{path}: line {line_no}: not UTF-8 text (byte "
                         f"{err.start} of the line is {raw[err.start : err.start + 1]!r})"
                     ) from None
                 if not line.strip():
@@ -183,9 +202,8 @@ def _read_records(path: Path, split: str | None, config: str | None = None) -> l
                     rows.append(json.loads(line))
                 except (json.JSONDecodeError, RecursionError) as err:
                     msg = getattr(err, "msg", "nested too deeply")
-                    raise DataError(
-                        f"{path}: row {len(rows)} (line {line_no}): invalid JSON ({msg})"
-                    ) from None
+                    raise DataError(f"{path}: line {line_no}: invalid JSON ({msg})") from None
+                rows.lines.append(line_no)
         return rows
     if suffix == ".json":
         try:
@@ -425,7 +443,7 @@ def load_preference_dataset(
                 raw, explicit=explicit, conversational=conversational, optional=optional
             )
         except _RowError as err:
-            message = f"{path}: row {index}: field '{err.field}': {err.message}"
+            message = f"{path}: {row_place(records, index)}: field '{err.field}': {err.message}"
             if not skip_bad_rows:
                 raise DataError(message) from None
             reasons.append(message)
@@ -454,6 +472,7 @@ def load_preference_dataset(
             raise DataError(
                 f"{path}: column '{key}' cannot be kept: its values are not of one type ({kind})"
             ) from None
+    ds.source_lines = getattr(records, "lines", None)  # row_id → line of a JSONL file
     ds.skipped_rows = len(reasons)
     ds.skip_reasons = reasons[:20]
     return ds

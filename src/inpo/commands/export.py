@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from inpo.commands._args import ArgumentParser, non_negative_float, positive_int
-from inpo.data import read_text
+from inpo.data import Records, read_text, row_place
 from inpo.errors import ConfigError, DataError, InpoError
 
 FORMATS = ("alpaca_eval", "mt_bench", "arena_hard")
@@ -72,36 +72,37 @@ def _read(path: Path) -> list[dict[str, Any]]:
     if text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
-        rows = []
+        rows = Records()
         for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except ValueError as err:
                     raise DataError(f"{path}: line {i + 1}: not valid JSON ({err})") from err
+                rows.lines.append(i + 1)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected an object")
+            raise DataError(f"{path}: {row_place(rows, i)}: expected an object")
     return rows
 
 
-def _turns(row: dict[str, Any], fmt: str, path: Path, i: int) -> list[str]:
+def _turns(row: dict[str, Any], fmt: str, path: Path, at: str) -> list[str]:
     if fmt == "alpaca_eval":
         text = row.get("instruction")
         if not isinstance(text, str) or not text:
-            raise DataError(f"{path}: row {i}: missing field 'instruction'")
+            raise DataError(f"{path}: {at}: missing field 'instruction'")
         extra = row.get("input")
         return [f"{text}\n\n{extra}" if isinstance(extra, str) and extra else text]
     turns = row.get("turns")
     if turns is None and isinstance(row.get("prompt"), str):
         turns = [row["prompt"]]
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{path}: row {i}: missing field 'turns'")
+        raise DataError(f"{path}: {at}: missing field 'turns'")
     out = []
     for t in turns:
         content = t.get("content") if isinstance(t, dict) else t
         if not isinstance(content, str):
-            raise DataError(f"{path}: row {i}: field 'turns' must hold strings or {{content}}")
+            raise DataError(f"{path}: {at}: field 'turns' must hold strings or {{content}}")
         out.append(content)
     return out
 
@@ -179,8 +180,11 @@ def _check_output(output: Path, questions: Path) -> None:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check_output(args.output, args.questions)
-    rows = _read(args.questions)[: args.limit]
-    turns = [_turns(r, args.format, args.questions, i) for i, r in enumerate(rows)]
+    every = _read(args.questions)
+    rows = every[: args.limit]
+    turns = [
+        _turns(r, args.format, args.questions, row_place(every, i)) for i, r in enumerate(rows)
+    ]
     name = args.name or default_name(args.model)
     answer = _Answerer(
         args.model, args.max_new_tokens, args.temperature, args.batch_size, args.prompt_format

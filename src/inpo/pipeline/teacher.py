@@ -31,7 +31,7 @@ def load_teacher(path: str | Path) -> dict[str, str]:
     empty response, or one prompt given two different responses: a :class:`DataError` naming
     the file and row.
     """
-    from inpo.data import _RowError, check_prompt
+    from inpo.data import Records, _RowError, check_prompt, row_place
 
     path = Path(path)
     if not path.is_file():
@@ -45,32 +45,34 @@ def load_teacher(path: str | Path) -> dict[str, str]:
         except ValueError as err:
             raise DataError(f"{path}: not valid JSON ({err})") from None
     else:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
+        rows = Records()
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except ValueError as err:
-                raise DataError(f"{path}: row {i}: not valid JSON ({err})") from None
+                raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
+            rows.lines.append(number)
     out: dict[str, str] = {}
     for i, row in enumerate(rows):
+        at = row_place(rows, i)
         for key in ("prompt", "completion"):
             if not isinstance(row, dict) or key not in row:
-                raise DataError(f"{path}: row {i}: missing field '{key}'")
+                raise DataError(f"{path}: {at}: missing field '{key}'")
         try:
             prompt = check_prompt(row["prompt"], "prompt")
         except _RowError as err:
-            raise DataError(f"{path}: row {i}: field '{err.field}': {err.message}") from None
+            raise DataError(f"{path}: {at}: field '{err.field}': {err.message}") from None
         response = _response_text(row["completion"])
         if response is None or not response.strip():
             raise DataError(
-                f"{path}: row {i}: field 'completion': expected a non-empty text or one "
+                f"{path}: {at}: field 'completion': expected a non-empty text or one "
                 "assistant message"
             )
         key = prompt_key(prompt)
         if out.get(key, response) != response:
-            raise DataError(f"{path}: row {i}: a second, different response for this prompt")
+            raise DataError(f"{path}: {at}: a second, different response for this prompt")
         out[key] = response
     if not out:
         raise DataError(f"{path}: no teacher responses")

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from inpo.data import Records, read_text, row_place
 from inpo.errors import ConfigError, DataError
 from inpo.pipeline.config import AnnotateConfig, RunConfig
 from inpo.pipeline.oracle import build_oracle
@@ -125,18 +126,20 @@ def load_prompts(
             data = data[next(iter(data.keys()))]
         rows = list(data)
     elif path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
+        text = read_text(path)
         rows = []
         if path.suffix == ".json" and text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
-            for i, line in enumerate(text.splitlines()):
+            rows = Records()
+            for number, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
                     rows.append(json.loads(line))
                 except ValueError as err:
-                    raise DataError(f"{path}: row {i}: not valid JSON ({err})") from err
+                    raise DataError(f"{path}: line {number}: not valid JSON ({err})") from err
+                rows.lines.append(number)
     elif path.suffix == ".parquet":
         from datasets import Dataset
 
@@ -145,14 +148,17 @@ def load_prompts(
         raise DataError(f"{path}: prompts must be .jsonl, .json, .parquet or a datasets folder")
     from inpo.data import _RowError, check_prompt
 
-    prompts = []
+    prompts = Records()
+    prompts.lines = list(getattr(rows, "lines", []))  # row i of the file is prompt i
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row:
-            raise DataError(f"{path}: row {i}: missing field 'prompt'")
+            raise DataError(f"{path}: {row_place(rows, i)}: missing field 'prompt'")
         try:
             prompts.append(check_prompt(row["prompt"], "prompt"))
         except _RowError as err:
-            raise DataError(f"{path}: row {i}: field '{err.field}': {err.message}") from None
+            raise DataError(
+                f"{path}: {row_place(rows, i)}: field '{err.field}': {err.message}"
+            ) from None
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -306,7 +312,7 @@ class PromptFileWorkload(Workload):
                 self.skipped += 1
             else:
                 raise DataError(
-                    f"{source}: row {i}: field 'prompt': {problem} "
+                    f"{source}: {row_place(prompts, i)}: field 'prompt': {problem} "
                     "(skip_bad_rows=true skips such rows, counted)"
                 )
         if not kept:

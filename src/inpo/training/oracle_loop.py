@@ -63,7 +63,7 @@ class OracleTrainResult:
 
 def _load_pairs(source: str, cfg: OracleTrainConfig, key: str, split: str | None) -> list[dict]:
     """Rows ``{prompt, chosen, rejected, label, margin}`` (chosen/rejected as text), validated."""
-    from inpo.data import completion_text, load_preference_dataset
+    from inpo.data import completion_text, load_preference_dataset, row_place
 
     dataset = load_preference_dataset(
         source,
@@ -84,8 +84,10 @@ def _load_pairs(source: str, cfg: OracleTrainConfig, key: str, split: str | None
                 or isinstance(value, bool)
                 or not math.isfinite(value)
             ):
+                where = row_place(dataset, int(r.get("row_id", i)))
                 raise DataError(
-                    f"{key} '{source}': row {i}: field '{margin_col}': expected a finite number, got {value!r}"
+                    f"{key} '{source}': {where}: field '{margin_col}': expected a finite number, "
+                    f"got {value!r}"
                 )
             margin = float(value)
         rows.append(
