@@ -239,10 +239,11 @@ def test_a_killed_training_resumes_to_the_same_weights(kit, tmp_path):
     from safetensors.torch import load_file
 
     from inpo.config import load_config
+    from inpo.errors import ConfigError
     from inpo.training.oracle_config import OracleTrainConfig
     from inpo.training.oracle_loop import train_oracle
 
-    def cfg(out: Path):
+    def cfg(out: Path, *more: str):
         return load_config(
             OracleTrainConfig,
             None,
@@ -256,12 +257,24 @@ def test_a_killed_training_resumes_to_the_same_weights(kit, tmp_path):
                 "optim.learning_rate=1e-3",
                 "save_steps=2",
                 "logging.progress_bar=false",
+                *more,
             ],
         )
 
     train_oracle(cfg(tmp_path / "whole"))
     stopped = train_oracle(cfg(tmp_path / "cut"), stop_after=3)  # as if killed after step 3
     assert stopped.steps == 3
+    # a setting that changes training, on the unfinished run or the finished one: refused,
+    # naming the key and both values; nothing recorded claims it
+    recorded = (tmp_path / "cut" / "train_oracle_config.yaml").read_text()
+    for folder, more in (("cut", "optim.learning_rate=5e-4"), ("whole", "seed=7")):
+        with pytest.raises(
+            ConfigError,
+            match=r"(learning_rate: 0.001 then, 0.0005 now|seed: 42 then, 7 now).*resume=never",
+        ):
+            train_oracle(cfg(tmp_path / folder, more))
+    assert (tmp_path / "cut" / "train_oracle_config.yaml").read_text() == recorded
+    train_oracle(cfg(tmp_path / "whole", "save_steps=3"))  # no effect on training: fine
     again = train_oracle(cfg(tmp_path / "cut"))
     assert again.resumed_from is not None and again.resumed_from.name == "step_000002"
     for name in ("model.safetensors", "gpm_head.safetensors"):

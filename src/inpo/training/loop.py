@@ -323,14 +323,22 @@ def _resolve_bf16(setting: Any) -> bool:
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
+    return [key for key, _, _ in config_changes(old, new, prefix)]
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` of every setting that differs, nested sections
+    flattened, in key order."""
+    out: list[tuple[str, Any, Any]] = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{key}.")
+            out += config_changes(a, b, f"{prefix}{key}.")
         elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 _RESUME_IRRELEVANT = {

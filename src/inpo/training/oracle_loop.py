@@ -303,6 +303,42 @@ def preference_metrics(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str
     }
 
 
+#: Settings that do not change what a resumed training computes (its weights and metrics).
+_RESUME_IRRELEVANT = ("resume", "save_steps", "keep_checkpoints", "logging", "output_dir")
+_RESUME_IRRELEVANT_KEYS = ("data.eval_file",)
+
+
+def _check_resume(cfg: OracleTrainConfig, checkpoint: Path, fingerprint: str) -> None:
+    """Resume only the training this command describes: a checkpoint from other data, model or
+    kind, or recorded with another setting that changes training (learning rate, epochs,
+    max_length, seed, shuffle, ...; finished or not), is refused naming the key and both
+    values, so neither the weights nor ``train_oracle_config.yaml`` can claim what did not run."""
+    from inpo.config import config_to_dict
+    from inpo.training.loop import config_changes
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    recorded = state.get("inputs")
+    if recorded not in (None, fingerprint):
+        raise ConfigError(
+            f"checkpoint {checkpoint} was trained from other data, model or kind; use "
+            "another output_dir, or resume=never to start over"
+        )
+    if "config" not in state:
+        return  # written before checkpoints recorded their settings
+    changed = [
+        (key, old, new)
+        for key, old, new in config_changes(state["config"], config_to_dict(cfg))
+        if key.split(".")[0] not in _RESUME_IRRELEVANT and key not in _RESUME_IRRELEVANT_KEYS
+    ]
+    if changed:
+        shown = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, old, new in changed[:4])
+        raise ConfigError(
+            f"{cfg.output_dir} holds a training (checkpoint {checkpoint.name}) with other "
+            f"settings ({shown}); resuming would train or record something else. Use the same "
+            "settings, another output_dir, or resume=never to start over"
+        )
+
+
 def load_oracle(kind: str, path: str | Path, **kwargs: Any) -> Any:
     """The oracle that serves a model of ``kind`` (what ``annotate.oracle`` loads)."""
     if kind == "bt":
@@ -374,12 +410,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     resume_from = _resume_point(cfg, ckpt_root)
     fingerprint = _fingerprint(rows, cfg)
     if resume_from is not None:
-        recorded = json.loads((resume_from / "trainer_state.json").read_text()).get("inputs")
-        if recorded not in (None, fingerprint):
-            raise ConfigError(
-                f"checkpoint {resume_from} was trained from other data, model or kind; use "
-                "another output_dir, or resume=never to start over"
-            )
+        _check_resume(cfg, resume_from, fingerprint)
     bf16 = _resolve_bf16(cfg.bf16)
     accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available()
