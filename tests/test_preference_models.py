@@ -377,3 +377,20 @@ def test_conversational_pairs_train_through_the_chat_template(tmp_path, kind):
     r = render_response(tok, rows[0]["prompt"], "the answer is apple", 512, prompt_index=True)
     head = tok.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
     assert tok.decode(r.ids[: r.prompt_index + 1]) == head
+
+
+def test_pairwise_verdict_tokens_are_checked_before_anything_runs(tmp_path, capsys):
+    """A tokenizer that reads 'A' and 'B' as one token (its unknown one) could only ever say
+    ½: refused before the model loads or the output folder is written, naming the token."""
+    from inpo.tiny import save_tiny_lm
+
+    save_tiny_lm(tmp_path / "lm", "llama", tokenizer=word_tokenizer(["red", "blue"]))
+    rows = preference_pairs("cyclic", prompts=["pick one"])
+    capsys.readouterr()  # the model writer's progress bar
+    _write(tmp_path / "pairs.jsonl", rows)
+    argv = ["train-oracle", "kind=pairwise", f"model.path={tmp_path / 'lm'}"]
+    argv += [f"data.train_file={tmp_path / 'pairs.jsonl'}", f"output_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'A' and 'B' are the same token" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

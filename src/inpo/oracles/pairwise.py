@@ -59,6 +59,7 @@ __all__ = [
     "default_template",
     "render_comparison",
     "rlhflow_context",
+    "verdict_tokens",
 ]
 
 #: The RLHFlow pair-preference comparison text (user turn). Placeholders: prompt, response_a/b.
@@ -115,6 +116,29 @@ def rlhflow_context(prompt: Any, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(
         turns, chat_template=RLHFLOW_CONTEXT_TEMPLATE, tokenize=False
     )
+
+
+def verdict_tokens(
+    tokenizer: Any, token_a: str = "A", token_b: str = "B", where: str = ""
+) -> tuple[int, int]:
+    """The ids of the two verdict tokens: each must be one token of ``tokenizer``, and not the
+    same one (a tokenizer that maps both to its unknown token could only ever say ½)."""
+    ids = []
+    for token in (token_a, token_b):
+        got = tokenizer.encode(token, add_special_tokens=False)
+        if len(got) != 1:
+            raise ConfigError(
+                f"verdict token '{token}' is {len(got)} tokens for the tokenizer{where}; a "
+                "pairwise model needs it to be exactly one"
+            )
+        ids.append(int(got[0]))
+    if ids[0] == ids[1]:
+        name = tokenizer.convert_ids_to_tokens(ids[0])
+        raise ConfigError(
+            f"verdict tokens '{token_a}' and '{token_b}' are the same token ({name!r}, id "
+            f"{ids[0]}) for the tokenizer{where}: a pairwise model could only ever answer ½"
+        )
+    return ids[0], ids[1]
 
 
 def combine_orders(p_first: np.ndarray, p_swapped: np.ndarray) -> np.ndarray:
@@ -220,9 +244,7 @@ class PairwisePreferenceOracle:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
-        self.token_ids = (self._single_token(token_a), self._single_token(token_b))
-        if self.token_ids[0] == self.token_ids[1]:
-            raise ConfigError(f"token_a '{token_a}' and token_b '{token_b}' are the same token")
+        self.token_ids = verdict_tokens(self.tokenizer, token_a, token_b, f" of '{self.path}'")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(
@@ -246,15 +268,6 @@ class PairwisePreferenceOracle:
 
     def __repr__(self) -> str:
         return f"PairwisePreferenceOracle({self.path!r}, device={self.device!r})"
-
-    def _single_token(self, token: str) -> int:
-        ids = self.tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ConfigError(
-                f"verdict token '{token}' is {len(ids)} tokens for the tokenizer of "
-                f"'{self.path}'; it must be exactly one"
-            )
-        return int(ids[0])
 
     # ---- rendering ----
     def render(self, prompt: Any, response_a: str, response_b: str) -> list[int]:

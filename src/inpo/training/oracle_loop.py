@@ -213,7 +213,7 @@ def pair_logits(
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.float32, device=device)
     pad = tokenizer.pad_token_id
     if kind == "pairwise":
-        from inpo.oracles.pairwise import render_comparison
+        from inpo.oracles.pairwise import render_comparison, verdict_tokens
 
         texts = [
             render_comparison(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows
@@ -227,10 +227,7 @@ def pair_logits(
                 f"a comparison of {too_long[0]} tokens exceeds data.max_length {max_length} "
                 "(cutting it would hide a response); raise data.max_length"
             )
-        id_a = tokenizer.encode("A", add_special_tokens=False)
-        id_b = tokenizer.encode("B", add_special_tokens=False)
-        if len(id_a) != 1 or len(id_b) != 1:
-            raise ConfigError("kind=pairwise needs single tokens for 'A' and 'B' in the tokenizer")
+        id_a, id_b = verdict_tokens(tokenizer)
         ids, mask = _pad(texts, pad, left=True, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = (
@@ -238,7 +235,7 @@ def pair_logits(
             .logits[:, -1, :]
             .float()
         )
-        d = logits[:, id_a[0]] - logits[:, id_b[0]]
+        d = logits[:, id_a] - logits[:, id_b]
         return d, torch.cat([labels, 1.0 - labels])
     from inpo.oracles.reward_model import render_response
 
@@ -402,6 +399,11 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         _load_pairs(cfg.data.eval_file, cfg, "data.eval_file", None) if cfg.data.eval_file else None
     )
     folder = check_model_dir(cfg.model.path)
+    if cfg.kind == "pairwise":  # before anything is written or loaded: two verdict tokens
+        from inpo.oracles.pairwise import verdict_tokens
+
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        verdict_tokens(tok, where=f" of model.path '{cfg.model.path}'")
     g = cfg.optim.global_batch_size
     steps_per_epoch = math.ceil(len(rows) / g)
     total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
