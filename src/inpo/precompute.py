@@ -297,7 +297,8 @@ def precompute_logps(
     for entry in manifest["history"]:
         entry.pop("history", None)
     _write_folder(ds, manifest, output_dir)
-    log.info("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
+    # debug: `inpo precompute` prints its own result line (at info it showed twice)
+    log.debug("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
     dist.barrier()
     return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)
 

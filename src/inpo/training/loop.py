@@ -78,6 +78,7 @@ BATCH_COLUMNS = {
     "rejected_winrates": "rejected_winrate",
 }
 _COLLATOR_MADE = ("chosen_lengths", "rejected_lengths")  # computed by the collator, not stored
+_WARNED_IGNORED: set[tuple[str, tuple[str, ...]]] = set()  # (loss, columns) warned about
 
 LogpsFn = Callable[..., torch.Tensor]
 
@@ -422,7 +423,10 @@ def _load_data(cfg: TrainConfig) -> _Data:
     rows = dataset.to_list()
     reads = {BATCH_COLUMNS.get(n, n) for n in (*spec.inputs, *spec.optional_inputs)}
     ignored = [c for c in dataset.column_names if c in BATCH_COLUMNS.values() and c not in reads]
-    if ignored:
+    if ignored and (spec.name, tuple(ignored)) not in _WARNED_IGNORED:
+        # once a process: `inpo run` trains every iteration on the same kind of pairs (DNO's
+        # carry win rates that its DPO loss does not read)
+        _WARNED_IGNORED.add((spec.name, tuple(ignored)))
         log.warning("loss '%s' ignores the dataset's column(s) %s", spec.name, ", ".join(ignored))
     g = cfg.optim.global_batch_size
     steps_per_epoch = math.ceil(len(rows) / g)

@@ -1,0 +1,44 @@
+"""Messages said once: a command's result line, a warning about the same data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+from inpo.config import load_config
+from inpo.training.config import TrainConfig
+from inpo.training.loop import _load_data
+
+
+def test_precompute_prints_its_result_once(tmp_path):
+    subprocess.run([sys.executable, "-m", "inpo", "toy", str(tmp_path / "toy")], check=True,
+                   capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", "precompute", str(tmp_path / "toy/pairs.jsonl"),
+         "--model", str(tmp_path / "toy/policy"), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    both = proc.stdout + proc.stderr
+    assert both.count("270 pairs") == 1, both
+
+
+def test_a_loss_that_ignores_columns_says_so_once_a_process(tmp_path, caplog):
+    rows = [
+        {"prompt": f"p{i}", "chosen": "a", "rejected": "b", "chosen_winrate": 0.7,
+         "rejected_winrate": 0.2, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+        for i in range(4)
+    ]  # fmt: skip
+    data = tmp_path / "dno.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        TrainConfig, None,
+        [f"data.train_file={data}", f"model.path={tmp_path}", "loss.name=dpo",
+         f"output_dir={tmp_path / 'out'}"],
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="inpo.training.loop"):
+        for _ in range(3):  # three iterations of `inpo run algorithm=dno` in one process
+            _load_data(cfg)
+    said = [r for r in caplog.records if "ignores the dataset's column(s)" in r.getMessage()]
+    assert len(said) == 1 and "chosen_winrate" in said[0].getMessage()
