@@ -352,7 +352,8 @@ def test_output_loads_with_from_pretrained_and_generates(tiny, tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and "inpo" in front["tags"]
     assert "| optimizer steps | 2 |" in card and "eta=0.1" in card
-    assert "inpo train train_config.yaml" in card and str(Path.home()) not in card
+    assert "inpo train train_config.yaml output_dir=../run-reproduced" in card
+    assert str(Path.home()) not in card
     # a re-run that trains nothing keeps the card of the run that trained
     train(make_cfg(tiny, out, "optim.max_steps=2"))
     assert (out / "README.md").read_text() == card
@@ -825,3 +826,26 @@ def test_packing_with_share_prompt_trains_the_weights_of_the_padded_batch(tiny, 
         runs[name] = weights(out)
     assert max_diff(runs["shared_packed"], runs["padded"]) < 1e-5
     assert max_diff(runs["shared_packed"], weights(tiny[0])) > 1e-3
+
+
+@pytest.mark.slow
+def test_the_model_cards_command_reproduces_the_model_from_its_folder(tmp_path):
+    """Trained from relative paths in one folder, reproduced by the card's own command run in
+    the card's folder: the same weights, in a new folder beside it."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from helpers import tiny_pairs
+
+    tiny_pairs(tmp_path)
+    run = [sys.executable, "-m", "inpo", "train"]
+    subprocess.run([*run, "cfg.yaml", "output_dir=out"], cwd=tmp_path, check=True,
+                   capture_output=True)  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    command = re.search(r"```bash\n(inpo train .*)\n```", card).group(1)
+    argv = shlex.split(command)
+    proc = subprocess.run([*run, *argv[2:]], cwd=tmp_path / "out", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_diff(weights(tmp_path / "out-reproduced"), weights(tmp_path / "out")) < 1e-6

@@ -355,6 +355,21 @@ _RESUME_IRRELEVANT = {
 }
 
 
+def _portable(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local paths (model, data, output) made absolute: the saved
+    ``train_config.yaml`` then trains the same from any folder (the model card's command)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for section, key in (("model", "path"), ("data", "train_file"), ("data", "dataset_name")):
+        holder = getattr(out, section)
+        value = getattr(holder, key)
+        if value and Path(value).exists():
+            setattr(holder, key, str(Path(value).resolve()))
+    out.output_dir = str(Path(out.output_dir).resolve())
+    return out
+
+
 def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "never":
         return None
@@ -797,7 +812,7 @@ def train(
         shutil.rmtree(ckpt_root)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "train_config.yaml")
+        save_config(_portable(cfg), out_dir / "train_config.yaml")
     accelerator.wait_for_everyone()
 
     # ---- set-up: model (resumed weights first), engine, optimizer, schedule -----------------

@@ -79,10 +79,11 @@ def write_model_card(
             lines += [f"| {k} | {v:.4g} |" for k, v in shown]
     lines += [
         "",
-        "Reproduce (the resolved settings are in `train_config.yaml` next to this card):",
+        "Reproduce: the resolved settings, with absolute paths, are in `train_config.yaml` next "
+        "to this card; from this folder (into a new one beside it):",
         "",
         "```bash",
-        "inpo train train_config.yaml",
+        f"inpo train train_config.yaml output_dir=../{out_dir.name}-reproduced",
         "```",
         "",
     ]
