@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from inpo.cli import main
@@ -394,3 +395,26 @@ def test_pairwise_verdict_tokens_are_checked_before_anything_runs(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "'A' and 'B' are the same token" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_oracle_writes_a_model_card_whose_command_reproduces_it(kit, tmp_path):
+    """Every trained oracle gets a card (kind, data, steps, metrics); its reproduce command,
+    run from the card's folder, trains the same weights into a new folder beside it."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _train(kit, tmp_path / "rm", "bt", "cyclic", "optim.max_steps=2")
+    card = (tmp_path / "rm" / "README.md").read_text()
+    assert "| kind | `bt`" in card and "| optimizer steps | 2 |" in card
+    command = shlex.split(re.search(r"```bash\n(inpo train-oracle .*)\n```", card).group(1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "inpo", *command[1:]], cwd=tmp_path / "rm",
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("rm", "rm-reproduced"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

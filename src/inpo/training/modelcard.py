@@ -1,4 +1,5 @@
-"""The model card (``README.md``) written next to every model ``inpo train`` saves.
+"""The model card (``README.md``) written next to every model ``inpo train`` and
+``inpo train-oracle`` save.
 
 Hugging Face's format: YAML front matter (``library_name``, ``tags``, ``base_model``) that the
 Hub reads, then what was trained from what, with which loss and hyper-parameters, the last
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_model_card"]
+__all__ = ["write_model_card", "write_oracle_card"]
 
 
 def _name(path: str) -> str:
@@ -77,16 +78,78 @@ def write_model_card(
         if shown:
             lines += ["", "Last optimizer step:", "", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" for k, v in shown]
-    lines += [
+    lines += _reproduce(out_dir, "train", "train_config.yaml")
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _reproduce(out_dir: Path, command: str, config: str) -> list[str]:
+    """The card's last section: the command that trains the same model again, run from the
+    card's folder (``config`` records absolute paths) into a new folder beside it."""
+    return [
         "",
-        "Reproduce: the resolved settings, with absolute paths, are in `train_config.yaml` next "
-        "to this card; from this folder (into a new one beside it):",
+        f"Reproduce: the resolved settings, with absolute paths, are in `{config}` next to this "
+        "card; from this folder (into a new one beside it):",
         "",
         "```bash",
-        f"inpo train train_config.yaml output_dir=../{out_dir.name}-reproduced",
+        f"inpo {command} {config} output_dir=../{out_dir.name}-reproduced",
         "```",
         "",
     ]
+
+
+#: What each oracle kind is, for its card.
+_ORACLE_KINDS = {
+    "bt": "a Bradley–Terry reward model (one score a response; `annotate.oracle=reward_model`)",
+    "pairwise": "a pairwise preference model (reads both responses, answers A or B; "
+    "`annotate.oracle=pairwise`)",
+    "gpm": "a general preference model (GPM: skew-symmetric embeddings, cyclic preferences; "
+    "`annotate.oracle=gpm`)",
+}
+
+
+def write_oracle_card(
+    out_dir: Path, cfg: Any, *, pairs: int, steps: int, last: dict[str, Any] | None
+) -> Path:
+    """The card of an ``inpo train-oracle`` model: kind, starting weights, data, optimizer,
+    the last step's metrics and the command that reproduces it."""
+    from inpo import __version__
+
+    o = cfg.optim
+    rows = [
+        ("kind", f"`{cfg.kind}`: {_ORACLE_KINDS.get(cfg.kind, cfg.kind)}"),
+        ("starting weights", f"`{_name(cfg.model.path)}`"),
+        ("training data", f"`{_name(str(cfg.data.source))}` ({pairs} pairs)"),
+        ("optimizer steps", str(steps)),
+        ("optimizer", f"{o.optimizer}, lr {o.learning_rate:g}, {o.lr_scheduler} schedule"),
+        ("global batch", f"{o.global_batch_size} pairs ({o.per_device_batch_size} a device)"),
+        ("inpo version", __version__),
+    ]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- inpo",
+        "- preference-model",
+        f"- {cfg.kind}",
+        f"base_model: {_name(cfg.model.path)}",
+        "---",
+        "",
+        f"# {out_dir.name}",
+        "",
+        "A preference oracle trained with inpo (`inpo train-oracle`).",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
+    if last:
+        shown = [(k, last[k]) for k in ("loss", "accuracy") if isinstance(last.get(k), int | float)]
+        if shown:
+            lines += ["", "Last optimizer step:", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" for k, v in shown]
+    lines += _reproduce(out_dir, "train-oracle", "train_oracle_config.yaml")
     path = out_dir / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -300,6 +300,21 @@ def preference_metrics(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str
     }
 
 
+def _portable(cfg: OracleTrainConfig) -> OracleTrainConfig:
+    """``cfg`` with its local paths absolute, so the saved config (the card's reproduce
+    command) trains the same from any folder."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for section, key in (("model", "path"), ("data", "train_file"), ("data", "eval_file")):
+        holder = getattr(out, section)
+        value = getattr(holder, key)
+        if value and Path(value).exists():
+            setattr(holder, key, str(Path(value).resolve()))
+    out.output_dir = str(Path(out.output_dir).resolve())
+    return out
+
+
 #: Settings that do not change what a resumed training computes (its weights and metrics).
 _RESUME_IRRELEVANT = ("resume", "save_steps", "keep_checkpoints", "logging", "output_dir")
 _RESUME_IRRELEVANT_KEYS = ("data.eval_file",)
@@ -420,7 +435,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     is_main = accelerator.is_main_process
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "train_oracle_config.yaml")
+        save_config(_portable(cfg), out_dir / "train_oracle_config.yaml")
     accelerator.wait_for_everyone()
 
     # ---- set-up: model, engine, optimizer, schedule, resume ----------------------------------
@@ -544,6 +559,9 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         model_dir = out_dir  # as `inpo train` writes it: the folder annotate.model names
         if is_main and (start < total_steps or not (model_dir / "config.json").is_file()):
             _save_model(cfg, accelerator.unwrap_model(model), tokenizer, model_dir)
+            from inpo.training.modelcard import write_oracle_card
+
+            write_oracle_card(model_dir, cfg, pairs=len(rows), steps=total_steps, last=row)
         accelerator.wait_for_everyone()
     finally:
         bar.close()
