@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from inpo.cli import main
 from inpo.oracles.gpm import gpm_score
