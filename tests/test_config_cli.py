@@ -135,3 +135,26 @@ def test_an_unknown_kind_and_a_file_for_a_folder_are_one_line(tmp_path, capsys):
         assert main(["toy", str(tmp_path / "file"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "exists and is not a folder" in err and "\n" not in err
+
+
+def test_hostile_config_files_are_refused_early_and_bounded(tmp_path, capsys):
+    """An alias bomb in one list key, a file of 300,000 unknown keys, and a huge value of the
+    wrong type: each is one short line, at once, and no message formats an unbounded value."""
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(["x_defs:", *("  " + line for line in levels),
+                               "model: {path: m, lora: {target_modules: *a8}}"]))  # fmt: skip
+    many = tmp_path / "many.yaml"
+    many.write_text("".join(f"key{i}: {i}\n" for i in range(300_000)))
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("optim: {learning_rate: [" + ", ".join(["1"] * 20_000) + "]}\n")
+    for path, needle in ((bomb, "alias references"), (many, "bytes; a config is at most"),
+                         (wide, "must be a number")):  # fmt: skip
+        start = time.perf_counter()
+        assert main(["config", "show", "train", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and len(err) < 400, err[:500]
+        assert time.perf_counter() - start < 5

@@ -102,37 +102,41 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {_shown(value)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             names = [_yaml_name(a) for a in allowed]  # true/false/null, as a user writes them
             close = difflib.get_close_matches(str(value), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"'{key}' must be one of {', '.join(names)}; got {value!r}{hint}")
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(names)}; got {_shown(value)}{hint}"
+            )
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+            raise ConfigError(f"'{key}' must be a list, got {_shown(value)}")
         (item_tp, *_) = get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"'{key}' must be a mapping, got {_shown(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"'{key}' must be a mapping of {tp.__name__} fields, got {_shown(value)}"
+            )
         return from_dict(tp, value, prefix=f"{key}.", source=source)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"'{key}' must be true or false, got {_shown(value)}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -141,23 +145,23 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        raise ConfigError(f"'{key}' must be a number, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"'{key}' must be an integer, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        raise ConfigError(f"'{key}' must be a string, got {_shown(value)}")
     if tp is Path:
         if isinstance(value, str | Path):
             return Path(value)
-        raise ConfigError(f"'{key}' must be a path, got {value!r}")
+        raise ConfigError(f"'{key}' must be a path, got {_shown(value)}")
     return value
 
 
@@ -212,12 +216,55 @@ def validate_config(cfg: Any) -> None:
     _validate(cfg)
 
 
+#: A config file's size limit: configs are a few KiB; a larger file is refused before parsing
+#: (a file of 300,000 keys took PyYAML over 30 s to read before its first key was checked).
+MAX_CONFIG_BYTES = 1 << 20
+#: Alias references (``*name``) a config file may hold: a few are handy, thousands are an
+#: alias bomb (each level multiplying the one below).
+MAX_ALIASES = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than :data:`MAX_ALIASES` alias references."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"more than {MAX_ALIASES} alias references (*name) at line {mark.line + 1}: "
+                    "an alias bomb, or a config to write out plainly"
+                )
+        return super().compose_node(parent, index)
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: ``repr``, bounded in depth, items and length
+    (a message never formats an unbounded value)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 6, 6, 80, 80
+    return r.repr(value)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file's top-level mapping; every problem a one-line :class:`ConfigError`
-    naming the file (and line). ``safe_load``: a Python tag is refused, nothing executes."""
+    naming the file (and line). ``safe_load``: a Python tag is refused, nothing executes; the
+    file's size and its alias references are bounded (:data:`MAX_CONFIG_BYTES`,
+    :data:`MAX_ALIASES`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file '{path}' is {size:,} bytes; a config is at most "
+            f"{MAX_CONFIG_BYTES:,} (is this the right file?)"
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -225,7 +272,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"config file '{path}' cannot be read: {err.strerror}") from None
     try:
-        loaded = yaml.safe_load(text) or {}
+        loaded = yaml.load(text, Loader=_BoundedLoader) or {}  # a SafeLoader: no Python tags
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
