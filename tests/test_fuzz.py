@@ -174,7 +174,7 @@ ROW = st.dictionaries(
 
 @FUZZ
 @given(st.lists(ROW, min_size=1, max_size=5), st.booleans())
-def test_dataset_rows_load_or_an_error_names_the_row(tmp_path_factory, rows, corrupt):
+def test_dataset_rows_load_or_an_error_names_the_line(tmp_path_factory, rows, corrupt):
     from inpo.data import load_preference_dataset
 
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
@@ -185,7 +185,8 @@ def test_dataset_rows_load_or_an_error_names_the_row(tmp_path_factory, rows, cor
     try:
         load_preference_dataset(path)
     except InpoError as err:
-        assert "pairs.jsonl" in str(err) and "row" in str(err), str(err)
+        # a JSONL file's row is named by its line (1-based, as editors count)
+        assert "pairs.jsonl" in str(err) and "line " in str(err), str(err)
 
 
 @FUZZ
