@@ -336,3 +336,34 @@ def test_pairwise_renders_the_rlhflow_model_cards_format(llama3_pm_path):
     )
     # the same conversation as a text prompt is a different query (one user turn)
     assert oracle.render("Name a colour.", a, b) != ids
+
+
+def test_an_oracle_that_cannot_read_the_text_warns_once_naming_the_share(tmp_path, caplog):
+    """A reward model with a word-level tokenizer reading text in words it does not know."""
+    import logging
+
+    from inpo.oracles.reward_model import RewardModelOracle
+    from inpo.tiny import tiny_reward_model, word_tokenizer
+
+    tok = word_tokenizer(["red", "blue"])
+    rm = tiny_reward_model("llama", tok, hidden_size=32)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    oracle = RewardModelOracle(tmp_path / "rm", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="inpo.oracles.reward_model"):
+        for _ in range(3):
+            oracle.prob_prefers(
+                ["say a colour please"] * 2, ["red is nice", "blue"], ["x y", "red"]
+            )
+    said = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
+    assert len(said) == 1 and " of " in said[0] and "%" in said[0], said
+    caplog.clear()
+    known = word_tokenizer(["red", "blue", "say", "a", "colour"])
+    rm = tiny_reward_model("llama", known, hidden_size=32)
+    rm.save_pretrained(tmp_path / "rm2")
+    known.save_pretrained(tmp_path / "rm2")
+    with caplog.at_level(logging.WARNING, logger="inpo.oracles.reward_model"):
+        RewardModelOracle(tmp_path / "rm2", device="cpu").prob_prefers(
+            ["say a colour"], ["red"], ["blue"]
+        )
+    assert not [r for r in caplog.records if "unknown token" in r.getMessage()]

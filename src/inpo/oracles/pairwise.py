@@ -43,6 +43,7 @@ from inpo.errors import ConfigError, OracleError
 from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.reward_model import (
     _check_local,
+    check_unknown_share,
     length_batches,
     model_fingerprint,
     resolve_device,
@@ -277,6 +278,7 @@ class PairwisePreferenceOracle:
         ids = render_comparison(
             self.tokenizer, prompt, response_a, response_b, self.template, self.format
         )
+        check_unknown_share(self.tokenizer, ids, f"pairwise model '{self.path}'")
         if len(ids) > self.max_length:
             raise OracleError(
                 f"pairwise comparison prompt of {len(ids)} tokens exceeds max_length "

@@ -21,6 +21,7 @@ with :mod:`inpo.oracles.pairwise`.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 from inpo.errors import ConfigError, OracleError
 from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Rendered",
@@ -90,6 +93,33 @@ class Rendered(NamedTuple):
     truncated: bool
 
 
+#: A share of unknown tokens above which an oracle is warned it cannot read the text.
+UNKNOWN_SHARE_WARN = 0.25
+_UNKNOWN_CHECKED: set[int] = set()  # tokenizers already checked (each is checked once)
+
+
+def check_unknown_share(tokenizer: Any, ids: Sequence[int], who: str) -> None:
+    """Warn once a tokenizer when most of what an oracle reads is its unknown token (a
+    word-level toy tokenizer reading a real chat model's text): naming the share, since such an
+    oracle judges text it cannot see."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or id(tokenizer) in _UNKNOWN_CHECKED or not ids:
+        return
+    _UNKNOWN_CHECKED.add(id(tokenizer))
+    unknown = sum(1 for t in ids if t == unk)
+    if unknown / len(ids) > UNKNOWN_SHARE_WARN:
+        log.warning(
+            "%s reads %d of %d tokens of a query as its unknown token %r (%.0f%%): it cannot "
+            "see most of the text it judges; use an oracle whose tokenizer knows the policy's "
+            "language",
+            who,
+            unknown,
+            len(ids),
+            tokenizer.unk_token,
+            100 * unknown / len(ids),
+        )
+
+
 def render_response(
     tokenizer: Any, prompt: Any, response: str, max_length: int, *, prompt_index: bool = False
 ) -> Rendered:
@@ -119,6 +149,7 @@ def render_response(
         ids = tok(f"{prompt_text(prompt)}\n\n{response}")["input_ids"]
         if prompt_index:
             head_ids = tok(f"{prompt_text(prompt)}\n\n")["input_ids"]
+    check_unknown_share(tok, ids, f"the oracle's tokenizer ({type(tok).__name__})")
     cut = max(0, len(ids) - max_length)
     if not prompt_index:
         return Rendered(list(ids[cut:]), 0, cut > 0)
