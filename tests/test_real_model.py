@@ -27,7 +27,8 @@ from test_docs import doc_commands
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "real-model.md"
 
-pytestmark = pytest.mark.real
+# the page's commands run once, in the first test's set-up (~4 min on 2 idle cores)
+pytestmark = [pytest.mark.real, pytest.mark.timeout(1800)]
 
 IM_END = "<|im_end|>"
 PROMPTS = [json.loads(x)["prompt"] for x in (ROOT / "examples/chat_prompts.jsonl").open()]
