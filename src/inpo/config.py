@@ -329,6 +329,25 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def with_absolute_paths(cfg: T, keys: tuple[str, ...]) -> T:
+    """A copy of ``cfg`` whose dotted ``keys`` naming an existing local file or folder, and its
+    ``output_dir``, are absolute: a config saved from it (the model cards' reproduce command)
+    means the same from any folder. Hub ids and empty values are left as they are."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key in keys:
+        *sections, name = key.split(".")
+        holder = out
+        for section in sections:
+            holder = getattr(holder, section)
+        value = getattr(holder, name)
+        if value and Path(value).exists():
+            setattr(holder, name, str(Path(value).resolve()))
+    out.output_dir = str(Path(out.output_dir).resolve())
+    return out
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (no secrets)."""
     path = Path(path)

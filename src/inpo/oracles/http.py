@@ -65,6 +65,14 @@ class _Cancelled(Exception):
     """Another request of the same call failed for good; this one is not sent."""
 
 
+def _gathered(n: int, answers: Iterator[tuple[int, float]]) -> np.ndarray:
+    """The ``[n]`` float64 array of streamed ``(i, P)`` answers."""
+    out = np.empty(n, dtype=np.float64)
+    for i, p in answers:
+        out[i] = p
+    return out
+
+
 def _truncate(text: str, n: int = _SHOW) -> str:
     return repr(text[:n] + ("…" if len(text) > n else ""))
 
@@ -363,10 +371,7 @@ class HTTPJudgeOracle:
     ) -> np.ndarray:
         """``P(a_i ≻ b_i) = ½[P_A(a_i, b_i) + 1 − P_A(b_i, a_i)]`` from 2n requests, ``[n]``."""
         n = check_lengths(prompts, responses_a, responses_b)
-        out = np.empty(n, dtype=np.float64)
-        for i, p in self.iter_prob_prefers(prompts, responses_a, responses_b):
-            out[i] = p
-        return out
+        return _gathered(n, self.iter_prob_prefers(prompts, responses_a, responses_b))
 
     def position_probs(
         self,
@@ -378,10 +383,7 @@ class HTTPJudgeOracle:
         pair (``inpo eval`` reads both orders through it to report the position bias), ``[n]``.
         The first failure (after its retries) is raised once the requests in flight end."""
         n = check_lengths(prompts, responses_a, responses_b)
-        out = np.empty(n, dtype=np.float64)
-        for i, p in self.iter_position_probs(prompts, responses_a, responses_b):
-            out[i] = p
-        return out
+        return _gathered(n, self.iter_position_probs(prompts, responses_a, responses_b))
 
     def iter_position_probs(
         self,

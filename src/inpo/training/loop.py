@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from inpo.config import config_to_dict, save_config
+from inpo.config import config_to_dict, save_config, with_absolute_paths
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
 from inpo.logprobs import MIN_PACK_LENGTH, packing_pays
 from inpo.losses import LossSpec, get_loss
@@ -353,21 +353,6 @@ _RESUME_IRRELEVANT = {
     "hub_model_id",
     "hub_private_repo",
 }
-
-
-def _portable(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its local paths (model, data, output) made absolute: the saved
-    ``train_config.yaml`` then trains the same from any folder (the model card's command)."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    for section, key in (("model", "path"), ("data", "train_file"), ("data", "dataset_name")):
-        holder = getattr(out, section)
-        value = getattr(holder, key)
-        if value and Path(value).exists():
-            setattr(holder, key, str(Path(value).resolve()))
-    out.output_dir = str(Path(out.output_dir).resolve())
-    return out
 
 
 def _resume_point(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
@@ -812,7 +797,9 @@ def train(
         shutil.rmtree(ckpt_root)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(_portable(cfg), out_dir / "train_config.yaml")
+        # local paths absolute: the model card's command reproduces from any folder
+        paths = ("model.path", "data.train_file", "data.dataset_name")
+        save_config(with_absolute_paths(cfg, paths), out_dir / "train_config.yaml")
     accelerator.wait_for_everyone()
 
     # ---- set-up: model (resumed weights first), engine, optimizer, schedule -----------------

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo.config import save_config
+from inpo.config import save_config, with_absolute_paths
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
 from inpo.training.oracle_config import OracleTrainConfig
 
@@ -300,21 +300,6 @@ def preference_metrics(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str
     }
 
 
-def _portable(cfg: OracleTrainConfig) -> OracleTrainConfig:
-    """``cfg`` with its local paths absolute, so the saved config (the card's reproduce
-    command) trains the same from any folder."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    for section, key in (("model", "path"), ("data", "train_file"), ("data", "eval_file")):
-        holder = getattr(out, section)
-        value = getattr(holder, key)
-        if value and Path(value).exists():
-            setattr(holder, key, str(Path(value).resolve()))
-    out.output_dir = str(Path(out.output_dir).resolve())
-    return out
-
-
 #: Settings that do not change what a resumed training computes (its weights and metrics).
 _RESUME_IRRELEVANT = ("resume", "save_steps", "keep_checkpoints", "logging", "output_dir")
 _RESUME_IRRELEVANT_KEYS = ("data.eval_file",)
@@ -435,7 +420,9 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     is_main = accelerator.is_main_process
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(_portable(cfg), out_dir / "train_oracle_config.yaml")
+        # local paths absolute: the model card's command reproduces from any folder
+        paths = ("model.path", "data.train_file", "data.eval_file")
+        save_config(with_absolute_paths(cfg, paths), out_dir / "train_oracle_config.yaml")
     accelerator.wait_for_everyone()
 
     # ---- set-up: model, engine, optimizer, schedule, resume ----------------------------------
