@@ -47,6 +47,11 @@ def test_an_empty_folder_and_an_inpo_run_folder_are_fine(tmp_path):
     (run / ".lock").write_text("")
     (run / "metrics.jsonl").write_text("")
     assert foreign_run_dir(run, []) is None
+    copied = tmp_path / "copied"  # a run folder copied without its lock (benchmarks do)
+    (copied / "iter_000" / "generate").mkdir(parents=True)
+    (copied / "iter_000" / "generate" / "manifest.json").write_text("{}")
+    (copied / "metrics.jsonl").write_text("")
+    assert foreign_run_dir(copied, []) is None
 
 
 def test_export_refuses_to_replace_its_questions_or_write_a_folder(tmp_path, capsys):

@@ -88,12 +88,18 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
             os.close(fd)  # releases the folder's lock
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """An inpo run folder: the lock a run took, or a stage's manifest (a copy of a run folder,
+    which leaves the lock behind, is one too)."""
+    from inpo.pipeline.lock import LOCK
+
+    return (folder / LOCK).exists() or any(folder.glob("*/*/manifest.json"))
+
+
 def foreign_run_dir(run_dir: Path, models: list[str]) -> str | None:
     """Why ``run_dir`` must not be written, or ``None``: a file; a non-empty folder that is not
     an inpo run folder (no ``.lock`` of a run that used it), whose files a run would write
     over; a folder that is (or lies inside) the reference or policy model's folder."""
-    from inpo.pipeline.lock import LOCK
-
     if run_dir.exists() and not run_dir.is_dir():
         return f"run_dir '{run_dir}' is a file; name a folder for the run (it is created)"
     here = run_dir.resolve()
@@ -105,7 +111,7 @@ def foreign_run_dir(run_dir: Path, models: list[str]) -> str | None:
                     f"run_dir '{run_dir}' is inside the model folder '{model}'; a run must not "
                     "write into a model it reads: name another folder"
                 )
-    if run_dir.is_dir() and not (run_dir / LOCK).exists():
+    if run_dir.is_dir() and not _is_run_folder(run_dir):
         mine = sorted(p.name for p in run_dir.iterdir())
         if mine:
             shown = ", ".join(mine[:3]) + (", …" if len(mine) > 3 else "")
