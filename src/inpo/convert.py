@@ -21,7 +21,6 @@ downloaded, and an existing non-empty folder is never written over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,20 +28,12 @@ import tempfile
 from pathlib import Path
 
 from inpo.errors import ConfigError, DataError
+from inpo.generation import end_token_ids
+from inpo.hashing import file_sha256
 
-__all__ = ["GGUF_MAGIC", "check_gguf", "convert_gguf", "sha256_of"]
+__all__ = ["GGUF_MAGIC", "check_gguf", "convert_gguf"]
 
 GGUF_MAGIC = b"GGUF"
-_CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reader(path: Path):
@@ -77,7 +68,7 @@ def check_gguf(path: str | Path, sha256: str | None = None) -> dict:
         raise DataError(f"{path}: not a GGUF file (it starts {magic!r}, not {GGUF_MAGIC!r})")
     if sha256 is not None:
         want = sha256.strip().lower()
-        got = sha256_of(path)
+        got = file_sha256(path)
         if got != want:
             raise DataError(f"{path}: SHA-256 mismatch: expected {want}, the file has {got}")
     reader = _reader(path)
@@ -112,19 +103,6 @@ def _target(out_dir: Path) -> None:
         raise ConfigError(
             f"'{out_dir}' exists and is not empty; name a new folder (nothing was written)"
         )
-
-
-def _end_of_turn_ids(tokenizer, generation_config) -> list[int]:
-    """The ids that end an answer: the generation config's ``eos_token_id`` and the
-    tokenizer's end-of-sequence token (for a ChatML model, ``<|im_end|>``)."""
-    ids: list[int] = []
-    eos = generation_config.eos_token_id
-    for value in eos if isinstance(eos, list) else [eos]:
-        if value is not None and value not in ids:
-            ids.append(int(value))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
 
 
 def convert_gguf(
@@ -166,7 +144,7 @@ def convert_gguf(
     if config.tie_word_embeddings:
         model.tie_weights()
     generation = loaded.generation_config
-    eos = _end_of_turn_ids(tokenizer, generation)
+    eos = end_token_ids(tokenizer, generation)  # the tokenizer's EOS (<|im_end|>) among them
     generation.eos_token_id = eos if len(eos) > 1 else eos[0]
     if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
@@ -174,7 +152,7 @@ def convert_gguf(
     del loaded
     record = {
         "source": str(gguf_file),
-        "sha256": sha256_of(gguf_file) if sha256 is None else sha256.strip().lower(),
+        "sha256": file_sha256(gguf_file) if sha256 is None else sha256.strip().lower(),
         **info,
         "dtype": dtype,
         "eos_token_id": eos,
