@@ -43,7 +43,7 @@ def main() -> int:
 
     from inpo.game.algorithms import run_algorithm
     from inpo.game.exact import duality_gap, exploitability, kl, regularized_nash
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
     from inpo.tasks import DefaultTask, DefaultTaskConfig, PolicyTable
     from inpo.tasks.sft import read_manifest, torch_threads
 

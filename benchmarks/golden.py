@@ -139,7 +139,9 @@ def compare(a: Path, b: Path) -> int:
         sb = gb.get(name, {})
         for key in ("exact", "metrics", "weights"):
             if set(sa[key]) != set(sb.get(key, {})):
-                problems.append(f"{name}: {key} files differ: {sorted(set(sa[key]) ^ set(sb[key]))}")
+                problems.append(
+                    f"{name}: {key} files differ: {sorted(set(sa[key]) ^ set(sb[key]))}"
+                )
         for rel, digest in sa["exact"].items():
             if sb["exact"].get(rel) != digest:
                 problems.append(f"{name}/{rel}: bytes differ")

@@ -55,8 +55,8 @@ def measure(model, length: int, buckets: int, repeats: int = 7) -> float:
     """Median seconds of forward + backward (``buckets=0``: one packed varlen row)."""
     import torch
 
+    from inpo.layout import bucketed_logps
     from inpo.logprobs import packed_sequence_logps, sequence_logps
-    from inpo.training.loop import bucketed_logps
 
     g = torch.Generator().manual_seed(length)
     n = 16
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from inpo.training.loop import MIN_BUCKET_LENGTH, MIN_PACK_LENGTH
+    from inpo.layout import MIN_BUCKET_LENGTH, MIN_PACK_LENGTH
 
     torch.manual_seed(0)
     load = os.getloadavg()

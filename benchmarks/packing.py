@@ -54,7 +54,7 @@ def _flex_check(model_dir: Path, batch: dict, tolerance: float = 1e-4) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from inpo.training.loop import bucketed_shared_logps
+    from inpo.layout import bucketed_shared_logps
 
     out = {}
     for attn in ("sdpa", "flex_attention"):
@@ -97,9 +97,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from inpo.data import PreferenceCollator
+    from inpo.layout import bucketed_logps, bucketed_shared_logps
     from inpo.logprobs import packed_sequence_logps, sequence_logps
     from inpo.tiny import QWEN2_05B, char_tokenizer, tiny_causal_lm, word_tokenizer
-    from inpo.training.loop import bucketed_logps, bucketed_shared_logps
 
     rng = random.Random(0)
     if gpu:

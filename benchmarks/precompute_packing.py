@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from inpo.logprobs import MIN_PACK_LENGTH
+    from inpo.layout import MIN_PACK_LENGTH
     from inpo.precompute import precompute_logps
     from inpo.tiny import char_tokenizer, save_tiny_lm
 

@@ -119,7 +119,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 8, device: str = "cpu") -> f
 def build(work: Path, pairs: int, device: str = "cpu") -> dict:
     import torch
 
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
     from inpo.tiny import QWEN2_05B, save_tiny_lm, word_tokenizer
 
     gpu = device == "cuda"

@@ -229,7 +229,7 @@ def test_the_papers_shape_on_a_tiny_chat_model(oracle, tmp_path):
 
     from inpo.commands.export import main as export
     from inpo.config import load_config
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
     from inpo.pipeline.config import RunConfig
     from inpo.pipeline.run import run_pipeline
 

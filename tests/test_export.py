@@ -153,7 +153,7 @@ def test_the_default_task_model_answers_in_its_own_text_format(tmp_path, capsys)
 
     from inpo.tasks.default import DefaultTask, DefaultTaskConfig
     from inpo.tiny import CHAT_TEMPLATE
-    from inpo.training.loop import read_prompt_format, write_prompt_format
+    from inpo.training.modeling import read_prompt_format, write_prompt_format
 
     task = DefaultTask(DefaultTaskConfig())
     model = tmp_path / "run" / "iter_001" / "train" / "model"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from inpo.data import PreferenceCollator, tokenize_pair
-from inpo.logprobs import completion_logps, naive_sequence_logps, sequence_logps
+from inpo.layout import completion_logps
+from inpo.logprobs import naive_sequence_logps, sequence_logps
 from inpo.tiny import char_tokenizer, tiny_causal_lm
 
 # prompts of different lengths, completions of different lengths
@@ -91,16 +92,16 @@ def test_completion_logps_packs_long_batches_by_default_with_the_same_values(mod
     those of the padded path to float rounding, in both cases."""
     from unittest import mock
 
-    from inpo import logprobs
+    from inpo import layout
 
     prompts = ["Hi.", "Tell me a story", "Q?", "Why?"]
     completions = [" short", " once upon a time " * 5, " a", " because " * 9]
     padded = completion_logps(model, tok, prompts, completions, batch_size=2, packing=False)
-    spy = mock.patch.object(logprobs, "packed_sequence_logps", wraps=logprobs.packed_sequence_logps)
+    spy = mock.patch.object(layout, "packed_sequence_logps", wraps=layout.packed_sequence_logps)
     with spy as packed:
         auto = completion_logps(model, tok, prompts, completions, batch_size=2)
     assert packed.call_count == 1  # the long batch only (sorted by length: the second)
-    assert packed.call_args.args[1].shape[1] >= logprobs.MIN_PACK_LENGTH
+    assert packed.call_args.args[1].shape[1] >= layout.MIN_PACK_LENGTH
     torch.testing.assert_close(auto, padded, rtol=0, atol=1e-5)
     forced = completion_logps(model, tok, prompts, completions, batch_size=2, packing=True)
     torch.testing.assert_close(forced, padded, rtol=0, atol=1e-5)
@@ -217,7 +218,7 @@ def test_half_precision_paths_agree(tok, mode):
 
 def test_goes_through_the_outer_forward_and_supports_checkpointing(tok, monkeypatch):
     """A DDP-like wrapper's forward must run (DDP syncs gradients only after its forward)."""
-    import inpo.logprobs
+    import inpo.modelparts
 
     class Wrapper(torch.nn.Module):
         def __init__(self, module):
@@ -247,7 +248,7 @@ def test_goes_through_the_outer_forward_and_supports_checkpointing(tok, monkeypa
     lp_ckpt, grad_ckpt = run(inner)
     inner.activation_checkpointing_disable()
     inner.eval()
-    monkeypatch.setattr(inpo.logprobs, "_keeps_logits", lambda model: False)  # no logits_to_keep
+    monkeypatch.setattr(inpo.modelparts, "keeps_logits", lambda model: False)  # no logits_to_keep
     lp_direct, grad_direct = run(inner)
     for other, other_grad in ((lp_ckpt, grad_ckpt), (lp_direct, grad_direct)):
         torch.testing.assert_close(other, lp)
@@ -395,7 +396,8 @@ def test_packing_gives_the_padded_logps_and_gradients(tok, arch, side, capacity,
     sequence, all in one row, each in its own), attention through transformers' block-diagonal
     mask or one sequence at a time (``inpo.varlen``): the same log-probs and gradients as the
     padded batch (to 1e-5), whatever the padding side."""
-    from inpo.logprobs import check_packing_support, packed_sequence_logps
+    from inpo.layout import check_packing_support
+    from inpo.logprobs import packed_sequence_logps
 
     model = (
         _qwen2(tok)

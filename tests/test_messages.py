@@ -9,7 +9,7 @@ import sys
 
 from inpo.config import load_config
 from inpo.training.config import TrainConfig
-from inpo.training.loop import _load_data
+from inpo.training.pairs import load_pairs as _load_data
 
 
 def test_precompute_prints_its_result_once(tmp_path):

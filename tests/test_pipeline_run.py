@@ -53,7 +53,7 @@ class ToyTask(Workload):
     def evaluate(self, policy, ref):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from inpo.logprobs import completion_logps
+        from inpo.layout import completion_logps
 
         self.evaluations += 1
         model = AutoModelForCausalLM.from_pretrained(policy)

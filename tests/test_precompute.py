@@ -12,7 +12,8 @@ import torch
 from inpo.cli import main as cli_main
 from inpo.data import PreferenceCollator, load_preference_dataset
 from inpo.errors import ConfigError, DataError
-from inpo.logprobs import completion_logps, sequence_logps
+from inpo.layout import completion_logps
+from inpo.logprobs import sequence_logps
 from inpo.precompute import MANIFEST_NAME, dataset_hash, precompute_logps
 from inpo.tiny import char_tokenizer, save_tiny_lm
 
@@ -270,7 +271,7 @@ def test_packing_by_default_on_long_rows_gives_the_padded_values(models, tmp_pat
     """``packing=None`` (the default): batches whose longest sequence has ``MIN_PACK_LENGTH``
     tokens or more are scored packed (on CPU one row, attention one sequence at a time), the
     short ones padded; the values are the padded ones to float rounding, under the same key."""
-    from inpo.logprobs import MIN_PACK_LENGTH
+    from inpo.layout import MIN_PACK_LENGTH
 
     ref, _ = models
     rows = [

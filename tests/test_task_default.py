@@ -283,7 +283,7 @@ def test_policy_table_is_exact(reference):
             ids = [*ids, t]
         assert table.logps[mi, ni] == pytest.approx(total, abs=1e-4)
     # Same numbers as the pipeline's own scorer.
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
 
     lp = completion_logps(model, tok, [table.prompts[1]] * 3, ys[:3], batch_size=2)
     np.testing.assert_allclose(lp.numpy(), table.logps[1, :3], atol=1e-5)

@@ -17,7 +17,7 @@ from inpo.config import load_config
 from inpo.errors import ConfigError, DataError, TrainingDivergedError
 from inpo.training import TrainConfig, train
 from inpo.training.checkpoint import find_latest_checkpoint
-from inpo.training.loop import WarmupSchedule
+from inpo.training.optim import WarmupSchedule
 
 
 def make_rows(n: int) -> list[dict]:
@@ -40,7 +40,7 @@ def write_dataset(path: Path, model_dir: Path, rows: list[dict]) -> Path:
     """Write ``rows`` as JSONL with ref/prev log-probs computed by the model in ``model_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -471,15 +471,19 @@ def test_length_buckets_default_by_device_and_row_length(tmp_path):
     """null: 4 buckets on CPU only for rows of MIN_BUCKET_LENGTH tokens or more (shorter rows
     run faster in one pass, benchmarks/results/length_buckets.md), 1 on accelerators; a set
     value is kept whatever the length."""
-    from types import SimpleNamespace
 
-    from inpo.training.loop import MIN_BUCKET_LENGTH, _length_buckets
+    from inpo.layout import MIN_BUCKET_LENGTH, Layout
 
     base = ["model.path=x", "data.train_file=y", f"output_dir={tmp_path}"]
     auto = load_config(TrainConfig, None, base)
     three = load_config(TrainConfig, None, [*base, "data.length_buckets=3"])
-    cpu = SimpleNamespace(device=torch.device("cpu"))
-    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+
+    def _length_buckets(cfg, device, width):
+        return Layout(length_buckets=cfg.data.length_buckets, device_type=device).buckets(
+            width, packed=False
+        )
+
+    cpu, gpu = "cpu", "cuda"
     assert _length_buckets(auto, cpu, MIN_BUCKET_LENGTH - 1) == 1
     assert _length_buckets(auto, cpu, MIN_BUCKET_LENGTH) == 4
     assert _length_buckets(auto, gpu, 4 * MIN_BUCKET_LENGTH) == 1
@@ -490,8 +494,8 @@ def test_length_buckets_give_the_same_logps_and_gradients(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inpo.data import PreferenceCollator
+    from inpo.layout import bucketed_logps
     from inpo.logprobs import sequence_logps
-    from inpo.training.loop import bucketed_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny[0])
     rows = make_rows(6)
@@ -699,7 +703,7 @@ def test_packing_null_packs_long_cpu_micro_batches(tiny, tmp_path, monkeypatch, 
     """``data.packing: null`` (the default): on CPU a micro-batch whose longest row has
     ``MIN_PACK_LENGTH`` tokens or more runs packed into one row with variable-length attention,
     a shorter one padded as before; the same training as ``data.packing=false``."""
-    from inpo.training.loop import MIN_PACK_LENGTH
+    from inpo.layout import MIN_PACK_LENGTH
 
     model_dir, _ = tiny
     rows = make_rows(8)
@@ -733,34 +737,39 @@ def test_packing_null_on_cuda_packs_unshared_pairs_of_models_that_keep_sequences
     H200, packing_gpu.md) for unshared pairs when the model's attention keeps packed sequences
     apart (the real probe, run here on the CPU copy of the model); padded with
     ``data.share_prompt``, under FSDP, on other devices, when the probe fails or when set."""
-    from types import SimpleNamespace
 
-    from accelerate.utils import DistributedType
     from transformers import AutoModelForCausalLM
 
-    import inpo.logprobs
-    from inpo.training.loop import _auto_packing
+    import inpo.layout
+    from inpo.layout import Layout
 
     model = AutoModelForCausalLM.from_pretrained(tiny[0]).train()
 
-    def on(kind, engine=DistributedType.NO):
-        return SimpleNamespace(device=torch.device(kind), distributed_type=engine)
+    def _auto_packing(cfg, kind, model, sharded=False):
+        layout = Layout(
+            share_prompt=cfg.data.share_prompt,
+            packing=cfg.data.packing,
+            length_buckets=cfg.data.length_buckets,
+            device_type=kind,
+            sharded=sharded,  # FSDP or DeepSpeed
+        )
+        return layout.probe(model)
 
     def cfg(*extra):
         return make_cfg(tiny, tmp_path / "unused", *extra)
 
-    assert _auto_packing(cfg(), on("cuda"), model)
+    assert _auto_packing(cfg(), "cuda", model)
     assert model.training  # the probe ran in eval mode and gave the mode back
-    assert not _auto_packing(cfg("data.share_prompt=true"), on("cuda"), model)
-    assert not _auto_packing(cfg("data.packing=false"), on("cuda"), model)
-    assert not _auto_packing(cfg(), on("cuda", DistributedType.FSDP), model)
-    assert not _auto_packing(cfg(), on("mps"), model)
+    assert not _auto_packing(cfg("data.share_prompt=true"), "cuda", model)
+    assert not _auto_packing(cfg("data.packing=false"), "cuda", model)
+    assert not _auto_packing(cfg(), "cuda", model, sharded=True)
+    assert not _auto_packing(cfg(), "mps", model)
 
     def mixes(model):
         raise ValueError("lets packed sequences attend to each other")
 
-    monkeypatch.setattr(inpo.logprobs, "check_packing_support", mixes)
-    assert not _auto_packing(cfg(), on("cuda"), model)
+    monkeypatch.setattr(inpo.layout, "check_packing_support", mixes)
+    assert not _auto_packing(cfg(), "cuda", model)
 
 
 @pytest.mark.gpu
@@ -769,8 +778,8 @@ def test_packing_null_on_cuda_trains_the_weights_of_padded_micro_batches(
 ):
     """On a CUDA GPU (fp32) ``data.packing: null`` packs the long micro-batches into masked
     rows and trains the weights ``data.packing=false`` trains."""
-    import inpo.logprobs
-    from inpo.training.loop import MIN_PACK_LENGTH
+    import inpo.layout
+    from inpo.layout import MIN_PACK_LENGTH
 
     model_dir, _ = tiny
     rows = make_rows(8)
@@ -778,14 +787,14 @@ def test_packing_null_on_cuda_trains_the_weights_of_padded_micro_batches(
         r["prompt"] = r["prompt"] * 6
     data = write_dataset(tmp_path / "long.jsonl", model_dir, rows)
     seen: list[int] = []
-    real = inpo.logprobs.packed_sequence_logps
+    real = inpo.layout.packed_sequence_logps
 
     def spy(model, input_ids, *args, **kwargs):
         seen.append(input_ids.shape[1])
         assert input_ids.is_cuda
         return real(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(inpo.logprobs, "packed_sequence_logps", spy)
+    monkeypatch.setattr(inpo.layout, "packed_sequence_logps", spy)
     runs = {}
     for packing in ("false", "null"):
         out = tmp_path / packing
@@ -804,7 +813,7 @@ def test_packing_null_on_cuda_trains_the_weights_of_padded_micro_batches(
 def test_packing_null_leaves_short_rows_padded(tiny, tmp_path, monkeypatch):
     """Rows under ``MIN_PACK_LENGTH`` tokens (the default task's, this dataset's) are not
     packed by default: one padded pass is faster there (length_buckets.md)."""
-    from inpo.training.loop import MIN_PACK_LENGTH
+    from inpo.layout import MIN_PACK_LENGTH
 
     seen = _spy_varlen(monkeypatch)
     train(make_cfg(tiny, tmp_path / "run", "optim.per_device_batch_size=2"))

@@ -16,10 +16,9 @@ import torch
 from inpo.config import load_config
 from inpo.data import PreferenceCollator
 from inpo.errors import ConfigError
+from inpo.layout import bucketed_shared_logps, check_shared_prompt_support
 from inpo.logprobs import sequence_logps, shared_prompt_logps, shared_prompt_mask
 from inpo.training import TrainConfig, train
-from inpo.training.loop import bucketed_shared_logps
-from inpo.training.modeling import check_shared_prompt_support
 
 ROWS = [
     {"prompt": "Q: what is 2+2?", "chosen": " four", "rejected": " five, or so I think"},
@@ -207,7 +206,7 @@ def test_supported_models_pass_the_check(tmp_path):
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inpo.logprobs import completion_logps
+    from inpo.layout import completion_logps
     from inpo.tiny import save_tiny_lm
 
     root = tmp_path_factory.mktemp("shared")

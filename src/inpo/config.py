@@ -27,6 +27,7 @@ T = TypeVar("T")
 __all__ = [
     "config_hash",
     "config_to_dict",
+    "flat_config",
     "from_dict",
     "load_config",
     "parse_overrides",
@@ -321,6 +322,18 @@ def config_to_dict(cfg: Any, *, include_secrets: bool = False) -> Any:
     if isinstance(cfg, Path):
         return str(cfg)
     return cfg
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"dotted.key": value}``, values as trackers take them (numbers,
+    strings and booleans as they are, anything else as its ``str``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
 
 
 def config_hash(obj: Any) -> str:

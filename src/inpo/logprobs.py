@@ -21,154 +21,33 @@ measures the peak memory and time of both against the full-logits computation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from inpo.modelparts import (
+    attn_implementation,
+    default_position_ids,
+    final_hidden,
+    logit_transform,
+    parts,
+    postprocess,
+    unwrap,
+)
+from inpo.varlen import use_varlen, varlen_attention
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
-    "MIN_PACK_LENGTH",
     "SHARED_PROMPT_ATTENTION",
-    "check_packing_support",
-    "completion_logps",
     "naive_sequence_logps",
     "pack_rows",
     "packed_sequence_logps",
-    "packing_pays",
     "sequence_logps",
     "shared_prompt_block_mask",
     "shared_prompt_logps",
     "shared_prompt_mask",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding the backbone, the head and the logit post-processing of an architecture
-# ----------------------------------------------------------------------------------------------
-
-
-def _unwrap(model: Any) -> Any:
-    """The transformers ``*ForCausalLM`` inside a PEFT / DDP wrapper (or the model itself)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        active = getattr(model, "active_peft_config", None)
-        if active is not None and getattr(active, "is_prompt_learning", False):
-            raise NotImplementedError(
-                "sequence_logps: prompt-learning PEFT adapters (prompt/prefix tuning) add virtual "
-                "tokens in PeftModel.forward and are not supported; use LoRA-style adapters"
-            )
-        model = model.get_base_model()
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module  # DistributedDataParallel and similar wrappers
-    return model
-
-
-def _parts(model: Any) -> tuple[Any, Any, Any]:
-    """Return ``(backbone, lm_head, config)`` of a causal LM (PEFT-wrapped or not)."""
-    inner = _unwrap(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    backbone = getattr(inner, "base_model", None)
-    if head is None or backbone is None or backbone is inner:
-        raise NotImplementedError(
-            f"sequence_logps: cannot find the backbone and LM head of {type(inner).__name__}; "
-            "expected a transformers *ForCausalLM with get_output_embeddings() and a base model "
-            "(e.g. `model.model` for Llama, `model.transformer` for GPT-2)"
-        )
-    return backbone, head, getattr(inner, "config", None)
-
-
-def _logit_transform(config: Any) -> tuple[float | None, float | None]:
-    """``(scale, softcap)`` such that the architecture's logits are ``cap·tanh(scale·z / cap)``.
-
-    ``z`` is the raw LM-head output. Handles Cohere's ``logit_scale`` (multiply), Granite's
-    ``logits_scaling`` (divide) and Gemma 2/3's ``final_logit_softcapping``; ``None`` = absent.
-    """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text_config, "logit_scale", None)
-    divide = getattr(text_config, "logits_scaling", None)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    if divide is not None:
-        scale = (scale if scale is not None else 1.0) / divide
-    if scale is not None and float(scale) == 1.0:
-        scale = None
-    return (
-        float(scale) if scale is not None else None,
-        float(softcap) if softcap is not None else None,
-    )
-
-
-def _postprocess(config: Any):
-    """A function applied to raw head outputs (fp32) that reproduces the architecture's logits."""
-    scale, softcap = _logit_transform(config)
-
-    def apply(logits: Tensor) -> Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if softcap is not None:
-            import torch
-
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return apply
-
-
-def _keeps_logits(model: Any) -> bool:
-    """Whether the causal LM's ``forward`` takes ``logits_to_keep`` (transformers >= 4.50)."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
-
-
-def _final_hidden(
-    model: Any,
-    backbone: Any,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor | None = None,
-) -> Tensor:
-    """The backbone's final hidden states ``[N, L, H]`` (after the final norm).
-
-    The call goes through the *outer* model's ``forward`` (so ``DistributedDataParallel`` and
-    PEFT wrappers see it: DDP only synchronises gradients after its own forward ran) with
-    ``logits_to_keep=1``, so the model itself computes logits for one position per row only; a
-    forward hook on the backbone captures its output. A model without ``logits_to_keep`` gets
-    its backbone called directly instead. ``attention_mask`` is ``[N, L]`` (padding; position
-    ids then default to ``cumsum - 1``) or a prepared 4D mask ``[N, 1, L, L]`` with explicit
-    ``position_ids``.
-    """
-    kwargs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,  # None: packed rows (position_ids restart per sequence)
-        "position_ids": position_ids if position_ids is not None else _position_ids(attention_mask),
-        "use_cache": False,
-    }
-    if not _keeps_logits(model):
-        out = backbone(**kwargs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    captured: list[Tensor] = []
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        captured.append(
-            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        )
-
-    handle = backbone.register_forward_hook(hook)
-    try:
-        model(**kwargs, logits_to_keep=1)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(
-            f"expected one backbone call in the model's forward, saw {len(captured)}"
-        )
-    return captured[0]
-
-
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    """``[N, L]`` positions counting only real tokens (0 on left padding), as generation does."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _check_shapes(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
@@ -322,7 +201,7 @@ def _fused_logps(
         low = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(low), weight.to(low)
         bias = bias.to(low) if bias is not None else None
-    scale, softcap = _logit_transform(config)
+    scale, softcap = logit_transform(config)
     with torch.autocast(device_type, enabled=False):
         return _FUSED.apply(hidden, weight, bias, target, chunk_size, scale, softcap, dtype)
 
@@ -372,9 +251,9 @@ def sequence_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_shapes(input_ids, attention_mask, completion_mask)
-    backbone, head, config = _parts(model)
+    backbone, head, config = parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
-    hidden_all = _final_hidden(model, backbone, input_ids, attention_mask)
+    hidden_all = final_hidden(model, backbone, input_ids, attention_mask)
     hidden = hidden_all[rows, pos]  # [M, H]: only positions that predict completion tokens
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
 
@@ -486,14 +365,12 @@ def packed_sequence_logps(
     ``flash_attention_2`` as variable-length kernels, with ``flex_attention`` as a block mask,
     with ``sdpa``/``eager`` as a dense block-diagonal mask per row. The same numbers as the
     padded path (tests: log-probs and gradients to 1e-5) for models whose attention honours it
-    (:func:`check_packing_support`). Same arguments and result as :func:`sequence_logps`.
+    (:func:`inpo.layout.check_packing_support`). Same arguments and result as :func:`sequence_logps`.
     """
     import torch
 
-    from inpo.varlen import use_varlen, varlen_attention
-
     _check_shapes(input_ids, attention_mask, completion_mask)
-    backbone, head, config = _parts(model)
+    backbone, head, config = parts(model)
     rows, pos, target = _targets(input_ids, attention_mask, completion_mask)
     varlen = use_varlen(model, varlen)
     if varlen and capacity is None:
@@ -504,73 +381,9 @@ def packed_sequence_logps(
     positions = _scatter(layout, layout.rank, _filler_positions(layout))
     where = layout.where
     with varlen_attention(model) if varlen else nullcontext():
-        hidden_all = _final_hidden(model, backbone, ids, None, positions)
+        hidden_all = final_hidden(model, backbone, ids, None, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, pos]]
     return _head_sums(head, config, hidden, target, rows, input_ids.shape[0], chunk_size, fused)
-
-
-#: The longest sequence (tokens) from which a batch is packed by default (``data.packing: null``,
-#: ``inpo precompute`` without ``--no-packing``), where :func:`packing_pays`. On CPU into one
-#: row with attention one sequence at a time (:mod:`inpo.varlen`): from 64 tokens training beat
-#: one padded pass and 4 length buckets on both models measured (1.08-1.63× one pass; below,
-#: 0.54-0.99× on the default task's small model; benchmarks/results/length_buckets.md); scoring
-#: 1.80× padded (packing_forward.md). On a CUDA GPU into rows as long as the longest sequence,
-#: measured at 32-384-token completions (1.18× padded in both rounds, bf16, Qwen2-0.5B sizes,
-#: packing_gpu.md); below 64 tokens it is unmeasured there and rows stay padded.
-MIN_PACK_LENGTH = 64
-
-
-def packing_pays(model: Any, device: str | None = None) -> bool:
-    """Whether packing measured faster than padding for ``model`` on ``device`` (a device type;
-    default: where its parameters are), and is exact.
-
-    On CPU when variable-length attention gives the model's own hidden states
-    (:func:`inpo.varlen.supports_varlen`); on a CUDA GPU when its attention keeps packed
-    sequences apart (:func:`check_packing_support`: masked rows); never on other devices. The
-    probe runs in eval mode (no dropout) and gives the model its mode back.
-    """
-    kind = device or next(model.parameters()).device.type
-    if kind == "cpu":
-        from inpo.varlen import supports_varlen
-
-        return supports_varlen(model)
-    if kind != "cuda":
-        return False
-    was_training = model.training
-    model.eval()
-    try:
-        check_packing_support(model)
-        return True
-    except Exception:  # any model the probe cannot run stays padded
-        return False
-    finally:
-        model.train(was_training)
-
-
-def check_packing_support(model: Any) -> None:
-    """Raise ``ValueError`` unless ``model``'s attention keeps packed sequences apart.
-
-    A probe of two 3-token sequences: the second one's final hidden states alone and packed
-    after the first must agree (a model whose mask code ignored restarting position ids would
-    let the second attend to the first; Llama, Qwen2 and GPT-2 pass in transformers 5).
-    """
-    import torch
-
-    backbone, _, _ = _parts(model)
-    param = next(model.parameters())
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=param.device)
-    pos = torch.tensor([[0, 1, 2, 0, 1, 2]], device=param.device)
-    with torch.no_grad():
-        alone = _final_hidden(model, backbone, ids[:, 3:], None, pos[:, 3:]).float()
-        packed = _final_hidden(model, backbone, ids, None, pos)[:, 3:].float()
-    scale = alone.abs().max().clamp(min=1e-6)
-    if float((alone - packed).abs().max() / scale) > 1e-2:
-        arch = type(_unwrap(model)).__name__
-        raise ValueError(
-            f"{arch} lets packed sequences attend to each other (its attention ignores "
-            "restarting position ids), so data.packing=true would mix pairs; use "
-            "data.packing=false for it"
-        )
 
 
 def _head_sums(
@@ -591,7 +404,7 @@ def _head_sums(
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    post = _postprocess(config)
+    post = postprocess(config)
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     total = torch.zeros(n, dtype=compute_dtype, device=hidden.device)
     if fused is None:
@@ -678,23 +491,18 @@ def shared_prompt_mask(
     return allowed[:, None]
 
 
-def _attn_implementation(model: Any) -> str | None:
-    config = getattr(_unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", None)
-
-
 def _model_mask(model: Any, mask_4d: Tensor, dtype: Any) -> Tensor:
     """The boolean 4D mask in the form the model's attention implementation takes."""
     import torch
 
-    impl = _attn_implementation(model)
+    impl = attn_implementation(model)
     if impl == "sdpa":
         return mask_4d
     if impl == "eager":
         zero = torch.zeros((), dtype=dtype, device=mask_4d.device)
         return zero.masked_fill(~mask_4d, torch.finfo(dtype).min)
     raise NotImplementedError(
-        f"shared_prompt_logps: {type(_unwrap(model)).__name__} runs attention "
+        f"shared_prompt_logps: {type(unwrap(model)).__name__} runs attention "
         f"'{impl}', which takes no custom 4D attention mask; load the model with "
         f"attn_implementation in {SHARED_PROMPT_ATTENTION}"
     )
@@ -803,16 +611,16 @@ def shared_prompt_logps(
         raise ValueError(
             f"attention_mask_4d {tuple(attention_mask_4d.shape)} != {(b, 1, length, length)}"
         )
-    backbone, head, config = _parts(model)
+    backbone, head, config = parts(model)
     rows, source, target, is_rejected = _shared_targets(
         input_ids, attention_mask, chosen_mask, rejected_mask
     )
-    embed = _unwrap(model).get_input_embeddings()
-    if _attn_implementation(model) == "flex_attention":  # block-sparse: no dense [L, L] mask
+    embed = unwrap(model).get_input_embeddings()
+    if attn_implementation(model) == "flex_attention":  # block-sparse: no dense [L, L] mask
         mask = shared_prompt_block_mask(attention_mask, chosen_mask, rejected_mask)
     else:
         mask = _model_mask(model, attention_mask_4d.bool(), embed.weight.dtype)
-    hidden_all = _final_hidden(model, backbone, input_ids, mask, position_ids)
+    hidden_all = final_hidden(model, backbone, input_ids, mask, position_ids)
     hidden = hidden_all[rows, source]  # [M, H]
     sums = rows + b * is_rejected.long()
     return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
@@ -846,12 +654,10 @@ def packed_shared_prompt_logps(
     """
     import torch
 
-    from inpo.varlen import use_varlen, varlen_attention
-
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_shared_shapes(input_ids, position_ids, chosen_mask, rejected_mask, attention_mask)
-    backbone, head, config = _parts(model)
+    backbone, head, config = parts(model)
     b = input_ids.shape[0]
     rows, source, target, is_rejected = _shared_targets(
         input_ids, attention_mask, chosen_mask, rejected_mask
@@ -873,15 +679,15 @@ def packed_shared_prompt_logps(
     every = torch.ones(shape, dtype=torch.long, device=device)
     if varlen:  # the segments and the branch to the rejected answer read off the positions
         with varlen_attention(model):
-            hidden_all = _final_hidden(model, backbone, ids, None, positions)
+            hidden_all = final_hidden(model, backbone, ids, None, positions)
     else:
-        if _attn_implementation(model) == "flex_attention":
+        if attn_implementation(model) == "flex_attention":
             mask = shared_prompt_block_mask(every, chosen, rejected, segment)
         else:
-            embed = _unwrap(model).get_input_embeddings()
+            embed = unwrap(model).get_input_embeddings()
             dense = shared_prompt_mask(every, chosen, rejected, segment)
             mask = _model_mask(model, dense, embed.weight.dtype)
-        hidden_all = _final_hidden(model, backbone, ids, mask, positions)
+        hidden_all = final_hidden(model, backbone, ids, mask, positions)
     hidden = hidden_all.reshape(-1, hidden_all.shape[-1])[where[rows, source]]
     sums = rows + b * is_rejected.long()
     return _head_sums(head, config, hidden, target, sums, 2 * b, chunk_size, fused)
@@ -896,12 +702,12 @@ def naive_sequence_logps(
     """
     import torch
 
-    _, _, config = _parts(model)
-    post = _postprocess(config)
+    _, _, config = parts(model)
+    post = postprocess(config)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=_position_ids(attention_mask),
+        position_ids=default_position_ids(attention_mask),
         use_cache=False,
     ).logits
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -916,91 +722,3 @@ def naive_sequence_logps(
 # ----------------------------------------------------------------------------------------------
 # Public convenience: score (prompt, completion) pairs
 # ----------------------------------------------------------------------------------------------
-
-
-def completion_logps(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    *,
-    batch_size: int = 8,
-    max_prompt_length: int | None = None,
-    max_completion_length: int | None = None,
-    packing: bool | None = None,
-    ended: Sequence[bool] | None = None,
-) -> Tensor:
-    """Summed log-probs ``log π(completion | prompt)`` of ``n`` pairs, float32 ``[n]``, no grad.
-
-    ``ended[i] = False`` scores completion ``i`` as a sample cut at ``max_new_tokens``, without
-    an end token (:func:`inpo.data.encode_completion`); default: every completion ended.
-
-    Tokenisation is :func:`inpo.data.tokenize_pair`'s: text prompts as ``tokenizer(prompt)``
-    gives them, text completions without special tokens plus EOS; conversational prompts and
-    completions (message lists) through the chat template. Pairs are sorted by length and scored
-    ``batch_size`` at a time on the model's device; the model is put in eval mode for the call
-    and restored afterwards. ``packing``: score a batch as padding-free rows
-    (:func:`packed_sequence_logps`; the same values up to float rounding); ``None`` (default):
-    the batches of :data:`MIN_PACK_LENGTH` tokens or more where :func:`packing_pays` (as
-    ``inpo precompute`` does), ``False``: right-padded rows always.
-    """
-    import torch
-
-    from inpo.data import encode_pair
-
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(prompts)
-    result = torch.zeros(n, dtype=torch.float32)
-    if n == 0:
-        return result
-    ended = [True] * n if ended is None else [bool(e) for e in ended]
-    if len(ended) != n:
-        raise ValueError(f"{len(ended)} ended flags for {n} completions")
-    encoded = [
-        encode_pair(
-            tokenizer,
-            p,
-            c,
-            max_prompt_length=max_prompt_length,
-            max_completion_length=max_completion_length,
-            ended=e,
-        )
-        for p, c, e in zip(prompts, completions, ended, strict=True)
-    ]
-    for e in encoded:
-        if not e.prompt_ids:
-            raise ValueError("a prompt tokenises to no tokens; nothing conditions the completion")
-    order = sorted(
-        range(n), key=lambda i: len(encoded[i].prompt_ids) + len(encoded[i].completion_ids)
-    )
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = int(pad) if pad is not None else 0
-    was_training = model.training
-    model.eval()
-    pack = packing  # None: probed at the first batch long enough to pack
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                seqs = [encoded[i] for i in idx]
-                length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
-                if pack is None and length >= MIN_PACK_LENGTH:
-                    pack = packing_pays(model)
-                ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-                attn = torch.zeros_like(ids)
-                comp = torch.zeros_like(ids)
-                for r, s in enumerate(seqs):
-                    full = s.prompt_ids + s.completion_ids
-                    ids[r, : len(full)] = torch.tensor(full)
-                    attn[r, : len(full)] = 1
-                    comp[r, len(s.prompt_ids) : len(full)] = 1
-                score = packed_sequence_logps if pack else sequence_logps
-                lp = score(model, ids.to(device), attn.to(device), comp.to(device))
-                result[torch.tensor(idx)] = lp.cpu()
-    finally:
-        model.train(was_training)
-    return result

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from inpo.errors import ConfigError, DataError
 from inpo.hashing import model_fingerprint
+from inpo.layout import Layout
 
 __all__ = ["MANIFEST_NAME", "PrecomputeResult", "dataset_hash", "precompute_logps"]
 
@@ -232,7 +233,13 @@ def precompute_logps(
 
     # ---- one model in memory: load, score this rank's pairs, gather, free ---------------------
     model = _load_model(model_path, dtype, device)
-    _check_layout_support(model, packing=packing, share_prompt=share_prompt)
+    layout = Layout.choose(
+        model,
+        share_prompt=share_prompt,
+        packing=packing,
+        chunk_size=chunk_size,
+        setting="--packing",
+    )
     loaded = time.perf_counter()
     rows = ds.to_list()
     order = _rows_by_length(rows, dist.rank, dist.world)
@@ -241,11 +248,9 @@ def precompute_logps(
         rows,
         order,
         collator,
+        layout,
         device=device,
-        packing=packing,
-        share_prompt=share_prompt,
         batch_size=batch_size,
-        chunk_size=chunk_size,
         where=dataset_path,
         label=f"log-probs ({columns})",
         show=dist.is_main,
@@ -350,21 +355,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _check_layout_support(model: Any, *, packing: bool | None, share_prompt: bool) -> None:
-    """A forced layout the model cannot compute exactly is a ConfigError naming why."""
-    from inpo.logprobs import check_packing_support
-
-    if share_prompt:
-        from inpo.training.modeling import check_shared_prompt_support
-
-        check_shared_prompt_support(model)  # a ConfigError naming the architecture
-    elif packing:
-        try:
-            check_packing_support(model)
-        except ValueError as err:
-            raise ConfigError(f"--packing: {err}") from None
-
-
 def _rows_by_length(rows: list[dict[str, Any]], rank: int, world: int) -> list[int]:
     """This rank's row indices, sorted by a length proxy so that batches pad little (the
     scores go back to their rows by index)."""
@@ -382,35 +372,21 @@ def _score(
     rows: list[dict[str, Any]],
     order: list[int],
     collator: Any,
+    layout: Layout,
     *,
     device: str,
-    packing: bool | None,
-    share_prompt: bool,
     batch_size: int,
-    chunk_size: int,
     where: Path,
     label: str,
     show: bool,
 ) -> tuple[list[float], list[float], int]:
-    """Score the rows ``order`` names, ``batch_size`` pairs a forward: their chosen and
-    rejected log-probs at those indices (0.0 elsewhere) and how many batches ran packed."""
+    """Score the rows ``order`` names, ``batch_size`` pairs a forward, in ``layout``: their
+    chosen and rejected log-probs at those indices (0.0 elsewhere) and how many batches ran
+    packed."""
     import torch
 
     from inpo.console import progress
-    from inpo.logprobs import (
-        MIN_PACK_LENGTH,
-        packed_sequence_logps,
-        packing_pays,
-        sequence_logps,
-    )
 
-    if share_prompt:
-        from inpo.training.loop import bucketed_shared_logps, packed_shared_logps
-
-    # packing=None: probed at the first batch long enough to pack (short data never pays for
-    # it); shared rows stay padded on a GPU, where packing them is unmeasured
-    on_cpu = torch.device(device).type == "cpu"
-    auto = None if packing is None and not (share_prompt and not on_cpu) else False
     chosen, rejected, packed_batches = [0.0] * len(rows), [0.0] * len(rows), 0
     bar = progress(len(order), label, enabled=show, unit=" pairs")
     with torch.no_grad(), bar:
@@ -421,26 +397,9 @@ def _score(
             except ValueError as err:  # share_prompt: a pair whose two prompts differ
                 ids = ", ".join(str(rows[i]["row_id"]) for i in idx)
                 raise DataError(f"{where}: rows (row_id {ids}): {err}") from None
-            pack = bool(packing)
-            if auto is not False and batch["input_ids"].shape[1] >= MIN_PACK_LENGTH:
-                auto = packing_pays(model) if auto is None else auto
-                pack = auto
-            packed_batches += pack
-            if share_prompt:
-                batch = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
-                logps = (
-                    packed_shared_logps(model, batch)
-                    if pack
-                    else bucketed_shared_logps(model, batch, buckets=1)
-                ).cpu()
-            else:
-                logps = (packed_sequence_logps if pack else sequence_logps)(
-                    model,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["completion_mask"].to(device),
-                    chunk_size=chunk_size,
-                ).cpu()
+            packed_batches += layout.packs(model, batch["input_ids"].shape[1])
+            batch = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
+            logps = layout.logps(model, batch).cpu()
             b = len(idx)
             for j, i in enumerate(idx):
                 chosen[i] = float(logps[j])

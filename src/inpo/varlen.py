@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from itertools import pairwise
 from typing import Any
 
+from inpo.modelparts import final_hidden, parts, unwrap
+
 #: The name :func:`varlen_sdpa_attention` is registered under in ``AttentionInterface``. No
 #: mask function is registered with it, so transformers builds no mask for it.
 VARLEN_ATTENTION = "inpo_varlen_sdpa"
@@ -246,9 +248,7 @@ def register() -> None:
 
 
 def _config(model: Any) -> Any:
-    from inpo.logprobs import _unwrap
-
-    return _unwrap(model).config
+    return unwrap(model).config
 
 
 @contextmanager
@@ -291,16 +291,14 @@ def supports_varlen(model: Any) -> bool:
     """
     import torch
 
-    from inpo.logprobs import _final_hidden, _parts, _unwrap
-
-    inner = _unwrap(model)
+    inner = unwrap(model)
     impl = inner.config._attn_implementation
     cached = _SUPPORT.get(inner)
     if cached is not None and cached[0] == impl:
         return cached[1]
     ok = impl in ("sdpa", "eager") and not _checkpointed(inner)
     if ok:
-        backbone, _, _ = _parts(model)
+        backbone, _, _ = parts(model)
         device = next(model.parameters()).device
         vocab = inner.get_input_embeddings().num_embeddings
         ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device=device) % vocab
@@ -311,12 +309,12 @@ def supports_varlen(model: Any) -> bool:
         inner.eval()
         try:
             with torch.no_grad():
-                alone = _final_hidden(model, backbone, ids[:, 3:], ones[:, 3:]).float()
+                alone = final_hidden(model, backbone, ids[:, 3:], ones[:, 3:]).float()
                 pr = torch.cat([ids[:, :3], ids[:, 5:]], 1)
-                prompt_rejected = _final_hidden(model, backbone, pr, ones[:, :5]).float()
+                prompt_rejected = final_hidden(model, backbone, pr, ones[:, :5]).float()
                 with varlen_attention(model):
-                    got = _final_hidden(model, backbone, ids, None, packed)[:, 3:].float()
-                    got_branch = _final_hidden(model, backbone, ids, None, branched).float()
+                    got = final_hidden(model, backbone, ids, None, packed)[:, 3:].float()
+                    got_branch = final_hidden(model, backbone, ids, None, branched).float()
             scale = alone.abs().max().clamp(min=1e-6)
             ok = (
                 float((alone - got).abs().max() / scale) < 1e-2
@@ -337,10 +335,8 @@ def use_varlen(model: Any, varlen: bool | None) -> bool:
         device = next(model.parameters()).device
         return device.type == "cpu" and supports_varlen(model)
     if varlen and not supports_varlen(model):
-        from inpo.logprobs import _unwrap
-
         raise ValueError(
-            f"varlen attention is not exact for {type(_unwrap(model)).__name__} (its attention "
+            f"varlen attention is not exact for {type(unwrap(model)).__name__} (its attention "
             "does not take packed position ids, or uses a sliding window, soft-capping or "
             "activation checkpointing)"
         )

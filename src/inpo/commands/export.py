@@ -130,7 +130,7 @@ class _Answerer:
                 f"--prompt-format chat: the tokenizer of '{model_dir}' has no chat template"
             )
         if prompt_format == "auto":
-            from inpo.training.loop import read_prompt_format
+            from inpo.training.modeling import read_prompt_format
 
             prompt_format = read_prompt_format(model_dir) or ("chat" if has_template else "text")
             if prompt_format == "chat" and not has_template:

@@ -156,8 +156,8 @@ def start_run_trackers(cfg: Any, run_dir: Path, *, is_main: bool) -> RunTrackers
     logging = LoggingConfig(report_to=cfg.report_to, project=cfg.project)
     if not is_main or not logging.trackers:
         return RunTrackers()
-    from inpo.config import config_to_dict
-    from inpo.training.loop import _flat
+    from inpo.config import config_to_dict, flat_config
 
     folder = Path(cfg.tracker_dir) if cfg.tracker_dir else run_dir / "trackers"
-    return RunTrackers(logging.trackers, logging.project_name, folder, _flat(config_to_dict(cfg)))
+    config = flat_config(config_to_dict(cfg))
+    return RunTrackers(logging.trackers, logging.project_name, folder, config)

@@ -428,7 +428,7 @@ class PromptFileWorkload(Workload):
 
         from inpo.evaluation import cluster_bootstrap, win_rate_summary
         from inpo.generation import GenerationSettings
-        from inpo.logprobs import completion_logps
+        from inpo.layout import completion_logps
         from inpo.pipeline.runtime import load_model
 
         prompts = self.eval_prompts()

@@ -37,6 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from inpo.config import config_to_dict
+from inpo.errors import ConfigError
+from inpo.training import zero
+
 __all__ = [
     "CHECKSUMS",
     "capture_rng_state",
@@ -244,3 +248,90 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "rng": torch.load(path / "rng_state.pt", weights_only=True),
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
     }
+
+
+# ---- a training's whole state, through its engine ------------------------------------------
+
+
+def save_state(
+    engine: Any,
+    cfg: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    checkpoint_root: Path,
+    step: int,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    inputs: dict[str, str],
+    rng_state: dict[str, Any] | None = None,
+) -> Path | None:
+    """A checkpoint of a training's full state after ``step`` optimizer steps: every process
+    takes part in gathering (and, under DeepSpeed, writes its optimizer partition); rank 0
+    writes the folder (its path; ``None`` on other ranks)."""
+    model_state = engine.full_model_state(model)
+    optimizer_state = engine.full_optimizer_state(model, optimizer)
+    extra = {}
+    if zero.is_engine(model):  # every rank writes its optimizer partition, then rank 0 files it
+        parts = checkpoint_root / f"step_{step:06d}.zero-parts"
+        if engine.is_main:
+            if parts.exists():
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True)
+        engine.wait()
+        zero.save_state(model, parts)
+        engine.wait()
+        extra["zero"] = parts
+    path = None
+    if engine.is_main:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        inner = engine.unwrap(model)
+        plain = hasattr(inner, "config") and not hasattr(inner, "peft_config")
+        path = save_checkpoint(
+            checkpoint_root,
+            step=step,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            scheduler=scheduler,
+            model_config=inner.config if plain else None,
+            trainer_state={
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "total_steps": total_steps,
+                "shuffle_seed": cfg.seed,
+                "num_processes": engine.world,
+                "optimizer_format": engine.optimizer_format(model),
+                "inputs": inputs,
+                "config": config_to_dict(cfg),
+            },
+            rng_state=rng_state,
+            keep=cfg.keep_checkpoints,
+            extra_dirs=extra,
+        )
+    engine.wait()
+    return path
+
+
+def restore_state(
+    engine: Any, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], path: Path
+) -> int:
+    """Apply a loaded checkpoint's optimizer, schedule and RNG state (the weights are loaded
+    before the engine wraps the model); return its step."""
+    trainer = state["trainer_state"]
+    kind = engine.optimizer_format(model)
+    written = trainer.get("optimizer_format", "replicated")
+    if written != kind:
+        engines = {"fsdp": "train.fsdp", "replicated": "DDP", "deepspeed": "DeepSpeed"}
+        raise ConfigError(
+            f"checkpoint {path} was written under {engines.get(written, written)} and this run "
+            f"uses {engines[kind]}; resume it with the same engine (or resume=never to start "
+            "over)"
+        )
+    if kind == "deepspeed":
+        zero.load_state(model, path / "zero")
+    else:
+        engine.restore_optimizer(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    return int(trainer["step"])

@@ -7,6 +7,7 @@ also saved on its own under ``output_dir/adapter``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ from inpo.training.config import ModelConfig
 
 __all__ = [
     "check_model_dir",
-    "check_shared_prompt_support",
     "load_policy",
     "load_tokenizer",
+    "read_prompt_format",
     "save_policy",
+    "write_prompt_format",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,88 +92,6 @@ def load_policy(cfg: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def check_shared_prompt_support(model: torch.nn.Module) -> None:
-    """Raise a ConfigError naming the architecture unless ``data.share_prompt`` is exact for it.
-
-    Prompt sharing passes a prepared 4D attention mask and explicit position ids
-    (:func:`inpo.logprobs.shared_prompt_logps`). transformers' ``create_causal_mask`` returns a
-    4D mask as is for ``sdpa`` and ``eager`` attention; sliding-window layers would lose their
-    window under it, and an architecture could ignore either input. So, besides those static
-    checks, one tiny pair is scored both ways (no grad, eval mode) and must agree.
-    """
-    from inpo.logprobs import (
-        SHARED_PROMPT_ATTENTION,
-        _unwrap,
-        sequence_logps,
-        shared_prompt_logps,
-        shared_prompt_mask,
-    )
-
-    inner = _unwrap(model)
-    arch = type(inner).__name__
-    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else None
-    config = config if config is not None else inner.config
-    impl = getattr(inner.config, "_attn_implementation", None)
-    if impl not in SHARED_PROMPT_ATTENTION:
-        raise ConfigError(
-            f"data.share_prompt=true: {arch} runs attention '{impl}', which takes no custom 4D "
-            f"attention mask; set model.attn_implementation to one of {SHARED_PROMPT_ATTENTION} "
-            "or data.share_prompt=false"
-        )
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None):
-        if getattr(config, "use_sliding_window", True):  # a config without per-layer types
-            layer_types.add("sliding_attention")
-    if layer_types != {"full_attention"}:
-        raise ConfigError(
-            f"data.share_prompt=true is not supported for {arch}: its layers "
-            f"{sorted(layer_types)} are not all full attention (a 4D mask would drop their "
-            "window); set data.share_prompt=false"
-        )
-    device = next(model.parameters()).device
-    vocab = int(inner.get_input_embeddings().weight.shape[0])
-    # c > r: pad the rejected row; long enough for flex attention's CPU kernels (>= 16 a block)
-    prompt, chosen, rejected = list(range(1, 25)), list(range(25, 45)), list(range(45, 57))
-    ids = [t % vocab for t in prompt + chosen + rejected]
-    p, c, r = len(prompt), len(chosen), len(rejected)
-    one = torch.ones(1, p + c + r, dtype=torch.long, device=device)
-    chosen_mask = torch.zeros_like(one)
-    chosen_mask[0, p : p + c] = 1
-    rejected_mask = torch.zeros_like(one)
-    rejected_mask[0, p + c :] = 1
-    positions = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])[None].to(device)
-    separate = torch.tensor([ids[: p + c], ids[:p] + ids[p + c :] + [0] * (c - r)], device=device)
-    attn = torch.tensor([[1] * (p + c), [1] * (p + r) + [0] * (c - r)], device=device)
-    comp = torch.tensor([[0] * p + [1] * c, [0] * p + [1] * r + [0] * (c - r)], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            want = sequence_logps(model, separate, attn, comp)
-            mask = shared_prompt_mask(one, chosen_mask, rejected_mask)
-            got = shared_prompt_logps(
-                model,
-                torch.tensor([ids], device=device),
-                mask,
-                positions,
-                chosen_mask,
-                rejected_mask,
-                one,
-            )
-    except (NotImplementedError, ValueError, TypeError, RuntimeError) as err:
-        raise ConfigError(f"data.share_prompt=true is not supported for {arch}: {err}") from err
-    finally:
-        model.train(was_training)
-    low = inner.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
-    tol = 0.05 if low else 1e-3
-    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
-        raise ConfigError(
-            f"data.share_prompt=true is not supported for {arch}: its forward does not honour a "
-            f"custom 4D attention mask / position ids (shared {got.tolist()} vs separate "
-            f"{want.tolist()}); set data.share_prompt=false"
-        )
-
-
 def save_policy(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> Path:
     """Write weights (safetensors), model config and tokenizer to ``output_dir``.
 
@@ -192,3 +112,24 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+#: The file beside a trained model saying how it was prompted: ``{"prompt_format": "chat"}``
+#: (the chat template) or ``"text"`` (plain text, the template unused).
+PROMPT_FORMAT_FILE = "inpo.json"
+
+
+def write_prompt_format(model_dir: Path, prompt_format: str) -> None:
+    (Path(model_dir) / PROMPT_FORMAT_FILE).write_text(
+        json.dumps({"prompt_format": prompt_format}) + "\n"
+    )
+
+
+def read_prompt_format(model_dir: Path) -> str | None:
+    """``chat`` or ``text`` if inpo trained the model in ``model_dir`` (else ``None``)."""
+    path = Path(model_dir) / PROMPT_FORMAT_FILE
+    try:
+        value = json.loads(path.read_text()).get("prompt_format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if value in ("chat", "text") else None

@@ -21,22 +21,36 @@ accuracy, Brier score and expected calibration error in ``eval_metrics.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from inpo.config import save_config, with_absolute_paths
-from inpo.errors import ConfigError, DataError, TrainingDivergedError
+from inpo.errors import ConfigError, DataError
+from inpo.hashing import model_fingerprint
+from inpo.training.batches import StepPlan, micro_batches
+from inpo.training.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    restore_state,
+    save_state,
+)
+from inpo.training.engine import Engine, load_model_state, resolve_bf16
+from inpo.training.metrics import MetricsLogger
+from inpo.training.modelcard import write_oracle_card
+from inpo.training.modeling import check_model_dir
+from inpo.training.optim import make_optimizer, make_scheduler
 from inpo.training.oracle_config import OracleTrainConfig
+from inpo.training.resume import check_resume, resume_point
+from inpo.training.skeleton import StepOut, run_steps
 
 __all__ = [
     "OracleTrainResult",
@@ -300,42 +314,6 @@ def preference_metrics(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str
     }
 
 
-#: Settings that do not change what a resumed training computes (its weights and metrics).
-_RESUME_IRRELEVANT = ("resume", "save_steps", "keep_checkpoints", "logging", "output_dir")
-_RESUME_IRRELEVANT_KEYS = ("data.eval_file",)
-
-
-def _check_resume(cfg: OracleTrainConfig, checkpoint: Path, fingerprint: str) -> None:
-    """Resume only the training this command describes: a checkpoint from other data, model or
-    kind, or recorded with another setting that changes training (learning rate, epochs,
-    max_length, seed, shuffle, ...; finished or not), is refused naming the key and both
-    values, so neither the weights nor ``train_oracle_config.yaml`` can claim what did not run."""
-    from inpo.config import config_to_dict
-    from inpo.training.loop import config_changes
-
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    recorded = state.get("inputs")
-    if recorded not in (None, fingerprint):
-        raise ConfigError(
-            f"checkpoint {checkpoint} was trained from other data, model or kind; use "
-            "another output_dir, or resume=never to start over"
-        )
-    if "config" not in state:
-        return  # written before checkpoints recorded their settings
-    changed = [
-        (key, old, new)
-        for key, old, new in config_changes(state["config"], config_to_dict(cfg))
-        if key.split(".")[0] not in _RESUME_IRRELEVANT and key not in _RESUME_IRRELEVANT_KEYS
-    ]
-    if changed:
-        shown = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, old, new in changed[:4])
-        raise ConfigError(
-            f"{cfg.output_dir} holds a training (checkpoint {checkpoint.name}) with other "
-            f"settings ({shown}); resuming would train or record something else. Use the same "
-            "settings, another output_dir, or resume=never to start over"
-        )
-
-
 def load_oracle(kind: str, path: str | Path, **kwargs: Any) -> Any:
     """The oracle that serves a model of ``kind`` (what ``annotate.oracle`` loads)."""
     if kind == "bt":
@@ -367,30 +345,8 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
 
     ``stop_after``: stop, as if killed, after that many optimizer steps (resumption tests).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
-
-    from inpo.console import progress
-    from inpo.training.checkpoint import (
-        capture_rng_state,
-        find_latest_checkpoint,
-        load_checkpoint,
-        restore_rng_state,
-    )
-    from inpo.training.loop import (
-        WarmupSchedule,
-        _as_float,
-        _epoch_order,
-        _fsdp_engine,
-        _load_model_state,
-        _optimizer,
-        _resolve_bf16,
-        _resume_point,
-        _save,
-    )
-    from inpo.training.metrics import MetricsLogger
-    from inpo.training.modeling import check_model_dir
 
     # ---- set-up: data and settings checked before the model loads ----------------------------
     key = "data.train_file" if cfg.data.train_file else "data.dataset_name"
@@ -404,26 +360,30 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
 
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         verdict_tokens(tok, where=f" of model.path '{cfg.model.path}'")
-    g = cfg.optim.global_batch_size
-    steps_per_epoch = math.ceil(len(rows) / g)
-    total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    plan = StepPlan(
+        len(rows),
+        cfg.optim.global_batch_size,
+        cfg.seed,
+        cfg.data.shuffle,
+        cfg.optim.epochs,
+        cfg.optim.max_steps,
+    )
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    resume_from = _resume_point(cfg, ckpt_root)
-    fingerprint = _fingerprint(rows, cfg)
+    resume_from = resume_point(cfg, ckpt_root)
+    inputs = _inputs(rows, folder)
     if resume_from is not None:
-        _check_resume(cfg, resume_from, fingerprint)
-    bf16 = _resolve_bf16(cfg.bf16)
-    accelerator = Accelerator(
-        mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available()
-    )
-    is_main = accelerator.is_main_process
-    if is_main:
+        check_resume(
+            cfg, resume_from, inputs, plan.total_steps,
+            refuse_unfinished_changes=True, config_file="train_oracle_config.yaml",
+        )  # fmt: skip
+    engine = Engine.create(bf16=resolve_bf16(cfg.bf16))
+    if engine.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         # local paths absolute: the model card's command reproduces from any folder
         paths = ("model.path", "data.train_file", "data.eval_file")
         save_config(with_absolute_paths(cfg, paths), out_dir / "train_oracle_config.yaml")
-    accelerator.wait_for_everyone()
+    engine.wait()
 
     # ---- set-up: model, engine, optimizer, schedule, resume ----------------------------------
     set_seed(cfg.seed)
@@ -433,164 +393,101 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     model = _load_model(cfg, folder, tokenizer)
     state = load_checkpoint(resume_from) if resume_from is not None else None
     if state is not None:
-        _load_model_state(model, state["model"], resume_from)
-    model = model.to(accelerator.device)
-    optimizer = _optimizer(cfg, model, sharded=_fsdp_engine(accelerator))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupSchedule(cfg.optim.lr_scheduler, warmup, total_steps)
-    )
+        load_model_state(model, state["model"], resume_from)
+    model = engine.place(model)
+    optimizer = make_optimizer(cfg, model)
+    model, optimizer = engine.prepare(model, optimizer)
+    warmup = math.ceil(cfg.optim.warmup_ratio * plan.total_steps)
+    scheduler = make_scheduler(optimizer, cfg.optim.lr_scheduler, warmup, plan.total_steps)
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        start = int(state["trainer_state"]["step"])
-        if is_main:
-            print(f"inpo train-oracle: resuming from {resume_from} (step {start}/{total_steps})")
+        start = restore_state(engine, model, optimizer, scheduler, state, resume_from)
+        if engine.is_main:
+            print(
+                f"inpo train-oracle: resuming from {resume_from} (step {start}/{plan.total_steps})"
+            )
     metrics = MetricsLogger(
         out_dir,
-        accelerator=accelerator,
+        accelerator=engine.accelerator,
         resume_step=start if resume_from else None,
-        enabled=is_main,
+        enabled=engine.is_main,
     )
-
-    # inpo train's checkpoint writer (full state, verified, pruned); the data position is two
-    # integers, so the step arithmetic is all it needs of the data
-    position = SimpleNamespace(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
     def checkpoint(step: int, rng: dict | None = None) -> Path | None:
-        return _save(
-            cfg,
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            position,
-            ckpt_root,
-            step,
-            rng,
-            fingerprint,
+        return save_state(
+            engine, cfg, model, optimizer, scheduler, ckpt_root, step,
+            steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
+            inputs=inputs, rng_state=rng,
+        )  # fmt: skip
+
+    def step_fn(step: int, step_rows: list[int]) -> StepOut:
+        return _step(cfg, engine, model, tokenizer, rows, plan, step, step_rows)
+
+    # ---- the loop, then the end: a last checkpoint (a re-run is a no-op), the model ----------
+    end = run_steps(
+        engine, model, optimizer, scheduler, plan, step_fn,
+        start=start, checkpoint=checkpoint, metrics=metrics,
+        label=f"train-oracle {cfg.kind}", show_progress=cfg.logging.progress_bar,
+        postfix=lambda r: {"loss": f"{r['loss']:.4g}", "acc": f"{r['accuracy']:.2f}"},
+        max_grad_norm=cfg.optim.max_grad_norm, save_steps=cfg.save_steps, stop_after=stop_after,
+    )  # fmt: skip
+    row = end.last
+    if not end.finished:
+        return OracleTrainResult(out_dir, end.steps, row, None, resume_from)
+    if (
+        cfg.kind == "gpm"
+        and row is not None
+        and engine.is_main
+        and abs(row["loss"] - math.log(2)) < 1e-3
+    ):
+        log.warning(
+            "kind=gpm: the training loss sits at ln 2 (%.5f): the embeddings collapsed to "
+            "P = ½ everywhere; lower optim.learning_rate (a GPM trained from random weights "
+            "collapses at 1e-3 where 3e-4 learns, benchmarks/results/preference_models.md)",
+            row["loss"],
         )
-
-    # ---- the loop ------------------------------------------------------------------------------
-    bar = progress(
-        total_steps,
-        f"train-oracle {cfg.kind}",
-        enabled=is_main and cfg.logging.progress_bar,
-        initial=start,
-        unit=" steps",
-    )
-    row = None
-    order, order_epoch = [], -1
-    try:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            rng_before = capture_rng_state()
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = (
-                    _epoch_order(len(rows), cfg.seed, epoch, cfg.data.shuffle),
-                    epoch,
-                )
-            step_rows = order[in_epoch * g : (in_epoch + 1) * g]
-            n_pairs = len(step_rows)
-            sums = _step(cfg, accelerator, model, tokenizer, rows, step_rows)
-            if not math.isfinite(float(sums[0])):
-                path = checkpoint(step, rng_before)
-                raise TrainingDivergedError(
-                    f"non-finite loss at optimizer step {step + 1}; the last good state (after "
-                    f"step {step}) is saved in {path}"
-                )
-            max_norm = cfg.optim.max_grad_norm or math.inf
-            grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            s = sums.tolist()
-            row = {
-                "step": step + 1,
-                "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
-                "loss": s[0] / n_pairs,
-                "accuracy": s[1] / s[2] if s[2] else float("nan"),
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "pairs": n_pairs,
-                "seconds": time.perf_counter() - t0,
-            }
-            metrics.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", acc=f"{row['accuracy']:.2f}")
-            done = step + 1
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-                checkpoint(done)
-            if stop_after is not None and done >= stop_after and done < total_steps:
-                return OracleTrainResult(out_dir, done, row, None, resume_from)
-        if (
-            cfg.kind == "gpm"
-            and row is not None
-            and is_main
-            and abs(row["loss"] - math.log(2)) < 1e-3
-        ):
-            log.warning(
-                "kind=gpm: the training loss sits at ln 2 (%.5f): the embeddings collapsed to "
-                "P = ½ everywhere; lower optim.learning_rate (a GPM trained from random weights "
-                "collapses at 1e-3 where 3e-4 learns, benchmarks/results/preference_models.md)",
-                row["loss"],
-            )
-        # ---- the end: a last checkpoint (a re-run is a no-op), the model, held-out metrics -----
-        if start < total_steps or find_latest_checkpoint(ckpt_root) is None:
-            checkpoint(total_steps)
-        model_dir = out_dir  # as `inpo train` writes it: the folder annotate.model names
-        if is_main and (start < total_steps or not (model_dir / "config.json").is_file()):
-            _save_model(cfg, accelerator.unwrap_model(model), tokenizer, model_dir)
-            from inpo.training.modelcard import write_oracle_card
-
-            write_oracle_card(model_dir, cfg, pairs=len(rows), steps=total_steps, last=row)
-        accelerator.wait_for_everyone()
-    finally:
-        bar.close()
-        metrics.close()
+    if start < plan.total_steps or find_latest_checkpoint(ckpt_root) is None:
+        checkpoint(plan.total_steps)
+    model_dir = out_dir  # as `inpo train` writes it: the folder annotate.model names
+    if engine.is_main and (start < plan.total_steps or not (model_dir / "config.json").is_file()):
+        _save_model(cfg, engine.unwrap(model), tokenizer, model_dir)
+        write_oracle_card(model_dir, cfg, pairs=len(rows), steps=plan.total_steps, last=row)
+    engine.wait()
     result = None
-    if is_main and eval_rows is not None:
-        result = _held_out_metrics(cfg, model_dir, eval_rows, str(accelerator.device))
-    return OracleTrainResult(out_dir, total_steps, row, result, resume_from)
+    if engine.is_main and eval_rows is not None:
+        result = _held_out_metrics(cfg, model_dir, eval_rows, str(engine.device))
+    return OracleTrainResult(out_dir, plan.total_steps, row, result, resume_from)
 
 
 def _step(
     cfg: OracleTrainConfig,
-    accelerator: Any,
+    engine: Engine,
     model: Any,
     tokenizer: Any,
     rows: list[dict],
+    plan: StepPlan,
+    step: int,
     step_rows: list[int],
-) -> torch.Tensor:
+) -> StepOut:
     """One optimizer step's gradients, accumulated over this process's micro-batches of
-    ``step_rows``; returns ``[loss sum, correct, strict pairs]`` summed over all processes."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = cfg.optim.per_device_batch_size
-    n_pairs = len(step_rows)
-    local = step_rows[rank::world]
-    n_micro = math.ceil(math.ceil(n_pairs / world) / micro)
+    ``step_rows``; its metrics from ``[loss sum, correct, strict pairs]`` over all processes."""
+    world, n_pairs = engine.world, len(step_rows)
+    micro = micro_batches(step_rows, engine.rank, world, cfg.optim.per_device_batch_size)
     sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, strict pairs
-    for m in range(n_micro):
-        ids = local[m * micro : (m + 1) * micro]
+    for m, ids in enumerate(micro):
         weight = 1.0 if ids else 0.0  # a rank out of pairs runs one weighted by zero
         batch = [rows[i] for i in ids] if ids else [rows[step_rows[0]]]
-        sync = accelerator.no_sync(model) if m < n_micro - 1 else nullcontext()
-        with sync:
+        with engine.no_sync(model, last=m == len(micro) - 1):
             # ---- the algorithm: the pair's logit, binary cross-entropy, step mean ----
-            with accelerator.autocast():
+            with engine.autocast():
                 d, y = pair_logits(
-                    cfg.kind, model, tokenizer, batch, cfg.data.max_length, accelerator.device
+                    cfg.kind, model, tokenizer, batch, cfg.data.max_length, engine.device
                 )
             per = bce(d, y)
             if cfg.kind == "pairwise":  # each order is half the pair's loss
                 per = 0.5 * per
             loss_sum = per.sum() * weight
-            accelerator.backward(loss_sum * (world / n_pairs))
+            engine.backward(model, loss_sum * (world / n_pairs), last=m == len(micro) - 1)
         if weight:
             dd, yy = d.detach().double().cpu(), y.detach().double().cpu()
             strict = yy != 0.5
@@ -602,9 +499,21 @@ def _step(
                 ],
                 dtype=torch.float64,
             )
-    if world > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-    return sums
+    s = engine.reduce_sum(sums).tolist()
+
+    def row(grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
+        return {
+            "step": step + 1,
+            "epoch": plan.epoch(step),
+            "loss": s[0] / n_pairs,
+            "accuracy": s[1] / s[2] if s[2] else float("nan"),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "pairs": n_pairs,
+            "seconds": seconds,
+        }
+
+    return StepOut(s[0], row)
 
 
 def _held_out_metrics(
@@ -625,16 +534,8 @@ def _held_out_metrics(
     return result
 
 
-def _fingerprint(rows: list[dict], cfg: OracleTrainConfig) -> str:
-    """What a checkpoint was trained from: the rows, the starting weights and the kind."""
-    import hashlib
-
-    from inpo.hashing import model_fingerprint
-    from inpo.training.modeling import check_model_dir
-
-    text = json.dumps(
-        [rows, cfg.kind, model_fingerprint(check_model_dir(cfg.model.path))],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _inputs(rows: list[dict], folder: Path) -> dict[str, str]:
+    """What a checkpoint was trained from: the rows' and the starting weights' fingerprints
+    (the kind and every other setting are in its recorded config)."""
+    data = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return {"data": data[:16], "model": model_fingerprint(folder)}
