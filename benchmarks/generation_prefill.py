@@ -37,8 +37,8 @@ def timed(model, tok, prompts, k, settings, flag: bool) -> tuple[float, list]:
 def workloads(prompt_tokens: int):
     import torch
 
-    from inpo.commands.run import load_run_config
     from inpo.generation import GenerationSettings
+    from inpo.pipeline.preflight import load_run_config
     from inpo.pipeline.runtime import load_model
     from inpo.pipeline.workloads import get_workload
     from inpo.tiny import char_tokenizer, tiny_causal_lm

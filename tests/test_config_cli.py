@@ -19,7 +19,7 @@ def test_keys_of_run_and_train_are_listed(capsys):
 
 
 def test_show_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
-    from inpo.commands.run import load_run_config
+    from inpo.pipeline.preflight import load_run_config
 
     assert main(["config", "show", "run", "iterations=2", "generate.k=4"]) == 0
     text = capsys.readouterr().out
@@ -39,7 +39,7 @@ def test_show_train_says_what_is_missing(capsys):
 
 
 def test_help_lists_every_key_and_config_is_a_flag_too(tmp_path, capsys):
-    from inpo.commands.run import parse_args
+    from inpo.config import parse_config_args as parse_args
 
     assert main(["run", "--help"]) == 0
     assert "  train.learning_rate " in capsys.readouterr().out
@@ -85,9 +85,9 @@ def test_push_to_hub_is_validated_before_any_model_loads(tmp_path, monkeypatch):
     the upload itself is never exercised here (no network)."""
     import pytest
 
-    from inpo.commands.run import load_run_config
     from inpo.config import load_config
     from inpo.errors import ConfigError
+    from inpo.pipeline.preflight import load_run_config
     from inpo.training import TrainConfig
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -114,9 +114,9 @@ def test_push_to_hub_is_validated_before_any_model_loads(tmp_path, monkeypatch):
 
 def test_run_help_lists_every_algorithm_with_its_paper(capsys):
     """Each algorithm of ``inpo run`` names the paper (and equation) its LM form follows."""
-    from inpo.pipeline.config import ALGORITHMS, PAPERS
+    from inpo.algorithms import ALGORITHMS
 
-    assert set(PAPERS) == set(ALGORITHMS)
+    PAPERS = {name: spec.paper for name, spec in ALGORITHMS.items()}
     assert main(["run", "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for name in ALGORITHMS:

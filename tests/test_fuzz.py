@@ -97,7 +97,7 @@ def _assert_names(err: InpoError, key: str) -> None:
 @FUZZ
 @given(st.data())
 def test_run_overrides_give_a_config_or_an_error_naming_the_key(data):
-    from inpo.commands.run import load_run_config
+    from inpo.pipeline.preflight import load_run_config
 
     keys = _run_keys()
     key = data.draw(st.one_of(st.sampled_from(keys), st.sampled_from(keys).map(lambda k: k + "x")))
@@ -142,7 +142,7 @@ def test_train_overrides_give_a_config_or_an_error_naming_the_key(data):
     )
 )
 def test_yaml_files_give_a_config_or_an_error_naming_the_file(tmp_path_factory, raw):
-    from inpo.commands.run import load_run_config
+    from inpo.pipeline.preflight import load_run_config
 
     path = tmp_path_factory.mktemp("cfg") / "config.yaml"
     path.write_bytes(raw)
@@ -212,7 +212,7 @@ def test_preference_matrices_are_valid_or_refused(matrix):
 
 @pytest.mark.parametrize("value", ["nan", ".inf", "-1", "0"])
 def test_a_few_known_bad_numbers_name_their_key(value):
-    from inpo.commands.run import load_run_config
+    from inpo.pipeline.preflight import load_run_config
 
     for key in ("eta", "train.learning_rate", "generate.temperature", "train.warmup_ratio"):
         try:

@@ -156,31 +156,31 @@ DEFAULT_PROMPT = DEFAULT_PROMPTS[0]
     ],
 )
 def test_dno_settings_are_checked(override, needle):
+    from inpo.pipeline.preflight import load_run_config
+
     with pytest.raises(ConfigError, match=needle):
-        load_config(RunConfig, None, override.split())
+        load_run_config(None, override.split())
 
 
 def test_a_teacher_file_missing_prompts_fails_at_the_config_check(tmp_path):
     """Before any model loads: how many training prompts have no teacher response, and one."""
+    from inpo.pipeline.preflight import load_run_config
+
     bad = _teacher(tmp_path / "t.jsonl", [{"prompt": "say hello", "completion": "hello"}])
     with pytest.raises(ConfigError, match=r"no response for 4 of the 4 training prompts .*red"):
-        load_config(RunConfig, None, ["algorithm=dno", f"teacher={bad}", "max_prompts=4"])
+        load_run_config(None, ["algorithm=dno", f"teacher={bad}", "max_prompts=4"])
     with pytest.raises(ConfigError, match=r"no response for \d+ of the \d+ training prompts"):
-        load_config(RunConfig, None, ["algorithm=dno", f"teacher={bad}"])
+        load_run_config(None, ["algorithm=dno", f"teacher={bad}"])
     rows = [{"prompt": DEFAULT_PROMPT}]
     with pytest.raises(
         (ConfigError, DataError), match=r"t2.jsonl: line 1: missing field 'completion'"
     ):
-        load_config(
-            RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't2.jsonl', rows)}"]
-        )
+        load_run_config(None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't2.jsonl', rows)}"])
     rows = [{"prompt": DEFAULT_PROMPT, "completion": [{"role": "user", "content": "x"}]}]
     with pytest.raises(
         (ConfigError, DataError), match=r"line 1: field 'completion': expected a non-empty text"
     ):
-        load_config(
-            RunConfig, None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't3.jsonl', rows)}"]
-        )
+        load_run_config(None, ["algorithm=dno", f"teacher={_teacher(tmp_path / 't3.jsonl', rows)}"])
     ok = _teacher(
         tmp_path / "ok.jsonl",
         [
@@ -188,7 +188,7 @@ def test_a_teacher_file_missing_prompts_fails_at_the_config_check(tmp_path):
             for x in DEFAULT_PROMPTS
         ],
     )
-    cfg = load_config(RunConfig, None, ["algorithm=dno", f"teacher={ok}", "max_prompts=4"])
+    cfg = load_run_config(None, ["algorithm=dno", f"teacher={ok}", "max_prompts=4"])
     assert cfg.loss_hparams() == ("dpo", {"beta": cfg.eta})  # DNO's eta multiplies log-ratios
 
 

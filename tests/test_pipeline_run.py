@@ -146,11 +146,11 @@ def test_corrupt_artifact_is_redone(tmp_path):
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, key, value, needle):
-    from inpo.config import load_config
     from inpo.errors import ConfigError
+    from inpo.pipeline.preflight import load_run_config
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        load_config(RunConfig, None, [f"{key}={value}", "eta=0.5"])
+        load_run_config(None, [f"{key}={value}", "eta=0.5"])
     assert not (tmp_path / "run").exists()
 
 
@@ -458,8 +458,8 @@ def test_report_to_tensorboard_is_one_run_on_the_global_training_step(tmp_path, 
 def test_report_to_is_checked_before_any_model_loads(override, needle):
     import importlib.util
 
-    from inpo.commands.run import load_run_config
     from inpo.errors import ConfigError
+    from inpo.pipeline.preflight import load_run_config
 
     if "wandb" in override and importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
@@ -471,8 +471,8 @@ def test_prompts_from_a_hub_dataset_in_the_cache_or_a_folder_of_files(tmp_path, 
     """`prompts=acme/prompts prompts_split=… eval_prompts_split=…`: read through
     `datasets.load_dataset` from the local Hugging Face cache (nothing downloads), or from a
     plain folder of data files; a split that is not there is one line naming the splits."""
-    from inpo.commands.run import load_run_config
     from inpo.errors import ConfigError, DataError
+    from inpo.pipeline.preflight import load_run_config
     from inpo.pipeline.workloads import PromptFileWorkload, load_prompts
 
     repo = tmp_path / "hub" / "datasets--acme--prompts"
@@ -529,7 +529,7 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
     """task=prompts evaluates π_t against π_ref's answers; those (a fixed seed) are sampled once
     per run, not once per iteration, and the metrics are bit-identical to sampling them anew."""
     import inpo.generation as generation
-    from inpo.commands.run import load_run_config
+    from inpo.pipeline.preflight import load_run_config
     from inpo.pipeline.workloads import PromptFileWorkload
 
     task = ToyTask(tmp_path)
@@ -609,8 +609,6 @@ def test_tie_labels_train_the_losses_that_take_them(tmp_path, algorithm):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("algorithm=mpo", "algorithm=mpo moves its reference to the policy every few iterations"),
-        ("algorithm=comal", "set ref_update_every"),
         ("ref_update_every=2", "ref_update_every is for comal and mpo"),
         ("algorithm=comal ref_update_every=0", "ref_update_every must be >= 1"),
     ],
@@ -621,6 +619,22 @@ def test_moving_reference_settings_are_checked(override, needle):
 
     with pytest.raises(ConfigError, match=needle):
         load_config(RunConfig, None, override.split())
+
+
+@pytest.mark.parametrize("algorithm", ["comal", "mpo"])
+def test_moving_reference_algorithms_start_with_their_default_schedule(algorithm):
+    """comal and mpo need no ref_update_every: their record carries the default (2), which an
+    explicit setting overrides; an algorithm with a fixed reference has no schedule."""
+    from inpo.algorithms import ALGORITHMS
+    from inpo.config import load_config
+
+    cfg = load_config(RunConfig, None, [f"algorithm={algorithm}"])
+    assert cfg.ref_every == ALGORITHMS[algorithm].ref_update_every == 2
+    assert (
+        load_config(RunConfig, None, [f"algorithm={algorithm}", "ref_update_every=3"]).ref_every
+        == 3
+    )
+    assert load_config(RunConfig, None, ["algorithm=inpo"]).ref_every is None
 
 
 def test_mpo_trains_with_inpos_loss_at_eta_plus_tau():

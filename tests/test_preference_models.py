@@ -219,8 +219,8 @@ def test_bt_reads_ties_and_margins(kit, tmp_path, capsys):
 
 
 def test_bad_input_is_named_before_any_model_loads(kit, tmp_path, capsys):
-    from inpo.commands.run import load_run_config
     from inpo.errors import ConfigError
+    from inpo.pipeline.preflight import load_run_config
 
     rows = preference_pairs("cyclic", prompts=["pick one"])
     _write(tmp_path / "no_chosen.jsonl", [rows[0], {"prompt": "x", "rejected": "y"}])

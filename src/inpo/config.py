@@ -30,10 +30,37 @@ __all__ = [
     "flat_config",
     "from_dict",
     "load_config",
+    "parse_config_args",
     "parse_overrides",
     "save_config",
     "validate_config",
 ]
+
+
+def parse_config_args(argv: list[str]) -> tuple[Path | None, list[str]]:
+    """A command line of ``[CONFIG.yaml | --config CONFIG.yaml] [key=value ...]`` as the config
+    file (or ``None``) and the overrides; anything else is a :class:`ConfigError`."""
+    path = None
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config", "-c"):  # as TRL and torchtune users type it
+            if not args:
+                raise ConfigError(f"{arg} needs a CONFIG.yaml after it")
+            arg = args.pop(0)
+            if path is not None:
+                raise ConfigError("two config files given; pass one (and key=value overrides)")
+            path = Path(arg)
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        elif "=" in arg:
+            overrides.append(arg)
+        elif path is None and arg.endswith((".yaml", ".yml")):
+            path = Path(arg)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}' (expected CONFIG.yaml or key=value)")
+    return path, overrides
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

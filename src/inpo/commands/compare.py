@@ -10,7 +10,8 @@ queries do not exceed it (for ``K = 8``: 5 samples, 10 queries against 11), and 
 extragradient algorithms (egpo, mirror_prox: two tournaments an iteration) the largest power
 of two whose two tournaments do not (``K = 4``: 2 × 5). ``ref_update_every=N`` applies to the
 algorithms whose reference moves (comal, mpo) and ``margin=``/``teacher=`` to dno; each is left
-out of the others' configs. With ``algorithms=all``, ``ref_update_every`` defaults to 2.
+out of the others' configs (``ref_update_every`` defaults to the algorithm's own, 2). Each
+algorithm's budget and defaults come from its record in :mod:`inpo.algorithms`.
 """
 
 from __future__ import annotations
@@ -23,32 +24,12 @@ from pathlib import Path
 DEFAULT = "inpo,online_ipo,dpo,sppo"
 
 
-def sppo_k(k: int) -> int:
-    """The largest K' with K'(K'−1)/2 ≤ the tournament's queries for K (at least 2)."""
-    from inpo.selection import tournament_queries
-
-    budget = tournament_queries(k)
-    best = 2
-    while (best + 1) * best // 2 <= budget:
-        best += 1
-    return best
-
-
-def egpo_k(k: int) -> int:
-    """The largest power of two K' whose two tournaments ask no more than one of K (at least 2)."""
-    from inpo.selection import tournament_queries
-
-    budget = tournament_queries(k)
-    best = 2
-    while 2 * tournament_queries(best * 2) <= budget:
-        best *= 2
-    return best
-
-
 def main(argv: list[str]) -> int:
-    from inpo.commands.run import load_run_config, parse_args
+    from inpo.algorithms import ALGORITHMS
+    from inpo.config import parse_config_args as parse_args
+    from inpo.config import validate_config
     from inpo.errors import ConfigError
-    from inpo.pipeline.config import ALGORITHMS
+    from inpo.pipeline.preflight import load_run_config, preflight
     from inpo.pipeline.report import table, write_metrics, write_report
     from inpo.pipeline.run import run_pipeline
 
@@ -90,16 +71,15 @@ def main(argv: list[str]) -> int:
             equal_budget = value == "true"
         else:
             rest.append(arg)
-    from inpo.pipeline.config import EXTRAGRADIENT, MOVING_REFERENCE
-
+    moving = [a.name for a in ALGORITHMS.values() if a.reference == "moving"]
     names = [a.strip() for a in algorithms.split(",") if a.strip()]
     if names == ["all"]:
         names = list(ALGORITHMS)
         if every is None:
-            every = 2
             print(
-                f"algorithms=all: {' and '.join(MOVING_REFERENCE)} move their reference every 2 "
-                "iterations (ref_update_every=N to change)",
+                f"algorithms=all: {' and '.join(moving)} move their reference every "
+                f"{ALGORITHMS[moving[0]].ref_update_every} iterations, their default "
+                "(ref_update_every=N to change)",
                 file=sys.stderr,
             )
     for name in names:
@@ -114,25 +94,23 @@ def main(argv: list[str]) -> int:
         cfg = copy.deepcopy(base)
         cfg.algorithm = name
         cfg.run_dir = str(root / name)
-        cfg.ref_update_every = every if name in MOVING_REFERENCE else None
-        if name == "dno":  # DNO's own settings stay out of the others' configs
+        spec = ALGORITHMS[name]
+        cfg.ref_update_every = every if spec.reference == "moving" else None
+        if spec.pair_filter:  # DNO's own settings stay out of the others' configs
             if "margin" in dno:
                 try:
                     cfg.margin = float(dno["margin"])
                 except ValueError:
                     raise ConfigError(f"margin must be a number, got '{dno['margin']}'") from None
             cfg.teacher = dno.get("teacher", "")
-        if name in ("sppo", "dno"):
+        if spec.win_rates:
             cfg.annotate.selection = "all_pairs"
-            if equal_budget:
-                cfg.generate.k = sppo_k(base.generate.k)
         elif cfg.annotate.selection == "all_pairs":
             cfg.annotate.selection = "auto"
-        if name in EXTRAGRADIENT and equal_budget:
-            cfg.generate.k = egpo_k(base.generate.k)
-        from inpo.config import validate_config
-
+        if equal_budget:
+            cfg.generate.k = spec.equal_budget_k(base.generate.k)
         validate_config(cfg)
+        preflight(cfg)  # DNO's teacher against the prompts, before any work
         configs.append(cfg)
     rows = []
     for cfg in configs:

@@ -165,7 +165,8 @@ def main(argv: list[str]) -> int:
         print(key_table(kind))
         return 0
     if kind == "run":
-        from inpo.commands.run import load_run_config, parse_args
+        from inpo.config import parse_config_args as parse_args
+        from inpo.pipeline.preflight import load_run_config
 
         path, overrides = parse_args(rest)
         cfg = load_run_config(path, overrides)

@@ -8,7 +8,6 @@ validated before any model loads; re-running the same command continues an inter
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 USAGE = "usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
 
@@ -24,12 +23,12 @@ def algorithms_help() -> str:
     """Every ``algorithm=`` value: what it trains, and the paper (and equation) it follows."""
     import textwrap
 
-    from inpo.pipeline.config import ALGORITHMS, PAPERS
+    from inpo.algorithms import ALGORITHMS
 
     out = ["algorithms (algorithm=NAME):"]
     for name, spec in ALGORITHMS.items():
         out.append(f"  {name}")
-        for text in (spec["doc"], PAPERS[name]):
+        for text in (spec.doc, spec.paper):
             out += textwrap.wrap(text, 92, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(out)
 
@@ -42,54 +41,16 @@ EXAMPLES = """\
 """
 
 
-def parse_args(argv: list[str]) -> tuple[Path | None, list[str]]:
-    from inpo.errors import ConfigError
-
-    path = None
-    overrides = []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--config", "-c"):  # as TRL and torchtune users type it
-            if not args:
-                raise ConfigError(f"{arg} needs a CONFIG.yaml after it")
-            arg = args.pop(0)
-            if path is not None:
-                raise ConfigError("two config files given; pass one (and key=value overrides)")
-            path = Path(arg)
-        elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
-        elif "=" in arg:
-            overrides.append(arg)
-        elif path is None and arg.endswith((".yaml", ".yml")):
-            path = Path(arg)
-        else:
-            raise ConfigError(f"unexpected argument '{arg}' (expected CONFIG.yaml or key=value)")
-    return path, overrides
-
-
-def load_run_config(path: Path | None, overrides: list[str]):
-    """Resolve the run config: task defaults first, then the YAML, then the overrides."""
-    from inpo.config import load_config, parse_overrides, read_yaml
-    from inpo.pipeline.config import RunConfig
-    from inpo.pipeline.workloads import workload_defaults
-
-    task = "default"
-    if path is not None:
-        loaded = read_yaml(path)
-        if isinstance(loaded.get("task"), str):
-            task = loaded["task"]
-    task = parse_overrides(overrides).get("task", task)
-    return load_config(RunConfig, path, overrides, base=workload_defaults(str(task)))
-
-
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from inpo.commands.config import config_help
 
         print(config_help("run", USAGE, DESCRIPTION + "\n" + algorithms_help(), EXAMPLES))
         return 0
-    path, overrides = parse_args(argv)
+    from inpo.config import parse_config_args
+    from inpo.pipeline.preflight import load_run_config
+
+    path, overrides = parse_config_args(argv)
     cfg = load_run_config(path, overrides)
     from inpo.console import verbosity
     from inpo.distributed import get_dist

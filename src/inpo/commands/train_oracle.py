@@ -36,8 +36,8 @@ def main(argv: list[str]) -> int:
 
         print(config_help("train-oracle", USAGE, DESCRIPTION, EXAMPLES))
         return 0
-    from inpo.commands.run import parse_args
     from inpo.config import load_config
+    from inpo.config import parse_config_args as parse_args
     from inpo.training.oracle_config import OracleTrainConfig
     from inpo.training.oracle_loop import train_oracle
 

@@ -13,167 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from inpo.errors import ConfigError, did_you_mean
+from inpo.algorithms import ALGORITHMS, DNO_MARGIN, Algorithm, default_tau, get_algorithm
+from inpo.errors import ConfigError
 from inpo.training.config import LoraSettings
 
 __all__ = [
-    "ALGORITHMS",
-    "DNO_MARGIN",
-    "EXTRAGRADIENT",
-    "MOVING_REFERENCE",
-    "PREVIOUS_ITERATE_REFERENCE",
-    "TIE_LOSSES",
     "AnnotateConfig",
     "EvaluateConfig",
     "GenerateConfig",
     "RunConfig",
     "TrainStageConfig",
 ]
-
-#: What each algorithm trains with, what it precomputes and how it selects pairs.
-#: ``loss``: a key of ``inpo.losses.LOSSES``; ``selection``: the default pair-selection rule.
-ALGORITHMS: dict[str, dict[str, str]] = {
-    "inpo": {"loss": "inpo", "selection": "tournament", "doc": "INPO (eta, tau)"},
-    "online_ipo": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "INPO with tau = eta: IPO against pi_ref with beta = eta on fresh samples",
-    },
-    "inpo_no_kl": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "INPO with tau = 0: IPO against the previous iterate",
-    },
-    "dpo": {"loss": "dpo", "selection": "tournament", "doc": "iterative DPO (beta)"},
-    "ipo": {"loss": "ipo", "selection": "tournament", "doc": "iterative IPO (beta)"},
-    "sppo": {"loss": "sppo", "selection": "all_pairs", "doc": "SPPO (eta), all-pairs win rates"},
-    "nash_md": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "Nash-MD (Munos et al. 2023) as IPO-MD: samples from the token-level geometric "
-        "mixture pi_t^(1-beta) pi_ref^beta, beta = tau/eta, trained with INPO's loss",
-    },
-    "comal": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "COMAL (Liu et al. 2024): INPO iterations against an anchor, replaced by the "
-        "last policy every ref_update_every iterations (a prox-point outer loop)",
-    },
-    "mpo": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "magnetic mirror descent (MPO, Wang et al. 2025): INPO's loss at eta + tau, tau; "
-        "the magnet (reference) moved to the policy every ref_update_every iterations",
-    },
-    "egpo": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "extragradient (EGPO, Zhou et al. 2025): a half step from pi_t on pi_t's samples, "
-        "then the full step from pi_t on the half-step policy's samples, each MPO's loss (INPO's "
-        "at eta + tau, tau)",
-    },
-    "mirror_prox": {
-        "loss": "inpo",
-        "selection": "tournament",
-        "doc": "Nash mirror-prox (Tiapkin et al. 2025): the same two steps as egpo",
-    },
-    "dno": {
-        "loss": "dpo",
-        "selection": "all_pairs",
-        "doc": "DNO-Prct (Rosset et al. 2024): the best and worst of the K samples (and the "
-        "teacher's response) by win rate, kept when their win rates differ by at least margin, "
-        "trained with DPO against pi_t (its beta is DNO's eta)",
-    },
-    "todo": {
-        "loss": "todo",
-        "selection": "tournament",
-        "doc": "TODO: tie-aware DPO (beta, alpha); with annotate.tie_policy=tie, tied finals "
-        "train as ties",
-    },
-}
-
-#: The paper (and equation) each algorithm's LM form follows; shown by ``inpo run --help``.
-PAPERS: dict[str, str] = {
-    "inpo": (
-        "Zhang et al. 2024, Iterative Nash Policy Optimization (arXiv 2407.00617): the "
-        "OMD step Eq. (4) pi_{t+1} ∝ pi_ref^(tau/eta) pi_t^(1-tau/eta) exp(P(y ≻ "
-        "pi_t)/eta), learnt by minimising the squared loss L_t of Eq. (8) (Algorithm 1)"
-    ),
-    "online_ipo": (
-        "Calandriello et al. 2024, Human Alignment of LLMs through Online Preference "
-        "Optimisation (arXiv 2403.08635): IPO's loss (Azar et al. 2023, arXiv "
-        "2310.12036) on fresh pairs of pi_t, whose optimum is pi_ref exp(P(y ≻ "
-        "pi_t)/tau)"
-    ),
-    "inpo_no_kl": (
-        "Zhang et al. 2024 (arXiv 2407.00617), the ablation 'INPO w/o KL': Eq. (8) with "
-        "tau = 0, i.e. pi_{t+1} ∝ pi_t exp(P(y ≻ pi_t)/eta)"
-    ),
-    "dpo": (
-        "Rafailov et al. 2023 (arXiv 2305.18290), the DPO loss Eq. (7), iterated on "
-        "pi_t's tournament pairs (Xiong et al. 2024, arXiv 2312.11456)"
-    ),
-    "ipo": (
-        "Azar et al. 2023 (arXiv 2310.12036), IPO's squared loss (h - 1/(2 beta))^2, "
-        "iterated on pi_t's tournament pairs"
-    ),
-    "sppo": (
-        "Wu et al. 2024, Self-Play Preference Optimization (arXiv 2405.00675): the "
-        "squared loss (log pi/pi_t - eta_s (P̂(y ≻ pi_t) - 1/2))^2 with SPPO's eta_s = "
-        "1/eta, whose optimum is the multiplicative-weights step pi_t exp(P(y ≻ pi_t)/eta)"
-    ),
-    "nash_md": (
-        "Munos et al. 2023, Nash Learning from Human Feedback (arXiv 2312.00886): the "
-        "Nash-MD step on the regularised policy pi_t^(1-beta) pi_ref^beta, in its "
-        "squared-loss form IPO-MD (Calandriello et al. 2024, arXiv 2403.08635)"
-    ),
-    "comal": (
-        "Liu et al. 2024, COMAL (arXiv 2410.23223): the conceptual prox-point outer "
-        "loop over INPO inner iterations, the anchor replaced by the last iterate"
-    ),
-    "mpo": (
-        "Wang et al. 2025, Magnetic Preference Optimization (ICLR 2025, arXiv "
-        "2410.16714): the magnetic mirror descent step pi_{t+1} ∝ (pi_t "
-        "pi_ref^(tau/eta) exp(P(y ≻ pi_t)/eta))^(1/(1+tau/eta)), the magnet moved every "
-        "few iterations"
-    ),
-    "egpo": (
-        "Zhou, Fazel and Du 2025, Extragradient Preference Optimization (arXiv "
-        "2503.08942): the extragradient (half step, full step) pair of online-IPO "
-        "updates"
-    ),
-    "mirror_prox": (
-        "Tiapkin et al. 2025, Accelerating Nash Learning from Human Feedback via Mirror "
-        "Prox: the same extragradient pair as egpo"
-    ),
-    "dno": (
-        "Rosset et al. 2024, Direct Nash Optimization (arXiv 2404.03715), Algorithm 2 "
-        "(DNO-Prct): best vs worst by win rate above a margin, DPO against pi_t"
-    ),
-    "todo": (
-        "Guo et al. 2024, TODO: Enhancing LLM Alignment with Ternary Preferences: DPO's "
-        "loss with a tie term (alpha)"
-    ),
-}
-
-#: Losses that train on tie labels (``annotate.tie_policy=tie``); the others would read a tie
-#: as a strict preference.
-TIE_LOSSES = ("inpo", "ipo", "todo")
-
-#: Algorithms whose reference (anchor, magnet) moves to the policy every ``ref_update_every``
-#: iterations; each maps to an exact update of :mod:`inpo.game.algorithms` run with the same
-#: ``ref_update_every`` (``inpo`` for COMAL's inner iterations, ``mmd`` for MPO).
-MOVING_REFERENCE = {"comal": "inpo", "mpo": "mmd"}
-
-#: Algorithms that take two policy steps an iteration (a half step, then the full step against
-#: the half-step policy's samples): the exact ``extragradient`` update.
-EXTRAGRADIENT = ("egpo", "mirror_prox")
-
-#: Algorithms whose loss's reference is the previous iterate ``π_t`` (DNO-Prct's DPO).
-PREVIOUS_ITERATE_REFERENCE = ("dno",)
-
-#: DNO's default margin: the least win-rate gap between a kept pair's chosen and rejected.
-DNO_MARGIN = 0.25
 
 
 @dataclass
@@ -422,7 +272,7 @@ class RunConfig:
     #: TODO's tie threshold α > 0 (Rao–Kupper: P(tie) grows with it).
     alpha: float = 0.5
     #: comal / mpo: replace the reference (anchor, magnet) by the current policy every this
-    #: many iterations (required for them; evaluation keeps the original π_ref).
+    #: many iterations (null: 2, the algorithm's default; evaluation keeps the original π_ref).
     ref_update_every: int | None = None
     #: dno: keep a prompt's best-vs-worst pair only when their win rates (against the K samples
     #: and the teacher) differ by at least this (null: 0.25).
@@ -478,26 +328,25 @@ class RunConfig:
 
     @property
     def tau_value(self) -> float:
-        return self.eta / 3.0 if self.tau is None else self.tau
+        return default_tau(self.eta) if self.tau is None else self.tau
+
+    @property
+    def spec(self) -> Algorithm:
+        """Everything ``algorithm`` means (:mod:`inpo.algorithms`)."""
+        return get_algorithm(self.algorithm)
+
+    @property
+    def ref_every(self) -> int | None:
+        """A moving reference's schedule: ``ref_update_every``, else the algorithm's default
+        (``None`` for a fixed or previous-iterate reference)."""
+        if self.spec.reference != "moving":
+            return None
+        return self.ref_update_every or self.spec.ref_update_every
 
     def loss_hparams(self) -> tuple[str, dict[str, float]]:
         """The loss name and hyper-parameters this algorithm trains with."""
-        loss = ALGORITHMS[self.algorithm]["loss"]
-        if self.algorithm in ("inpo", "comal", "nash_md"):
-            return loss, {"eta": self.eta, "tau": self.tau_value}
-        if self.algorithm in ("mpo", *EXTRAGRADIENT):  # MMD's step is INPO's at eta + tau
-            return loss, {"eta": self.eta + self.tau_value, "tau": self.tau_value}
-        if self.algorithm == "online_ipo":
-            return loss, {"eta": self.eta, "tau": self.eta}
-        if self.algorithm == "inpo_no_kl":
-            return loss, {"eta": self.eta, "tau": 0.0}
-        if self.algorithm == "sppo":
-            return loss, {"eta": self.eta}
-        if self.algorithm == "todo":
-            return loss, {"beta": self.beta, "alpha": self.alpha}
-        if self.algorithm == "dno":  # DNO's eta multiplies the log-ratios: DPO's beta
-            return loss, {"beta": self.eta}
-        return loss, {"beta": self.beta}
+        spec = self.spec
+        return spec.loss, spec.hparams(self.eta, self.tau_value, self.beta, self.alpha)
 
     @property
     def margin_value(self) -> float:
@@ -505,12 +354,12 @@ class RunConfig:
 
     def mixture_beta(self) -> float | None:
         """Nash-MD's β = τ/η: the weight of π_ref in the sampler (``None``: sample from π_t)."""
-        return self.tau_value / self.eta if self.algorithm == "nash_md" else None
+        return self.spec.mixture_beta(self.eta, self.tau_value)
 
     def selection(self) -> str:
         if self.annotate.selection != "auto":
             return self.annotate.selection
-        return ALGORITHMS[self.algorithm]["selection"]
+        return self.spec.selection
 
     def validate(self) -> None:
         from inpo.training.config import LoggingConfig, require_tracker_packages
@@ -525,16 +374,12 @@ class RunConfig:
             from inpo.hub import check_push_to_hub
 
             check_push_to_hub(self.hub_model_id, "hub_model_id")
-        if self.algorithm not in ALGORITHMS:
-            hint = did_you_mean(self.algorithm, ALGORITHMS)
-            raise ConfigError(
-                f"algorithm must be one of {', '.join(ALGORITHMS)}; got '{self.algorithm}'{hint}"
-            )
+        spec = self.spec  # a ConfigError naming the choices for an unknown name
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
-        if self.algorithm == "nash_md" and self.generate.backend == "vllm":
+        if spec.sampler == "mixture" and self.generate.backend == "vllm":
             raise ConfigError(
-                "algorithm=nash_md samples from a mixture of two models token by token, which "
+                f"algorithm={self.algorithm} samples from a mixture of two models token by token, which "
                 "the transformers backend does (two models, one generate loop); vLLM cannot: "
                 "use generate.backend=transformers"
             )
@@ -542,19 +387,15 @@ class RunConfig:
             from inpo.vllm_backend import check_vllm
 
             check_vllm()
-        if self.algorithm == "nash_md" and not self.tau_value > 0:
+        if spec.sampler == "mixture" and not self.tau_value > 0:
             raise ConfigError(
-                "algorithm=nash_md mixes in π_ref with beta = tau/eta: tau must be > 0"
-            )
-        if self.algorithm in MOVING_REFERENCE and self.ref_update_every is None:
-            raise ConfigError(
-                f"algorithm={self.algorithm} moves its reference to the policy every few "
-                "iterations: set ref_update_every (e.g. ref_update_every=2)"
+                f"algorithm={self.algorithm} mixes in π_ref with beta = tau/eta: tau must be > 0"
             )
         if self.ref_update_every is not None:
-            if self.algorithm not in MOVING_REFERENCE:
+            if spec.reference != "moving":
+                moving = [a.name for a in ALGORITHMS.values() if a.reference == "moving"]
                 raise ConfigError(
-                    f"ref_update_every is for {' and '.join(MOVING_REFERENCE)}; "
+                    f"ref_update_every is for {' and '.join(moving)}; "
                     f"algorithm={self.algorithm} keeps π_ref"
                 )
             if self.ref_update_every < 1:
@@ -572,59 +413,39 @@ class RunConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        from pathlib import Path
-
-        from inpo.hub import looks_like_hub_id, resolve_dataset
-        from inpo.pipeline.workloads import prompt_sources
-
         if self.task == "default" and (self.prompts or self.eval_prompts):
             raise ConfigError(
                 "task=default has its own training and held-out prompts (its evaluation is "
                 "exact); prompts= and eval_prompts= are for task=prompts"
             )
-        for key in ("prompts", "eval_prompts"):
-            for value in prompt_sources(getattr(self, key)):
-                if looks_like_hub_id(value):
-                    resolve_dataset(value, key)  # in the local cache, or one line saying how
-                elif not Path(value).exists():
-                    raise ConfigError(f"{key}: path '{value}' does not exist")
-        from inpo.hub import resolve_model
-
-        for key in ("policy", "reference"):  # a folder, or a hub id in the local HF cache
-            if getattr(self, key):
-                resolve_model(getattr(self, key), key)
         from inpo.losses import get_loss
         from inpo.training.config import check_loss_hyperparameters
 
         name, hparams = self.loss_hparams()
         check_loss_hyperparameters(get_loss(name), hparams, prefix="")
-        if (
-            self.annotate.tie_policy == "tie"
-            and ALGORITHMS[self.algorithm]["loss"] not in TIE_LOSSES
-        ):
+        if self.annotate.tie_policy == "tie" and not spec.takes_ties:
             raise ConfigError(
                 f"annotate.tie_policy=tie keeps tied finals as tie labels, which algorithm="
                 f"{self.algorithm} would train on as strict preferences; use an algorithm "
-                "whose loss takes ties (inpo, online_ipo, inpo_no_kl, ipo, todo) or another "
-                "tie_policy"
+                f"whose loss takes ties ({', '.join(a.name for a in ALGORITHMS.values() if a.takes_ties)}) "
+                "or another tie_policy"
             )
-        if self.selection() == "all_pairs" and self.algorithm not in ("sppo", "dno"):
-            raise ConfigError("annotate.selection=all_pairs gives win rates: only for sppo, dno")
-        if self.algorithm in ("sppo", "dno") and self.selection() != "all_pairs":
+        win_rates = [a.name for a in ALGORITHMS.values() if a.win_rates]
+        if self.selection() == "all_pairs" and not spec.win_rates:
+            raise ConfigError(
+                f"annotate.selection=all_pairs gives win rates: only for {', '.join(win_rates)}"
+            )
+        if spec.win_rates and self.selection() != "all_pairs":
             raise ConfigError(
                 f"{self.algorithm} needs annotate.selection=all_pairs (win-rate estimates)"
             )
         self._validate_dno()
 
     def _validate_dno(self) -> None:
-        if self.algorithm != "dno":
+        if not self.spec.pair_filter:
             for key in ("margin", "teacher"):
                 if getattr(self, key) not in (None, ""):
                     raise ConfigError(f"{key} is for algorithm=dno (DNO-Prct's pair filter)")
             return
         if not (math.isfinite(self.margin_value) and 0 <= self.margin_value < 1):
             raise ConfigError(f"margin must be in [0, 1) (a win-rate gap), got {self.margin}")
-        if self.teacher:
-            from inpo.pipeline.teacher import check_teacher
-
-            check_teacher(self)

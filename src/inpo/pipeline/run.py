@@ -36,7 +36,7 @@ from inpo.errors import ConfigError
 from inpo.hashing import model_fingerprint
 from inpo.hub import resolve_model
 from inpo.pipeline.artifacts import manifest_hash
-from inpo.pipeline.config import EXTRAGRADIENT, RunConfig
+from inpo.pipeline.config import RunConfig
 from inpo.pipeline.runner import Interrupted, StageRunner, stop_signals
 from inpo.pipeline.runtime import Ctx, stage_seed
 from inpo.pipeline.stages import annotate, evaluate, generate, logps, train
@@ -272,7 +272,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             for t in range(cfg.iterations):
                 it = run_dir / f"iter_{t:03d}"
                 sampler, half = policy, None
-                if cfg.algorithm in EXTRAGRADIENT:
+                if cfg.spec.two_steps:
                     # the half step π_{t+1/2}: from π_t against π_t's samples
                     half = policy_step(it / "half_step", t, policy, policy, "")
                     trackers.steps_done(int(half.train.get("steps") or 0))
@@ -359,12 +359,10 @@ def _anchor(cfg: RunConfig, iteration: int, ref: Path, policies: list[Path]) -> 
     """The reference of iteration ``iteration``'s loss: ``π_ref``; for algorithms with a moving
     reference the policy ``π_k`` with ``k`` the last multiple of ``ref_update_every`` (``π_0``
     is the start; before the first move it is ``π_ref``); for DNO the previous iterate ``π_t``."""
-    from inpo.pipeline.config import MOVING_REFERENCE, PREVIOUS_ITERATE_REFERENCE
-
-    if cfg.algorithm in PREVIOUS_ITERATE_REFERENCE:
+    if cfg.spec.reference == "previous":
         return policies[iteration]
-    every = cfg.ref_update_every
-    if cfg.algorithm not in MOVING_REFERENCE or not every:
+    every = cfg.ref_every
+    if not every:
         return ref
     k = (iteration // every) * every
     return ref if k == 0 else policies[k]

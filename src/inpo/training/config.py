@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from inpo.algorithms import default_tau
 from inpo.errors import ConfigError
 
 __all__ = [
@@ -205,7 +206,7 @@ class LossConfig:
         values = {**PAPER_DEFAULTS.get(self.name, {})}
         values.update({k: getattr(self, k) for k in _HPARAMS if getattr(self, k) is not None})
         if "tau" in spec.hyperparameters and "tau" not in values and "eta" in values:
-            values["tau"] = values["eta"] / 3.0
+            values["tau"] = default_tau(values["eta"])
         return {k: float(v) for k, v in values.items() if k in spec.hyperparameters}
 
     def validate(self) -> None:

@@ -25,7 +25,7 @@ __all__ = ["extra_settings", "merge", "work"]
 def extra_settings(cfg: Any) -> dict[str, Any]:
     """What else changes this stage's pairs: DNO's margin and teacher file (its content hash);
     nothing for the other algorithms (their stage hashes stay as they were)."""
-    if cfg.algorithm != "dno":
+    if not cfg.spec.pair_filter:
         return {}
     from inpo.hashing import file_sha256
 
@@ -207,7 +207,7 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     passes_before = _model_passes(oracle)
     rule, bs = cfg.selection(), cfg.annotate.batch_size
     margin = teacher = None
-    if cfg.algorithm == "dno":
+    if cfg.spec.pair_filter:
         from inpo.pipeline.teacher import load_teacher
 
         margin = cfg.margin_value
