@@ -24,7 +24,7 @@ second of process CPU time (threads fixed by ``--threads``).
     python benchmarks/packing.py --forward-only --pairs 8   # results/packing_forward.md
 
 ``--forward-only`` times the log-probs without gradients, as the logps stage and ``inpo
-precompute`` score pairs (``2 × train.per_device_batch_size`` pairs a forward there).
+precompute`` score pairs (``2 × train.optim.per_device_batch_size`` pairs a forward there).
 
 With ``--device cuda``: a Llama with Qwen2-0.5B's sizes (random weights, 32,000-word vocabulary)
 under bf16 autocast, micro-batches of 8 pairs (prompts 32-256 words, answers 32-512), and more

@@ -2,7 +2,7 @@
 
 The default packs each batch whose longest sequence has ``MIN_PACK_LENGTH`` tokens or more
 (on CPU one row, attention one sequence at a time: ``inpo.varlen``); ``--no-packing`` pads every
-batch; ``--share-prompt`` (the logps stage under ``train.share_prompt``) scores each pair as one
+batch; ``--share-prompt`` (the logps stage under ``train.data.share_prompt``) scores each pair as one
 row ``prompt + chosen + rejected``, packed by the same rule. Precompute sorts the pairs by length before batching, so its batches pad less than a
 training micro-batch (``packing.py --forward-only`` times random micro-batches): this measures
 the stage as it runs. The same ~4M-parameter Llama and pair lengths as ``packing.py`` (prompts

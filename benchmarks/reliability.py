@@ -44,9 +44,9 @@ ARGS = [
     "annotate.batch_size=2",
     # a tied final is dropped (the paper's rule): 8 tournaments leave ~3 pairs; batches of 2
     # keep several optimizer steps to kill between
-    "train.global_batch_size=2",
-    "train.per_device_batch_size=1",
-    "train.epochs=2",
+    "train.optim.global_batch_size=2",
+    "train.optim.per_device_batch_size=1",
+    "train.optim.epochs=2",
     "train.save_steps=1",
 ]
 #: The kill points of each stage at this size: after generation chunk 1-4, after annotation
@@ -216,7 +216,7 @@ def hostile_trials(work: Path) -> list[dict]:
         [*inpo, "run", str(work / "tag.yaml")],
         [*inpo, "run", str(work / "bytes.yaml")],
         [*inpo, "run", "eta=nan"],
-        [*inpo, "run", "train.warmup_ratio=2"],
+        [*inpo, "run", "train.optim.warmup_ratio=2"],
         [*inpo, "run", "annotate.batch_size=0"],
         [*inpo, "run", "generate.temperature=0"],
         [*inpo, "run", "trian.learning_rate=1"],

@@ -155,11 +155,11 @@ def _run_args(tmp_path: Path, model: Path, files: list[Path], ev: Path) -> list[
         "generate.k=4",
         "generate.max_new_tokens=6",
         "generate.batch_size=4",
-        "train.learning_rate=1e-3",
-        "train.global_batch_size=4",
-        "train.per_device_batch_size=2",
-        "train.max_prompt_length=256",
-        "train.max_completion_length=16",
+        "train.optim.learning_rate=1e-3",
+        "train.optim.global_batch_size=4",
+        "train.optim.per_device_batch_size=2",
+        "train.data.max_prompt_length=256",
+        "train.data.max_completion_length=16",
         "evaluate.num_prompts=2",
         "evaluate.k=2",
         # an oracle is named (the workloads below are built, not run; later keys win)
@@ -247,7 +247,7 @@ def test_the_papers_shape_on_a_tiny_chat_model(oracle, tmp_path):
     args = _run_args(tmp_path, policy, files, ev)
     args += [f"annotate.oracle={oracle}", f"annotate.model={_save_oracle(oracle, tmp_path / 'o')}"]
     # the BOS count below reads one sequence a row: no packed rows (tested on their own)
-    args += ["train.packing=false"]
+    args += ["train.data.packing=false"]
     cfg = load_config(RunConfig, None, args)
     bos = chat_tokenizer("llama3").bos_token_id
     vocab = len(chat_tokenizer("llama3"))

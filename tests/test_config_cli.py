@@ -42,7 +42,7 @@ def test_help_lists_every_key_and_config_is_a_flag_too(tmp_path, capsys):
     from inpo.config import parse_config_args as parse_args
 
     assert main(["run", "--help"]) == 0
-    assert "  train.learning_rate " in capsys.readouterr().out
+    assert "  train.optim.learning_rate " in capsys.readouterr().out
     (tmp_path / "c.yaml").write_text("iterations: 1\n")
     assert parse_args(["--config", str(tmp_path / "c.yaml"), "seed=3"]) == (
         tmp_path / "c.yaml",
@@ -69,9 +69,9 @@ def test_help_gives_every_key_its_type_default_and_its_whole_doc(capsys):
     flat = " ".join(out.split())
     assert "``soft`` (P itself)".replace("``", "") in flat  # annotate.labels' doc, to its end
     lines = out.splitlines()
-    at = lines.index("  train.learning_rate  float = 5e-07")
+    at = lines.index("  train.optim.learning_rate  float = 5e-07")
     assert lines[at + 1].strip().startswith("Peak learning rate")
-    assert "  train.lora.r  int = 16" in lines and '  report_to  str = "none"' in lines
+    assert "  train.model.lora.r  int = 16" in lines and '  report_to  str = "none"' in lines
     # one help style for run and train: usage, description, examples, keys
     assert main(["train", "--help"]) == 0
     train_help = capsys.readouterr().out

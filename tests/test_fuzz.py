@@ -214,7 +214,12 @@ def test_preference_matrices_are_valid_or_refused(matrix):
 def test_a_few_known_bad_numbers_name_their_key(value):
     from inpo.pipeline.preflight import load_run_config
 
-    for key in ("eta", "train.learning_rate", "generate.temperature", "train.warmup_ratio"):
+    for key in (
+        "eta",
+        "train.optim.learning_rate",
+        "generate.temperature",
+        "train.optim.warmup_ratio",
+    ):
         try:
             load_run_config(None, [f"{key}={value}"])
         except InpoError as err:

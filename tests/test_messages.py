@@ -37,7 +37,7 @@ def test_a_loss_that_ignores_columns_says_so_once_a_process(tmp_path, caplog):
         [f"data.train_file={data}", f"model.path={tmp_path}", "loss.name=dpo",
          f"output_dir={tmp_path / 'out'}"],
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="inpo.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="inpo.training.pairs"):
         for _ in range(3):  # three iterations of `inpo run algorithm=dno` in one process
             _load_data(cfg)
     said = [r for r in caplog.records if "ignores the dataset's column(s)" in r.getMessage()]

@@ -68,9 +68,9 @@ ARGS = [
     "prompt_repeats=2",
     "generate.batch_size=2",
     "annotate.batch_size=2",
-    "train.global_batch_size=2",
-    "train.per_device_batch_size=1",
-    "train.epochs=2",
+    "train.optim.global_batch_size=2",
+    "train.optim.per_device_batch_size=1",
+    "train.optim.epochs=2",
     "train.save_steps=1",
 ]
 

@@ -190,11 +190,11 @@ def test_nash_family_on_two_processes(tmp_path, algorithm):
 
 @pytest.mark.parametrize(
     "extra",
-    [["train.share_prompt=true"], ["train.share_prompt=true", "train.packing=true"]],
+    [["train.data.share_prompt=true"], ["train.data.share_prompt=true", "train.data.packing=true"]],
     ids=["shared", "shared-packed"],
 )
 def test_shared_prompt_run_leaves_the_files_of_the_unshared_run(one_process, tmp_path, extra):
-    """``train.share_prompt=true``: the logps stage and the train stage compute each pair's
+    """``train.data.share_prompt=true``: the logps stage and the train stage compute each pair's
     prompt once (one row ``prompt + chosen + rejected``), packed or not: the same pairs,
     log-probs, weights and metrics as the default."""
     proc = inpo_run(tmp_path, "run", 1, *extra)
@@ -207,8 +207,8 @@ def test_shared_prompt_run_leaves_the_files_of_the_unshared_run(one_process, tmp
 
 
 def test_packed_training_leaves_the_files_of_padded_training(one_process, tmp_path):
-    """``train.packing=true`` (padding-free rows in the logps and train stages): the same
+    """``train.data.packing=true`` (padding-free rows in the logps and train stages): the same
     pairs, log-probs, weights and metrics as the padded default."""
-    proc = inpo_run(tmp_path, "run", 1, "train.packing=true")
+    proc = inpo_run(tmp_path, "run", 1, "train.data.packing=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(one_process, tmp_path / "run")

@@ -22,9 +22,9 @@ ARGS = [
     "annotate.batch_size=2",
     # a tied final is dropped (the paper's rule): 8 tournaments leave ~3 pairs, so batches of
     # 2 give the steps after the second that the train:2 kill needs
-    "train.global_batch_size=2",
-    "train.per_device_batch_size=1",
-    "train.epochs=2",
+    "train.optim.global_batch_size=2",
+    "train.optim.per_device_batch_size=1",
+    "train.optim.epochs=2",
     "train.save_steps=1",
 ]
 

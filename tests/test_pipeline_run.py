@@ -72,12 +72,13 @@ def _cfg(tmp_path, **kw):
         "seed": 1,
         "generate": {"k": 4, "max_new_tokens": 4, "batch_size": 2},
         "train": {
-            "learning_rate": 1e-3,
-            "global_batch_size": 4,
-            "per_device_batch_size": 2,
-            "warmup_ratio": 0.0,
-            "max_prompt_length": 16,
-            "max_completion_length": 8,
+            "optim": {
+                "learning_rate": 1e-3,
+                "global_batch_size": 4,
+                "per_device_batch_size": 2,
+                "warmup_ratio": 0.0,
+            },
+            "data": {"max_prompt_length": 16, "max_completion_length": 8},
         },
     }
     data.update(kw)
@@ -116,7 +117,7 @@ def test_changed_setting_invalidates_that_stage_and_later(tmp_path):
     run_pipeline(_cfg(tmp_path, iterations=1), log=lambda m: None, task=task)
     logs: list[str] = []
     cfg = _cfg(tmp_path, iterations=1)
-    cfg.train.learning_rate = 2e-3
+    cfg.train.optim.learning_rate = 2e-3
     run_pipeline(cfg, log=logs.append, task=task)
     text = "\n".join(logs)
     assert "[iter_000/generate] complete, skipped" in text
@@ -199,7 +200,7 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
         ("iterations=three", "'iterations' must be an integer, got 'three' (in overrides)"),
         ("annotate.oracle=reward_model", "annotate.model is required"),
         # a section checks itself under the name it has here, not in `inpo train`
-        ("train.lora.r=0", "train.lora: r must be >= 1, got 0"),
+        ("train.model.lora.r=0", "train.model.lora: r must be >= 1, got 0"),
         (
             "annotate.oracle=http annotate.url=ftp://x annotate.judge_model=m",
             "annotate.url 'ftp://x' must start with http:// or https://",
@@ -220,10 +221,18 @@ def test_more_bad_configs(override, needle):
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("train:\n  lr: 3\n", "unknown config key 'train.lr' in {file}; did you mean"),
         (
-            "train:\n  learning_rate: abc\n",
-            "'train.learning_rate' must be a number, got 'abc' (in {file})",
+            "train:\n  optim:\n    learning_rat: 3\n",
+            "unknown config key 'train.optim.learning_rat' in {file}; did you mean "
+            "'train.optim.learning_rate'",
+        ),
+        (
+            "train:\n  learning_rate: 3\n",
+            "unknown config key 'train.learning_rate' in {file}; it is 'train.optim.learning_rate'",
+        ),
+        (
+            "train:\n  optim:\n    learning_rate: abc\n",
+            "'train.optim.learning_rate' must be a number, got 'abc' (in {file})",
         ),
         ("iterations: abc\n", "'iterations' must be an integer, got 'abc' (in {file})"),
     ],
@@ -269,9 +278,9 @@ def test_prompt_file_task_with_a_reward_model_oracle(tmp_path):
         "eta=0.5",
         "generate.k=4",
         "generate.max_new_tokens=4",
-        "train.learning_rate=1e-3",
-        "train.global_batch_size=4",
-        "train.per_device_batch_size=2",
+        "train.optim.learning_rate=1e-3",
+        "train.optim.global_batch_size=4",
+        "train.optim.per_device_batch_size=2",
         "evaluate.num_prompts=1",  # no eval_prompts: the file's last prompt is held out
         "evaluate.k=2",
     ]

@@ -303,7 +303,7 @@ def test_packing_by_default_on_long_rows_gives_the_padded_values(models, tmp_pat
 
 @pytest.mark.parametrize("packing", [False, None, True], ids=["padded", "default", "packed"])
 def test_share_prompt_scores_the_unshared_values(models, tmp_path, packing):
-    """``share_prompt=True`` (``--share-prompt``; the logps stage with ``train.share_prompt``):
+    """``share_prompt=True`` (``--share-prompt``; the logps stage with ``train.data.share_prompt``):
     one row ``prompt + chosen + rejected`` a pair, the prompt computed once, packed or not; the
     log-probs of the unshared padded scoring."""
     ref, _ = models

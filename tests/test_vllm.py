@@ -104,9 +104,9 @@ def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
         "eta=0.5",
         "generate.k=4",
         "generate.max_new_tokens=6",
-        "train.global_batch_size=4",
-        "train.per_device_batch_size=2",
-        "train.learning_rate=1e-3",
+        "train.optim.global_batch_size=4",
+        "train.optim.per_device_batch_size=2",
+        "train.optim.learning_rate=1e-3",
         "evaluate.num_prompts=2",
     ]
     out = {}
@@ -158,7 +158,7 @@ def test_one_engine_a_rank_under_torchrun_gives_the_same_samples(chat_model, tmp
         "run", "task=prompts", f"prompts={prompts}", f"reference={chat_model}",
         "generate.backend=vllm", "generate.k=2", "generate.max_new_tokens=4",
         "annotate.oracle=reward_model", f"annotate.model={tmp_path / 'rm'}",
-        "iterations=1", "eta=0.5", "train.global_batch_size=2", "train.per_device_batch_size=1",
+        "iterations=1", "eta=0.5", "train.optim.global_batch_size=2", "train.optim.per_device_batch_size=1",
         "evaluate.num_prompts=2",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

@@ -1,7 +1,7 @@
 """Typed configuration: nested dataclasses filled from YAML plus dotted ``key=value`` overrides.
 
 Every stage's config is a dataclass. :func:`load_config` reads a YAML file (optional), applies
-overrides such as ``train.learning_rate=1e-6``, rejects unknown keys with a "did you mean",
+overrides such as ``train.optim.learning_rate=1e-6``, rejects unknown keys with a "did you mean",
 checks each value against the field's type, and then calls each dataclass's ``validate()``
 (if it has one) — all before any model is loaded. :func:`config_hash` gives the stable hash that
 resumable stages compare; :func:`save_config` writes the resolved config (fields marked
@@ -207,8 +207,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: s
                 f"config key {key!r}{where} at '{prefix or 'top level'}' is not a name"
             )
         if key not in fields:
+            moved = getattr(cls, "MOVED", {}).get(key)
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            if moved:
+                hint = f"; it is '{prefix}{moved}' now"
             raise ConfigError(f"unknown config key '{prefix}{key}'{where}{hint}")
         try:
             kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
@@ -226,6 +229,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: s
 
 def _validate(obj: Any, prefix: str = "") -> None:
     if not dataclasses.is_dataclass(obj):
+        return
+    tree = getattr(obj, "validate_tree", None)
+    if callable(tree):  # a section that validates its own fields (as another config's)
+        tree()
         return
     for f in dataclasses.fields(obj):
         _validate(getattr(obj, f.name), f"{prefix}{f.name}.")

@@ -8,14 +8,24 @@ Precedence: dataclass defaults < the task's defaults < the YAML file < ``key=val
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from inpo.algorithms import ALGORITHMS, DNO_MARGIN, Algorithm, default_tau, get_algorithm
+from inpo.config import validate_config
 from inpo.errors import ConfigError
-from inpo.training.config import LoraSettings
+from inpo.training.config import (
+    DataConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "AnnotateConfig",
@@ -144,92 +154,129 @@ class AnnotateConfig:
             )
 
 
+#: ``train.`` keys of ``inpo run`` before its train section became ``inpo train``'s sections.
+MOVED_TRAIN_KEYS = {
+    **{k: f"optim.{k}" for k in (
+        "learning_rate", "lr_scheduler", "warmup_ratio", "global_batch_size",
+        "per_device_batch_size", "epochs", "max_grad_norm", "optimizer",
+    )},
+    **{k: f"data.{k}" for k in (
+        "max_prompt_length", "max_completion_length", "share_prompt", "packing",
+    )},
+    **{k: f"model.{k}" for k in ("gradient_checkpointing", "dtype", "attn_implementation", "lora")},
+}  # fmt: skip
+
+#: What ``inpo run`` sets in each iteration's ``inpo train`` config itself.
+_RUN_OWNED = {
+    "model.path": "the policy (policy=, reference=)",
+    "data.train_file": "the iteration's pairs",
+    "data.dataset_name": "the iteration's pairs",
+    "data.dataset_config": "the iteration's pairs",
+    "data.split": "the iteration's pairs",
+    "loss.name": "algorithm=",
+    "loss.eta": "eta=",
+    "loss.tau": "tau=",
+    "loss.beta": "beta=",
+    "loss.alpha": "alpha=",
+}
+
+
 @dataclass
 class TrainStageConfig:
-    """Stage 4: the training loop's settings (``inpo.training``) for each iteration."""
+    """Stage 4: each iteration's ``inpo train``, with ``inpo train``'s own sections (``model``,
+    ``data``, ``optim``, ``loss``) and engine settings. ``inpo run`` sets the policy, the pairs,
+    the loss (from ``algorithm`` and ``eta``/``tau``/``beta``/``alpha``) and the seed; the rest
+    is yours (``train.optim.weight_decay=0.01``, ``train.data.length_buckets=2``, …)."""
 
-    #: Peak learning rate (the paper's 5e-7 for 8B models).
-    learning_rate: float = 5e-7
-    #: Decay after warm-up.
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    #: Fraction of the steps spent warming the learning rate up from 0.
-    warmup_ratio: float = 0.03
-    #: Pairs an optimizer step, over all processes (gradient accumulation fills the rest).
-    global_batch_size: int = 128
-    #: Pairs a forward pass on each process.
-    per_device_batch_size: int = 8
-    #: Passes over each iteration's pairs.
-    epochs: int = 1
-    #: Clip the gradient's global norm to this (null: no clipping).
-    max_grad_norm: float | None = 1.0
-    #: AdamW (the paper's) or plain SGD.
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    #: Prompt tokens kept (the end is kept).
-    max_prompt_length: int = 512
-    #: Response tokens kept (the start is kept).
-    max_completion_length: int = 512
-    #: Recompute activations in the backward pass (less memory, more time).
-    gradient_checkpointing: bool = False
-    #: Run each pair as one sequence prompt + chosen + rejected (the prompt computed once).
-    share_prompt: bool = False
-    #: Run each micro-batch as padding-free rows (position ids restart per sequence); with
-    #: share_prompt, the rows prompt + chosen + rejected are packed; the logps stage scores
-    #: by the same rule. null: batches of rows from 64 tokens, on CPU where variable-length
-    #: attention is exact for the model, and on a CUDA GPU (train stage: unshared pairs) where
-    #: its attention keeps packed sequences apart (data.packing in inpo train).
-    packing: bool | None = None
-    #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at the end).
-    save_steps: int | None = 50
-    #: The weights' dtype. Mixed precision is ``bf16`` (autocast over fp32 weights).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    MOVED: ClassVar[dict[str, str]] = MOVED_TRAIN_KEYS
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    #: ``train.loss.label_smoothing`` only: the rest of the loss is the algorithm's.
+    loss: LossConfig = field(default_factory=LossConfig)
     #: bf16 autocast over fp32 master weights (``auto``: where CUDA supports bf16).
     bf16: Literal["auto", True, False] = "auto"
-    #: ``sdpa``, ``eager``, ``flash_attention_2``… (null: the model's default).
-    attn_implementation: str | None = None
-    #: A LoRA adapter (``train.lora.r=16`` …; null: full fine-tuning), merged when saved.
-    lora: LoraSettings | None = None
     #: FSDP2 sharding across processes (``none`` = DDP; see ``inpo train``'s ``fsdp``).
     fsdp: Literal["none", "full_shard", "shard_grad_op"] = "none"
     #: FSDP: keep the sharded parameters and optimizer state in CPU memory.
     fsdp_cpu_offload: bool = False
     #: FSDP: recompute each decoder layer's activations in the backward pass.
     fsdp_activation_checkpointing: bool = False
+    #: Checkpoint every this many optimizer steps, so a killed stage resumes (null: only at
+    #: the end). 50, not ``inpo train``'s 500: an iteration trains a few hundred steps.
+    save_steps: int | None = 50
 
-    def validate(self) -> None:
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-        for key in ("global_batch_size", "per_device_batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ConfigError(f"train.save_steps must be >= 1 or null, got {self.save_steps}")
-        for key in ("max_prompt_length", "max_completion_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.fsdp == "none" and (self.fsdp_cpu_offload or self.fsdp_activation_checkpointing):
+    def owned_settings(self) -> list[str]:
+        """The keys set here that ``inpo run`` decides itself (refused by validation)."""
+        blank = {"model": ModelConfig(), "data": DataConfig(), "loss": LossConfig()}
+        return [
+            key
+            for key in _RUN_OWNED
+            if getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
+            != getattr(blank[key.split(".")[0]], key.split(".")[1])
+        ]
+
+    def as_train_config(
+        self,
+        *,
+        policy: str,
+        pairs: str,
+        loss: str,
+        hparams: dict[str, float],
+        seed: int,
+        output_dir: str,
+    ) -> TrainConfig:
+        """This section as an iteration's ``inpo train`` config (not yet validated)."""
+        model = dataclasses.replace(self.model, path=policy)
+        data = dataclasses.replace(self.data, train_file=pairs)
+        loss_cfg = LossConfig(name=loss, **hparams, label_smoothing=self.loss.label_smoothing)
+        return TrainConfig(
+            output_dir=output_dir,
+            model=model,
+            data=data,
+            loss=loss_cfg,
+            optim=dataclasses.replace(self.optim),
+            logging=LoggingConfig(progress_bar=True),
+            seed=seed,
+            bf16=self.bf16,
+            fsdp=self.fsdp,
+            fsdp_cpu_offload=self.fsdp_cpu_offload,
+            fsdp_activation_checkpointing=self.fsdp_activation_checkpointing,
+            save_steps=self.save_steps,
+            keep_checkpoints=1,
+            final_checkpoint=False,  # the merge deletes checkpoints; the manifest marks the end
+            resume="auto",
+        )
+
+    def validate_tree(self, loss: str = "dpo", hparams: dict[str, float] | None = None) -> None:
+        """One validation, ``inpo train``'s: of the iteration config this section makes (with
+        stand-ins for what each iteration sets; ``RunConfig`` passes its loss), its messages
+        naming ``train.`` keys."""
+        owned = self.owned_settings()
+        if owned:
+            key = owned[0]
             raise ConfigError(
-                "train.fsdp_cpu_offload / train.fsdp_activation_checkpointing need "
-                "train.fsdp=full_shard or train.fsdp=shard_grad_op"
+                f"train.{key} is set by inpo run itself ({_RUN_OWNED[key]}); remove it"
             )
-        if self.fsdp != "none" and self.share_prompt:
-            raise ConfigError(
-                "train.fsdp runs the LM head inside the model's forward; "
-                "train.share_prompt=true is not supported with it"
-            )
-        if self.fsdp != "none" and self.packing:
-            raise ConfigError(
-                "train.fsdp runs the LM head inside the model's forward (padded rows); "
-                "train.packing=true is not supported with it"
-            )
-        if self.fsdp != "none" and self.gradient_checkpointing:
-            raise ConfigError(
-                "with train.fsdp, use train.fsdp_activation_checkpointing=true instead of "
-                "train.gradient_checkpointing"
-            )
+        tc = self.as_train_config(
+            policy="(the iteration's policy)",
+            pairs="(the iteration's pairs)",
+            loss=loss,
+            hparams=hparams or {},
+            seed=0,
+            output_dir="(the iteration's folder)",
+        )
+        try:
+            validate_config(tc)
+        except ConfigError as err:
+            raise ConfigError(_TRAIN_KEY.sub(r"train.\1", str(err))) from err
+
+
+#: A key of ``inpo train``'s config in a message, to be named as ``inpo run``'s ``train.`` key.
+_TRAIN_KEY = re.compile(
+    r"(?<![\w.=])((?:model|data|optim|loss)\.\w+|fsdp\w*|save_steps|keep_checkpoints|bf16)\b"
+)
 
 
 @dataclass
@@ -423,6 +470,7 @@ class RunConfig:
 
         name, hparams = self.loss_hparams()
         check_loss_hyperparameters(get_loss(name), hparams, prefix="")
+        self.train.validate_tree(name, hparams)  # with the loss it will train
         if self.annotate.tie_policy == "tie" and not spec.takes_ties:
             raise ConfigError(
                 f"annotate.tie_policy=tie keeps tied finals as tie labels, which algorithm="

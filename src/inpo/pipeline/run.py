@@ -26,7 +26,7 @@ splits its work by rank and rank 0 finishes the folder (:mod:`inpo.pipeline.runn
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,11 +35,15 @@ from inpo.distributed import get_dist
 from inpo.errors import ConfigError
 from inpo.hashing import model_fingerprint
 from inpo.hub import resolve_model
+from inpo.oracles.cache import merge_rank_caches
 from inpo.pipeline.artifacts import manifest_hash
 from inpo.pipeline.config import RunConfig
+from inpo.pipeline.report import iteration_summary, run_summary, write_metrics, write_report
 from inpo.pipeline.runner import Interrupted, StageRunner, stop_signals
 from inpo.pipeline.runtime import Ctx, stage_seed
 from inpo.pipeline.stages import annotate, evaluate, generate, logps, train
+from inpo.pipeline.tracking import start_run_trackers
+from inpo.pipeline.workloads import get_workload
 
 __all__ = ["run_pipeline"]
 
@@ -123,12 +127,6 @@ def foreign_run_dir(run_dir: Path, models: list[str]) -> str | None:
 
 
 def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
-    import time
-
-    from inpo.oracles.cache import merge_rank_caches
-    from inpo.pipeline.report import iteration_summary, run_summary, write_metrics, write_report
-    from inpo.pipeline.workloads import get_workload
-
     started = time.time()
     ctx = Ctx(cfg, run_dir, dist, log)
     procs = f", {dist.world} processes" if dist.world > 1 else ""
@@ -144,170 +142,12 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
     plan = getattr(workload, "data_plan", lambda: None)()
     if plan:
         ctx.log(plan)
-    stage = StageRunner(ctx)
     rows: list[dict[str, Any]] = []
-    from inpo.pipeline.tracking import start_run_trackers
-
     trackers = start_run_trackers(cfg, run_dir, is_main=dist.is_main)
     with stop_signals(), trackers:
         try:
-            ref = _reference(cfg, workload, run_dir, dist, ctx)
-            policy = resolve_model(cfg.policy, "policy") if cfg.policy else ref
-            ref_id = model_fingerprint(ref)
-            oracle = workload.oracle(
-                cfg.annotate,
-                cache=run_dir / "oracle_cache.sqlite",
-                rank=dist.rank,
-                world=dist.world,
-                device=dist.device,
-            )
-            eval_settings = {"task": workload.describe(), "evaluate": asdict(cfg.evaluate)}
-
-            def evaluation(folder: Path, it: int, inputs: dict, pol: Path) -> dict:
-                return stage(
-                    folder,
-                    "evaluate",
-                    it,
-                    eval_settings,
-                    inputs,
-                    lambda w: evaluate.work(ctx, workload, pol, ref, w),
-                    lambda w: evaluate.merge(ctx, workload, w),
-                )[1]
-
-            summary = evaluation(
-                run_dir / "reference" / "evaluate",
-                0,
-                {"policy": model_fingerprint(policy), "reference": ref_id},
-                policy,
-            )
-            rows.append(_row(cfg, 0, summary, {}, 0))
-            trackers.iteration_done(rows[0], train_steps=0)
-            queries_total = 0
-            policies = [policy]  # π_0, π_1, …: the anchors comal and mpo move to
-
-            def policy_step(folder: Path, t: int, sampler: Path, policy: Path, seeds: str) -> Step:
-                """Stages 1–4 in ``folder``: samples of ``sampler``, the loss's prior at
-                ``policy`` (π_t), training from ``policy``'s weights."""
-                policy_id, sampler_id = model_fingerprint(policy), model_fingerprint(sampler)
-                # the reference this iteration's loss sees: π_ref, the policy of the last
-                # multiple of ref_update_every (comal, mpo) or π_t itself (dno)
-                anchor = _anchor(cfg, t, ref, policies)
-                anchor_id = ref_id if anchor == ref else model_fingerprint(anchor)
-                prompts = _training_prompts(cfg, workload, t)
-                gen_seed, train_seed = (
-                    stage_seed(cfg, t, "gen" + seeds),
-                    stage_seed(cfg, t, "train" + seeds),
-                )
-                beta = cfg.mixture_beta()
-                mixture = (ref, beta) if beta is not None else None
-
-                # 1. K samples a prompt from π_t (or the sampler of this step)
-                gen_folder, gen = stage(
-                    folder / "generate",
-                    "generate",
-                    t,
-                    {
-                        "generate": asdict(cfg.generate),
-                        "seed": cfg.seed,
-                        "prompts": (
-                            workload.describe_iteration(t)
-                            if hasattr(workload, "describe_iteration")
-                            else workload.describe()
-                        ),
-                        "max_prompts": cfg.max_prompts,
-                        "prompt_repeats": cfg.prompt_repeats,
-                        # Nash-MD samples a mixture with π_ref (only then: other hashes stay)
-                        **({"mixture_beta": beta} if beta is not None else {}),
-                        **({"seeds": seeds} if seeds else {}),
-                    },
-                    {"policy": sampler_id, **({"mixture": ref_id} if beta is not None else {})},
-                    lambda w: generate.work(ctx, sampler, prompts, gen_seed, w, mixture=mixture),
-                    lambda w: generate.merge(ctx, prompts, w),
-                )
-                # 2. the oracle's preferences → pairs (the tournament: 3K/2 − 1 queries)
-                ann_folder, ann = stage(
-                    folder / "annotate",
-                    "annotate",
-                    t,
-                    {
-                        "annotate": asdict(cfg.annotate),
-                        "selection": cfg.selection(),
-                        "oracle": getattr(oracle, "oracle_id", ""),
-                        **annotate.extra_settings(cfg),
-                    },
-                    {"generate": manifest_hash(gen_folder)},
-                    lambda w: annotate.work(ctx, oracle, gen_folder / "samples.jsonl", w),
-                    lambda w: annotate.merge(ctx, w),
-                )
-                # 3. log π_ref and log π_t of every pair, once
-                lp_folder, _ = stage(
-                    folder / "logps",
-                    "logps",
-                    t,
-                    {"loss": cfg.loss_hparams()[0], "train": asdict(cfg.train)},
-                    {
-                        "annotate": manifest_hash(ann_folder),
-                        "reference": anchor_id,
-                        "policy": policy_id,
-                    },
-                    lambda w: logps.work(ctx, ann_folder / "pairs.jsonl", anchor, policy, w),
-                    lambda w: logps.merge(ctx, ann_folder / "pairs.jsonl", w),
-                )
-                # 4. the loss from π_t's weights
-                tr_folder, tr = stage(
-                    folder / "train",
-                    "train",
-                    t,
-                    {"loss": cfg.loss_hparams(), "train": asdict(cfg.train), "seed": cfg.seed},
-                    {"logps": manifest_hash(lp_folder), "policy": policy_id},
-                    lambda w: train.work(
-                        ctx, lp_folder / "data", policy, train_seed, w, trackers.training_hook()
-                    ),
-                    lambda w: train.merge(ctx, w),
-                )
-                if stage.skipped:  # its steps were logged by the run that trained it: again
-                    trackers.replay(tr_folder / "model" / "metrics.jsonl")
-                return Step(tr_folder, gen, ann, tr)
-
-            for t in range(cfg.iterations):
-                it = run_dir / f"iter_{t:03d}"
-                sampler, half = policy, None
-                if cfg.spec.two_steps:
-                    # the half step π_{t+1/2}: from π_t against π_t's samples
-                    half = policy_step(it / "half_step", t, policy, policy, "")
-                    trackers.steps_done(int(half.train.get("steps") or 0))
-                    sampler = half.folder / "model"
-                # π_{t+1} = argmin of the loss from π_t's weights (extragradient: on the half
-                # step's samples, with distinct seeds)
-                full = policy_step(it, t, sampler, policy, ":full" if half else "")
-                tr_folder, gen, ann, tr = full
-                policy = tr_folder / "model"
-                policies.append(policy)
-                # 5. metrics of π_{t+1}
-                ev = evaluation(
-                    it / "evaluate",
-                    t + 1,
-                    {"train": manifest_hash(tr_folder), "reference": ref_id},
-                    policy,
-                )
-                if half is not None:  # both steps' queries and pairs count
-                    ann = {
-                        **ann,
-                        "oracle_queries": ann["oracle_queries"] + half.annotate["oracle_queries"],
-                        "half_step_pairs": half.annotate.get("pairs", 0),
-                    }
-                queries_total += int(ann["oracle_queries"])
-                row = _row(cfg, t + 1, ev, ann, queries_total, train=tr, gen=gen)
-                row["seconds"] = _timings(it)
-                if half is not None:  # the half step's stages first, as they ran
-                    halves = {f"half_{k}": v for k, v in _timings(it / "half_step").items()}
-                    row["seconds"] = {**halves, **row["seconds"]}
-                    row["half_step_pairs"] = ann["half_step_pairs"]
-                rows.append(row)
-                trackers.iteration_done(row, train_steps=int(tr.get("steps") or 0))
-                if dist.is_main:
-                    write_metrics(run_dir, rows)
-                    ctx.log(iteration_summary(rows))
+            loop = _Loop(ctx, workload, trackers)
+            policy = loop.run(rows)
         except KeyboardInterrupt as err:
             if dist.is_main:
                 write_metrics(run_dir, rows)
@@ -320,7 +160,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         write_report(run_dir, rows, cfg)
         ctx.log(run_summary(rows, time.time() - started))
         if cfg.push_to_hub:
-            from inpo.hub import push_model
+            from inpo.hub import push_model  # huggingface_hub: only when pushing
 
             push_model(
                 Path(policy),
@@ -330,6 +170,146 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
             )
     dist.barrier()
     return run_dir
+
+
+class _Loop:
+    """The iterations of one run: each stage a :class:`StageRunner` call with the settings and
+    inputs its module declares (its hash), its work and its merge."""
+
+    def __init__(self, ctx: Ctx, workload: Any, trackers: Any):
+        cfg, dist, run_dir = ctx.cfg, ctx.dist, ctx.run_dir
+        self.ctx, self.cfg, self.workload, self.trackers = ctx, cfg, workload, trackers
+        self.stage = StageRunner(ctx)
+        self.ref = _reference(cfg, workload, run_dir, dist, ctx)
+        self.ref_id = model_fingerprint(self.ref)
+        self.oracle = workload.oracle(
+            cfg.annotate,
+            cache=run_dir / "oracle_cache.sqlite",
+            rank=dist.rank,
+            world=dist.world,
+            device=dist.device,
+        )
+        self.policies: list[Path] = []  # π_0, π_1, …: the anchors comal and mpo move to
+
+    def evaluation(self, folder: Path, it: int, inputs: dict, policy: Path) -> dict:
+        """Stage 5: the metrics of ``policy``."""
+        ctx, workload = self.ctx, self.workload
+        return self.stage(
+            folder,
+            "evaluate",
+            it,
+            evaluate.settings(self.cfg, workload),
+            inputs,
+            lambda w: evaluate.work(ctx, workload, policy, self.ref, w),
+            lambda w: evaluate.merge(ctx, workload, w),
+        )[1]
+
+    def run(self, rows: list[dict[str, Any]]) -> Path:
+        """Every iteration, appending each one's metrics row to ``rows``; the last policy."""
+        cfg, ctx, run_dir = self.cfg, self.ctx, self.ctx.run_dir
+        policy = resolve_model(cfg.policy, "policy") if cfg.policy else self.ref
+        self.policies.append(policy)
+        inputs = {"policy": model_fingerprint(policy), "reference": self.ref_id}
+        summary = self.evaluation(run_dir / "reference" / "evaluate", 0, inputs, policy)
+        rows.append(_row(cfg, 0, summary, {}, 0))
+        self.trackers.iteration_done(rows[0], train_steps=0)
+        queries_total = 0
+        for t in range(cfg.iterations):
+            it = run_dir / f"iter_{t:03d}"
+            sampler, half = policy, None
+            if cfg.spec.two_steps:
+                # the half step π_{t+1/2}: from π_t against π_t's samples
+                half = self.policy_step(it / "half_step", t, policy, policy, "")
+                self.trackers.steps_done(int(half.train.get("steps") or 0))
+                sampler = half.folder / "model"
+            # π_{t+1} = argmin of the loss from π_t's weights (extragradient: on the half
+            # step's samples, with distinct seeds)
+            tr_folder, gen, ann, tr = self.policy_step(
+                it, t, sampler, policy, ":full" if half else ""
+            )
+            policy = tr_folder / "model"
+            self.policies.append(policy)
+            inputs = {"train": manifest_hash(tr_folder), "reference": self.ref_id}
+            ev = self.evaluation(it / "evaluate", t + 1, inputs, policy)
+            if half is not None:  # both steps' queries and pairs count
+                ann = {
+                    **ann,
+                    "oracle_queries": ann["oracle_queries"] + half.annotate["oracle_queries"],
+                    "half_step_pairs": half.annotate.get("pairs", 0),
+                }
+            queries_total += int(ann["oracle_queries"])
+            row = _row(cfg, t + 1, ev, ann, queries_total, train=tr, gen=gen)
+            row["seconds"] = _timings(it)
+            if half is not None:  # the half step's stages first, as they ran
+                halves = {f"half_{k}": v for k, v in _timings(it / "half_step").items()}
+                row["seconds"] = {**halves, **row["seconds"]}
+                row["half_step_pairs"] = ann["half_step_pairs"]
+            rows.append(row)
+            self.trackers.iteration_done(row, train_steps=int(tr.get("steps") or 0))
+            if ctx.dist.is_main:
+                write_metrics(run_dir, rows)
+                ctx.log(iteration_summary(rows))
+        return policy
+
+    def policy_step(self, folder: Path, t: int, sampler: Path, policy: Path, seeds: str) -> Step:
+        """Stages 1–4 in ``folder``: samples of ``sampler``, the loss's prior at ``policy``
+        (π_t), training from ``policy``'s weights."""
+        cfg, ctx, stage, ref = self.cfg, self.ctx, self.stage, self.ref
+        policy_id, sampler_id = model_fingerprint(policy), model_fingerprint(sampler)
+        # the reference this iteration's loss sees: π_ref, the policy of the last multiple of
+        # ref_update_every (comal, mpo) or π_t itself (dno)
+        anchor = _anchor(cfg, t, ref, self.policies)
+        anchor_id = self.ref_id if anchor == ref else model_fingerprint(anchor)
+        prompts = _training_prompts(cfg, self.workload, t)
+        gen_seed = stage_seed(cfg, t, "gen" + seeds)
+        train_seed = stage_seed(cfg, t, "train" + seeds)
+        beta = cfg.mixture_beta()
+        mixture = (ref, beta) if beta is not None else None
+        # 1. K samples a prompt from π_t (or the sampler of this step)
+        gen_folder, gen = stage(
+            folder / "generate",
+            "generate",
+            t,
+            generate.settings(cfg, self.workload, t, seeds),
+            generate.inputs(cfg, sampler_id, self.ref_id),
+            lambda w: generate.work(ctx, sampler, prompts, gen_seed, w, mixture=mixture),
+            lambda w: generate.merge(ctx, prompts, w),
+        )
+        # 2. the oracle's preferences → pairs (the tournament: 3K/2 − 1 queries)
+        ann_folder, ann = stage(
+            folder / "annotate",
+            "annotate",
+            t,
+            annotate.settings(cfg, self.oracle),
+            {"generate": manifest_hash(gen_folder)},
+            lambda w: annotate.work(ctx, self.oracle, gen_folder / "samples.jsonl", w),
+            lambda w: annotate.merge(ctx, w),
+        )
+        # 3. log π_ref and log π_t of every pair, once
+        pairs = ann_folder / "pairs.jsonl"
+        lp_folder, _ = stage(
+            folder / "logps",
+            "logps",
+            t,
+            logps.settings(cfg),
+            {"annotate": manifest_hash(ann_folder), "reference": anchor_id, "policy": policy_id},
+            lambda w: logps.work(ctx, pairs, anchor, policy, w),
+            lambda w: logps.merge(ctx, pairs, w),
+        )
+        # 4. the loss from π_t's weights
+        hook = self.trackers.training_hook()
+        tr_folder, tr = stage(
+            folder / "train",
+            "train",
+            t,
+            train.settings(cfg),
+            {"logps": manifest_hash(lp_folder), "policy": policy_id},
+            lambda w: train.work(ctx, lp_folder / "data", policy, train_seed, w, hook),
+            lambda w: train.merge(ctx, w),
+        )
+        if stage.skipped:  # its steps were logged by the run that trained it: again
+            self.trackers.replay(tr_folder / "model" / "metrics.jsonl")
+        return Step(tr_folder, gen, ann, tr)
 
 
 def _reference(cfg: RunConfig, workload: Any, run_dir: Path, dist: Any, ctx: Any) -> Path:

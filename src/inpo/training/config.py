@@ -66,7 +66,7 @@ class LoraSettings:
 
     def validate(self) -> None:
         # ValueErrors: the loader prefixes the section's own name (model.lora in `inpo train`,
-        # train.lora in `inpo run`)
+        # train.model.lora in `inpo run`)
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

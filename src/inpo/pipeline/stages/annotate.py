@@ -11,26 +11,32 @@ only what the cache does not hold: no oracle query is asked twice.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from inpo.distributed import shard
 from inpo.errors import InpoError
+from inpo.hashing import file_sha256
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["extra_settings", "merge", "work"]
+__all__ = ["merge", "settings", "work"]
 
 
-def extra_settings(cfg: Any) -> dict[str, Any]:
-    """What else changes this stage's pairs: DNO's margin and teacher file (its content hash);
-    nothing for the other algorithms (their stage hashes stay as they were)."""
-    if not cfg.spec.pair_filter:
-        return {}
-    from inpo.hashing import file_sha256
-
-    teacher = file_sha256(cfg.teacher) if cfg.teacher else None
-    return {"dno": {"margin": cfg.margin_value, "teacher": teacher}}
+def settings(cfg: Any, oracle: Any) -> dict[str, Any]:
+    """What changes this stage's pairs (its hash): the annotate settings, the selection rule,
+    the oracle; DNO's margin and teacher file (its content hash), only for DNO (the other
+    algorithms' hashes stay as they were)."""
+    out = {
+        "annotate": asdict(cfg.annotate),
+        "selection": cfg.selection(),
+        "oracle": getattr(oracle, "oracle_id", ""),
+    }
+    if cfg.spec.pair_filter:
+        teacher = file_sha256(cfg.teacher) if cfg.teacher else None
+        out["dno"] = {"margin": cfg.margin_value, "teacher": teacher}
+    return out
 
 
 def _with_teacher(chunk: list[dict], teacher: dict[str, str] | None) -> list[dict]:

@@ -8,13 +8,19 @@ workload, the exact tables of ``π`` and ``π_ref`` on its prompts); rank 0 puts
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["merge", "work"]
+__all__ = ["merge", "settings", "work"]
+
+
+def settings(cfg: Any, workload: Any) -> dict[str, Any]:
+    """What changes this stage's metrics (its hash): the task and the evaluate section."""
+    return {"task": workload.describe(), "evaluate": asdict(cfg.evaluate)}
 
 
 def work(ctx: Ctx, workload: Any, policy: Path, ref: Path, folder: Path) -> None:

@@ -10,6 +10,7 @@ processes) skips every prompt already in one of those files.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,34 @@ from inpo.errors import DataError
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx, load_model
 
-__all__ = ["merge", "work"]
+__all__ = ["inputs", "merge", "settings", "work"]
+
+
+def settings(cfg: Any, workload: Any, iteration: int, seeds: str) -> dict[str, Any]:
+    """What changes this stage's samples (its hash): the sampling settings, the seed, the
+    iteration's prompts and how many; Nash-MD's mixture weight and an extragradient step's
+    seed tag only when there (other algorithms' hashes stay as they were)."""
+    beta = cfg.mixture_beta()
+    prompts = (
+        workload.describe_iteration(iteration)
+        if hasattr(workload, "describe_iteration")
+        else workload.describe()
+    )
+    return {
+        "generate": asdict(cfg.generate),
+        "seed": cfg.seed,
+        "prompts": prompts,
+        "max_prompts": cfg.max_prompts,
+        "prompt_repeats": cfg.prompt_repeats,
+        **({"mixture_beta": beta} if beta is not None else {}),
+        **({"seeds": seeds} if seeds else {}),
+    }
+
+
+def inputs(cfg: Any, sampler_id: str, ref_id: str) -> dict[str, str]:
+    """The models it samples: the sampler (and π_ref for Nash-MD's mixture)."""
+    mixed = cfg.mixture_beta() is not None
+    return {"policy": sampler_id, **({"mixture": ref_id} if mixed else {})}
 
 
 def _valid_lines(path: Path) -> list[str]:

@@ -9,13 +9,20 @@ reference ones, not a second identical pass.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["merge", "work"]
+__all__ = ["merge", "settings", "work"]
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """What changes this stage's log-probs (its hash): the loss (which columns it reads) and
+    the train section (lengths, layout)."""
+    return {"loss": cfg.loss_hparams()[0], "train": asdict(cfg.train)}
 
 
 def work(ctx: Ctx, pairs: Path, ref: Path, policy: Path, folder: Path) -> None:
@@ -24,13 +31,13 @@ def work(ctx: Ctx, pairs: Path, ref: Path, policy: Path, folder: Path) -> None:
 
     cfg, dist = ctx.cfg, ctx.dist
     spec = get_loss(cfg.loss_hparams()[0])
-    t = cfg.train
+    data = cfg.train.data
     kw = {
-        "max_prompt_length": t.max_prompt_length,
-        "max_completion_length": t.max_completion_length,
-        "batch_size": t.per_device_batch_size * 2,
-        "packing": t.packing,  # null: long batches where packing measured faster
-        "share_prompt": t.share_prompt,  # each prompt computed once, as in the train stage
+        "max_prompt_length": data.max_prompt_length,
+        "max_completion_length": data.max_completion_length,
+        "batch_size": cfg.train.optim.per_device_batch_size * 2,
+        "packing": data.packing,  # null: long batches where packing measured faster
+        "share_prompt": data.share_prompt,  # each prompt computed once, as in the train stage
     }
     current = pairs
     for columns, model in (("ref", ref), ("prev", policy)):

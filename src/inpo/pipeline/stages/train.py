@@ -11,66 +11,34 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from inpo.pipeline.faults import train_stop_after
 from inpo.pipeline.runtime import Ctx
 
-__all__ = ["merge", "train_config", "work"]
+__all__ = ["merge", "settings", "train_config", "work"]
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """What changes this stage's model (its hash): the loss and its hyper-parameters, the
+    train section and the run's seed."""
+    return {"loss": cfg.loss_hparams(), "train": asdict(cfg.train), "seed": cfg.seed}
 
 
 def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path):
     """The :class:`inpo.training.TrainConfig` of this iteration (validated)."""
     from inpo.config import validate_config
-    from inpo.training import (
-        DataConfig,
-        LoggingConfig,
-        LossConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-    )
 
     loss, hparams = ctx.cfg.loss_hparams()
-    t = ctx.cfg.train
-    tc = TrainConfig(
-        output_dir=str(output_dir),
-        model=ModelConfig(
-            path=str(policy),
-            dtype=t.dtype,
-            gradient_checkpointing=t.gradient_checkpointing,
-            attn_implementation=t.attn_implementation,
-            lora=t.lora,
-        ),
-        data=DataConfig(
-            train_file=str(data),
-            max_prompt_length=t.max_prompt_length,
-            max_completion_length=t.max_completion_length,
-            share_prompt=t.share_prompt,
-            packing=t.packing,
-        ),
-        loss=LossConfig(name=loss, **hparams),
-        optim=OptimConfig(
-            learning_rate=t.learning_rate,
-            lr_scheduler=t.lr_scheduler,
-            warmup_ratio=t.warmup_ratio,
-            global_batch_size=t.global_batch_size,
-            per_device_batch_size=t.per_device_batch_size,
-            max_grad_norm=t.max_grad_norm,
-            optimizer=t.optimizer,
-            epochs=t.epochs,
-        ),
-        logging=LoggingConfig(progress_bar=True),
+    tc = ctx.cfg.train.as_train_config(
+        policy=str(policy),
+        pairs=str(data),
+        loss=loss,
+        hparams=hparams,
         seed=seed,
-        bf16=t.bf16,
-        fsdp=t.fsdp,
-        fsdp_cpu_offload=t.fsdp_cpu_offload,
-        fsdp_activation_checkpointing=t.fsdp_activation_checkpointing,
-        save_steps=t.save_steps,
-        keep_checkpoints=1,
-        final_checkpoint=False,  # the merge deletes checkpoints; the manifest marks the end
-        resume="auto",
+        output_dir=str(output_dir),
     )
     validate_config(tc)
     return tc
