@@ -114,6 +114,12 @@ def test_kill_during_stage_then_resume_gives_same_result(baseline, fault):
     assert [m["iteration"] for m in metrics] == [0, 1]
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     "fault,signal",
     [("generate:2", "TERM"), ("generate:1", "INT"), pytest.param("annotate:2", "TERM", marks=_ALL)],
@@ -133,6 +139,9 @@ def test_sigterm_stops_cleanly_and_resumes(baseline, fault, signal):
         text=True,
         env=env,
         timeout=600,
+        # as at a terminal: a test runner started in the background (`nohup ... &`) passes
+        # SIGINT on ignored, and a process that inherits it ignored rightly keeps ignoring it
+        preexec_fn=_default_sigint,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "re-run the same command to continue" in proc.stderr.splitlines()[-1]
