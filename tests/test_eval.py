@@ -327,3 +327,31 @@ def test_two_answer_files_never_share_a_row_or_an_annotations_file(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "one.json" in err and "two.json" in err and "rename one" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path, capsys):
+    """``--output`` naming a file, or a non-empty folder that is not an eval folder (a user's own
+    ``eval.md``-less folder of notes), is one line, and nothing in it changes; an earlier eval
+    folder is accepted (its judge cache is reused)."""
+    first = _answers(tmp_path / "one.json", "m", ["x", "y"])
+    base = _answers(tmp_path / "b.json", "b", ["z", "z"])
+    args = ["eval", "--answers", str(first), "--baseline", str(base)]
+    args += ["--oracle", "http", "--url", "http://127.0.0.1:9", "--judge-model", "m"]
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.md").write_text("my notes")
+    (tmp_path / "a-file").write_text("x")
+    for output, needle in ((notes, "not an inpo eval folder (it holds notes.md)"),
+                           (tmp_path / "a-file", "is a file")):  # fmt: skip
+        assert main([*args, "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
+    assert sorted(p.name for p in notes.iterdir()) == ["notes.md"]
+    assert (notes / "notes.md").read_text() == "my notes"
+    from inpo.commands.eval import _check_output
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "eval.json").write_text("{}")
+    _check_output(earlier)  # an earlier eval's folder: accepted
+    _check_output(tmp_path / "new")  # a new folder: accepted

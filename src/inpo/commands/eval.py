@@ -261,6 +261,28 @@ def _difficulty(path: Path | None, keys: list[str]):
         raise DataError(f"{path}: a difficulty is not a number ({err})") from None
 
 
+#: What ``inpo eval`` writes in ``--output``: a folder holding only these is an eval folder.
+_EVAL_FILES = ("eval.json", "eval.md", "win_rates.png", "oracle_cache.sqlite")
+
+
+def _check_output(output: Path) -> None:
+    """``--output`` is a new folder, an empty one, or an earlier ``inpo eval``'s (its judge
+    cache is reused): a file, or a folder of other files that the report would sit among or
+    write over, is refused before anything is read or asked."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output '{output}' is a file; name a folder for the report")
+    if not output.is_dir():
+        return
+    names = sorted(p.name for p in output.iterdir())
+    if not names or any(n in _EVAL_FILES for n in names):
+        return
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    raise ConfigError(
+        f"--output '{output}' is not empty and is not an inpo eval folder (it holds {shown}); "
+        "the report would write among them: name a new or empty folder"
+    )
+
+
 def main(argv: list[str]) -> int:
     import numpy as np
 
@@ -268,6 +290,7 @@ def main(argv: list[str]) -> int:
     from inpo.oracles.pairwise import combine_orders
 
     args = _parser().parse_args(argv)
+    _check_output(args.output)
     questions = _questions(args.questions)
     base_name, base, base_skipped = read_answers(
         args.baseline, questions, args.skip_bad_rows, baseline=True
