@@ -612,6 +612,7 @@ def test_a_hub_id_in_the_local_cache_is_a_model_path(tiny, tmp_path, monkeypatch
     out = tmp_path / "run"
     result = train(make_cfg(tiny, out, "optim.max_steps=1", "model.path=acme/tiny-llama"))
     assert result.finished and (out / "model.safetensors").is_file()
+    assert "base_model: acme/tiny-llama" in (out / "README.md").read_text()  # a hub id
     with pytest.raises(ConfigError, match=r"'acme/other' is not a local folder.*hf download"):
         train(make_cfg(tiny, tmp_path / "x", "model.path=acme/other"))
 
@@ -858,3 +859,21 @@ def test_the_model_cards_command_reproduces_the_model_from_its_folder(tmp_path):
     proc = subprocess.run([*run, *argv[2:]], cwd=tmp_path / "out", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_diff(weights(tmp_path / "out-reproduced"), weights(tmp_path / "out")) < 1e-6
+
+
+def test_a_model_cards_base_model_is_a_hub_id_only_for_a_hub_model(tmp_path, monkeypatch):
+    """``base_model`` (front matter the Hub links) is written for a model that came from the hub
+    (an ``owner/name`` id, or a folder in the Hugging Face cache), never for a local folder whose
+    last two parts merely look like one (``…/models/smollm2``); the card's table names a local
+    folder as given, the home directory as ``~``."""
+    from inpo.training.modelcard import _base_model, _name
+
+    local = tmp_path / "models" / "smollm2"
+    local.mkdir(parents=True)
+    assert _base_model(str(local)) == [] and _name(str(local)) == str(local)
+    snap = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    assert _base_model(str(snap)) == ["base_model: acme/tiny-llama"]
+    assert _base_model("acme/not-a-folder") == ["base_model: acme/not-a-folder"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _name(str(local)) == "~/models/smollm2"

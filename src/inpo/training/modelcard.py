@@ -14,10 +14,36 @@ from typing import Any
 __all__ = ["write_model_card", "write_oracle_card"]
 
 
+def _hub_id(path: str) -> str | None:
+    """The hub id a model came from: ``owner/name`` given as such (resolved from the local
+    cache), or a folder inside the Hugging Face cache (``models--owner--name/snapshots/…``);
+    ``None`` for any other local folder."""
+    from inpo.hub import looks_like_hub_id
+
+    if looks_like_hub_id(path):
+        return str(path)
+    for part in Path(path).expanduser().resolve().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
 def _name(path: str) -> str:
-    """A local folder by its last two parts (no home directory in a card); a hub id as is."""
-    p = Path(path)
-    return "/".join(p.parts[-2:]) if p.is_absolute() else str(path)
+    """How the card names a model: its hub id when it came from the hub, else its folder as
+    given, the home directory written ``~`` (no home path in a card)."""
+    hub = _hub_id(path)
+    if hub is not None:
+        return hub
+    text = str(path)
+    home = str(Path.home())
+    return "~" + text[len(home) :] if text == home or text.startswith(home + "/") else text
+
+
+def _base_model(path: str) -> list[str]:
+    """The front matter's ``base_model`` (a hub id, which the Hub links): only for a model
+    that came from the hub; a local folder is named in the card's table instead."""
+    hub = _hub_id(path)
+    return [f"base_model: {hub}"] if hub is not None else []
 
 
 def write_model_card(
@@ -38,7 +64,7 @@ def write_model_card(
         "library_name: transformers",
         "tags:",
         *[f"- {t}" for t in dict.fromkeys(["inpo", "preference-optimization", loss])],
-        f"base_model: {_name(cfg.model.path)}",
+        *_base_model(cfg.model.path),
     ]
     from inpo.hub import looks_like_hub_id
 
@@ -133,7 +159,7 @@ def write_oracle_card(
         "- inpo",
         "- preference-model",
         f"- {cfg.kind}",
-        f"base_model: {_name(cfg.model.path)}",
+        *_base_model(cfg.model.path),
         "---",
         "",
         f"# {out_dir.name}",
