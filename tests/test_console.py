@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from inpo import console
 
 
@@ -98,3 +100,34 @@ def test_tracker_values_split_every_interval_into_low_and_high():
         assert values[f"eval/{key}_low"] == lo and values[f"eval/{key}_high"] == hi
     assert values["eval/lc_win_rate_ci_low"] == 0.4
     assert not any(isinstance(v, list) for v in values.values())
+
+
+def test_report_intervals_are_rounded_and_plotted_as_error_bars(tmp_path, monkeypatch):
+    """The report's table prints a 95% interval as rounded numbers (not raw floats), and the
+    per-iteration plot draws it as error bars around the estimate."""
+    import matplotlib.axes
+
+    from inpo.pipeline.report import plot_metrics, table
+
+    rows = [
+        {"iteration": 0, "algorithm": "inpo", "win_rate_vs_ref": 0.5,
+         "win_rate_ci": [0.4123456789, 0.5876543211]},
+        {"iteration": 1, "algorithm": "inpo", "win_rate_vs_ref": 0.61,
+         "win_rate_ci": [0.5123456789, 0.7012345678], "kl_to_ref": 0.2},
+    ]  # fmt: skip
+    text = table(rows, ["iteration", "win_rate_vs_ref", "win_rate_ci"])
+    assert "[0.4123, 0.5877]" in text and "0.4123456789" not in text
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((list(x), list(y), kwargs.get("yerr")))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    assert "win_rate_vs_ref" in plot_metrics(rows, tmp_path / "m.png", "t")
+    assert (tmp_path / "m.png").is_file()
+    ((xs, ys, (low, high)),) = drawn  # one series with intervals; KL has none here
+    assert xs == [0, 1] and ys == [0.5, 0.61]
+    assert low == pytest.approx([0.5 - 0.4123456789, 0.61 - 0.5123456789])
+    assert high == pytest.approx([0.5876543211 - 0.5, 0.7012345678 - 0.61])

@@ -61,13 +61,25 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
     for ax, (key, label, log) in zip(axes.flat, keys):
         for alg in algorithms:
             pts = sorted(
-                (r["iteration"], r[key])
-                for r in rows
-                if r["algorithm"] == alg and r.get(key) is not None
+                (
+                    (r["iteration"], r[key], r.get(INTERVALS.get(key, "")))
+                    for r in rows
+                    if r["algorithm"] == alg and r.get(key) is not None
+                ),
+                key=lambda p: p[0],
             )
             if pts:
-                xs, ys = zip(*pts)
+                xs, ys, _ = zip(*pts)
                 ax.plot(xs, ys, label=alg, markersize=5, **styles[alg])
+                bars = [(x, y, ci) for x, y, ci in pts if _interval(ci)]
+                if bars:  # the 95% interval over prompts, as error bars
+                    bx, by, bci = zip(*bars)
+                    low = [max(0.0, y - ci[0]) for y, ci in zip(by, bci, strict=True)]
+                    high = [max(0.0, ci[1] - y) for y, ci in zip(by, bci, strict=True)]
+                    ax.errorbar(
+                        bx, by, yerr=[low, high], fmt="none", capsize=3, alpha=0.7,
+                        color=styles[alg]["color"],
+                    )  # fmt: skip
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,9 +102,20 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> list
     return [k for k, _, _ in keys]
 
 
+def _interval(value: Any) -> bool:
+    """Whether ``value`` is a ``[low, high]`` pair of numbers."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if _interval(value):  # a 95% interval, rounded as its estimate is
+        return f"[{value[0]:.4g}, {value[1]:.4g}]"
     return "" if value is None else str(value)
 
 
