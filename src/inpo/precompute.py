@@ -189,24 +189,10 @@ def precompute_logps(
     names = (f"{columns}_chosen_logps", f"{columns}_rejected_logps")
 
     # ---- the computation's identity: an output with the same key is up to date ----------------
-    settings = {
-        "columns": columns,
-        "model_path": str(model_path.resolve()),
-        "model_fingerprint": model_fingerprint(model_path),
-        "tokenizer_path": str(tokenizer_path.resolve()),
-        "dataset_path": str(dataset_path.resolve()),
-        "dataset_hash": dataset_hash(dataset_path),
-        "split": split,
-        "skip_bad_rows": skip_bad_rows,
-        "max_prompt_length": max_prompt_length,
-        "max_completion_length": max_completion_length,
-        "padding_side": padding_side,
-        "dtype": dtype,
-        # absent unless forced: earlier keys stay valid (the layout changes float rounding
-        # only, as the device does; `packed_batches` in the manifest says what ran)
-        **({"packing": True} if packing else {}),
-        **({"share_prompt": True} if share_prompt else {}),
-    }
+    settings = _identity(
+        columns, model_path, tokenizer_path, dataset_path, split, skip_bad_rows,
+        max_prompt_length, max_completion_length, padding_side, dtype, packing, share_prompt,
+    )  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     existing = _read_manifest(output_dir) if output_dir.is_dir() else None
     if existing is not None and existing.get("key") == key:
@@ -232,41 +218,13 @@ def precompute_logps(
     )
 
     # ---- one model in memory: load, score this rank's pairs, gather, free ---------------------
-    model = _load_model(model_path, dtype, device)
-    layout = Layout.choose(
-        model,
-        share_prompt=share_prompt,
-        packing=packing,
-        chunk_size=chunk_size,
-        setting="--packing",
-    )
-    loaded = time.perf_counter()
     rows = ds.to_list()
-    order = _rows_by_length(rows, dist.rank, dist.world)
-    chosen, rejected, packed_batches = _score(
-        model,
-        rows,
-        order,
-        collator,
-        layout,
-        device=device,
-        batch_size=batch_size,
-        where=dataset_path,
-        label=f"log-probs ({columns})",
-        show=dist.is_main,
+    layout = Layout(
+        share_prompt=share_prompt, packing=packing, chunk_size=chunk_size, setting="--packing"
     )
-    tally = _Tally.of(collator, packed_batches)
-    if dist.world > 1:
-        tally = _gather(dist, order, chosen, rejected, tally)
-    scored = time.perf_counter()
-    bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
-    if bad:
-        raise DataError(
-            f"{dataset_path}: model '{model_path}' gives non-finite log-probs for "
-            f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
-        )
-    del model
-    _free_device_memory(device)
+    chosen, rejected, tally, loaded, scored = _score_all(
+        model_path, dtype, device, rows, collator, layout, dist, batch_size, dataset_path, columns
+    )
 
     # ---- write to a temporary folder, then rename (rank 0; the others wait for it) ------------
     if not dist.is_main:
@@ -277,10 +235,74 @@ def precompute_logps(
     ds = ds.remove_columns([n for n in names if n in ds.column_names])
     ds = ds.add_column(names[0], chosen).add_column(names[1], rejected)
     previous = _read_manifest(dataset_path) if dataset_path.is_dir() else None
+    timing = {
+        "seconds_load": round(loaded - started, 3),
+        "seconds_score": round(scored - loaded, 3),
+        "pairs_per_second": round(len(rows) / max(scored - loaded, 1e-9), 3),
+    }
+    manifest = _manifest(
+        key, settings, len(rows), skipped_rows, tally, batch_size, device, timing, previous
+    )
+    _write_folder(ds, manifest, output_dir)
+    # debug: `inpo precompute` prints its own result line (at info it showed twice)
+    log.debug("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
+    dist.barrier()
+    return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)
+
+
+def _identity(
+    columns: str,
+    model_path: Path,
+    tokenizer_path: Path,
+    dataset_path: Path,
+    split: str | None,
+    skip_bad_rows: bool,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    padding_side: str,
+    dtype: str,
+    packing: bool | None,
+    share_prompt: bool,
+) -> dict[str, Any]:
+    """What the computation is (its manifest key hashes this): an output with the same key is
+    up to date."""
+    return {
+        "columns": columns,
+        "model_path": str(model_path.resolve()),
+        "model_fingerprint": model_fingerprint(model_path),
+        "tokenizer_path": str(tokenizer_path.resolve()),
+        "dataset_path": str(dataset_path.resolve()),
+        "dataset_hash": dataset_hash(dataset_path),
+        "split": split,
+        "skip_bad_rows": skip_bad_rows,
+        "max_prompt_length": max_prompt_length,
+        "max_completion_length": max_completion_length,
+        "padding_side": padding_side,
+        "dtype": dtype,
+        # absent unless forced: earlier keys stay valid (the layout changes float rounding
+        # only, as the device does; `packed_batches` in the manifest says what ran)
+        **({"packing": True} if packing else {}),
+        **({"share_prompt": True} if share_prompt else {}),
+    }
+
+
+def _manifest(
+    key: str,
+    settings: dict[str, Any],
+    rows: int,
+    skipped_rows: int,
+    tally: _Tally,
+    batch_size: int,
+    device: str,
+    timing: dict[str, float],
+    previous: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``manifest.json``: the key and settings, what scoring counted and took, and the input
+    folder's own manifests before it (``history``, one level deep)."""
     manifest = {
         "key": key,
         **settings,
-        "rows": len(rows),
+        "rows": rows,
         "skipped_rows": skipped_rows,
         "truncated_prompts": tally.truncated_prompts,
         "truncated_completions": tally.truncated_completions,
@@ -290,9 +312,7 @@ def precompute_logps(
         "batch_size": batch_size,
         "packed_batches": tally.packed_batches,
         "device": device,
-        "seconds_load": round(loaded - started, 3),
-        "seconds_score": round(scored - loaded, 3),
-        "pairs_per_second": round(len(rows) / max(scored - loaded, 1e-9), 3),
+        **timing,
         "created_unix": int(time.time()),
         "history": [
             *(previous.get("history", []) if previous else []),
@@ -301,11 +321,7 @@ def precompute_logps(
     }
     for entry in manifest["history"]:
         entry.pop("history", None)
-    _write_folder(ds, manifest, output_dir)
-    # debug: `inpo precompute` prints its own result line (at info it showed twice)
-    log.debug("wrote %s: %d pairs, %s in %.1fs", output_dir, len(rows), columns, scored - loaded)
-    dist.barrier()
-    return PrecomputeResult(output_dir, manifest, skipped=False, columns=names)
+    return manifest
 
 
 def _check_arguments(
@@ -365,6 +381,52 @@ def _rows_by_length(rows: list[dict[str, Any]], rank: int, world: int) -> list[i
         (i for i in range(len(rows)) if i in mine),
         key=lambda i: len(json.dumps([rows[i]["prompt"], rows[i]["chosen"], rows[i]["rejected"]])),
     )
+
+
+def _score_all(
+    model_path: Path,
+    dtype: str,
+    device: str,
+    rows: list[dict[str, Any]],
+    collator: Any,
+    layout: Layout,
+    dist: Any,
+    batch_size: int,
+    where: Path,
+    columns: str,
+) -> tuple[list[float], list[float], _Tally, float, float]:
+    """Load the model, score this rank's pairs in ``layout`` (checked on it), gather every
+    rank's, refuse non-finite log-probs naming their rows, free the model. Returns the chosen
+    and rejected log-probs of every row, the tally, and when loading and scoring ended."""
+    model = _load_model(model_path, dtype, device)
+    layout.check(model)
+    loaded = time.perf_counter()
+    order = _rows_by_length(rows, dist.rank, dist.world)
+    chosen, rejected, packed_batches = _score(
+        model,
+        rows,
+        order,
+        collator,
+        layout,
+        device=device,
+        batch_size=batch_size,
+        where=where,
+        label=f"log-probs ({columns})",
+        show=dist.is_main,
+    )
+    tally = _Tally.of(collator, packed_batches)
+    if dist.world > 1:
+        tally = _gather(dist, order, chosen, rejected, tally)
+    scored = time.perf_counter()
+    bad = [rows[i]["row_id"] for i in range(len(rows)) if not _finite(chosen[i], rejected[i])]
+    if bad:
+        raise DataError(
+            f"{where}: model '{model_path}' gives non-finite log-probs for "
+            f"{len(bad)} row(s) (row_id {', '.join(map(str, bad[:10]))})"
+        )
+    del model
+    _free_device_memory(device)
+    return chosen, rejected, tally, loaded, scored
 
 
 def _score(

@@ -130,7 +130,6 @@ def train(
         TrainingDivergedError: a non-finite loss or gradient norm (after saving the last good
             state as a checkpoint).
     """
-    from accelerate.utils import set_seed
 
     # ---- set-up: everything that can fail cheaply, before the model loads --------------------
     layout = Layout(
@@ -180,25 +179,9 @@ def train(
     engine.wait()
 
     # ---- set-up: model (resumed weights first), layout, engine, optimizer, schedule ----------
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_policy(cfg.model)
-    layout.check(model, device_type=engine.device.type, sharded=engine.shards)
-    if engine.is_main:
-        check_low_precision_updates(model, cfg)
-    state = load_checkpoint(resume_from) if resume_from is not None else None
-    if state is not None and not zero.requested():  # DeepSpeed restores its own partitions
-        load_model_state(model, state["model"], resume_from)
-    model = engine.place(model)
-    layout.probe(model)  # data.packing null: decided here, before the engine wraps the model
-    optimizer = make_optimizer(cfg, model, sharded=engine.fsdp)
-    model, optimizer = engine.prepare(model, optimizer)
-    scheduler = make_scheduler(optimizer, cfg.optim.lr_scheduler, data.warmup, plan.total_steps)
-    start = 0
-    if state is not None:
-        start = restore_state(engine, model, optimizer, scheduler, state, resume_from)
-        if engine.is_main:
-            print(f"inpo train: resuming from {resume_from} (step {start}/{plan.total_steps})")
+    tokenizer, model, optimizer, scheduler, start = _load(
+        cfg, engine, layout, resume_from, data.warmup, plan.total_steps
+    )
     collator = PreferenceCollator(
         tokenizer,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -248,6 +231,41 @@ def train(
     finally:
         engine.release(model)
     return TrainResult(out_dir, plan.total_steps, plan.total_steps, resume_from, end.last, True)
+
+
+def _load(
+    cfg: TrainConfig,
+    engine: Engine,
+    layout: Layout,
+    resume_from: Path | None,
+    warmup: int,
+    total_steps: int,
+) -> tuple[Any, Any, Any, Any, int]:
+    """The tokenizer and the policy (a checkpoint's weights first), checked against the layout,
+    prepared by the engine with its optimizer and schedule (a checkpoint's state applied).
+    Returns ``(tokenizer, model, optimizer, scheduler, start step)``."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_policy(cfg.model)
+    layout.check(model, device_type=engine.device.type, sharded=engine.shards)
+    if engine.is_main:
+        check_low_precision_updates(model, cfg)
+    state = load_checkpoint(resume_from) if resume_from is not None else None
+    if state is not None and not zero.requested():  # DeepSpeed restores its own partitions
+        load_model_state(model, state["model"], resume_from)
+    model = engine.place(model)
+    layout.probe(model)  # data.packing null: decided here, before the engine wraps the model
+    optimizer = make_optimizer(cfg, model, sharded=engine.fsdp)
+    model, optimizer = engine.prepare(model, optimizer)
+    scheduler = make_scheduler(optimizer, cfg.optim.lr_scheduler, warmup, total_steps)
+    start = 0
+    if state is not None:
+        start = restore_state(engine, model, optimizer, scheduler, state, resume_from)
+        if engine.is_main:
+            print(f"inpo train: resuming from {resume_from} (step {start}/{total_steps})")
+    return tokenizer, model, optimizer, scheduler, start
 
 
 def _metrics_row(
