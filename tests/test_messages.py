@@ -42,3 +42,26 @@ def test_a_loss_that_ignores_columns_says_so_once_a_process(tmp_path, caplog):
             _load_data(cfg)
     said = [r for r in caplog.records if "ignores the dataset's column(s)" in r.getMessage()]
     assert len(said) == 1 and "chosen_winrate" in said[0].getMessage()
+
+
+def test_lora_shows_no_deprecation_warning_a_user_cannot_act_on(tmp_path):
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model:
+    that FutureWarning is not shown, for the policy's LoRA and the oracle's alike; a bad
+    ``target_modules`` is still one clear line."""
+    import warnings
+
+    import pytest
+
+    from inpo.errors import ConfigError
+    from inpo.tiny import save_tiny_lm, word_tokenizer
+    from inpo.training.config import LoraSettings, ModelConfig
+    from inpo.training.modeling import load_policy
+
+    save_tiny_lm(tmp_path / "m", "llama", tokenizer=word_tokenizer(["a", "b"]), hidden_size=32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_policy(ModelConfig(path=str(tmp_path / "m"), lora=LoraSettings(r=4)))
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+    bad = LoraSettings(r=4, target_modules=["no_such_module"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules"):
+        load_policy(ModelConfig(path=str(tmp_path / "m"), lora=bad))

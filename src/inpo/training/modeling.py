@@ -22,6 +22,7 @@ __all__ = [
     "load_tokenizer",
     "read_prompt_format",
     "save_policy",
+    "with_adapter",
     "write_prompt_format",
 ]
 
@@ -84,12 +85,25 @@ def load_policy(cfg: ModelConfig) -> torch.nn.Module:
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as err:
-            raise ConfigError(f"model.lora.target_modules: {err}") from err
+        model = with_adapter(model, lora, get_peft_model)
     model.train()
     return model
+
+
+def with_adapter(model: Any, lora: Any, get_peft_model: Any) -> Any:
+    """``get_peft_model(model, lora)`` (both trainers' LoRA): a bad ``target_modules`` is a
+    :class:`ConfigError`, and PEFT's read of transformers' deprecated
+    ``is_gradient_checkpointing`` (a FutureWarning no user of inpo can act on) is not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as err:
+            raise ConfigError(f"model.lora.target_modules: {err}") from err
 
 
 def save_policy(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> Path:

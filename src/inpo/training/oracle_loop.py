@@ -46,7 +46,7 @@ from inpo.training.checkpoint import (
 from inpo.training.engine import Engine, load_model_state, resolve_bf16
 from inpo.training.metrics import MetricsLogger
 from inpo.training.modelcard import write_oracle_card
-from inpo.training.modeling import check_model_dir
+from inpo.training.modeling import check_model_dir, with_adapter
 from inpo.training.optim import make_optimizer, make_scheduler
 from inpo.training.oracle_config import OracleTrainConfig
 from inpo.training.resume import check_resume, resume_point
@@ -138,10 +138,7 @@ def _lora(model: Any, cfg: OracleTrainConfig, task_type: str | None, keep: list[
         task_type=task_type,
         modules_to_save=keep or None,
     )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise ConfigError(f"model.lora.target_modules: {err}") from err
+    return with_adapter(model, lora, get_peft_model)
 
 
 def _load_model(cfg: OracleTrainConfig, folder: Path, tokenizer: Any) -> torch.nn.Module:
