@@ -335,3 +335,39 @@ def restore_state(
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"])
     return int(trainer["step"])
+
+
+class Checkpointer:
+    """One training's checkpoints: :meth:`save` the whole state after a step (what the training
+    skeleton calls), :meth:`finish` the last one, so that re-running a finished training is a
+    no-op. Both trainers use it; the arguments are :func:`save_state`'s."""
+
+    def __init__(
+        self,
+        engine: Any,
+        cfg: Any,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        root: Path,
+        *,
+        steps_per_epoch: int,
+        total_steps: int,
+        inputs: dict[str, str],
+    ):
+        self.engine, self.cfg, self.root, self.inputs = engine, cfg, root, inputs
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+    def save(self, step: int, rng_state: dict[str, Any] | None = None) -> Path | None:
+        return save_state(
+            self.engine, self.cfg, self.model, self.optimizer, self.scheduler, self.root, step,
+            steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+            inputs=self.inputs, rng_state=rng_state,
+        )  # fmt: skip
+
+    def finish(self, start: int) -> None:
+        """The checkpoint after the last step, when this launch trained (``start`` below the
+        end) or none is on disk yet."""
+        if start < self.total_steps or find_latest_checkpoint(self.root) is None:
+            self.save(self.total_steps)

@@ -43,12 +43,7 @@ from inpo.distributed import get_dist
 from inpo.layout import Layout
 from inpo.training import zero
 from inpo.training.batches import StepPlan, micro_batches
-from inpo.training.checkpoint import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    restore_state,
-    save_state,
-)
+from inpo.training.checkpoint import Checkpointer, load_checkpoint, restore_state
 from inpo.training.config import TrainConfig, require_tracker_packages
 from inpo.training.engine import Engine, load_model_state, resolve_bf16
 from inpo.training.metrics import MetricsLogger
@@ -200,12 +195,10 @@ def train(
         on_row=on_metrics,
     )
 
-    def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> Path | None:
-        return save_state(
-            engine, cfg, model, optimizer, scheduler, ckpt_root, step,
-            steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
-            inputs=inputs, rng_state=rng_state,
-        )  # fmt: skip
+    checkpoints = Checkpointer(
+        engine, cfg, model, optimizer, scheduler, ckpt_root,
+        steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, inputs=inputs,
+    )  # fmt: skip
 
     def step_fn(step: int, step_rows: list[int]) -> StepOut:
         return _step(cfg, engine, model, collator, data, layout, plan, step, step_rows)
@@ -214,7 +207,7 @@ def train(
     try:
         end = run_steps(
             engine, model, optimizer, scheduler, plan, step_fn,
-            start=start, checkpoint=checkpoint, metrics=metrics,
+            start=start, checkpoint=checkpoints.save, metrics=metrics,
             label=f"train {data.spec.name}", show_progress=cfg.logging.progress_bar,
             postfix=lambda r: {"loss": f"{r['loss']:.4g}", "tok_s": f"{r['tokens_per_s']:.0f}"},
             max_grad_norm=cfg.optim.max_grad_norm, save_steps=cfg.save_steps,
@@ -223,10 +216,8 @@ def train(
         )  # fmt: skip
         if not end.finished:
             return TrainResult(out_dir, end.steps, plan.total_steps, resume_from, end.last, False)
-        if cfg.final_checkpoint and (
-            start < plan.total_steps or find_latest_checkpoint(ckpt_root) is None
-        ):
-            checkpoint(plan.total_steps)
+        if cfg.final_checkpoint:
+            checkpoints.finish(start)
         _finish(cfg, engine, model, tokenizer, data, end.last)
     finally:
         engine.release(model)

@@ -37,12 +37,7 @@ from inpo.config import save_config, with_absolute_paths
 from inpo.errors import ConfigError, DataError
 from inpo.hashing import model_fingerprint
 from inpo.training.batches import StepPlan, micro_batches
-from inpo.training.checkpoint import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    restore_state,
-    save_state,
-)
+from inpo.training.checkpoint import Checkpointer, load_checkpoint, restore_state
 from inpo.training.engine import Engine, load_model_state, resolve_bf16
 from inpo.training.metrics import MetricsLogger
 from inpo.training.modelcard import write_oracle_card
@@ -410,12 +405,10 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
         enabled=engine.is_main,
     )
 
-    def checkpoint(step: int, rng: dict | None = None) -> Path | None:
-        return save_state(
-            engine, cfg, model, optimizer, scheduler, ckpt_root, step,
-            steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
-            inputs=inputs, rng_state=rng,
-        )  # fmt: skip
+    checkpoints = Checkpointer(
+        engine, cfg, model, optimizer, scheduler, ckpt_root,
+        steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, inputs=inputs,
+    )  # fmt: skip
 
     def step_fn(step: int, step_rows: list[int]) -> StepOut:
         return _step(cfg, engine, model, tokenizer, rows, plan, step, step_rows)
@@ -423,7 +416,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     # ---- the loop, then the end: a last checkpoint (a re-run is a no-op), the model ----------
     end = run_steps(
         engine, model, optimizer, scheduler, plan, step_fn,
-        start=start, checkpoint=checkpoint, metrics=metrics,
+        start=start, checkpoint=checkpoints.save, metrics=metrics,
         label=f"train-oracle {cfg.kind}", show_progress=cfg.logging.progress_bar,
         postfix=lambda r: {"loss": f"{r['loss']:.4g}", "acc": f"{r['accuracy']:.2f}"},
         max_grad_norm=cfg.optim.max_grad_norm, save_steps=cfg.save_steps, stop_after=stop_after,
@@ -443,8 +436,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
             "collapses at 1e-3 where 3e-4 learns, benchmarks/results/preference_models.md)",
             row["loss"],
         )
-    if start < plan.total_steps or find_latest_checkpoint(ckpt_root) is None:
-        checkpoint(plan.total_steps)
+    checkpoints.finish(start)
     model_dir = out_dir  # as `inpo train` writes it: the folder annotate.model names
     if engine.is_main and (start < plan.total_steps or not (model_dir / "config.json").is_file()):
         _save_model(cfg, engine.unwrap(model), tokenizer, model_dir)
