@@ -131,3 +131,31 @@ def test_report_intervals_are_rounded_and_plotted_as_error_bars(tmp_path, monkey
     assert xs == [0, 1] and ys == [0.5, 0.61]
     assert low == pytest.approx([0.5 - 0.4123456789, 0.61 - 0.5123456789])
     assert high == pytest.approx([0.5876543211 - 0.5, 0.7012345678 - 0.61])
+
+
+def test_a_batch_reports_its_tokens_while_it_is_generated(monkeypatch):
+    """Within one generation batch (one ``progress`` unit) plain lines report the tokens
+    generated so far, counting only rows that have not ended; none once the batch is done."""
+    from inpo.generation import GenerationSettings, sample_responses
+    from inpo.tiny import char_tokenizer, tiny_causal_lm
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setenv("INPO_PROGRESS_SECONDS", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("INPO_VERBOSITY", raising=False)
+    tok = char_tokenizer()
+    model = tiny_causal_lm("llama", tok, hidden_size=32, num_hidden_layers=2).eval()
+    cut: list = []
+    with console.progress(2, "generate", unit=" prompts") as bar:
+        answers = sample_responses(model, tok, ["say red", "a"], 3, GenerationSettings(
+            1.0, 1.0, 5, 8), seed=0, progress=bar.update, truncated=cut)  # fmt: skip
+    lines = out.getvalue().splitlines()
+    counts = [int(x.split("in this batch: ")[1].split()[0]) for x in lines if "in this batch" in x]
+    assert counts == sorted(counts) and counts[0] == 6  # 2 prompts × 3 samples, first step
+    ended = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for r in answers for a in r)
+    # every token generated, the end tokens included: one a sample that ended
+    assert counts[-1] == ended + sum(not c for r in cut for c in r)
+    assert len(lines) == len(counts)  # the finished batch: no line of its own
+    console.pulse(tokens=1)  # no display open: nothing
+    assert out.getvalue().splitlines() == lines

@@ -93,7 +93,7 @@ def page(smollm2, tmp_path_factory) -> Path:
         assert argv[0] == "inpo", cmd
         _inpo(*argv[1:], cwd=work)
         ran.append(argv[1])
-    assert ran == ["convert", "run", "export", "export", "eval"]
+    assert ran == ["convert", "run", "export", "export", "eval", "compare"]
     return work
 
 
@@ -272,3 +272,66 @@ def test_export_and_eval_with_the_model_as_its_own_judge(page):
     assert result["baseline"] == "smol" and tuned["n"] == len(EVAL_PROMPTS)
     assert tuned["win_rate_ci"][0] <= tuned["win_rate"] <= tuned["win_rate_ci"][1]
     assert ":chat:" in result["oracle"]  # the general judging prompt, not RLHFlow's
+
+
+# ---- 4. task=panel: a general preference on the real model -----------------------------------
+
+
+def test_panel_compare_measures_the_pool_gap_and_cross_play(page, tokenizer):
+    """The page's ``inpo compare task=panel``: π_ref evaluated once and shared; every row's
+    win rate from the panel's probabilities (π_ref against itself within its interval of ½),
+    the pool-restricted gap with its interval and the cyclic share; the final policies'
+    cross-play matrix (exact panel, so ``M + Mᵀ = 1``) and gaps on one pool, recomputed here."""
+    import numpy as np
+
+    from inpo.game.exact import duality_gap
+    from inpo.layout import completion_logps
+    from inpo.tasks.panel import PanelOracle, panel_prompts
+
+    root = page / "runs/panel"
+    stamps = {
+        json.loads((root / a / "reference/evaluate/manifest.json").read_text())["finished_at"]
+        for a in ("inpo", "dpo")
+    }
+    assert len(stamps) == 1  # the second algorithm reused the first one's π_ref evaluation
+    rows = _rows(root / "metrics.jsonl")
+    ref_row = rows[0]
+    low, high = ref_row["win_rate_ci"]
+    assert ref_row["iteration"] == 0 and low <= 0.5 <= high
+    for r in rows:
+        lo, hi = r["pool_duality_gap_ci"]
+        assert lo <= r["pool_duality_gap"] <= hi and 0 <= r["cyclic_triples"] <= 1
+    answers = _rows(root / "inpo/iter_000/evaluate/answers.jsonl")
+    assert [a["prompt"] for a in answers][::2] == panel_prompts("test")[:4]
+    final = json.loads((root / "final.json").read_text())
+    assert final["policies"] == ["inpo", "dpo", "π_ref"]
+    m = np.array(final["crossplay"])
+    assert np.allclose(m + m.T, 1.0, atol=1e-5)
+    # π_ref's gap on the common pool, recomputed from scratch: its answers, its exact log-probs
+    pool: dict[str, list] = {}
+    for name in ("inpo", "dpo"):
+        for a in _rows(root / name / "iter_000/evaluate/answers.jsonl"):
+            key = json.dumps(a["prompt"])
+            for y, cut in (
+                (a["answer"], a["truncated"]),
+                (a["reference_answer"], a["reference_truncated"]),
+            ):
+                if y not in [u for u, _ in pool.setdefault(key, [])]:
+                    pool[key].append((y, cut))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(REAL_MODEL_DIR).eval()
+    panel, gaps = PanelOracle(), []
+    tau = 0.005 / 3  # the paper's η and τ = η/3
+    for key, items in pool.items():
+        prompt, ys = json.loads(key), [y for y, _ in items]
+        lp = completion_logps(model, tokenizer, [prompt] * len(ys), ys,
+                              ended=[not c for _, c in items]).double().numpy()  # fmt: skip
+        pi = np.exp(lp - lp.max())
+        pi /= pi.sum()
+        gaps.append(
+            duality_gap(panel.preference_matrix(prompt, ys)[None], pi[None], pi[None], tau)[0]
+        )
+    assert final["pool"]["π_ref"]["pool_duality_gap"] == pytest.approx(np.mean(gaps), rel=1e-4)
+    assert (root / "plots/crossplay.png").stat().st_size > 10_000
+    assert "Final policies against each other" in (root / "compare.md").read_text()

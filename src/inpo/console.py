@@ -14,6 +14,12 @@ stays); in a log file or a CI console (not a terminal) no bar — a plain line e
 ``INPO_PROGRESS_SECONDS`` seconds (default 30) with the count, the rate and the ETA, so a long
 stage still shows it is moving. Off on ranks other than 0, with ``-q`` and with
 ``TQDM_DISABLE=1``.
+
+:func:`pulse` reports progress *within* one unit of work (tokens generated in a batch, pairs a
+judge scored, sequences scored) on the innermost open display, so a stage whose one batch takes
+minutes is never silent: the live figures on a terminal, a plain line every
+``INPO_PROGRESS_SECONDS`` in a log. Inner loops call it without knowing who is listening (none:
+it does nothing).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["progress", "quiet_libraries", "set_verbosity", "verbosity"]
+__all__ = ["progress", "pulse", "quiet_libraries", "set_verbosity", "verbosity"]
 
 #: ``-q``: only results and errors; ``-v``: also ``inpo``'s info logs and the libraries' bars;
 #: ``-vv``: debug logs too.
@@ -84,12 +90,29 @@ def progress(total: int, desc: str, *, enabled: bool = True, initial: int = 0, u
         return _Silent()
     stream = sys.stderr
     if getattr(stream, "isatty", lambda: False)() and os.environ.get("TERM") != "dumb":
-        return _RichBar(total, desc, initial, unit)
-    return _PlainLines(total, desc, initial, unit, stream)
+        shown: _Silent = _RichBar(total, desc, initial, unit)
+    else:
+        shown = _PlainLines(total, desc, initial, unit, stream)
+    _OPEN.append(shown)
+    return shown
+
+
+#: The open progress displays, innermost last (:func:`pulse` speaks to the last one).
+_OPEN: list[Any] = []
+
+
+def pulse(**figures: Any) -> None:
+    """Progress within the current unit of work, e.g. ``pulse(tokens=1280)``: shown on the
+    innermost open :func:`progress` display (see the module docstring); nothing without one."""
+    if _OPEN:
+        _OPEN[-1].pulse(figures)
 
 
 class _Silent:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def pulse(self, figures: dict[str, Any]) -> None:
         pass
 
     def set_postfix(self, **figures: Any) -> None:
@@ -123,26 +146,43 @@ class _PlainLines(_Silent):
         except ValueError:
             self.every = 30.0
         self.figures: dict[str, Any] = {}
+        self.inside: dict[str, Any] = {}
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        self.inside = {}  # a unit done: its inner figures are over
+        if self.n < self.total:
+            self._line()
+
+    def pulse(self, figures: dict[str, Any]) -> None:
+        self.inside = figures
+        self._line()
+
+    def _line(self) -> None:
         now = time.monotonic()
-        if now - self.last >= self.every and self.n < self.total:
-            self.last = now
-            elapsed = now - self.t0
-            rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
-            eta = _clock((self.total - self.n) / rate) if rate > 0 else "?"
-            figures = "".join(f", {k} {v}" for k, v in self.figures.items())
-            pct = 100 * self.n / self.total
-            print(
-                f"  {self.desc}: {self.n}/{self.total}{self.unit} ({pct:.0f}%), "
-                f"{_clock(elapsed)} elapsed, eta {eta}{figures}",
-                file=self.stream,
-                flush=True,
-            )
+        if now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        eta = _clock((self.total - self.n) / rate) if rate > 0 else "?"
+        figures = "".join(f", {k} {v}" for k, v in self.figures.items())
+        inside = ", ".join(f"{v} {k}" for k, v in self.inside.items())
+        within = f"; in this batch: {inside}" if inside else ""
+        pct = 100 * self.n / self.total
+        print(
+            f"  {self.desc}: {self.n}/{self.total}{self.unit} ({pct:.0f}%), "
+            f"{_clock(elapsed)} elapsed, eta {eta}{figures}{within}",
+            file=self.stream,
+            flush=True,
+        )
 
     def set_postfix(self, **figures: Any) -> None:
         self.figures = figures
+
+    def close(self) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
 
 
 class _RichBar(_Silent):
@@ -176,10 +216,23 @@ class _RichBar(_Silent):
 
     def update(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)
+        self._show(inside={})
+
+    def pulse(self, figures: dict[str, Any]) -> None:
+        self._show(inside=figures)
 
     def set_postfix(self, **figures: Any) -> None:
-        text = "  ".join(f"{k} {v}" for k, v in figures.items())
+        self._show(figures=figures)
+
+    def _show(self, *, figures: dict | None = None, inside: dict | None = None) -> None:
+        self.figures = figures if figures is not None else getattr(self, "figures", {})
+        self.inside = inside if inside is not None else getattr(self, "inside", {})
+        text = "  ".join(f"{k} {v}" for k, v in self.figures.items())
+        if self.inside:
+            text += "  (this batch: " + ", ".join(f"{v} {k}" for k, v in self.inside.items()) + ")"
         self.progress.update(self.task, figures=text)
 
     def close(self) -> None:
         self.progress.stop()
+        if self in _OPEN:
+            _OPEN.remove(self)

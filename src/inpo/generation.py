@@ -330,13 +330,18 @@ def generate_chunks(
                     attention_mask=attn.repeat_interleave(k, dim=0).to(device),
                     do_sample=False,  # RowSampler samples; greedy takes its token
                     logits_processor=LogitsProcessorList(
-                        [sampler]
-                        if mixture is None
-                        else [
-                            GeometricMixture(
-                                mixture[0], mixture[1], attn.repeat_interleave(k, dim=0)
+                        [
+                            *(
+                                []
+                                if mixture is None
+                                else [
+                                    GeometricMixture(
+                                        mixture[0], mixture[1], attn.repeat_interleave(k, dim=0)
+                                    )
+                                ]
                             ),
                             sampler,
+                            TokenCounter(eos, length),
                         ]
                     ),
                     max_new_tokens=settings.max_new_tokens,
@@ -363,6 +368,30 @@ def generate_chunks(
             yield start, samples, truncated
     finally:
         model.train(was_training)
+
+
+class TokenCounter:
+    """A logits processor that changes nothing and counts the tokens generated so far in the
+    batch (rows that have not ended), reported by :func:`inpo.console.pulse` — a batch that
+    takes minutes still shows progress."""
+
+    def __init__(self, eos: Sequence[int], prompt_length: int) -> None:
+        self.eos, self.start, self.tokens = list(eos), prompt_length, 0
+        self.done = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        from inpo.console import pulse
+
+        if input_ids.shape[1] > self.start:  # the token just generated, per row
+            last = input_ids[:, -1]
+            ended = torch.isin(last, torch.tensor(self.eos, device=last.device))
+            alive = ~self.done if self.done is not None else torch.ones_like(ended)
+            self.tokens += int(alive.sum())
+            self.done = ended if self.done is None else self.done | ended
+            pulse(**{"tokens generated": self.tokens})
+        return scores
 
 
 def sample_responses(

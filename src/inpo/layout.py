@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from inpo.console import pulse
 from inpo.data import encode_pair
 from inpo.errors import ConfigError
 from inpo.logprobs import (
@@ -461,6 +462,7 @@ def completion_logps(
         layout = Layout.choose(model, packing=packing, setting="packing")
         with torch.no_grad():
             for start in range(0, n, batch_size):
+                pulse(**{"sequences scored": f"{start}/{n}"})
                 idx = order[start : start + batch_size]
                 seqs = [encoded[i] for i in idx]
                 length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)

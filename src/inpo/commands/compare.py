@@ -113,9 +113,13 @@ def main(argv: list[str]) -> int:
         preflight(cfg)  # DNO's teacher against the prompts, before any work
         configs.append(cfg)
     rows = []
+    runs: dict[str, Path] = {}
     for cfg in configs:
         print(f"== {cfg.algorithm} ==", file=sys.stderr, flush=True)
+        if runs:  # π_ref's evaluation is the same for every algorithm: evaluated once
+            _share_reference_evaluation(next(iter(runs.values())), Path(cfg.run_dir))
         run_dir = run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+        runs[cfg.algorithm] = run_dir
         rows += [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     write_metrics(root, rows)
     write_report(root, rows, base, title=f"inpo compare on task '{base.task}'")
@@ -128,10 +132,62 @@ def main(argv: list[str]) -> int:
         "iteration",
         "duality_gap",
         "exploitability",
+        "pool_duality_gap",
         "win_rate_vs_ref",
         "kl_to_ref",
         "oracle_queries_total",
     ]
     print(table(list(last.values()), cols))
+    if base.task == "panel":
+        _final_games(root, runs, base)
     print(f"\ncomparison: {root / 'compare.md'}")
     return 0
+
+
+def _share_reference_evaluation(first: Path, run_dir: Path) -> None:
+    """Copy the first run's finished ``reference/evaluate`` into ``run_dir`` (absent there):
+    its stage hash decides whether it applies — a run whose evaluation settings differ
+    re-evaluates π_ref as it would have anyway."""
+    import shutil
+
+    src, dst = first / "reference" / "evaluate", run_dir / "reference" / "evaluate"
+    if (src / "manifest.json").is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst)
+
+
+def _final_games(root: Path, runs: dict[str, Path], base) -> None:
+    """task=panel: the final policies' cross-play matrix and pool-restricted duality gaps
+    (:mod:`inpo.pipeline.final`), into ``final.json``, ``plots/crossplay.png`` and ``compare.md``."""
+    from inpo.pipeline.final import final_games, plot_crossplay
+    from inpo.pipeline.report import table
+    from inpo.tasks.panel import PanelOracle
+
+    print("== final policies: cross-play and the pool-restricted game ==", file=sys.stderr)
+    from inpo.hub import resolve_model
+    from inpo.pipeline.workloads import real_model_dir
+
+    name = base.reference or base.policy
+    ref = resolve_model(name, "reference") if name else real_model_dir()
+    result = final_games(runs, base.iterations, ref, PanelOracle(), base.tau_value)
+    (root / "final.json").write_text(json.dumps(result, indent=2))
+    plot_crossplay(result, root / "plots" / "crossplay.png", "inpo compare on task 'panel'")
+    names = result["policies"]
+    rows = [
+        {
+            "policy": a,
+            **{f"vs {b}": result["crossplay"][i][j] for j, b in enumerate(names)},
+            "pool_gap": result["pool"][a]["pool_duality_gap"],
+            "pool_gap_ci": result["pool"][a]["pool_duality_gap_ci"],
+        }
+        for i, a in enumerate(names)
+    ]
+    text = table(rows, list(rows[0]))
+    with open(root / "compare.md", "a") as fh:
+        fh.write(
+            "\n## Final policies against each other\n\nCross-play: the panel's mean P(row's "
+            "answer ≻ column's) on the held-out prompts; pool gap: the duality gap of the game "
+            "restricted to every answer any of them gave (lower is better), 95% interval over "
+            f"prompts. ![cross-play](plots/crossplay.png)\n\n{text}\n"
+        )
+    print(text)

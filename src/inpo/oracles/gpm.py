@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from inpo.console import pulse
 from inpo.errors import ConfigError, OracleError
 from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
@@ -255,6 +256,7 @@ class GPMOracle:
         self.stats.extra["truncated"] += sum(e.truncated for e in encoded)
         out: list[Any] = [None] * len(items)
         pad = self.tokenizer.pad_token_id
+        done = 0
         for idx in length_batches([len(e.ids) for e in encoded], self.batch_size, self.max_padding):
             width = max(len(encoded[i].ids) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -274,6 +276,8 @@ class GPMOracle:
                 out[i] = (v64[row], s64[row])
             self.stats.backend_calls += 1
             self.stats.extra["sequences_scored"] += len(idx)
+            done += len(idx)
+            pulse(**{"answers embedded": f"{done}/{len(out)}"})
         return out
 
     def embeddings(

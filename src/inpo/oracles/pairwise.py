@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from inpo.console import pulse
 from inpo.errors import ConfigError, OracleError
 from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.reward_model import (
@@ -295,6 +296,7 @@ class PairwisePreferenceOracle:
         id_a, id_b = self.token_ids
         lengths = [len(t) for t in texts]
         batches = length_batches(lengths, self.batch_size, self.max_padding, lambda i: texts[i])
+        done = 0
         for idx in batches:
             width = max(len(texts[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -315,6 +317,8 @@ class PairwisePreferenceOracle:
             out[idx] = sigmoid(diff)
             self.stats.backend_calls += 1
             self.stats.extra["sequences_scored"] += len(idx)
+            done += len(idx)
+            pulse(**{"comparisons scored": f"{done}/{len(out)}"})
         return out
 
     def position_probs(

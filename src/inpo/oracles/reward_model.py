@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from inpo.console import pulse
 from inpo.errors import ConfigError, OracleError
 from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
@@ -273,6 +274,7 @@ class RewardModelOracle:
         encoded = [self.render(p, r) for p, r in items]
         out = [0.0] * len(items)
         pad = self.model.config.pad_token_id  # the id the classifier pools around
+        done = 0
         for idx in length_batches([len(e) for e in encoded], self.batch_size, self.max_padding):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -291,6 +293,8 @@ class RewardModelOracle:
                 out[i] = float(values[row])
             self.stats.backend_calls += 1
             self.stats.extra["sequences_scored"] += len(idx)
+            done += len(idx)
+            pulse(**{"answers scored": f"{done}/{len(out)}"})
         return out
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -300,7 +300,8 @@ class RunConfig:
 
     #: The run's folder: one sub-folder per iteration and stage; re-run to continue.
     run_dir: str = "inpo-run"
-    #: ``default`` (the embedded exact task) or ``prompts`` (your prompts and models).
+    #: ``default`` (the embedded exact task), ``prompts`` (your prompts and models) or
+    #: ``panel`` (SmolLM2 from ``make real-model`` on 240 chat prompts, a cyclic text panel).
     task: str = "default"
     #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | nash_md | comal | mpo | egpo |
     #: mirror_prox | dno: the loss, the selection rule, the sampler (nash_md: a mixture), a
@@ -460,10 +461,10 @@ class RunConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        if self.task == "default" and (self.prompts or self.eval_prompts):
+        if self.task in ("default", "panel") and (self.prompts or self.eval_prompts):
             raise ConfigError(
-                "task=default has its own training and held-out prompts (its evaluation is "
-                "exact); prompts= and eval_prompts= are for task=prompts"
+                f"task={self.task} has its own training and held-out prompts; prompts= and "
+                "eval_prompts= are for task=prompts"
             )
         from inpo.losses import get_loss
         from inpo.training.config import check_loss_hyperparameters

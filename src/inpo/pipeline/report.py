@@ -14,6 +14,7 @@ __all__ = ["PLOT_METRICS", "plot_metrics", "write_metrics", "write_report"]
 PLOT_METRICS = (
     ("duality_gap", "duality gap (regularised game)", True),
     ("exploitability", "exploitability", True),
+    ("pool_duality_gap", "duality gap on the answer pool", False),
     ("win_rate_vs_ref", "win rate vs π_ref", False),
     ("lc_win_rate_vs_ref", "LC win rate vs π_ref", False),
     ("kl_to_ref", "KL(π_t ‖ π_ref)", False),
@@ -131,6 +132,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 SUMMARY = (
     ("duality_gap", "duality gap", True),
     ("exploitability", "exploitability", True),
+    ("pool_duality_gap", "pool duality gap", True),
     ("win_rate_vs_ref", "win rate vs π_ref", False),
     ("lc_win_rate_vs_ref", "LC win rate vs π_ref", False),
     ("kl_to_ref", "KL(π ‖ π_ref)", None),
@@ -146,6 +148,7 @@ INTERVALS = {
     "win_rate_vs_ref": "win_rate_ci",
     "lc_win_rate_vs_ref": "lc_win_rate_ci",
     "kl_to_ref": "kl_to_ref_ci",
+    "pool_duality_gap": "pool_duality_gap_ci",
 }
 
 

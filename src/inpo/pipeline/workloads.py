@@ -257,6 +257,7 @@ class PromptFileWorkload(Workload):
                     )
         self._oracle = None
         self._ref_samples: dict[Any, tuple[list[list[str]], list[list[bool]]]] = {}
+        self._logps: dict[tuple[str, str, str, bool], float] = {}
 
     def _source(self, i: int) -> list[Any]:
         if i not in self._loaded:
@@ -377,6 +378,17 @@ class PromptFileWorkload(Workload):
     def eval_prompts(self) -> list[Any]:
         return self._eval[: self.cfg.evaluate.num_prompts]
 
+    def evaluation_settings(self) -> dict[str, Any]:
+        """What the evaluation reads beyond the evaluate section: the judge (the annotate
+        oracle's probabilities) and the sampling settings of the answers it judges."""
+        a, g = self.cfg.annotate, self.cfg.generate
+        judge = {"oracle": a.oracle, "model": a.model, "url": a.url, "judge_model": a.judge_model}
+        if a.oracle == "pairwise":
+            judge["pairwise_format"] = a.pairwise_format
+        sampling = {"temperature": g.temperature, "top_p": g.top_p,
+                    "max_new_tokens": g.max_new_tokens, "backend": g.backend}  # fmt: skip
+        return {"judge": judge, "sampling": sampling}
+
     def reference_model(self, run_dir: Path) -> Path:
         return Path(self.cfg.reference or self.cfg.policy)
 
@@ -458,16 +470,19 @@ class PromptFileWorkload(Workload):
             self._ref_samples[key] = self._answers(
                 ref, prompts, k, settings, 54321, "π_ref", (ref_model, ref_tok)
             )
-        yr = self._ref_samples[key][0]
+        yr, ref_cut = self._ref_samples[key]
         lp_ref = completion_logps(ref_model, ref_tok, flat_p, flat_y, ended=ended)
         del ref_model
+        for path, lp in ((policy, lp_pol), (ref, lp_ref)):  # for the pool game (task=panel)
+            remember_logps(self._logps, path, flat_p, flat_y, ended, lp)
         flat_r = [y for rs in yr for y in rs]
         # the answers judged, for `inpo eval --answers RUN/iter_00t` (written by evaluate_shard)
         self._judged = [
-            {"prompt": p, "sample": j, "answer": y, "reference_answer": r}
-            for (p, rs, refs) in zip(prompts, ys, yr)
-            for j, (y, r) in enumerate(zip(rs, refs))
-        ]
+            {"prompt": p, "sample": j, "answer": y, "reference_answer": r,
+             "truncated": c, "reference_truncated": rc}
+            for (p, rs, refs, cs, rcs) in zip(prompts, ys, yr, cut, ref_cut)
+            for j, (y, r, c, rc) in enumerate(zip(rs, refs, cs, rcs))
+        ]  # fmt: skip
         # P(π_t's answer ≻ π_ref's) from the oracle's probabilities, asked in both orders
         # (½[P(y ≻ r) + 1 − P(r ≻ y)]: a judge's position bias cancels): π_ref against itself
         # reads ½ in expectation, never a sampled 0/1 label (annotate.labels is for training)
@@ -608,15 +623,216 @@ class DefaultWorkload(Workload):
         )
 
 
+def real_model_dir() -> Path:
+    """Where ``make real-model`` puts SmolLM2-135M-Instruct: ``$INPO_CACHE_DIR/models/…`` or
+    ``~/.cache/inpo/models/…`` (``inpo`` never downloads it)."""
+    from inpo.tasks.default import default_cache_dir
+
+    return default_cache_dir().parent / "models" / "SmolLM2-135M-Instruct"
+
+
+#: Run settings of ``task=panel`` (a 135M chat model on CPU): short answers, a handful of
+#: prompts an iteration, a learning rate a real model moves with in a few steps.
+PANEL_DEFAULTS: dict[str, Any] = {
+    "iterations": 3,
+    "max_prompts": 32,
+    "generate": {"k": 4, "temperature": 0.8, "max_new_tokens": 48, "batch_size": 16},
+    "train": {
+        "optim": {
+            "learning_rate": 5e-6,
+            "global_batch_size": 8,
+            "per_device_batch_size": 4,
+            "epochs": 2,
+        },
+        "data": {"max_prompt_length": 128, "max_completion_length": 64},
+    },
+    "evaluate": {"num_prompts": 24, "k": 2},
+}
+
+
+class PanelWorkload(PromptFileWorkload):
+    """``task=panel``: SmolLM2 (or ``reference=`` a chat model) on the 240 everyday prompts of
+    :mod:`inpo.tasks.panel`, labelled by its three-group text panel (``annotate.oracle=task``,
+    the default; any other oracle may label instead), evaluated by the win rate against π_ref
+    from the panel's probabilities and by the pool-restricted duality gap of π_t against π_ref.
+    Iteration ``t`` trains on fresh prompts: the training split rotated by ``t·max_prompts``."""
+
+    def __init__(self, cfg: RunConfig):
+        from inpo.tasks.panel import PanelOracle, panel_prompts
+
+        if not cfg.reference and not cfg.policy:
+            folder = real_model_dir()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(
+                    f"task=panel runs SmolLM2-135M-Instruct from {folder}, which is not there: "
+                    "build it once with `make real-model` (or set reference=MODEL_DIR, a chat model)"
+                )
+            cfg.reference = str(folder)
+        self.cfg = cfg
+        self.sources = ["panel"]
+        self.splits = [None]
+        self.skipped = 0
+        self.held_out: set[str] = set()
+        self._loaded = {0: self._fit_model(panel_prompts("train"), "the panel's training prompts")}
+        self._eval = self._fit_model(panel_prompts("test"), "the panel's held-out prompts")
+        self._oracle = None
+        self._ref_samples = {}
+        self._logps = {}
+        self.panel = PanelOracle()
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "panel", "oracle_id": self.panel.oracle_id}
+
+    def describe_iteration(self, iteration: int) -> dict[str, Any]:
+        return {**self.describe(), "offset": self._offset(iteration)}
+
+    def _offset(self, iteration: int) -> int:
+        n = len(self._loaded[0])
+        return (iteration * (self.cfg.max_prompts or n)) % n
+
+    def train_prompts_for(self, iteration: int) -> list[Any]:
+        prompts = self._loaded[0]
+        at = self._offset(iteration)
+        return prompts[at:] + prompts[:at]
+
+    def data_plan(self) -> str:
+        n = self.cfg.max_prompts or len(self._loaded[0])
+        return (
+            f"[data] task=panel: {n} of its {len(self._loaded[0])} training prompts an iteration "
+            f"(fresh each iteration, cycling), {len(self.eval_prompts())} of its "
+            f"{len(self._eval)} held-out prompts for evaluation"
+        )
+
+    def oracle(self, acfg: AnnotateConfig, *, cache: Path, rank=0, world=1, device=None):
+        self._oracle = build_oracle(
+            acfg, cache, task_oracle=self.panel, seed=self.cfg.seed, rank=rank, world=world,
+            device=device,
+        )  # fmt: skip
+        return self._oracle
+
+    def evaluate(self, policy: Path, ref: Path) -> dict[str, Any]:
+        """The prompts task's metrics (win rate from probabilities in both orders, KL, length)
+        and, on each held-out prompt's pool of π_t's and π_ref's answers, the pool-restricted
+        duality gap and exploitability of both (:func:`inpo.tasks.panel.pool_game`), and the
+        share of the pool's triples on which the panel's majority is cyclic."""
+        from inpo.tasks.panel import cyclic_share
+
+        metrics = super().evaluate(policy, ref)
+        pools = answer_pools(self._judged)
+        models = {"policy": policy, "reference": ref}
+        scores = pool_metrics(
+            pools, models, "reference", self.panel, self.cfg.tau_value, known=self._logps
+        )
+        share, _ = cyclic_share(self.panel, [x for x, _, _ in pools], [ys for _, ys, _ in pools])
+        return {
+            **metrics,
+            "pool_duality_gap": scores["policy"]["pool_duality_gap"],
+            "pool_duality_gap_ci": scores["policy"]["pool_duality_gap_ci"],
+            "pool_exploitability": scores["policy"]["pool_exploitability"],
+            "ref_pool_duality_gap": scores["reference"]["pool_duality_gap"],
+            "cyclic_triples": share,
+        }
+
+
+def answer_pools(rows: list[dict[str, Any]]) -> list[tuple[Any, list[str], list[bool]]]:
+    """Each prompt's pool: its distinct answers across ``rows`` (``answers.jsonl`` rows of one
+    or more evaluations: ``answer``, ``reference_answer`` and their ``truncated`` flags), with
+    whether each ended — ``(prompt, answers, ended)`` in order of first appearance."""
+    pools: dict[str, tuple[Any, list[str], list[bool]]] = {}
+    for row in rows:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        _, pool, ended = pools.setdefault(key, (row["prompt"], [], []))
+        for y, cut in (
+            (row["answer"], row.get("truncated", False)),
+            (row["reference_answer"], row.get("reference_truncated", False)),
+        ):
+            if y not in pool:
+                pool.append(y)
+                ended.append(not cut)
+    return list(pools.values())
+
+
+def _logp_key(path: Path, prompt: Any, answer: str, ended: bool) -> tuple[str, str, str, bool]:
+    return (str(Path(path).resolve()), json.dumps(prompt, sort_keys=True), answer, bool(ended))
+
+
+def remember_logps(known: dict, path: Path, prompts, answers, ended, logps) -> None:
+    """Put the model in ``path``'s log-probs of ``answers`` in ``known`` (a model's folder is
+    not rewritten while a run uses it, so its scores stay valid)."""
+    for x, y, e, lp in zip(prompts, answers, ended, logps.tolist()):
+        known[_logp_key(path, x, y, e)] = lp
+
+
+def pool_metrics(
+    pools: list[tuple[Any, list[str], list[bool]]],
+    models: dict[str, Path],
+    ref: str,
+    panel: Any,
+    tau: float,
+    *,
+    known: dict | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per model, the mean over prompts of the pool-restricted duality gap (with a 95% bootstrap
+    interval over prompts) and exploitability: every model scores every pool answer exactly, as
+    it was sampled (a cut answer without an end token), then :func:`inpo.tasks.panel.pool_game`
+    on each prompt's pool with ``models[ref]`` as the regularising reference."""
+    import numpy as np
+
+    from inpo.evaluation import cluster_bootstrap
+    from inpo.layout import completion_logps
+    from inpo.pipeline.runtime import load_model
+    from inpo.tasks.panel import pool_game
+
+    flat_p = [x for x, ys, _ in pools for _ in ys]
+    flat_y = [y for _, ys, _ in pools for y in ys]
+    flat_e = [e for _, _, es in pools for e in es]
+    known = {} if known is None else known
+    logps = {}
+    for name, path in models.items():
+        keys = [_logp_key(path, x, y, e) for x, y, e in zip(flat_p, flat_y, flat_e)]
+        miss = [i for i, k in enumerate(keys) if k not in known]
+        if miss:  # only what no earlier step scored
+            model, tok = load_model(path, _device())
+            pick = [flat_p[i] for i in miss], [flat_y[i] for i in miss], [flat_e[i] for i in miss]
+            lp = completion_logps(model, tok, pick[0], pick[1], ended=pick[2])
+            remember_logps(known, path, *pick, lp.double())
+            del model
+        logps[name] = np.array([known[k] for k in keys], dtype=np.float64)
+    gaps: dict[str, list[float]] = {n: [] for n in models}
+    expl: dict[str, list[float]] = {n: [] for n in models}
+    at = 0
+    for x, ys, _ in pools:
+        span = slice(at, at + len(ys))
+        at += len(ys)
+        lps = {n: lp[span] for n, lp in logps.items()}
+        for n, g in pool_game(panel.preference_matrix(x, ys), lps, ref, tau).items():
+            gaps[n].append(g["pool_duality_gap"])
+            expl[n].append(g["pool_exploitability"])
+    out = {}
+    for n in models:
+        gap = np.array(gaps[n])
+        ci = cluster_bootstrap(
+            lambda i, g=gap: g[i].mean(), len(gap), list(range(len(gap))), seed=0
+        )
+        out[n] = {
+            "pool_duality_gap": float(gap.mean()),
+            "pool_duality_gap_ci": [round(float(c), 6) for c in ci],
+            "pool_exploitability": float(np.mean(expl[n])),
+        }
+    return out
+
+
 def get_workload(cfg: RunConfig):
     """The workload named by ``cfg.task``."""
     if cfg.task == "default":
         return DefaultWorkload(cfg)
     if cfg.task == "prompts":
         return PromptFileWorkload(cfg)
-    raise ConfigError(f"task must be 'default' or 'prompts', got '{cfg.task}'")
+    if cfg.task == "panel":
+        return PanelWorkload(cfg)
+    raise ConfigError(f"task must be 'default', 'prompts' or 'panel', got '{cfg.task}'")
 
 
 def workload_defaults(task: str) -> dict[str, Any]:
     """The run-config values a workload prefers over the paper's (applied before the YAML)."""
-    return RUN_DEFAULTS if task == "default" else {}
+    return {"default": RUN_DEFAULTS, "panel": PANEL_DEFAULTS}.get(task, {})

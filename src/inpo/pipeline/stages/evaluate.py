@@ -19,8 +19,14 @@ __all__ = ["merge", "settings", "work"]
 
 
 def settings(cfg: Any, workload: Any) -> dict[str, Any]:
-    """What changes this stage's metrics (its hash): the task and the evaluate section."""
-    return {"task": workload.describe(), "evaluate": asdict(cfg.evaluate)}
+    """What changes this stage's metrics (its hash): the task, the evaluate section and what
+    else the workload's evaluation reads (a sampled evaluation's judge and sampling settings)."""
+    extra = workload.evaluation_settings() if hasattr(workload, "evaluation_settings") else {}
+    return {
+        "task": workload.describe(),
+        "evaluate": asdict(cfg.evaluate),
+        **({"reads": extra} if extra else {}),
+    }
 
 
 def work(ctx: Ctx, workload: Any, policy: Path, ref: Path, folder: Path) -> None:
