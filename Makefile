@@ -1,11 +1,22 @@
-# The few targets people use. `make run` and `make test` each install what they need first.
+# The few targets people use. `make run` and `make test` each install what they need first,
+# into the project's own virtual environment .venv (created on first use; `. .venv/bin/activate`
+# puts its `inpo` on your PATH). `make VENV=` installs into the python3 on the PATH instead.
+VENV ?= .venv
+ifeq ($(VENV),)
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
 STAMP := .venv-installed.stamp
+else
+PYTHON := $(abspath $(VENV))/bin/python
+STAMP := $(VENV)/.installed
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+endif
+PIP ?= $(PYTHON) -m pip
 
 .PHONY: real-model test-real install run test test-fast faults lint format bench bench-gpu gpu-dry reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
 
 $(STAMP): pyproject.toml
+	$(if $(VENV),test -x $(PYTHON) || python3 -m venv $(VENV))
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
@@ -68,7 +79,9 @@ test-vllm: vllm-env
 ## `accelerate launch --config_file ds.yaml`.
 DS_ENV ?= .venv-deepspeed
 $(DS_ENV)/.installed: pyproject.toml $(STAMP)
-	$(PYTHON) -m venv --system-site-packages $(DS_ENV)
+	$(PYTHON) -m venv $(DS_ENV)
+	$(PYTHON) -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(DS_ENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/inpo-env.pth"
 	DS_BUILD_OPS=0 $(DS_ENV)/bin/pip install -q "deepspeed==0.19.8"
 	@touch $@
 
@@ -113,4 +126,4 @@ gpu-dry: $(STAMP)
 	DRY=1 OUT=$${OUT:-/tmp/inpo-gpu-dry} bash benchmarks/gpu.sh
 
 clean:
-	rm -rf $(STAMP) build dist .pytest_cache inpo-run inpo-game.png
+	rm -rf $(STAMP) .venv-installed.stamp build dist .pytest_cache inpo-run inpo-game.png

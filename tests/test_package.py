@@ -133,7 +133,7 @@ def test_readme_has_the_two_quick_start_commands():
 
 def _make_dry_run(target: str) -> list[str]:
     out = subprocess.run(
-        ["make", "-n", "-o", ".venv-installed.stamp", target],
+        ["make", "-n", "-o", ".venv/.installed", target],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -222,3 +222,21 @@ def test_readme_session(tmp_path):
                     f"`{' '.join(argv)}` failed:\n{proc.stdout[-2000:]}\n{errors}\n"
                     f"{proc.stderr[-3000:]}"
                 )
+
+
+def test_the_quick_start_installs_into_the_projects_own_venv():
+    """``make run`` creates ``.venv`` (once) and installs torch, then inpo, into it — never into
+    whatever ``python3`` is first on the PATH — and runs that environment's ``inpo``."""
+    out = subprocess.run(
+        ["make", "-n", "-B", "run"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.splitlines()
+    venv_python = str(ROOT / ".venv" / "bin" / "python")
+    assert out[0] == f"test -x {venv_python} || python3 -m venv .venv"
+    assert out[1].startswith(f"{venv_python} -m pip install -q torch==2.13.0")
+    assert out[2] == f'{venv_python} -m pip install -q -e ".[dev]"'
+    assert out[-1] == "inpo run"
+    path = subprocess.run(
+        ["make", "-s", "--eval", "show-path:\n\t@echo $$PATH", "show-path"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    ).stdout  # fmt: skip
+    assert path.split(":")[0] == str(ROOT / ".venv" / "bin")  # its `inpo`, its `pytest`

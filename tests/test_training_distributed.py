@@ -60,6 +60,8 @@ def test_two_processes_equal_one(tmp_path, optimizer, engine, both):
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    # nothing a user cannot act on: DDP's buffers are off through torch's current argument
+    assert "FutureWarning" not in two.stderr, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
     start = load_file(tmp_path / "model" / "model.safetensors")

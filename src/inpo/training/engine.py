@@ -67,7 +67,6 @@ class Engine:
         """
         from accelerate import Accelerator
         from accelerate.utils import (
-            DistributedDataParallelKwargs,
             DistributedType,
             FullyShardedDataParallelPlugin,
         )
@@ -86,10 +85,7 @@ class Engine:
         # would then have to run as many forwards, but a micro-batch runs as length buckets (or
         # packed) by its own rows' lengths. A causal LM's buffers are constants (rotary
         # frequencies), so there is nothing to broadcast: off, as transformers' Trainer offers.
-        kwargs["kwargs_handlers"] = [
-            *kwargs.get("kwargs_handlers", []),
-            DistributedDataParallelKwargs(broadcast_buffers=False),
-        ]
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), _no_buffer_sync()]
         plugin = None
         if fsdp != "none":
             plugin = FullyShardedDataParallelPlugin(
@@ -309,3 +305,21 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
             f"unexpected {sorted(unexpected)[:3]}); was it written for another model.path or "
             "LoRA setting?"
         )
+
+
+def _no_buffer_sync() -> Any:
+    """accelerate's DDP settings that turn off the buffers' broadcast in every forward: torch
+    2.13 names it ``forward_sync_buffers`` (its ``broadcast_buffers`` is deprecated and warns
+    once a rank); an older torch knows only ``broadcast_buffers``. accelerate's handler has no
+    field for the new name and knows its handlers by exact class, so this one instance hands
+    DDP the new argument itself (its other fields stay at their defaults)."""
+    import inspect
+
+    from accelerate.utils import DistributedDataParallelKwargs
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" not in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallelKwargs(broadcast_buffers=False)
+    handler = DistributedDataParallelKwargs()
+    handler.to_kwargs = lambda: {"forward_sync_buffers": False}
+    return handler
