@@ -766,3 +766,30 @@ def test_evaluation_reads_probabilities_whatever_the_training_labels(tmp_path, l
     else:
         assert set(np.unique(trained)) <= {0.0, 1.0}
     np.testing.assert_allclose(oracle.probabilities.prob_prefers(prompts, a, b), 0.7)  # cached
+
+
+def test_pi_refs_evaluation_is_redone_when_its_judge_or_sampling_changes(tmp_path):
+    """The evaluate stage's hash holds what a sampled evaluation reads — the judge and the
+    sampling settings — so π_ref's evaluation (iteration 0, no other stage before it) is never
+    reused from another judge or temperature; the default task's exact evaluation reads neither."""
+    from inpo.pipeline.preflight import load_run_config
+    from inpo.pipeline.stages import evaluate
+    from inpo.pipeline.workloads import DefaultWorkload, PromptFileWorkload
+
+    task = ToyTask(tmp_path)
+    policy = task.reference_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task.train_prompts()))
+    base = ["task=prompts", f"prompts={prompts}", f"reference={policy}", *JUDGE]
+
+    def settings(*extra):
+        cfg = load_run_config(None, [*base, *extra])
+        return evaluate.settings(cfg, PromptFileWorkload(cfg))
+
+    same = settings()
+    assert settings() == same
+    assert settings("generate.temperature=0.7") != same
+    assert settings("generate.max_new_tokens=9") != same
+    assert settings("annotate.judge_model=another-judge") != same
+    cfg = load_run_config(None, [f"run_dir={tmp_path / 'd'}"])
+    assert "reads" not in evaluate.settings(cfg, DefaultWorkload(cfg))

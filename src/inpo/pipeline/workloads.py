@@ -382,7 +382,11 @@ class PromptFileWorkload(Workload):
         """What the evaluation reads beyond the evaluate section: the judge (the annotate
         oracle's probabilities) and the sampling settings of the answers it judges."""
         a, g = self.cfg.annotate, self.cfg.generate
-        judge = {"oracle": a.oracle, "model": a.model, "url": a.url, "judge_model": a.judge_model}
+        judge: dict[str, Any] = {"oracle": a.oracle}
+        if a.oracle == "http":
+            judge.update(url=a.url, judge_model=a.judge_model)
+        elif a.oracle not in ("task", "task_bt"):
+            judge["model"] = a.model
         if a.oracle == "pairwise":
             judge["pairwise_format"] = a.pairwise_format
         sampling = {"temperature": g.temperature, "top_p": g.top_p,
