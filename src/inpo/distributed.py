@@ -5,6 +5,10 @@ or ``accelerate launch -m inpo run ...`` start ``N`` copies of the same program;
 work by rank, and rank 0 alone finishes shared files. One process (``python -m inpo run``) is
 the world of size 1, where every helper here is a no-op.
 
+Processes on several machines must share the folders they hand work through (a run folder,
+a training's output folder): :func:`check_shared_folder` refuses a launch at once when they do
+not, instead of letting each machine write half a run.
+
 The process group comes from accelerate's :class:`~accelerate.PartialState` (gloo on CPU,
 NCCL on CUDA): nothing here talks to ``torch.distributed`` except through it. On a machine
 without CUDA it is created with ``cpu=True``: without that, accelerate started each torchrun
@@ -16,9 +20,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-__all__ = ["Dist", "exit_launched", "get_dist", "release", "shard"]
+__all__ = ["Dist", "check_shared_folder", "exit_launched", "get_dist", "release", "shard"]
 
 T = TypeVar("T")
 
@@ -88,6 +93,49 @@ class Dist:
 
 
 _DIST: Dist | None = None
+
+
+def check_shared_folder(folder: Path | str, key: str) -> None:
+    """Refuse (``ConfigError``, on every rank) a multi-process launch whose processes do not
+    all see ``folder`` as one folder: rank 0 writes a random token there and every rank reads
+    it back. Each machine of a multi-node run holding its own local copy of ``key`` would
+    otherwise sample, label and train on half the work each; one process: nothing to check."""
+    import secrets
+    import socket
+
+    from inpo.errors import ConfigError
+
+    dist = get_dist()
+    if dist.world == 1:
+        return
+    folder = Path(folder)
+    token = dist.broadcast(secrets.token_hex(8) if dist.is_main else "")
+    probe = folder / f".inpo-shared-{token}"
+    created = False
+    if dist.is_main:
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    dist.barrier()
+    try:
+        sees = probe.read_text() == token
+    except OSError:
+        sees = False
+    seen = dist.gather((dist.rank, socket.gethostname(), sees))
+    if dist.is_main:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in seen if not ok]
+    if blind:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # refused: leave no trace of this launch
+        hosts = sorted({host for _, host in blind})
+        raise ConfigError(
+            f"{key} '{folder}' is not one folder for all {dist.world} processes: rank(s) "
+            f"{', '.join(str(r) for r, _ in blind)} (on {', '.join(hosts)}) do not see the file "
+            f"rank 0 wrote there. Processes on several machines hand their work over through "
+            f"{key}: put it on a file system every machine mounts (NFS, Lustre, a cloud file "
+            "store) and give every machine the same path (docs/scale.md)"
+        )
 
 
 def get_dist() -> Dist:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from inpo.config import save_config
-from inpo.distributed import get_dist
+from inpo.distributed import check_shared_folder, get_dist
 from inpo.errors import ConfigError
 from inpo.hashing import model_fingerprint
 from inpo.hub import resolve_model
@@ -72,17 +72,18 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 
     dist = get_dist()
     run_dir = Path(cfg.run_dir)
-    fd, busy, refused = None, None, None
-    if dist.is_main:
-        refused = foreign_run_dir(run_dir, [cfg.reference, cfg.policy])
-        if refused is None:
-            try:
-                fd = acquire(run_dir)
-            except RunFolderBusy as err:
-                busy = str(err)
-    busy, refused = dist.broadcast((busy, refused))
+    refused = foreign_run_dir(run_dir, [cfg.reference, cfg.policy]) if dist.is_main else None
+    refused = dist.broadcast(refused)
     if refused:
         raise ConfigError(refused)
+    check_shared_folder(run_dir, "run_dir")  # several machines: one folder, or refused
+    fd, busy = None, None
+    if dist.is_main:
+        try:
+            fd = acquire(run_dir)
+        except RunFolderBusy as err:
+            busy = str(err)
+    busy = dist.broadcast(busy)
     if busy:
         raise RunFolderBusy(busy)
     try:

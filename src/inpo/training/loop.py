@@ -39,7 +39,7 @@ import torch
 
 from inpo.config import config_to_dict, flat_config, save_config, with_absolute_paths
 from inpo.data import PreferenceCollator
-from inpo.distributed import get_dist
+from inpo.distributed import check_shared_folder, get_dist
 from inpo.layout import Layout
 from inpo.training import zero
 from inpo.training.batches import StepPlan, micro_batches
@@ -163,6 +163,7 @@ def train(
         tracker_dir=out_dir / "trackers",
         zero_config=cfg,
     )
+    check_shared_folder(out_dir, "output_dir")  # several machines: one folder, or refused
     if cfg.resume == "never" and ckpt_root.exists() and engine.is_main:
         log.warning("resume=never: removing old checkpoints in %s", ckpt_root)
         shutil.rmtree(ckpt_root)

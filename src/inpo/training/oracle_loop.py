@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from inpo.config import save_config, with_absolute_paths
+from inpo.distributed import check_shared_folder
 from inpo.errors import ConfigError, DataError
 from inpo.hashing import model_fingerprint
 from inpo.training.batches import StepPlan, micro_batches
@@ -370,6 +371,7 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
             refuse_unfinished_changes=True, config_file="train_oracle_config.yaml",
         )  # fmt: skip
     engine = Engine.create(bf16=resolve_bf16(cfg.bf16))
+    check_shared_folder(out_dir, "output_dir")  # several machines: one folder, or refused
     if engine.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         # local paths absolute: the model card's command reproduces from any folder
