@@ -20,15 +20,13 @@ pytestmark = pytest.mark.slow
 def _two_nodes(cwds: list[Path], args: list[str]) -> list[subprocess.CompletedProcess]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-             "--nproc_per_node", "1", "--node_rank", str(i), "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "inpo", *args],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for i, cwd in enumerate(cwds)
-    ]
+    procs = []
+    for i, cwd in enumerate(cwds):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                  "--nproc_per_node", "1", "--node_rank", str(i), "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "inpo", *args]  # fmt: skip
+        procs.append(subprocess.Popen(launch, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
