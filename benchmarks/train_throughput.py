@@ -242,7 +242,9 @@ def run_inpo(setup: dict, work: Path, share_prompt: bool = False, packing: bool 
             f"data.packing={str(packing).lower()}",
         ],
     )
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     train(cfg)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rows = [json.loads(line) for line in (work / "inpo_out" / "metrics.jsonl").open()]
     timed = rows[1:]  # first step is warm-up
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
@@ -250,6 +252,9 @@ def run_inpo(setup: dict, work: Path, share_prompt: bool = False, packing: bool 
         "steps": len(rows),
         "tokens": sum(r["tokens"] for r in timed),
         "seconds": seconds,
+        "call_tokens": sum(r["tokens"] for r in rows),
+        "call_wall_s": wall,
+        "call_cpu_s": cpu,
         "peak_rss_mb": rss_mb(),
         "rss_before_mb": before,
     }
@@ -304,15 +309,18 @@ def run_trl(setup: dict, work: Path, precompute: bool) -> dict:
     trainer = DPOTrainer(
         model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()]
     )
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     steps = len(times) + 1
     pairs_timed = len(times) * setup["micro"] * setup["accum"]
     return {
         "steps": steps,
         "tokens": pairs_timed * setup["tokens_per_pair"],
         "seconds": sum(times),
+        "call_tokens": steps * setup["micro"] * setup["accum"] * setup["tokens_per_pair"],
+        "call_wall_s": total,
+        "call_cpu_s": cpu,
         "step_times": times,
         "train_call_s": total,
         "peak_rss_mb": rss_mb(),
@@ -340,7 +348,13 @@ def worker(kind: str, setup_path: Path) -> None:
 # ---- driver ------------------------------------------------------------------------------------
 
 
+#: A round whose 1-minute load average moved more than this during a worker is flagged: its
+#: wall-time figures compare trainers under different loads (its CPU-time figures less so).
+LOAD_CHANGE = 0.5
+
+
 def run_worker(kind: str, work: Path) -> dict:
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", kind, "--setup", str(work / "setup.json")],
         capture_output=True,
@@ -351,7 +365,9 @@ def run_worker(kind: str, work: Path) -> dict:
     if line is None:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"worker {kind} failed")
-    return json.loads(line[len("RESULT ") :])
+    result = json.loads(line[len("RESULT ") :])
+    result["load"] = (load_before, os.getloadavg()[0])
+    return result
 
 
 def main() -> None:
@@ -432,6 +448,9 @@ def report(
     def tps(r: dict) -> float:
         return r["tokens"] / r["seconds"]
 
+    def tpc(r: dict) -> float:  # tokens per CPU-second of the whole train call
+        return r["call_tokens"] / r["call_cpu_s"]
+
     def mfu(r: dict) -> float:
         return 6 * n * tps(r) / r["gemm_peak"]
 
@@ -503,11 +522,26 @@ def report(
         "is torch's fused kernel. The first two kinds run with `data.packing=false` (the "
         "default, `null`, would pack these rows on CPU, as the packed kinds do).",
         "",
-        "| trainer | tokens/s per round | median tokens/s | MFU per round "
-        "| peak RSS (MiB) | RSS growth in training (MiB) |"
+        "- Beside wall time, each worker's CPU time (`time.process_time()` over its whole train "
+        "call, all threads): tokens per CPU-second move less than tokens/s when other jobs take "
+        f"cores. A round is flagged ⚠ when the 1-minute load average moved by more than "
+        f"{LOAD_CHANGE} during one of its workers.",
+        "",
+        "| trainer | tokens/s per round | median tokens/s | tokens per CPU-s per round "
+        "| median tokens per CPU-s | MFU per round | peak RSS (MiB) | RSS growth in training (MiB) |"
         + (" peak GPU memory (MiB) |" if gpu else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
+    flagged = {
+        i
+        for kind in kinds
+        for i, r in enumerate(runs[kind])
+        if abs(r["load"][1] - r["load"][0]) > LOAD_CHANGE
+    }
+
+    def mark(i: int) -> str:
+        return " ⚠" if i in flagged else ""
+
     names = {
         "inpo": "inpo train (loss=inpo, precomputed ref/prev)",
         "inpo-shared": "inpo train, data.share_prompt=true",
@@ -519,14 +553,21 @@ def report(
     for kind in kinds:
         rs = runs[kind]
         lines.append(
-            f"| {names[kind]} | {', '.join(f'{tps(r):,.0f}' for r in rs)} "
+            f"| {names[kind]} | {', '.join(f'{tps(r):,.0f}{mark(i)}' for i, r in enumerate(rs))} "
             f"| {median([tps(r) for r in rs]):,.0f} "
+            f"| {', '.join(f'{tpc(r):,.0f}' for r in rs)} "
+            f"| {median([tpc(r) for r in rs]):,.0f} "
             f"| {', '.join(f'{mfu(r):.0%}' for r in rs)} "
             f"| {max(r['peak_rss_mb'] for r in rs):,.0f} "
             f"| {max(r['peak_rss_mb'] - r['rss_before_mb'] for r in rs):,.0f} |"
             + (f" {max(r['peak_gpu_mib'] for r in rs):,.0f} |" if gpu else "")
         )
-    lines += ["", "| speed-up (tokens/s ratio) | per round | median of rounds |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "| speed-up (tokens/s ratio) | per round | median of rounds | tokens per CPU-s ratio "
+        "(median) |",
+        "|---|---:|---:|---:|",
+    ]
     pairs = [
         (ours, base)
         for ours in OURS
@@ -536,10 +577,18 @@ def report(
     ratios: dict[tuple[str, str], list[float]] = {}
     for ours, base in pairs:
         per_round = [tps(a) / tps(b) for a, b in zip(runs[ours], runs[base], strict=True)]
+        per_cpu = [tpc(a) / tpc(b) for a, b in zip(runs[ours], runs[base], strict=True)]
         ratios[ours, base] = per_round
+        shown = ", ".join(f"{x:.2f}×{mark(i)}" for i, x in enumerate(per_round))
         lines.append(
-            f"| {names[ours]} over {names[base]} | {', '.join(f'{x:.2f}×' for x in per_round)} "
-            f"| {median(per_round):.2f}× |"
+            f"| {names[ours]} over {names[base]} | {shown} | {median(per_round):.2f}× "
+            f"| {median(per_cpu):.2f}× |"
+        )
+    if flagged:
+        lines.append(
+            f"\n⚠ Round(s) {', '.join(str(i + 1) for i in sorted(flagged))}: the load changed "
+            "during a worker; read their wall-time ratios with care (the CPU-time ratio is the "
+            "steadier figure)."
         )
     lines += [
         "",
