@@ -302,7 +302,7 @@ class RunConfig:
     run_dir: str = "inpo-run"
     #: ``default`` (the embedded exact task), ``prompts`` (your prompts and models) or
     #: ``panel`` (SmolLM2 from ``make real-model`` on 240 chat prompts, a cyclic text panel).
-    task: str = "default"
+    task: Literal["default", "prompts", "panel"] = "default"
     #: inpo | online_ipo | inpo_no_kl | dpo | ipo | sppo | todo | nash_md | comal | mpo | egpo |
     #: mirror_prox | dno: the loss, the selection rule, the sampler (nash_md: a mixture), a
     #: moving reference (comal, mpo), two steps an iteration (egpo, mirror_prox).
