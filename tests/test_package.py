@@ -228,7 +228,11 @@ def test_the_quick_start_installs_into_the_projects_own_venv():
     """``make run`` creates ``.venv`` (once) and installs torch, then inpo, into it — never into
     whatever ``python3`` is first on the PATH — and runs that environment's ``inpo``."""
     out = subprocess.run(
-        ["make", "-n", "-B", "run"], capture_output=True, text=True, cwd=ROOT, check=True
+        ["make", "--no-print-directory", "-n", "-B", "run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     ).stdout.splitlines()
     venv_python = str(ROOT / ".venv" / "bin" / "python")
     assert out[0] == f"test -x {venv_python} || python3 -m venv .venv"
@@ -236,7 +240,7 @@ def test_the_quick_start_installs_into_the_projects_own_venv():
     assert out[2] == f'{venv_python} -m pip install -q -e ".[dev]"'
     assert out[-1] == "inpo run"
     path = subprocess.run(
-        ["make", "-s", "--eval", "show-path:\n\t@echo $$PATH", "show-path"],
+        ["make", "--no-print-directory", "-s", "--eval", "show-path:\n\t@echo $$PATH", "show-path"],
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout  # fmt: skip
     assert path.split(":")[0] == str(ROOT / ".venv" / "bin")  # its `inpo`, its `pytest`

@@ -302,7 +302,8 @@ def test_panel_compare_measures_the_pool_gap_and_cross_play(page, tokenizer):
         lo, hi = r["pool_duality_gap_ci"]
         assert lo <= r["pool_duality_gap"] <= hi and 0 <= r["cyclic_triples"] <= 1
     answers = _rows(root / "inpo/iter_000/evaluate/answers.jsonl")
-    assert [a["prompt"] for a in answers][::2] == panel_prompts("test")[:4]
+    # 8 held-out prompts: a bootstrap over 4 prompts (4 clusters) gives too narrow an interval
+    assert [a["prompt"] for a in answers][::2] == panel_prompts("test")[:8]
     final = json.loads((root / "final.json").read_text())
     assert final["policies"] == ["inpo", "dpo", "π_ref"]
     m = np.array(final["crossplay"])
