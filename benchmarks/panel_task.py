@@ -109,17 +109,12 @@ def main() -> int:
             i = finals[s]["policies"].index(name)
             others = [j for j, n in enumerate(finals[s]["policies"]) if n not in (name, "π_ref")]
             cross.append(float(m[i, others].mean()))
-        if name == "π_ref":
-            win = kl = length = [float("nan")]
-            rows_ = [lasts[(s, names[0], 0)] for s in seeds]
-            length = [r["mean_length"] for r in rows_]
-            win = [r["win_rate_vs_ref"] for r in rows_]
-            kl = [0.0]
-        else:
-            rows_ = [lasts[(s, name, iters)] for s in seeds]
-            win = [r["win_rate_vs_ref"] for r in rows_]
-            kl = [r["kl_to_ref"] for r in rows_]
-            length = [r["mean_length"] for r in rows_]
+        # π_ref: its own evaluation (iteration 0, against itself)
+        key = (names[0], 0) if name == "π_ref" else (name, iters)
+        rows_ = [lasts[(s, *key)] for s in seeds]
+        win = [r["win_rate_vs_ref"] for r in rows_]
+        kl = [r["kl_to_ref"] for r in rows_]
+        length = [r["mean_length"] for r in rows_]
 
         def cell(v: list[float]) -> str:
             each = ", ".join(f"{x:.3f}" for x in v)

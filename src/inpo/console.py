@@ -212,6 +212,8 @@ class _RichBar(_Silent):
             transient=True,
         )
         self.task = self.progress.add_task(desc, total=total, completed=initial, figures="")
+        self.figures: dict[str, Any] = {}
+        self.inside: dict[str, Any] = {}
         self.progress.start()
 
     def update(self, n: int = 1) -> None:
@@ -225,8 +227,8 @@ class _RichBar(_Silent):
         self._show(figures=figures)
 
     def _show(self, *, figures: dict | None = None, inside: dict | None = None) -> None:
-        self.figures = figures if figures is not None else getattr(self, "figures", {})
-        self.inside = inside if inside is not None else getattr(self, "inside", {})
+        self.figures = figures if figures is not None else self.figures
+        self.inside = inside if inside is not None else self.inside
         text = "  ".join(f"{k} {v}" for k, v in self.figures.items())
         if self.inside:
             text += "  (this batch: " + ", ".join(f"{v} {k}" for k, v in self.inside.items()) + ")"

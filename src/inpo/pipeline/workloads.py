@@ -756,15 +756,18 @@ def answer_pools(rows: list[dict[str, Any]]) -> list[tuple[Any, list[str], list[
     return list(pools.values())
 
 
-def _logp_key(path: Path, prompt: Any, answer: str, ended: bool) -> tuple[str, str, str, bool]:
-    return (str(Path(path).resolve()), json.dumps(prompt, sort_keys=True), answer, bool(ended))
+def _logp_keys(path: Path, prompts, answers, ended) -> list[tuple[str, str, str, bool]]:
+    model = str(Path(path).resolve())
+    return [
+        (model, json.dumps(x, sort_keys=True), y, bool(e))
+        for x, y, e in zip(prompts, answers, ended)
+    ]
 
 
 def remember_logps(known: dict, path: Path, prompts, answers, ended, logps) -> None:
     """Put the model in ``path``'s log-probs of ``answers`` in ``known`` (a model's folder is
     not rewritten while a run uses it, so its scores stay valid)."""
-    for x, y, e, lp in zip(prompts, answers, ended, logps.tolist()):
-        known[_logp_key(path, x, y, e)] = lp
+    known.update(zip(_logp_keys(path, prompts, answers, ended), logps.tolist()))
 
 
 def pool_metrics(
@@ -793,7 +796,7 @@ def pool_metrics(
     known = {} if known is None else known
     logps = {}
     for name, path in models.items():
-        keys = [_logp_key(path, x, y, e) for x, y, e in zip(flat_p, flat_y, flat_e)]
+        keys = _logp_keys(path, flat_p, flat_y, flat_e)
         miss = [i for i, k in enumerate(keys) if k not in known]
         if miss:  # only what no earlier step scored
             model, tok = load_model(path, _device())

@@ -189,7 +189,7 @@ def cyclic_share(
         forward = p[i, j] > 0.5 and p[j, k] > 0.5 and p[k, i] > 0.5
         backward = p[j, i] > 0.5 and p[k, j] > 0.5 and p[i, k] > 0.5
         cycles += forward or backward
-    return cycles / triples, triples
+    return float(cycles) / triples, triples
 
 
 def pool_game(
