@@ -75,12 +75,13 @@ test-vllm: vllm-env
 	$(VLLM_ENV)/bin/python -m pytest -m vllm -q tests/test_vllm.py
 
 ## Opt-in: an environment with DeepSpeed (its ops built just in time; none are needed on CPU),
-## sharing this one's packages, and the ZeRO-3 tests: two processes on CPU (gloo) through
+## sharing this one's packages (a .pth that adds .venv's site folder, its own .pth files
+## included: the editable inpo), and the ZeRO-3 tests: two processes on CPU (gloo) through
 ## `accelerate launch --config_file ds.yaml`.
 DS_ENV ?= .venv-deepspeed
 $(DS_ENV)/.installed: pyproject.toml $(STAMP)
 	$(PYTHON) -m venv $(DS_ENV)
-	$(PYTHON) -c "import site; print(site.getsitepackages()[0])" > \
+	$(PYTHON) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > \
 	  "$$($(DS_ENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/inpo-env.pth"
 	DS_BUILD_OPS=0 $(DS_ENV)/bin/pip install -q "deepspeed==0.19.8"
 	@touch $@

@@ -35,11 +35,16 @@ def _two_nodes(cwds: list[Path], args: list[str]) -> list[subprocess.CompletedPr
 
 
 @pytest.mark.parametrize(
-    ("command", "key"),
-    [(["train", "cfg.yaml", "output_dir=out"], "output_dir"), (["run", "run_dir=run"], "run_dir")],
-    ids=["train", "run"],
+    ("command", "key", "folder"),
+    [
+        (["train", "cfg.yaml", "output_dir=out"], "output_dir", "out"),
+        (["run", "run_dir=run"], "run_dir", "run"),
+        # each rank decides from the output's folder whether there is work: one folder, or none
+        (["precompute", "pairs.jsonl", "--model", "model", "--output", "pre"], "--output", "."),
+    ],
+    ids=["train", "run", "precompute"],
 )
-def test_two_machines_without_a_shared_folder_refuse_at_once(tmp_path, command, key):
+def test_two_machines_without_a_shared_folder_refuse_at_once(tmp_path, command, key, folder):
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
@@ -47,10 +52,12 @@ def test_two_machines_without_a_shared_folder_refuse_at_once(tmp_path, command, 
     for proc in _two_nodes(nodes, command):
         assert proc.returncode != 0
         line = next(x for x in proc.stderr.splitlines() if x.startswith("inpo "))
-        assert f"error: {key} '{command[-1].split('=')[1]}' is not one folder for all 2 " in line
+        assert f"error: {key} '{folder}' is not one folder for all 2 " in line
         assert "a file system every machine mounts" in line and "docs/scale.md" in line
-    for node in nodes:  # nothing left behind: no half-written run or model
-        assert not (node / command[-1].split("=")[1]).exists()
+    written = command[-1].split("=")[-1]
+    for node in nodes:  # nothing left behind: no half-written run, model or dataset
+        assert not (node / written).exists()
+        assert not list(node.glob(".inpo-shared-*"))
 
 
 def test_two_machines_sharing_the_folder_train_what_one_process_trains(tmp_path):

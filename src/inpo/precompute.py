@@ -164,7 +164,7 @@ def precompute_logps(
             tokenizer, or an existing different ``output_dir`` without ``overwrite``.
     """
     from inpo.data import PreferenceCollator, load_preference_dataset
-    from inpo.distributed import get_dist
+    from inpo.distributed import check_shared_folder, get_dist
     from inpo.hub import resolve_model
 
     dataset_path, output_dir = Path(dataset_path), Path(output_dir)
@@ -194,6 +194,8 @@ def precompute_logps(
         max_prompt_length, max_completion_length, padding_side, dtype, packing, share_prompt,
     )  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    # every rank decides from the same files: several machines must share the output's folder
+    check_shared_folder(output_dir.parent, "--output")
     existing = _read_manifest(output_dir) if output_dir.is_dir() else None
     if existing is not None and existing.get("key") == key:
         log.info("%s is up to date (manifest key %s); nothing to do", output_dir, key)
