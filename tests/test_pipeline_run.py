@@ -538,6 +538,7 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
     """task=prompts evaluates π_t against π_ref's answers; those (a fixed seed) are sampled once
     per run, not once per iteration, and the metrics are bit-identical to sampling them anew."""
     import inpo.generation as generation
+    import inpo.pipeline.workloads as workloads
     from inpo.pipeline.preflight import load_run_config
     from inpo.pipeline.workloads import PromptFileWorkload
 
@@ -560,7 +561,7 @@ def test_pi_ref_answers_are_sampled_once_a_run_and_give_the_same_metrics(tmp_pat
     calls = []
     real = generation.sample_responses  # counted, not replaced
     monkeypatch.setattr(
-        generation, "sample_responses", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        workloads, "sample_responses", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
 
     def workload():

@@ -97,21 +97,21 @@ def test_release_without_a_group_is_a_no_op():
     "args, code", [(["game", "--iterations", "2"], 0), (["game", "--eta", "-1"], 2)]
 )
 def test_every_command_releases_the_group_on_the_way_out(monkeypatch, capsys, args, code):
-    import inpo.distributed
+    import inpo.cli
     from inpo.cli import main
 
     calls = []
-    monkeypatch.setattr(inpo.distributed, "release", lambda: calls.append(1))
+    monkeypatch.setattr(inpo.cli, "release", lambda: calls.append(1))
     assert main(args) == code
     assert calls == [1]  # after success and after a clear error alike
 
 
 def test_a_failing_release_does_not_hide_the_result(monkeypatch, capsys):
-    import inpo.distributed
+    import inpo.cli
     from inpo.cli import main
 
     def broken():
         raise RuntimeError("gloo went away")
 
-    monkeypatch.setattr(inpo.distributed, "release", broken)
+    monkeypatch.setattr(inpo.cli, "release", broken)
     assert main(["game", "--iterations", "2"]) == 0

@@ -14,6 +14,11 @@ import logging
 import os
 import sys
 
+from inpo import __version__
+from inpo.console import quiet_libraries, set_verbosity
+from inpo.distributed import exit_launched, release
+from inpo.errors import InpoError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "game": ("inpo.commands.game:main", "run algorithms on an exact tabular preference game"),
     "run": ("inpo.commands.run:main", "the INPO iteration pipeline (default: embedded task)"),
@@ -76,8 +81,6 @@ def _run(name: str, rest: list[str]) -> int | None:
     try:
         return resolve(name)(rest)
     finally:
-        from inpo.distributed import release
-
         try:
             release()
         except Exception as err:  # never hide the command's own result or error
@@ -85,15 +88,11 @@ def _run(name: str, rest: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from inpo.errors import InpoError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from inpo import __version__
-
         print(f"inpo {__version__}")
         return 0
     level = 0  # -q / -v / -vv, before or after the command
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from inpo.console import quiet_libraries, set_verbosity
 
     set_verbosity(level)
     quiet_libraries()
@@ -162,8 +160,6 @@ def entry() -> None:
     """
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from inpo.distributed import exit_launched
-
         exit_launched(code)
     sys.exit(code)
 

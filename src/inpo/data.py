@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inpo.errors import DataError
+from inpo.hub import looks_like_hub_id, resolve_dataset
 
 if TYPE_CHECKING:
     import datasets
@@ -107,7 +108,6 @@ def load_dataset_rows(
     (Parquet/JSON/CSV, with or without a dataset card), or a hub id already in the local
     Hugging Face cache (resolved offline: nothing is downloaded). ``split`` defaults to
     ``train`` (or the only split); ``key`` names the setting in errors."""
-    from inpo.hub import looks_like_hub_id, resolve_dataset
 
     name = str(source)
     folder = resolve_dataset(name, key) if looks_like_hub_id(name) else Path(source)
@@ -168,7 +168,6 @@ def row_place(records: Any, index: int) -> str:
 def _read_records(path: Path, split: str | None, config: str | None = None) -> list[Any]:
     """Return the raw rows of ``path`` (one entry per source row, in file order): a file, a
     ``save_to_disk`` folder, a folder of data files or a cached hub dataset id."""
-    from inpo.hub import looks_like_hub_id
 
     if looks_like_hub_id(path) or (path.is_dir() and not _is_saved_dataset(path)):
         return load_dataset_rows(path, config=config, split=split, key=str(path))

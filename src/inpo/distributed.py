@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from inpo.errors import ConfigError
+
 __all__ = ["Dist", "check_shared_folder", "exit_launched", "get_dist", "release", "shard"]
 
 T = TypeVar("T")
@@ -102,8 +104,6 @@ def check_shared_folder(folder: Path | str, key: str) -> None:
     otherwise sample, label and train on half the work each; one process: nothing to check."""
     import secrets
     import socket
-
-    from inpo.errors import ConfigError
 
     dist = get_dist()
     if dist.world == 1:

@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from inpo.console import pulse
+from inpo.data import encode_prompt
+
 __all__ = [
     "GenerationSettings",
     "GeometricMixture",
@@ -254,8 +257,6 @@ def end_token_ids(tokenizer: Any, generation_config: Any = None, extra: Any = No
 
 
 def _encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
-    from inpo.data import encode_prompt
-
     return list(encode_prompt(tokenizer, prompt))
 
 
@@ -381,8 +382,6 @@ class TokenCounter:
 
     def __call__(self, input_ids, scores):
         import torch
-
-        from inpo.console import pulse
 
         if input_ids.shape[1] > self.start:  # the token just generated, per row
             last = input_ids[:, -1]

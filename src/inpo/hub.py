@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from inpo.errors import ConfigError
+from inpo.errors import ConfigError, InpoError
 
 __all__ = [
     "check_push_to_hub",
@@ -102,8 +102,6 @@ def push_model(folder: Path, repo_id: str, *, private: bool, message: str) -> st
     import logging
 
     from huggingface_hub import HfApi
-
-    from inpo.errors import InpoError
 
     try:
         api = HfApi()

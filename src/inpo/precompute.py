@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from inpo.console import progress
+from inpo.data import PreferenceCollator, load_preference_dataset
+from inpo.distributed import check_shared_folder, get_dist, shard
 from inpo.errors import ConfigError, DataError
 from inpo.hashing import model_fingerprint
+from inpo.hub import resolve_model
 from inpo.layout import Layout
 
 __all__ = ["MANIFEST_NAME", "PrecomputeResult", "dataset_hash", "precompute_logps"]
@@ -163,9 +167,6 @@ def precompute_logps(
         DataError: a missing/malformed dataset; ConfigError: bad settings, an unloadable model or
             tokenizer, or an existing different ``output_dir`` without ``overwrite``.
     """
-    from inpo.data import PreferenceCollator, load_preference_dataset
-    from inpo.distributed import check_shared_folder, get_dist
-    from inpo.hub import resolve_model
 
     dataset_path, output_dir = Path(dataset_path), Path(output_dir)
     model_path = resolve_model(model_path, "--model")  # a folder, or a cached hub id
@@ -376,7 +377,6 @@ def _resolve_device(device: str) -> str:
 def _rows_by_length(rows: list[dict[str, Any]], rank: int, world: int) -> list[int]:
     """This rank's row indices, sorted by a length proxy so that batches pad little (the
     scores go back to their rows by index)."""
-    from inpo.distributed import shard
 
     mine = set(shard(rows, rank, world))
     return sorted(
@@ -448,8 +448,6 @@ def _score(
     chosen and rejected log-probs at those indices (0.0 elsewhere) and how many batches ran
     packed."""
     import torch
-
-    from inpo.console import progress
 
     chosen, rejected, packed_batches = [0.0] * len(rows), [0.0] * len(rows), 0
     bar = progress(len(order), label, enabled=show, unit=" pairs")

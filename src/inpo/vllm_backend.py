@@ -34,6 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inpo.data import encode_prompt
+from inpo.errors import ConfigError, InpoError
+from inpo.generation import end_token_ids, sample_seed
+
 __all__ = ["LAST_GENERATE_SECONDS", "VLLM_MISSING", "check_vllm", "vllm_generate"]
 
 #: Seconds the last :func:`vllm_generate` spent in ``LLM.generate`` (the engine's start-up
@@ -63,8 +67,6 @@ def check_vllm() -> None:
     config, before any stage runs)."""
     import importlib.util
 
-    from inpo.errors import ConfigError
-
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(VLLM_MISSING)
 
@@ -89,10 +91,6 @@ def vllm_generate(
     them), in the order of ``prompts``.
     """
     from transformers import AutoTokenizer, GenerationConfig
-
-    from inpo.data import encode_prompt
-    from inpo.errors import InpoError
-    from inpo.generation import end_token_ids, sample_seed
 
     tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
     try:

@@ -21,21 +21,25 @@ import json
 import sys
 from pathlib import Path
 
+from inpo.commands.config import config_help
+from inpo.config import parse_config_args as parse_args
+from inpo.config import validate_config
+from inpo.errors import ConfigError
+from inpo.hub import resolve_model
+from inpo.pipeline.report import table, write_metrics, write_report
+
 DEFAULT = "inpo,online_ipo,dpo,sppo"
 
 
 def main(argv: list[str]) -> int:
-    from inpo.algorithms import ALGORITHMS
-    from inpo.config import parse_config_args as parse_args
-    from inpo.config import validate_config
-    from inpo.errors import ConfigError
-    from inpo.pipeline.preflight import load_run_config, preflight
-    from inpo.pipeline.report import table, write_metrics, write_report
+    from inpo.algorithms import ALGORITHMS  # deferred: loads numpy
+    from inpo.pipeline.preflight import (  # deferred: loads numpy, torch, yaml
+        load_run_config,
+        preflight,
+    )
     from inpo.pipeline.run import run_pipeline
 
     if argv and argv[0] in ("-h", "--help"):
-        from inpo.commands.config import config_help
-
         usage = (
             "usage: inpo compare [CONFIG.yaml | --config CONFIG.yaml] "
             f"[algorithms={DEFAULT}|all] [equal_budget=true|false] [key=value ...]"
@@ -159,13 +163,11 @@ def _share_reference_evaluation(first: Path, run_dir: Path) -> None:
 def _final_games(root: Path, runs: dict[str, Path], base) -> None:
     """task=panel: the final policies' cross-play matrix and pool-restricted duality gaps
     (:mod:`inpo.pipeline.final`), into ``final.json``, ``plots/crossplay.png`` and ``compare.md``."""
-    from inpo.pipeline.final import final_games, plot_crossplay
-    from inpo.pipeline.report import table
+    from inpo.pipeline.final import final_games, plot_crossplay  # deferred: loads numpy
     from inpo.tasks.panel import PanelOracle
 
     print("== final policies: cross-play and the pool-restricted game ==", file=sys.stderr)
-    from inpo.hub import resolve_model
-    from inpo.pipeline.workloads import real_model_dir
+    from inpo.pipeline.workloads import real_model_dir  # deferred: loads numpy, torch, yaml
 
     name = base.reference or base.policy
     ref = resolve_model(name, "reference") if name else real_model_dir()

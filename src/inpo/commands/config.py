@@ -16,24 +16,29 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from inpo.config import _merge, config_to_dict, from_dict, load_config, parse_overrides, read_yaml
+from inpo.config import parse_config_args as parse_args
+from inpo.errors import ConfigError, InpoError
+
 __all__ = ["key_table", "main"]
 
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:])
 
 
 def _config_class(kind: str) -> type:
-    from inpo.errors import ConfigError
-
     if kind == "run":
-        from inpo.pipeline.config import RunConfig
+        from inpo.pipeline.config import RunConfig  # deferred: loads numpy, torch, yaml
 
         return RunConfig
     if kind == "train":
-        from inpo.training.config import TrainConfig
+        from inpo.training.config import TrainConfig  # deferred: loads numpy, torch, yaml
 
         return TrainConfig
     if kind == "train-oracle":
-        from inpo.training.oracle_config import OracleTrainConfig
+        # deferred: loads numpy, torch, yaml
+        from inpo.training.oracle_config import (
+            OracleTrainConfig,
+        )
 
         return OracleTrainConfig
     raise ConfigError(f"expected 'run', 'train' or 'train-oracle', got '{kind}'")
@@ -142,16 +147,6 @@ def config_help(kind: str, usage: str, description: str, examples: str) -> str:
 def main(argv: list[str]) -> int:
     import yaml
 
-    from inpo.config import (
-        _merge,
-        config_to_dict,
-        from_dict,
-        load_config,
-        parse_overrides,
-        read_yaml,
-    )
-    from inpo.errors import ConfigError, InpoError
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -165,8 +160,7 @@ def main(argv: list[str]) -> int:
         print(key_table(kind))
         return 0
     if kind == "run":
-        from inpo.config import parse_config_args as parse_args
-        from inpo.pipeline.preflight import load_run_config
+        from inpo.pipeline.preflight import load_run_config  # deferred: loads numpy, torch, yaml
 
         path, overrides = parse_args(rest)
         cfg = load_run_config(path, overrides)

@@ -209,18 +209,18 @@ class _FirstPosition:
 
 
 def _oracle(args: Any, cache: Path) -> Any:
-    from inpo.oracles.cache import CachedOracle
+    from inpo.oracles.cache import CachedOracle  # deferred: loads numpy
 
     if args.oracle in ("reward_model", "pairwise", "gpm") and not args.model:
         raise ConfigError(f"--oracle {args.oracle} needs --model DIR")
     if args.oracle == "http" and not (args.url and args.judge_model):
         raise ConfigError("--oracle http needs --url and --judge-model")
     if args.oracle == "http":
-        from inpo.oracles.http import HTTPJudgeOracle
+        from inpo.oracles.http import HTTPJudgeOracle  # deferred: loads numpy
 
         base = HTTPJudgeOracle(args.url, args.judge_model, api_key_env=args.api_key_env)
     else:
-        from inpo.training.oracle_loop import load_oracle
+        from inpo.training.oracle_loop import load_oracle  # deferred: loads numpy, torch, yaml
 
         kind = {"reward_model": "bt"}.get(args.oracle, args.oracle)
         extra = {"format": args.pairwise_format} if kind == "pairwise" else {}
@@ -286,7 +286,7 @@ def _check_output(output: Path) -> None:
 def main(argv: list[str]) -> int:
     import numpy as np
 
-    from inpo.evaluation import bradley_terry_scores, win_rate_summary
+    from inpo.evaluation import bradley_terry_scores, win_rate_summary  # deferred: loads numpy
     from inpo.oracles.pairwise import combine_orders
 
     args = _parser().parse_args(argv)

@@ -30,6 +30,7 @@ from typing import Any
 from inpo.commands._args import ArgumentParser, non_negative_float, positive_int
 from inpo.data import Records, read_text, row_place
 from inpo.errors import ConfigError, DataError, InpoError
+from inpo.generation import GenerationSettings, sample_responses
 
 FORMATS = ("alpaca_eval", "mt_bench", "arena_hard")
 
@@ -118,8 +119,6 @@ class _Answerer:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from inpo.generation import GenerationSettings
-
         if not model_dir.is_dir():
             raise InpoError(f"--model '{model_dir}' is not a folder")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
@@ -130,7 +129,10 @@ class _Answerer:
                 f"--prompt-format chat: the tokenizer of '{model_dir}' has no chat template"
             )
         if prompt_format == "auto":
-            from inpo.training.modeling import read_prompt_format
+            # deferred: loads numpy, torch, yaml
+            from inpo.training.modeling import (
+                read_prompt_format,
+            )
 
             prompt_format = read_prompt_format(model_dir) or ("chat" if has_template else "text")
             if prompt_format == "chat" and not has_template:
@@ -141,8 +143,6 @@ class _Answerer:
         self.settings = GenerationSettings(temperature, 1.0, max_new_tokens, batch_size)
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        from inpo.generation import sample_responses
-
         prompts: list[Any] = (
             conversations
             if self.chat

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from inpo.commands._args import ArgumentParser, non_negative_int
+from inpo.console import progress
 from inpo.errors import InpoError, did_you_mean
 
 DEFAULT_ALGORITHMS = "inpo,online_ipo,sppo,nash_md,mmd,extragradient,comal,dpo,ipo"
@@ -22,7 +23,7 @@ NEEDS_TAU = {"online_ipo", "comal", "dpo", "ipo"}
 
 
 def _parser() -> ArgumentParser:
-    from inpo.game import ALGORITHMS, GAMES
+    from inpo.game import ALGORITHMS, GAMES  # deferred: loads scipy
 
     games = ", ".join(GAMES)
     algs = ", ".join(ALGORITHMS)
@@ -109,7 +110,7 @@ def _load_reference(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _validate(args) -> list[str]:
-    from inpo.game import ALGORITHMS, GAMES
+    from inpo.game import ALGORITHMS, GAMES  # deferred: loads scipy
 
     if not (math.isfinite(args.eta) and args.eta > 0):
         raise InpoError(f"--eta must be a number > 0, got {args.eta!r}")
@@ -133,7 +134,7 @@ def _validate(args) -> list[str]:
             raise InpoError(f"algorithm '{name}' needs --tau > 0 (allowed: (0, eta]), got 0")
     if not (math.isfinite(args.noise) and args.noise >= 0):
         raise InpoError(f"--noise must be a number >= 0, got {args.noise!r}")
-    from inpo.game.algorithms import NOISY
+    from inpo.game.algorithms import NOISY  # deferred: loads scipy
 
     if args.noise and set(names) - NOISY:
         raise InpoError(
@@ -190,7 +191,7 @@ def plot_convergence(results: dict, path: Path, title: str) -> None:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     names = _validate(args)
-    from inpo.game import load_matrix, make_game, run_algorithm
+    from inpo.game import load_matrix, make_game, run_algorithm  # deferred: loads scipy
 
     if args.matrix is not None:
         try:
@@ -203,8 +204,6 @@ def main(argv: list[str]) -> int:
         game_name = args.game
     shape = p.shape[:2]
     ref = _load_reference(args.reference, shape) if args.reference else np.full(shape, 1 / shape[1])
-
-    from inpo.console import progress
 
     total = args.iterations * len(names)
     bar = progress(total, "inpo game", enabled=total >= 2000, unit=" iterations")

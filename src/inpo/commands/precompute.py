@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from inpo.precompute import precompute_logps
+    from inpo.precompute import precompute_logps  # deferred: loads torch
 
     result = precompute_logps(
         args.dataset,

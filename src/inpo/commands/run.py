@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import sys
 
+from inpo.commands.config import config_help
+from inpo.config import parse_config_args
+from inpo.console import verbosity
+from inpo.distributed import get_dist
+
 USAGE = "usage: inpo run [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
 
 DESCRIPTION = """
@@ -23,7 +28,7 @@ def algorithms_help() -> str:
     """Every ``algorithm=`` value: what it trains, and the paper (and equation) it follows."""
     import textwrap
 
-    from inpo.algorithms import ALGORITHMS
+    from inpo.algorithms import ALGORITHMS  # deferred: loads numpy
 
     out = ["algorithms (algorithm=NAME):"]
     for name, spec in ALGORITHMS.items():
@@ -43,18 +48,13 @@ EXAMPLES = """\
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        from inpo.commands.config import config_help
-
         print(config_help("run", USAGE, DESCRIPTION + "\n" + algorithms_help(), EXAMPLES))
         return 0
-    from inpo.config import parse_config_args
-    from inpo.pipeline.preflight import load_run_config
+    from inpo.pipeline.preflight import load_run_config  # deferred: loads numpy, torch, yaml
 
     path, overrides = parse_config_args(argv)
     cfg = load_run_config(path, overrides)
-    from inpo.console import verbosity
-    from inpo.distributed import get_dist
-    from inpo.pipeline.run import run_pipeline
+    from inpo.pipeline.run import run_pipeline  # deferred: loads numpy, torch, yaml
 
     quiet = verbosity() < 0
 

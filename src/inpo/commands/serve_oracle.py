@@ -112,7 +112,7 @@ def build_oracle(args: argparse.Namespace):
     if args.oracle != "table":
         if not args.model:
             raise ConfigError(f"--oracle {args.oracle} needs --model PATH")
-        from inpo.training.oracle_loop import load_oracle
+        from inpo.training.oracle_loop import load_oracle  # deferred: loads numpy, torch, yaml
 
         kind = {"reward_model": "bt", "reward-model": "bt"}.get(args.oracle, args.oracle)
         return load_oracle(
@@ -127,7 +127,7 @@ def build_oracle(args: argparse.Namespace):
     if not args.matrix or not args.responses:
         raise ConfigError("--oracle table needs --matrix FILE.npy and --responses FILE")
     try:
-        from inpo.oracles.synthetic import TableOracle
+        from inpo.oracles.synthetic import TableOracle  # deferred: loads numpy
     except ImportError as err:  # pragma: no cover - synthetic.py ships with inpo
         raise ConfigError(f"the table oracle is not available in this install: {err}") from err
     import numpy as np
@@ -147,7 +147,7 @@ def _key_env(args: argparse.Namespace) -> str | None:
     combinations that would expose the oracle without a key."""
     import os
 
-    from inpo.oracles.server import LOOPBACK
+    from inpo.oracles.server import LOOPBACK  # deferred: loads numpy
 
     loopback = args.host in LOOPBACK
     if args.no_auth:
@@ -169,7 +169,7 @@ def _key_env(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from inpo.oracles.server import FaultInjection, OracleServer
+    from inpo.oracles.server import FaultInjection, OracleServer  # deferred: loads numpy
 
     key_env = _key_env(args)  # before the oracle loads: a refusal costs nothing
     oracle = build_oracle(args)

@@ -25,6 +25,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from inpo.commands._args import ArgumentParser
+from inpo.errors import ConfigError
+from inpo.tiny import (
+    chat_tokenizer,
+    preference_pairs,
+    save_tiny_chat_lm,
+    save_tiny_lm,
+    tiny_causal_lm,
+    tiny_reward_model,
+    word_tokenizer,
+)
+
 __all__ = ["main"]
 
 _WORDS = (
@@ -52,8 +64,6 @@ def _prompts() -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from inpo.commands._args import ArgumentParser
-
     parser = ArgumentParser(
         prog="inpo toy",
         description="Write a tiny policy, reward model and prompt files to DIR (no download).",
@@ -65,13 +75,9 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
-        from inpo.errors import ConfigError
-
         raise ConfigError(f"'{args.dir}' exists and is not a folder; name a folder to write")
     if args.chat:
         return _chat(Path(args.dir), args.seed)
-
-    from inpo.tiny import save_tiny_lm, tiny_reward_model, word_tokenizer
 
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,6 @@ def main(argv: list[str]) -> int:
     train, held_out = _prompts()
     for name, prompts in (("prompts.jsonl", train), ("eval_prompts.jsonl", held_out)):
         (out / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    from inpo.tiny import preference_pairs
 
     answers = ("red star", "blue circle", "green square", "small star", "large circle")
     for name, prompts in (("pairs.jsonl", train), ("pairs_eval.jsonl", held_out)):
@@ -99,8 +104,6 @@ def main(argv: list[str]) -> int:
 
 
 def _chat(out: Path, seed: int) -> int:
-    from inpo.tiny import chat_tokenizer, save_tiny_chat_lm, tiny_causal_lm, tiny_reward_model
-
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"hidden_size": 32, "num_hidden_layers": 2}
     save_tiny_chat_lm(out / "policy", "llama3", seed=seed, **sizes)

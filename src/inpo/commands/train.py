@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 
+from inpo.commands._args import ArgumentParser
+from inpo.commands.config import config_help
+from inpo.config import load_config
+from inpo.pipeline.faults import train_stop_after
+
 __all__ = ["main"]
 
 USAGE = "usage: inpo train [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
@@ -32,11 +37,7 @@ EXAMPLES = """\
 
 
 def main(argv: list[str]) -> int:
-    from inpo.commands._args import ArgumentParser
-
     if any(a in ("-h", "--help") for a in argv):
-        from inpo.commands.config import config_help
-
         print(config_help("train", USAGE, DESCRIPTION, EXAMPLES))
         return 0
     parser = ArgumentParser(prog="inpo train", add_help=False)
@@ -63,9 +64,7 @@ def main(argv: list[str]) -> int:
             "give a CONFIG.yaml or key=value settings (at least model.path and data.train_file)"
         )
 
-    from inpo.config import load_config
-    from inpo.pipeline.faults import train_stop_after
-    from inpo.training import TrainConfig, train
+    from inpo.training import TrainConfig, train  # deferred: loads numpy, torch, yaml
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     result = train(cfg, stop_after=train_stop_after())  # the kill tests' hook; unset in use

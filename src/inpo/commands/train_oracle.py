@@ -8,6 +8,11 @@ checkpoint (``resume=never`` starts over).
 
 from __future__ import annotations
 
+from inpo.commands.config import config_help
+from inpo.config import load_config
+from inpo.config import parse_config_args as parse_args
+from inpo.distributed import get_dist
+
 __all__ = ["main"]
 
 USAGE = "usage: inpo train-oracle [CONFIG.yaml | --config CONFIG.yaml] [key=value ...]"
@@ -32,19 +37,14 @@ EXAMPLES = """\
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        from inpo.commands.config import config_help
-
         print(config_help("train-oracle", USAGE, DESCRIPTION, EXAMPLES))
         return 0
-    from inpo.config import load_config
-    from inpo.config import parse_config_args as parse_args
-    from inpo.training.oracle_config import OracleTrainConfig
+    from inpo.training.oracle_config import OracleTrainConfig  # deferred: loads numpy, torch, yaml
     from inpo.training.oracle_loop import train_oracle
 
     path, overrides = parse_args(argv)
     cfg = load_config(OracleTrainConfig, path, overrides)
     result = train_oracle(cfg)
-    from inpo.distributed import get_dist
 
     if not get_dist().is_main:
         return 0

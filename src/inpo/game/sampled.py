@@ -24,6 +24,7 @@ import torch
 
 from inpo.game.exact import _TINY, _p, _pi
 from inpo.losses import LossSpec, get_loss
+from inpo.selection import tournament
 
 __all__ = ["Pairs", "fit_table_policy", "population_pairs", "sampled_iteration", "sampled_pairs"]
 
@@ -87,8 +88,6 @@ def sampled_pairs(
             chosen += list(w[keep])
             rejected += list(ell[keep])
         elif selection == "tournament":
-            from inpo.selection import tournament
-
             oracle = _SampledTableOracle(p[x], rng)
             for _ in range(num_pairs):
                 ys = rng.choice(n, size=k, p=pi_t[x])

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from inpo.data import prompt_text
 from inpo.errors import ConfigError, OracleError
 from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.pairwise import combine_orders
@@ -264,8 +265,6 @@ class HTTPJudgeOracle:
                 self.stats.extra[key] = self.stats.extra.get(key, 0) + value
 
     def _body(self, prompt: Any, first: str, second: str) -> dict[str, Any]:
-        from inpo.data import prompt_text
-
         body: dict[str, Any] = {
             "model": self.model,
             "messages": self.template.render(prompt_text(prompt), first, second),

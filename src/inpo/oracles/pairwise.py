@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from inpo.console import pulse
+from inpo.data import prompt_text
 from inpo.errors import ConfigError, OracleError
 from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.reward_model import (
@@ -167,7 +168,6 @@ def render_comparison(
     """Token ids of the comparison prompt (A = ``response_a`` shown first), as the module
     docstring describes; ``inpo train-oracle kind=pairwise`` trains on exactly these.
     ``template``: the comparison text (default: the format's, :func:`default_template`)."""
-    from inpo.data import prompt_text
 
     template = default_template(format) if template is None else template
     tok = tokenizer
@@ -274,7 +274,6 @@ class PairwisePreferenceOracle:
     # ---- rendering ----
     def render(self, prompt: Any, response_a: str, response_b: str) -> list[int]:
         """Token ids of the comparison prompt (A = ``response_a`` shown first)."""
-        from inpo.data import prompt_text
 
         ids = render_comparison(
             self.tokenizer, prompt, response_a, response_b, self.template, self.format

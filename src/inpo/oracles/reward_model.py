@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from inpo.console import pulse
+from inpo.data import prompt_text
 from inpo.errors import ConfigError, OracleError
 from inpo.hashing import model_fingerprint
 from inpo.oracles.base import OracleStats, check_lengths
@@ -131,7 +132,6 @@ def render_response(
     (the end of the response is what the model pools). ``prompt_index``: also find the prompt's
     last token (a GPM's scale gate reads it; it costs a second tokenisation, of the prompt
     alone), else it is ``0``."""
-    from inpo.data import prompt_text
 
     tok = tokenizer
     if getattr(tok, "chat_template", None):

@@ -18,6 +18,9 @@ from typing import ClassVar, Literal
 from inpo.algorithms import ALGORITHMS, DNO_MARGIN, Algorithm, default_tau, get_algorithm
 from inpo.config import validate_config
 from inpo.errors import ConfigError
+from inpo.hub import check_push_to_hub
+from inpo.losses import get_loss
+from inpo.oracles.gpm import GPM_CONFIG, is_gpm_folder
 from inpo.training.config import (
     DataConfig,
     LoggingConfig,
@@ -25,7 +28,10 @@ from inpo.training.config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_loss_hyperparameters,
+    require_tracker_packages,
 )
+from inpo.vllm_backend import check_vllm
 
 __all__ = [
     "AnnotateConfig",
@@ -139,8 +145,6 @@ class AnnotateConfig:
         if self.oracle == "http" and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"annotate.url '{self.url}' must start with http:// or https://")
         if self.oracle == "gpm" and self.model and Path(self.model).is_dir():
-            from inpo.oracles.gpm import GPM_CONFIG, is_gpm_folder
-
             if not is_gpm_folder(self.model):
                 raise ConfigError(
                     f"annotate.model '{self.model}' is not a GPM (no {GPM_CONFIG}); train one "
@@ -410,8 +414,6 @@ class RunConfig:
         return self.spec.selection
 
     def validate(self) -> None:
-        from inpo.training.config import LoggingConfig, require_tracker_packages
-
         try:
             trackers = LoggingConfig(report_to=self.report_to)
             trackers.validate()
@@ -419,8 +421,6 @@ class RunConfig:
             raise ConfigError(str(err).replace("logging.report_to", "report_to")) from None
         require_tracker_packages(trackers.trackers, "report_to")
         if self.push_to_hub:
-            from inpo.hub import check_push_to_hub
-
             check_push_to_hub(self.hub_model_id, "hub_model_id")
         spec = self.spec  # a ConfigError naming the choices for an unknown name
         if self.iterations < 1:
@@ -432,8 +432,6 @@ class RunConfig:
                 "use generate.backend=transformers"
             )
         if self.generate.backend == "vllm":  # after the algorithm's own objection to it
-            from inpo.vllm_backend import check_vllm
-
             check_vllm()
         if spec.sampler == "mixture" and not self.tau_value > 0:
             raise ConfigError(
@@ -466,8 +464,6 @@ class RunConfig:
                 f"task={self.task} has its own training and held-out prompts; prompts= and "
                 "eval_prompts= are for task=prompts"
             )
-        from inpo.losses import get_loss
-        from inpo.training.config import check_loss_hyperparameters
 
         name, hparams = self.loss_hparams()
         check_loss_hyperparameters(get_loss(name), hparams, prefix="")

@@ -36,7 +36,7 @@ def final_games(
 ) -> dict[str, Any]:
     """Cross-play and pool-restricted gaps of the final policies in ``runs`` (name → run folder),
     against each other and π_ref (``ref``)."""
-    from inpo.pipeline.workloads import answer_pools, pool_metrics
+    from inpo.pipeline.workloads import answer_pools, pool_metrics  # deferred: loads torch, yaml
 
     answers = {name: _answers(folder, iterations) for name, folder in runs.items()}
     first = next(iter(answers.values()))

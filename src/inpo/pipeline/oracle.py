@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from inpo.errors import ConfigError
+from inpo.oracles.cache import CachedOracle, QueryCache, RankQueryCache
+from inpo.oracles.gpm import GPMOracle
+from inpo.oracles.http import HTTPJudgeOracle
+from inpo.oracles.pairwise import PairwisePreferenceOracle
+from inpo.oracles.reward_model import RewardModelOracle
+from inpo.oracles.synthetic import HardLabelOracle, ThresholdLabelOracle
 from inpo.pipeline.config import AnnotateConfig
 
 __all__ = ["build_oracle"]
 
 
 def _store(cache: Path, rank: int, world: int) -> Any:
-    from inpo.oracles.cache import QueryCache, RankQueryCache
-
     return RankQueryCache(cache, rank) if world > 1 else QueryCache(cache)
 
 
@@ -39,7 +43,6 @@ def build_oracle(
     ``probabilities`` attribute is the backend's ``P(a ≻ b)`` through the same cache, without the
     labels (``annotate.labels`` is a training-time choice; evaluation reads probabilities).
     """
-    from inpo.oracles.cache import CachedOracle
 
     device_kw = {"device": str(device)} if device is not None else {}
     if acfg.oracle in ("task", "task_bt"):
@@ -47,20 +50,12 @@ def build_oracle(
             raise ConfigError(f"annotate.oracle={acfg.oracle}: this task has no oracle of its own")
         base = task_oracle
     elif acfg.oracle == "reward_model":
-        from inpo.oracles.reward_model import RewardModelOracle
-
         base = RewardModelOracle(acfg.model, **device_kw)
     elif acfg.oracle == "pairwise":
-        from inpo.oracles.pairwise import PairwisePreferenceOracle
-
         base = PairwisePreferenceOracle(acfg.model, format=acfg.pairwise_format, **device_kw)
     elif acfg.oracle == "gpm":
-        from inpo.oracles.gpm import GPMOracle
-
         base = GPMOracle(acfg.model, **device_kw)
     else:
-        from inpo.oracles.http import HTTPJudgeOracle
-
         base = HTTPJudgeOracle(acfg.url, acfg.judge_model, api_key_env=acfg.api_key_env)
     store = _store(cache, rank, world)
     labelled = _labels(acfg.labels, base, seed)
@@ -77,7 +72,6 @@ def build_oracle(
 
 def _labels(kind: str, base: Any, seed: int) -> Any:
     """The oracle answering with the configured labels (``annotate.labels``)."""
-    from inpo.oracles.synthetic import HardLabelOracle, ThresholdLabelOracle
 
     if kind == "sample":
         return HardLabelOracle(base, seed=seed)
@@ -90,8 +84,6 @@ class _RewardCached:
     """A reward oracle: ``rewards`` from the backend, pairwise answers through the cache."""
 
     def __init__(self, reward_oracle: Any, pairwise: Any, cache: Any):
-        from inpo.oracles.cache import CachedOracle
-
         self._reward = reward_oracle
         self._cached = CachedOracle(pairwise, cache)
         self.oracle_id = self._cached.oracle_id

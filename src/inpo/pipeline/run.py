@@ -34,10 +34,14 @@ from inpo.config import save_config
 from inpo.distributed import check_shared_folder, get_dist
 from inpo.errors import ConfigError
 from inpo.hashing import model_fingerprint
-from inpo.hub import resolve_model
+from inpo.hub import (
+    push_model,  # huggingface_hub: only when pushing
+    resolve_model,
+)
 from inpo.oracles.cache import merge_rank_caches
 from inpo.pipeline.artifacts import manifest_hash
 from inpo.pipeline.config import RunConfig
+from inpo.pipeline.lock import LOCK, RunFolderBusy, acquire
 from inpo.pipeline.report import iteration_summary, run_summary, write_metrics, write_report
 from inpo.pipeline.runner import Interrupted, StageRunner, stop_signals
 from inpo.pipeline.runtime import Ctx, stage_seed
@@ -68,8 +72,6 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
     """
     import os
 
-    from inpo.pipeline.lock import RunFolderBusy, acquire
-
     dist = get_dist()
     run_dir = Path(cfg.run_dir)
     refused = foreign_run_dir(run_dir, [cfg.reference, cfg.policy]) if dist.is_main else None
@@ -96,7 +98,6 @@ def run_pipeline(cfg: RunConfig, *, log=print, task: Any = None) -> Path:
 def _is_run_folder(folder: Path) -> bool:
     """An inpo run folder: the lock a run took, or a stage's manifest (a copy of a run folder,
     which leaves the lock behind, is one too)."""
-    from inpo.pipeline.lock import LOCK
 
     return (folder / LOCK).exists() or any(folder.glob("*/*/manifest.json"))
 
@@ -161,8 +162,6 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         write_report(run_dir, rows, cfg)
         ctx.log(run_summary(rows, time.time() - started))
         if cfg.push_to_hub:
-            from inpo.hub import push_model  # huggingface_hub: only when pushing
-
             push_model(
                 Path(policy),
                 str(cfg.hub_model_id),

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from inpo.data import Records, _RowError, check_prompt, row_place
 from inpo.errors import ConfigError, DataError
 
 __all__ = ["check_teacher", "load_teacher", "prompt_key"]
@@ -31,7 +32,6 @@ def load_teacher(path: str | Path) -> dict[str, str]:
     empty response, or one prompt given two different responses: a :class:`DataError` naming
     the file and row.
     """
-    from inpo.data import Records, _RowError, check_prompt, row_place
 
     path = Path(path)
     if not path.is_file():
@@ -96,7 +96,7 @@ def _response_text(completion: Any) -> str | None:
 def check_teacher(cfg: Any) -> None:
     """Every training prompt of every iteration has a teacher response (else a
     :class:`ConfigError` saying how many are missing, with an example)."""
-    from inpo.pipeline.workloads import get_workload
+    from inpo.pipeline.workloads import get_workload  # deferred: loads numpy, torch, yaml
 
     responses = load_teacher(cfg.teacher)
     workload = get_workload(cfg)

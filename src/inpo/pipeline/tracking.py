@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inpo.config import config_to_dict, flat_config
 from inpo.pipeline.report import INTERVALS
 
 __all__ = ["RunTrackers", "iteration_values"]
@@ -107,7 +108,7 @@ class RunTrackers:
         each optimizer step's row under TRL's names, after the earlier iterations' steps."""
         if not self.trackers:
             return None
-        from inpo.training.metrics import tracker_row
+        from inpo.training.metrics import tracker_row  # deferred: loads numpy, torch, yaml
 
         offset = self.global_step
         return lambda row: self.log(tracker_row(row), step=offset + int(row["step"]))
@@ -151,12 +152,11 @@ class RunTrackers:
 def start_run_trackers(cfg: Any, run_dir: Path, *, is_main: bool) -> RunTrackers:
     """The trackers ``cfg.report_to`` names for ``cfg``'s run, on the main process (elsewhere
     a :class:`RunTrackers` that does nothing)."""
-    from inpo.training.config import LoggingConfig
+    from inpo.training.config import LoggingConfig  # deferred: loads numpy, torch, yaml
 
     logging = LoggingConfig(report_to=cfg.report_to, project=cfg.project)
     if not is_main or not logging.trackers:
         return RunTrackers()
-    from inpo.config import config_to_dict, flat_config
 
     folder = Path(cfg.tracker_dir) if cfg.tracker_dir else run_dir / "trackers"
     config = flat_config(config_to_dict(cfg))

@@ -22,10 +22,32 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inpo.data import Records, read_text, row_place
+from inpo.config import config_to_dict
+from inpo.console import progress
+from inpo.data import (
+    Records,
+    _is_saved_dataset,
+    _RowError,
+    check_prompt,
+    encode_prompt,
+    load_dataset_rows,
+    read_text,
+    row_place,
+)
+from inpo.distributed import get_dist, shard
 from inpo.errors import ConfigError, DataError
+from inpo.evaluation import cluster_bootstrap, win_rate_summary
+from inpo.generation import GenerationSettings, sample_responses
+from inpo.hub import looks_like_hub_id, resolve_model
+from inpo.layout import completion_logps
 from inpo.pipeline.config import AnnotateConfig, RunConfig
 from inpo.pipeline.oracle import build_oracle
+from inpo.pipeline.runtime import load_model
+from inpo.tasks.default import DefaultTask, DefaultTaskConfig, default_cache_dir
+from inpo.tasks.evaluate import PolicyTable, evaluate_tables
+from inpo.tasks.panel import PanelOracle, cyclic_share, panel_prompts, pool_game
+from inpo.tasks.sft import cache_problem
+from inpo.vllm_backend import vllm_generate
 
 __all__ = [
     "RUN_DEFAULTS",
@@ -63,8 +85,6 @@ RUN_DEFAULTS: dict[str, Any] = {
 
 
 def _device():
-    from inpo.distributed import get_dist
-
     return get_dist().device
 
 
@@ -112,8 +132,6 @@ def load_prompts(
     """Prompts in TRL's prompt-only format: a ``prompt`` column (text or a message list), from
     a JSONL/JSON/Parquet file, a ``save_to_disk`` folder, a folder of data files or a hub
     dataset in the local cache (``split``/``config`` for those two, via ``load_dataset``)."""
-    from inpo.data import _is_saved_dataset, load_dataset_rows
-    from inpo.hub import looks_like_hub_id
 
     original = str(path)
     path = Path(path)
@@ -147,7 +165,6 @@ def load_prompts(
         rows = list(Dataset.from_parquet(str(path)))
     else:
         raise DataError(f"{path}: prompts must be .jsonl, .json, .parquet or a datasets folder")
-    from inpo.data import _RowError, check_prompt
 
     prompts = Records()
     prompts.lines = list(getattr(rows, "lines", []))  # row i of the file is prompt i
@@ -274,8 +291,6 @@ class PromptFileWorkload(Workload):
         if not hasattr(self, "_tok"):
             from transformers import AutoConfig, AutoTokenizer
 
-            from inpo.hub import resolve_model
-
             name = self.cfg.policy or self.cfg.reference
             key = "policy" if self.cfg.policy else "reference"
             path = resolve_model(name, key)
@@ -290,7 +305,6 @@ class PromptFileWorkload(Workload):
         a chat template; a prompt must be at least one token (a tokenizer that does not know the
         text can make nothing of it) and fit the context with room for one more. A bad row is
         an error naming the file and row, or (``skip_bad_rows``) skipped and counted."""
-        from inpo.data import encode_prompt
 
         tok, ctx, name = self._tokenizer_and_context()
         template = getattr(tok, "chat_template", None) is not None
@@ -410,13 +424,10 @@ class PromptFileWorkload(Workload):
         cut-at-``max_new_tokens`` flags, with the configured generation backend (vLLM in its own
         process, then gone, when ``generate.backend=vllm``; ``loaded``: the ``(model,
         tokenizer)`` already in memory for transformers)."""
-        from inpo.console import progress
 
         g = self.cfg.generate
         if g.backend == "vllm":
             import tempfile
-
-            from inpo.vllm_backend import vllm_generate
 
             with tempfile.TemporaryDirectory(prefix="inpo-eval-") as tmp:
                 samples, cut, _ = vllm_generate(
@@ -425,8 +436,6 @@ class PromptFileWorkload(Workload):
                     gpu_memory_utilization=g.gpu_memory_utilization,
                 )  # fmt: skip
             return samples, cut
-        from inpo.generation import sample_responses
-        from inpo.pipeline.runtime import load_model
 
         model, tok = loaded if loaded is not None else load_model(path, _device())
         cut: list[list[bool]] = []
@@ -442,11 +451,6 @@ class PromptFileWorkload(Workload):
         The answers are sampled with the configured backend (``generate.backend``)."""
         import numpy as np
         import torch
-
-        from inpo.evaluation import cluster_bootstrap, win_rate_summary
-        from inpo.generation import GenerationSettings
-        from inpo.layout import completion_logps
-        from inpo.pipeline.runtime import load_model
 
         prompts = self.eval_prompts()
         g = self.cfg.generate
@@ -534,15 +538,11 @@ class DefaultWorkload(Workload):
     Bradley–Terry fit, ``annotate.oracle=task_bt``) and exact evaluation on held-out prompts."""
 
     def __init__(self, cfg: RunConfig):
-        from inpo.tasks.default import DefaultTask, DefaultTaskConfig
-
         self.cfg = cfg
         self.task = DefaultTask(DefaultTaskConfig(seed=0, tau=cfg.tau_value, eta=cfg.eta))
         self._ref_tables: dict[Any, Any] = {}
 
     def describe(self) -> dict[str, Any]:
-        from inpo.config import config_to_dict
-
         return {"task": "default", "config": config_to_dict(self.task.config)}
 
     def train_prompts(self) -> list[str]:
@@ -552,9 +552,6 @@ class DefaultWorkload(Workload):
         return self.task.build_reference()
 
     def reference_plan(self) -> str | None:
-        from inpo.tasks.default import default_cache_dir
-        from inpo.tasks.sft import cache_problem
-
         key = self.task.reference_key()
         folder = default_cache_dir() / f"default-{key}"
         if cache_problem(folder, key) is None:
@@ -579,8 +576,6 @@ class DefaultWorkload(Workload):
         held-out prompts (every response enumerated), saved for :meth:`evaluate_merge`."""
         import numpy as np
 
-        from inpo.distributed import shard
-
         prompts = self.task.prompts_eval
         mine = shard(prompts, rank, world)
         if not mine:
@@ -602,8 +597,6 @@ class DefaultWorkload(Workload):
     def evaluate_merge(self, work: Path, world: int) -> dict[str, Any]:
         """Exact metrics on the held-out prompts (:func:`inpo.tasks.evaluate.evaluate_tables`)."""
         import numpy as np
-
-        from inpo.tasks.evaluate import PolicyTable, evaluate_tables
 
         prompts = self.task.prompts_eval
         n = len(self.task.responses())
@@ -630,7 +623,6 @@ class DefaultWorkload(Workload):
 def real_model_dir() -> Path:
     """Where ``make real-model`` puts SmolLM2-135M-Instruct: ``$INPO_CACHE_DIR/models/…`` or
     ``~/.cache/inpo/models/…`` (``inpo`` never downloads it)."""
-    from inpo.tasks.default import default_cache_dir
 
     return default_cache_dir().parent / "models" / "SmolLM2-135M-Instruct"
 
@@ -662,8 +654,6 @@ class PanelWorkload(PromptFileWorkload):
     Iteration ``t`` trains on fresh prompts: the training split rotated by ``t·max_prompts``."""
 
     def __init__(self, cfg: RunConfig):
-        from inpo.tasks.panel import PanelOracle, panel_prompts
-
         if not cfg.reference and not cfg.policy:
             folder = real_model_dir()
             if not (folder / "config.json").is_file():
@@ -719,7 +709,6 @@ class PanelWorkload(PromptFileWorkload):
         and, on each held-out prompt's pool of π_t's and π_ref's answers, the pool-restricted
         duality gap and exploitability of both (:func:`inpo.tasks.panel.pool_game`), and the
         share of the pool's triples on which the panel's majority is cyclic."""
-        from inpo.tasks.panel import cyclic_share
 
         metrics = super().evaluate(policy, ref)
         pools = answer_pools(self._judged)
@@ -784,11 +773,6 @@ def pool_metrics(
     it was sampled (a cut answer without an end token), then :func:`inpo.tasks.panel.pool_game`
     on each prompt's pool with ``models[ref]`` as the regularising reference."""
     import numpy as np
-
-    from inpo.evaluation import cluster_bootstrap
-    from inpo.layout import completion_logps
-    from inpo.pipeline.runtime import load_model
-    from inpo.tasks.panel import pool_game
 
     flat_p = [x for x, ys, _ in pools for _ in ys]
     flat_y = [y for _, ys, _ in pools for y in ys]

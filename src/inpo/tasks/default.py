@@ -31,10 +31,13 @@ from typing import Any
 import numpy as np
 
 from inpo.config import config_hash, config_to_dict
+from inpo.data import encode_completion, encode_prompt
 from inpo.errors import ConfigError
 from inpo.tasks.bt import BTRewardOracle, fit_bt_rewards
 from inpo.tasks.evaluate import PolicyTable, evaluate_tables, policy_table, sample_responses
 from inpo.tasks.grammar import GRAMMAR_VERSION, Grammar, enumerate_responses, panel_matrices
+from inpo.tasks.sft import cached_build, task_tokenizer, train_sft
+from inpo.tiny import tiny_causal_lm
 
 __all__ = ["DefaultTask", "DefaultTaskConfig", "default_cache_dir"]
 
@@ -213,7 +216,6 @@ class DefaultTask:
 
     def tokenizer(self):
         """A fresh task tokenizer (see :func:`inpo.tasks.sft.task_tokenizer`)."""
-        from inpo.tasks.sft import task_tokenizer
 
         return task_tokenizer(self.grammar.words())
 
@@ -225,7 +227,6 @@ class DefaultTask:
         loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
         Sets :attr:`reference_path` and :attr:`reference_built` (whether this call trained).
         """
-        from inpo.tasks.sft import cached_build
 
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = self.reference_key()
@@ -238,10 +239,6 @@ class DefaultTask:
         import time
 
         import torch
-
-        from inpo.data import encode_completion, encode_prompt
-        from inpo.tasks.sft import train_sft
-        from inpo.tiny import tiny_causal_lm
 
         c = self.config
         t0 = time.perf_counter()
@@ -327,7 +324,7 @@ class DefaultTask:
     def regularized_nash(self, ref_table: PolicyTable) -> np.ndarray:
         """The ``τ``-regularised Nash ``π* [M, N]`` of the task's game with reference
         ``ref_table`` (:func:`inpo.game.exact.regularized_nash`; ~1 s a prompt, cached)."""
-        from inpo.game.exact import regularized_nash
+        from inpo.game.exact import regularized_nash  # deferred: loads scipy
 
         cached = self._nash.get(id(ref_table))
         if cached is None or cached[0] is not ref_table:
@@ -354,7 +351,7 @@ class DefaultTask:
         ``= KL(π* ‖ π)``, the distance to the regularised Nash that INPO's last-iterate theory
         bounds (solving ``π*`` costs ~1 s a prompt, once per reference table).
         """
-        from inpo.game.exact import kl
+        from inpo.game.exact import kl  # deferred: loads scipy
 
         prompts = self.prompts_eval if prompts is None else prompts
         ref = ref_table if ref_table is not None else self.reference_table(prompts)
@@ -398,7 +395,7 @@ class DefaultTask:
         matrices (SPEC "INPO", exact update), with the task's ``η`` and ``τ``: the target an LM
         pipeline can aim for. Returns ``{"gap": [g_0, g_1, ...], "exploitability": [...]}``
         (means over ``ref_table``'s prompts, index 0 = ``π_ref``)."""
-        from inpo.game.algorithms import run_algorithm
+        from inpo.game.algorithms import run_algorithm  # deferred: loads scipy
 
         p = self.preference_matrix(ref_table.prompts)
         traj = run_algorithm(

@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from inpo.data import encode_completion, encode_prompt
+from inpo.logprobs import sequence_logps
+from inpo.tasks.sft import torch_threads
+
 __all__ = [
     "PolicyTable",
     "evaluate_tables",
@@ -68,8 +72,6 @@ class PolicyTable:
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]):
-    from inpo.data import encode_completion, encode_prompt
-
     prompt_ids = [encode_prompt(tokenizer, x) for x in prompts]
     # A text completion's ids do not depend on the prompt (tokens + EOS).
     completion_ids = [encode_completion(tokenizer, prompts[0], y) for y in responses]
@@ -96,9 +98,6 @@ def policy_table(
     :func:`inpo.tasks.sft.torch_threads`; ``None`` leaves them): tiny models run fastest on one.
     """
     import torch
-
-    from inpo.logprobs import sequence_logps
-    from inpo.tasks.sft import torch_threads
 
     prompts, responses = list(prompts), list(responses)
     if not prompts or not responses:
@@ -152,7 +151,7 @@ def evaluate_tables(
     * ``mass_outside``: probability of sequences outside the set (before renormalising);
     * ``mean_length``: expected number of words, when ``lengths [N]`` is given.
     """
-    from inpo.game.exact import duality_gap, exploitability, kl
+    from inpo.game.exact import duality_gap, exploitability, kl  # deferred: loads scipy
 
     if table.prompts != ref.prompts or table.responses != ref.responses:
         raise ValueError("policy and reference tables must cover the same prompts and responses")
@@ -251,9 +250,6 @@ def sample_responses(
     ``num_threads`` is as in :func:`policy_table`.
     """
     import torch
-
-    from inpo.data import encode_prompt
-    from inpo.tasks.sft import torch_threads
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

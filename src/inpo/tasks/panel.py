@@ -205,7 +205,7 @@ def pool_game(
     answers*, a lower bound on nothing outside them (an answer no policy sampled can beat them
     all); it ranks policies on a common pool, as the default task's exact gap does on all 399
     answers."""
-    from inpo.game.exact import duality_gap, exploitability
+    from inpo.game.exact import duality_gap, exploitability  # deferred: loads scipy
 
     def renorm(lp: np.ndarray) -> np.ndarray:
         z = lp - lp.max()

@@ -31,6 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from inpo.console import progress
+from inpo.hashing import folder_sha256
+from inpo.logprobs import sequence_logps
+from inpo.tiny import word_tokenizer
+
 __all__ = [
     "MANIFEST",
     "cached_build",
@@ -46,8 +51,6 @@ MANIFEST = "task_manifest.json"
 def task_tokenizer(words: Sequence[str]):
     """A word-level fast tokenizer over ``words`` framing prompts as ``<s> … <|assistant|>``."""
     from tokenizers import processors
-
-    from inpo.tiny import word_tokenizer
 
     tok = word_tokenizer(words)
     tok.chat_template = None  # the task's prompts are text; no template to apply by mistake
@@ -110,8 +113,6 @@ def train_sft(
     """
     import torch
 
-    from inpo.logprobs import sequence_logps
-
     t0 = time.perf_counter()
     probs = np.asarray(response_probs, dtype=np.float64)
     probs = np.broadcast_to(probs, (len(prompt_ids), len(completion_ids)))
@@ -124,7 +125,6 @@ def train_sft(
     device = next(model.parameters()).device
     losses: list[float] = []
     model.train()
-    from inpo.console import progress
 
     bar = progress(steps if desc else 0, desc, unit=" steps")
     with torch_threads(num_threads), bar:
@@ -170,8 +170,6 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def _files(folder: Path) -> dict[str, str]:
-    from inpo.hashing import folder_sha256
-
     return folder_sha256(folder, exclude=MANIFEST)
 
 

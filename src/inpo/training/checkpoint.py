@@ -39,6 +39,7 @@ import torch
 
 from inpo.config import config_to_dict
 from inpo.errors import ConfigError
+from inpo.hashing import file_sha256, folder_sha256
 from inpo.training import zero
 
 __all__ = [
@@ -85,14 +86,6 @@ def _to_lists(obj: Any) -> Any:
 
 def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
-
-
-def _is_plain_pretrained(model: torch.nn.Module) -> bool:
-    return (
-        hasattr(model, "config")
-        and hasattr(model.config, "save_pretrained")
-        and not hasattr(model, "peft_config")
-    )
 
 
 def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,7 +174,6 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def _write_checksums(folder: Path) -> None:
     """``checksums.json`` (every other file's SHA-256), fsync'd: the last file of a checkpoint."""
-    from inpo.hashing import folder_sha256
 
     sums = folder_sha256(folder, exclude=CHECKSUMS)
     with open(folder / CHECKSUMS, "w") as fh:
@@ -193,7 +185,6 @@ def _write_checksums(folder: Path) -> None:
 def verify_checkpoint(path: str | Path) -> str | None:
     """Why the checkpoint folder ``path`` must not be loaded, or ``None`` if its files are the
     ones written (every file's SHA-256 against ``checksums.json``)."""
-    from inpo.hashing import file_sha256
 
     path = Path(path)
     try:

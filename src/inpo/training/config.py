@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from inpo.algorithms import default_tau
 from inpo.errors import ConfigError
+from inpo.hub import check_push_to_hub, looks_like_hub_id, resolve_dataset
 
 __all__ = [
     "PAPER_DEFAULTS",
@@ -156,8 +157,6 @@ class DataConfig:
                 "Hugging Face cache)" + (", not both" if self.train_file else "")
             )
         if self.dataset_name:
-            from inpo.hub import looks_like_hub_id, resolve_dataset
-
             if looks_like_hub_id(self.dataset_name):
                 resolve_dataset(self.dataset_name, "data.dataset_name")
             elif not Path(self.dataset_name).is_dir():
@@ -200,7 +199,7 @@ class LossConfig:
 
     def hparams(self) -> dict[str, float]:
         """The keyword hyper-parameters for ``spec(batch, **hparams)``, defaults filled in."""
-        from inpo.losses import get_loss
+        from inpo.losses import get_loss  # deferred: loads torch
 
         spec = get_loss(self.name)
         values = {**PAPER_DEFAULTS.get(self.name, {})}
@@ -210,7 +209,7 @@ class LossConfig:
         return {k: float(v) for k, v in values.items() if k in spec.hyperparameters}
 
     def validate(self) -> None:
-        from inpo.losses import get_loss
+        from inpo.losses import get_loss  # deferred: loads torch
 
         try:
             spec = get_loss(self.name)
@@ -426,8 +425,6 @@ class TrainConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required")
         if self.push_to_hub:
-            from inpo.hub import check_push_to_hub
-
             check_push_to_hub(self.hub_model_id, "hub_model_id")
         if self.save_steps is not None and self.save_steps < 1:
             raise ConfigError(f"save_steps must be >= 1 or null, got {self.save_steps}")

@@ -40,6 +40,7 @@ import torch
 from inpo.config import config_to_dict, flat_config, save_config, with_absolute_paths
 from inpo.data import PreferenceCollator
 from inpo.distributed import check_shared_folder, get_dist
+from inpo.hub import push_model  # huggingface_hub: only when pushing
 from inpo.layout import Layout
 from inpo.training import zero
 from inpo.training.batches import StepPlan, micro_batches
@@ -321,8 +322,6 @@ def _finish(
             last=last,
         )
     if cfg.push_to_hub:
-        from inpo.hub import push_model  # huggingface_hub: only when pushing
-
         push_model(
             out_dir,
             str(cfg.hub_model_id),

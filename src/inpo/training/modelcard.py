@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inpo import __version__
+from inpo.hub import looks_like_hub_id
+
 __all__ = ["write_model_card", "write_oracle_card"]
 
 
@@ -18,7 +21,6 @@ def _hub_id(path: str) -> str | None:
     """The hub id a model came from: ``owner/name`` given as such (resolved from the local
     cache), or a folder inside the Hugging Face cache (``models--owner--name/snapshots/…``);
     ``None`` for any other local folder."""
-    from inpo.hub import looks_like_hub_id
 
     if looks_like_hub_id(path):
         return str(path)
@@ -55,8 +57,6 @@ def write_model_card(
     steps: int,
     last: dict[str, Any] | None,
 ) -> Path:
-    from inpo import __version__
-
     loss = cfg.loss.name
     hp = ", ".join(f"{k}={v:g}" for k, v in hparams.items())
     front = [
@@ -66,7 +66,6 @@ def write_model_card(
         *[f"- {t}" for t in dict.fromkeys(["inpo", "preference-optimization", loss])],
         *_base_model(cfg.model.path),
     ]
-    from inpo.hub import looks_like_hub_id
 
     if cfg.data.dataset_name and looks_like_hub_id(cfg.data.dataset_name):
         front += ["datasets:", f"- {cfg.data.dataset_name}"]
@@ -140,7 +139,6 @@ def write_oracle_card(
 ) -> Path:
     """The card of an ``inpo train-oracle`` model: kind, starting weights, data, optimizer,
     the last step's metrics and the command that reproduces it."""
-    from inpo import __version__
 
     o = cfg.optim
     rows = [

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from inpo.errors import ConfigError
+from inpo.hub import resolve_model
 from inpo.training.config import ModelConfig
 
 __all__ = [
@@ -32,7 +33,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def check_model_dir(path: str) -> Path:
     """The model folder (a local folder, or a hub id in the local Hugging Face cache), or a
     ConfigError naming ``model.path`` (checked before loading)."""
-    from inpo.hub import resolve_model
 
     folder = resolve_model(path, "model.path")
     if not (folder / "config.json").is_file():

@@ -34,15 +34,24 @@ import numpy as np
 import torch
 
 from inpo.config import save_config, with_absolute_paths
+from inpo.data import completion_text, load_preference_dataset, row_place
 from inpo.distributed import check_shared_folder
 from inpo.errors import ConfigError, DataError
 from inpo.hashing import model_fingerprint
+from inpo.oracles.gpm import GPMOracle, build_gpm, gpm_score, is_gpm_folder, load_gpm
+from inpo.oracles.pairwise import PairwisePreferenceOracle, render_comparison, verdict_tokens
+from inpo.oracles.reward_model import RewardModelOracle, render_response
 from inpo.training.batches import StepPlan, micro_batches
 from inpo.training.checkpoint import Checkpointer, load_checkpoint, restore_state
 from inpo.training.engine import Engine, load_model_state, resolve_bf16
 from inpo.training.metrics import MetricsLogger
 from inpo.training.modelcard import write_oracle_card
-from inpo.training.modeling import check_model_dir, with_adapter
+from inpo.training.modeling import (
+    _DTYPES,
+    check_model_dir,
+    enable_activation_checkpointing,
+    with_adapter,
+)
 from inpo.training.optim import make_optimizer, make_scheduler
 from inpo.training.oracle_config import OracleTrainConfig
 from inpo.training.resume import check_resume, resume_point
@@ -73,7 +82,6 @@ class OracleTrainResult:
 
 def _load_pairs(source: str, cfg: OracleTrainConfig, key: str, split: str | None) -> list[dict]:
     """Rows ``{prompt, chosen, rejected, label, margin}`` (chosen/rejected as text), validated."""
-    from inpo.data import completion_text, load_preference_dataset, row_place
 
     dataset = load_preference_dataset(
         source,
@@ -140,8 +148,6 @@ def _lora(model: Any, cfg: OracleTrainConfig, task_type: str | None, keep: list[
 def _load_model(cfg: OracleTrainConfig, folder: Path, tokenizer: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from inpo.training.modeling import _DTYPES
-
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.model.dtype], "trust_remote_code": False}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -153,8 +159,6 @@ def _load_model(cfg: OracleTrainConfig, folder: Path, tokenizer: Any) -> torch.n
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model = _lora(model, cfg, "CAUSAL_LM", [])
     else:
-        from inpo.oracles.gpm import build_gpm, is_gpm_folder, load_gpm
-
         if is_gpm_folder(folder):  # continue training a GPM
             model = load_gpm(folder, dtype=kwargs["dtype"])
         else:
@@ -173,8 +177,6 @@ def _load_model(cfg: OracleTrainConfig, folder: Path, tokenizer: Any) -> torch.n
         if cfg.model.lora is not None:
             model.backbone = _lora(model.backbone, cfg, None, [])
     if cfg.model.gradient_checkpointing:
-        from inpo.training.modeling import enable_activation_checkpointing
-
         enable_activation_checkpointing(model.backbone if cfg.kind == "gpm" else model)
     model.train()
     return model
@@ -220,8 +222,6 @@ def pair_logits(
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.float32, device=device)
     pad = tokenizer.pad_token_id
     if kind == "pairwise":
-        from inpo.oracles.pairwise import render_comparison, verdict_tokens
-
         texts = [
             render_comparison(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows
         ]
@@ -244,7 +244,6 @@ def pair_logits(
         )
         d = logits[:, id_a] - logits[:, id_b]
         return d, torch.cat([labels, 1.0 - labels])
-    from inpo.oracles.reward_model import render_response
 
     gpm = kind == "gpm"  # only a GPM reads the prompt's last token
     enc = [
@@ -261,7 +260,6 @@ def pair_logits(
         r = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
         margins = torch.tensor([row["margin"] for row in rows], dtype=torch.float32, device=device)
         return r[:n] - r[n:] - margins, labels
-    from inpo.oracles.gpm import gpm_score
 
     prompt_index = torch.tensor([e.prompt_index for e in enc], device=device)
     v, scales = model(ids, mask, prompt_index)
@@ -310,14 +308,9 @@ def preference_metrics(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str
 def load_oracle(kind: str, path: str | Path, **kwargs: Any) -> Any:
     """The oracle that serves a model of ``kind`` (what ``annotate.oracle`` loads)."""
     if kind == "bt":
-        from inpo.oracles.reward_model import RewardModelOracle
-
         return RewardModelOracle(path, **kwargs)
     if kind == "pairwise":
-        from inpo.oracles.pairwise import PairwisePreferenceOracle
-
         return PairwisePreferenceOracle(path, **kwargs)
-    from inpo.oracles.gpm import GPMOracle
 
     return GPMOracle(path, **kwargs)
 
@@ -349,8 +342,6 @@ def train_oracle(cfg: OracleTrainConfig, *, stop_after: int | None = None) -> Or
     )
     folder = check_model_dir(cfg.model.path)
     if cfg.kind == "pairwise":  # before anything is written or loaded: two verdict tokens
-        from inpo.oracles.pairwise import verdict_tokens
-
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         verdict_tokens(tok, where=f" of model.path '{cfg.model.path}'")
     plan = StepPlan(

@@ -15,11 +15,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inpo import selection as sel
+from inpo.console import progress
+from inpo.data import as_completion, completion_text
 from inpo.distributed import shard
 from inpo.errors import InpoError
 from inpo.hashing import file_sha256
+from inpo.oracles.cache import merge_rank_caches
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
+from inpo.pipeline.teacher import load_teacher, prompt_key
 
 __all__ = ["merge", "settings", "work"]
 
@@ -45,7 +50,6 @@ def _with_teacher(chunk: list[dict], teacher: dict[str, str] | None) -> list[dic
     chunk = [{**r, "truncated": _cut_flags(r)} for r in chunk]
     if not teacher:
         return chunk
-    from inpo.pipeline.teacher import prompt_key
 
     return [
         {
@@ -123,8 +127,6 @@ def _pairs(
     """The selected pairs of a batch of sample rows, the queries the rule asked, and the pairs
     DNO's ``margin`` dropped (win-rate selection only). Each pair carries its responses'
     ``chosen_truncated``/``rejected_truncated`` flags; ``truncated`` is ``annotate.truncated``."""
-    from inpo import selection as sel
-    from inpo.data import as_completion
 
     if truncated == "drop":
         chunk = _drop_cut(chunk)
@@ -203,8 +205,6 @@ def _model_passes(oracle: Any) -> int | None:
 
 
 def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
-    from inpo.console import progress
-
     dist, cfg = ctx.dist, ctx.cfg
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     mine = [rows[i] for i in shard(rows, dist.rank, dist.world)]
@@ -214,8 +214,6 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
     rule, bs = cfg.selection(), cfg.annotate.batch_size
     margin = teacher = None
     if cfg.spec.pair_filter:
-        from inpo.pipeline.teacher import load_teacher
-
         margin = cfg.margin_value
         teacher = load_teacher(cfg.teacher) if cfg.teacher else None
     pairs, queries, below = [], 0, 0
@@ -251,8 +249,6 @@ def work(ctx: Ctx, oracle: Any, samples: Path, folder: Path) -> None:
 
 def merge(ctx: Ctx, folder: Path) -> dict[str, Any]:
     """``pairs.jsonl`` in prompt order; the ranks' query counts summed."""
-    from inpo.data import completion_text
-    from inpo.oracles.cache import merge_rank_caches
 
     merge_rank_caches(ctx.run_dir / "oracle_cache.sqlite")
     pairs: list[dict] = []

@@ -14,10 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inpo.console import progress
 from inpo.distributed import shard
 from inpo.errors import DataError
+from inpo.generation import GenerationSettings, generate_chunks
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx, load_model
+from inpo.vllm_backend import vllm_generate
 
 __all__ = ["inputs", "merge", "settings", "work"]
 
@@ -71,8 +74,6 @@ def work(
 ) -> None:
     """``mixture=(π_ref's folder, β)``: sample from the token-level geometric mixture of the
     policy and that model (Nash-MD), with the transformers backend."""
-    from inpo.console import progress
-    from inpo.generation import GenerationSettings, generate_chunks
 
     g, dist = ctx.cfg.generate, ctx.dist
     own = folder / f"samples.rank{dist.rank:03d}.jsonl"
@@ -91,8 +92,6 @@ def work(
     settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
     subset = [prompts[i] for i in todo]
     if g.backend == "vllm":  # its own process, so its memory is gone before the next stage
-        from inpo.vllm_backend import vllm_generate
-
         samples, truncated, _ = vllm_generate(
             policy,
             subset,

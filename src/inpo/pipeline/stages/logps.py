@@ -13,8 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inpo.losses import get_loss
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx
+from inpo.precompute import precompute_logps
 
 __all__ = ["merge", "settings", "work"]
 
@@ -26,9 +28,6 @@ def settings(cfg: Any) -> dict[str, Any]:
 
 
 def work(ctx: Ctx, pairs: Path, ref: Path, policy: Path, folder: Path) -> None:
-    from inpo.losses import get_loss
-    from inpo.precompute import precompute_logps
-
     cfg, dist = ctx.cfg, ctx.dist
     spec = get_loss(cfg.loss_hparams()[0])
     data = cfg.train.data
@@ -58,8 +57,6 @@ def work(ctx: Ctx, pairs: Path, ref: Path, policy: Path, folder: Path) -> None:
 
 
 def merge(ctx: Ctx, pairs: Path, folder: Path) -> dict[str, Any]:
-    from inpo.losses import get_loss
-
     spec = get_loss(ctx.cfg.loss_hparams()[0])
     final = folder / "data"
     current = next(

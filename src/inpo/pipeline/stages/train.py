@@ -15,8 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inpo.config import validate_config
 from inpo.pipeline.faults import train_stop_after
 from inpo.pipeline.runtime import Ctx
+from inpo.training import train
 
 __all__ = ["merge", "settings", "train_config", "work"]
 
@@ -29,7 +31,6 @@ def settings(cfg: Any) -> dict[str, Any]:
 
 def train_config(ctx: Ctx, data: Path, policy: Path, seed: int, output_dir: Path):
     """The :class:`inpo.training.TrainConfig` of this iteration (validated)."""
-    from inpo.config import validate_config
 
     loss, hparams = ctx.cfg.loss_hparams()
     tc = ctx.cfg.train.as_train_config(
@@ -48,7 +49,6 @@ def work(
     ctx: Ctx, data: Path, policy: Path, seed: int, folder: Path, on_metrics: Any = None
 ) -> dict[str, Any]:
     """Train this rank's share; ``on_metrics`` (rank 0) receives each step's metrics row."""
-    from inpo.training import train
 
     tc = train_config(ctx, data, policy, seed, folder / "model")
     stop = train_stop_after()
