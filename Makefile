@@ -12,6 +12,9 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 endif
 PIP ?= $(PYTHON) -m pip
+## pytest-xdist: one worker a core, each test group (tests sharing an expensive fixture) on one
+## worker; `make test XDIST=` runs the suite in one process.
+XDIST ?= -n auto --dist loadgroup
 
 .PHONY: real-model test-real install run test test-fast faults lint format bench bench-gpu gpu-dry reliability clean vllm-env test-vllm deepspeed-env test-deepspeed
 
@@ -29,7 +32,7 @@ run: $(STAMP)
 
 ## Fast tier (unit + tiny-model smoke), the slow tier and the real-model tier; what CI runs.
 test: $(STAMP) real-model
-	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm and not deepspeed" -q
+	$(PYTHON) -m pytest -m "not gpu and not faults and not vllm and not deepspeed" -q --durations=25 $(XDIST)
 
 ## The real-model tier alone (SmolLM2-135M-Instruct, built by `make real-model`).
 test-real: $(STAMP) real-model

@@ -34,6 +34,42 @@ DOCS = [
     for p in sorted((ROOT / "docs").glob("*.md"))
     if "```bash" in p.read_text() and p.name != REAL_MODEL_PAGE
 ]
+#: Pages whose commands form independent chains (no command reads what another chain wrote)
+#: run as parts, each in a folder of its own, so that ``make test``'s workers share them: a
+#: command belongs to the first part naming any of its strings, else to the page's first part.
+#: A command placed in the wrong part fails (its inputs are not in its folder).
+PARTS = {
+    "quickstart.md": {
+        "default": (),
+        "compare": ("runs/compare", "runs/egpo"),
+        "dno": ("default_teacher", "runs/dno"),
+        "all": ("algorithms=all",),
+    },
+    "train.md": {"policy": (), "oracle": ("runs/toy", "runs/gpm", "train-oracle")},
+    "your-model.md": {"reward-model": (), "chat": ("toy-chat", "runs/chat")},
+    "scale.md": {
+        "pipeline": (),
+        "train": ("-m inpo precompute", "-m inpo train"),
+        "slurm": ("scontrol", "SLURM"),
+    },
+    "pipeline.md": {"default": (), "chat": ("toy-chat", "runs/chat"), "two": ("runs/two",)},
+}
+CASES = [
+    (page, part) for page in DOCS for part in PARTS.get(page.name, {"all": ()})
+]  # fmt: skip
+
+
+def page_part(page: Path, part: str) -> list[str]:
+    """The commands of ``part`` of ``page`` (all of them for a page not in :data:`PARTS`)."""
+    parts = PARTS.get(page.name)
+    if parts is None:
+        return doc_commands(page)
+    first = next(iter(parts))
+
+    def owner(cmd: str) -> str:
+        return next((p for p, keys in parts.items() if any(k in cmd for k in keys)), first)
+
+    return [c for c in doc_commands(page) if owner(c) == part]
 
 
 def doc_commands(page: Path) -> list[str]:
@@ -68,8 +104,12 @@ def cpu_size(cmd: str, work: Path) -> list[str] | None:
     return argv
 
 
-def _prepare(work: Path, env: dict) -> None:
-    """The files the pages name, from a one-iteration run of the default task."""
+def _prepare(work: Path, env: dict, cmds: list[str]) -> None:
+    """The files the commands name: ``config.yaml``, and from a one-iteration run of the
+    default task ``sft/``, ``pairs.jsonl`` and ``train.yaml``."""
+    (work / "config.yaml").write_text("iterations: 1\nmax_prompts: 4\nprompt_repeats: 2\n")
+    if not any(x in c for c in cmds for x in ("train.yaml", "sft/", "pairs.jsonl")):
+        return
     args = ["run_dir=seed", "iterations=1", "max_prompts=4", "prompt_repeats=2"]
     run = subprocess.run(
         [sys.executable, "-m", "inpo", "run", *args],
@@ -82,8 +122,6 @@ def _prepare(work: Path, env: dict) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     shutil.copytree(work / "seed" / "iter_000" / "train" / "model", work / "sft")
     shutil.copy(work / "seed" / "iter_000" / "annotate" / "pairs.jsonl", work / "pairs.jsonl")
-    small = "iterations: 1\nmax_prompts: 4\nprompt_repeats: 2\n"
-    (work / "config.yaml").write_text(small)
     # the example's keys, pointed at the files above and cut to CPU size
     import yaml
 
@@ -131,18 +169,25 @@ def _wait_healthy(port: str, proc: subprocess.Popen, timeout: float = 120.0) -> 
     raise AssertionError("the background server did not answer /health")
 
 
-@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
-def test_every_command_of_the_page_runs(page, tmp_path):
+def test_the_parts_cover_every_command_once():
+    for page in DOCS:
+        parts = PARTS.get(page.name, {"all": ()})
+        ran = [c for part in parts for c in page_part(page, part)]
+        assert sorted(ran) == sorted(doc_commands(page)), page.name
+        assert all(page_part(page, part) for part in parts), page.name
+
+
+@pytest.mark.parametrize("page, part", CASES, ids=[f"{p.name}:{part}" for p, part in CASES])
+def test_every_command_of_the_page_runs(page, part, tmp_path):
     """Each command as a user types it, in order, in one folder (``examples/`` copied in).
     ``cmd &`` starts in the background (a server: the test waits for its /health), ``kill %1``
     stops it; port 8000 becomes a free port; shell syntax runs through bash."""
-    cmds = doc_commands(page)
+    cmds = page_part(page, part)
     assert cmds, f"{page.name} has a bash block with no command"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    text = page.read_text()
-    if "train.yaml" in text or "sft/" in text:
-        _prepare(tmp_path, env)
+    if page.name == "scale.md":
+        _prepare(tmp_path, env, cmds)
     port = str(free_port())
     background: list[subprocess.Popen] = []
     try:

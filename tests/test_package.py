@@ -101,6 +101,25 @@ def test_no_import_cycles():
     assert len(graph) > 50 and not cycles, cycles
 
 
+def test_function_local_imports_of_inpo_say_why():
+    """inpo's own modules are imported at the top of a file; an import inside a function keeps
+    a heavy package out of its module's import and says which (``# deferred: loads torch``)."""
+    import ast
+
+    bare = []
+    for path in (ROOT / "src" / "inpo").rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("inpo"):
+                    said = lines[node.lineno - 1] + lines[node.lineno - 2]
+                    if "# deferred: loads" not in said:
+                        bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bare, bare
+
+
 def test_cli_help_and_unknown_command():
     out = subprocess.run([sys.executable, "-m", "inpo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "game" in out.stdout

@@ -27,7 +27,6 @@ from test_docs import doc_commands
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "real-model.md"
 
-# the page's commands run once, in the first test's set-up (~4 min on 2 idle cores)
 pytestmark = [pytest.mark.real, pytest.mark.timeout(1800)]
 
 IM_END = "<|im_end|>"
@@ -78,23 +77,45 @@ def _chat(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.fixture(scope="module")
-def page(smollm2, tmp_path_factory) -> Path:
-    """The page's commands, run in order in a fresh folder holding the repo's ``examples/``
-    (``make real-model`` ran before the tests: the ``smollm2`` fixture checks its output)."""
-    work = tmp_path_factory.mktemp("real-model-page")
+#: The page's commands in three parts that share no file, each run in order in a fresh folder
+#: holding the repo's ``examples/``: tests of one part form an xdist group (one worker runs it;
+#: ``make test`` runs the parts side by side).
+PARTS = {
+    "convert": ("convert",),
+    "chat": ("run", "export", "export", "eval"),
+    "panel": ("compare",),
+}
+
+
+def _page_part(part: str, tmp_path_factory) -> Path:
+    """Run the page's commands of ``part`` (``make real-model`` ran before the tests: the
+    ``smollm2`` fixture checks its output)."""
+    work = tmp_path_factory.mktemp(f"real-model-page-{part}")
     shutil.copytree(ROOT / "examples", work / "examples")
     cache = str(REAL_MODEL_DIR.parent.parent)  # the page's $HOME/.cache/inpo
-    ran = []
-    for cmd in doc_commands(PAGE):
-        if cmd.startswith("make "):
-            continue
-        argv = shlex.split(cmd.replace("$HOME/.cache/inpo", cache))
-        assert argv[0] == "inpo", cmd
-        _inpo(*argv[1:], cwd=work)
-        ran.append(argv[1])
-    assert ran == ["convert", "run", "export", "export", "eval", "compare"]
+    cmds = [shlex.split(c.replace("$HOME/.cache/inpo", cache)) for c in doc_commands(PAGE)]
+    cmds = [argv for argv in cmds if argv[0] != "make"]
+    assert [argv[0] for argv in cmds] == ["inpo"] * len(cmds)
+    assert tuple(argv[1] for argv in cmds) == sum(PARTS.values(), ())
+    for argv in cmds:
+        if argv[1] in PARTS[part]:
+            _inpo(*argv[1:], cwd=work)
     return work
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2, tmp_path_factory) -> Path:
+    return _page_part("convert", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def page(smollm2, tmp_path_factory) -> Path:
+    return _page_part("chat", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def panel(smollm2, tmp_path_factory) -> Path:
+    return _page_part("panel", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +126,9 @@ def run(page) -> Path:
 # ---- 1. the converted folder ----------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("real-convert")
 def test_converted_folder_decodes_as_the_gguf_and_round_trips(
-    smollm2, model, tokenizer, page, tmp_path
+    smollm2, model, tokenizer, converted, tmp_path
 ):
     """Plain ``from_pretrained`` of the folder greedy-decodes the GGUF-loaded model's tokens; the
     chat template and ``<|im_end|>`` (in ``generation_config.json``) are kept; save → load gives
@@ -115,7 +137,9 @@ def test_converted_folder_decodes_as_the_gguf_and_round_trips(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    mine, cached = (load_file(d / "model.safetensors") for d in (page / "runs/smollm2", smollm2))
+    mine, cached = (
+        load_file(d / "model.safetensors") for d in (converted / "runs/smollm2", smollm2)
+    )
     assert mine.keys() == cached.keys() and all(torch.equal(mine[k], cached[k]) for k in mine)
 
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -166,6 +190,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.xdist_group("real-chat")
 def test_samples_end_at_im_end_or_are_flagged_cut(run, tokenizer):
     """Each sample carries its cut flag; the prompt ids are one ``apply_chat_template(...,
     add_generation_prompt=True)``; an ended sample's ids end with ``<|im_end|>`` (the template's
@@ -192,6 +217,7 @@ def test_samples_end_at_im_end_or_are_flagged_cut(run, tokenizer):
     assert pairs and all("chosen_truncated" in p and "rejected_truncated" in p for p in pairs)
 
 
+@pytest.mark.xdist_group("real-chat")
 def test_reference_logps_equal_trls_computation(run, model, tokenizer):
     """The logps stage's ``ref_*_logps`` of ended answers equal a plain forward over TRL's own
     tokenisation of prompt + assistant turn (``DPOTrainer``'s conversational path)."""
@@ -223,6 +249,7 @@ def test_reference_logps_equal_trls_computation(run, model, tokenizer):
     assert checked[True] >= 1 and checked[False] >= 1, checked
 
 
+@pytest.mark.xdist_group("real-chat")
 def test_the_run_trains_and_evaluates_with_intervals(run):
     """The iteration trained a model and evaluated it: win rate and KL with their intervals,
     the cut samples counted (and the pairs holding one)."""
@@ -247,6 +274,7 @@ def test_the_run_trains_and_evaluates_with_intervals(run):
 # ---- 3. precompute + LoRA training, export and eval -------------------------------------------
 
 
+@pytest.mark.xdist_group("real-chat")
 def test_precompute_and_lora_training_on_conversational_pairs(run, smollm2, tmp_path):
     pairs = run / "iter_000/annotate/pairs.jsonl"
     _inpo("precompute", "--model", str(smollm2), str(pairs), "--output", str(tmp_path / "ref"))
@@ -261,6 +289,7 @@ def test_precompute_and_lora_training_on_conversational_pairs(run, smollm2, tmp_
     assert adapter, sorted(p.name for p in (tmp_path / "out").rglob("*"))
 
 
+@pytest.mark.xdist_group("real-chat")
 def test_export_and_eval_with_the_model_as_its_own_judge(page):
     """The page's ``inpo export`` answers and ``inpo eval`` with SmolLM2 judging through the
     general judging prompt (``--pairwise-format chat``)."""
@@ -277,7 +306,8 @@ def test_export_and_eval_with_the_model_as_its_own_judge(page):
 # ---- 4. task=panel: a general preference on the real model -----------------------------------
 
 
-def test_panel_compare_measures_the_pool_gap_and_cross_play(page, tokenizer):
+@pytest.mark.xdist_group("real-panel")
+def test_panel_compare_measures_the_pool_gap_and_cross_play(panel, tokenizer):
     """The page's ``inpo compare task=panel``: π_ref evaluated once and shared; every row's
     win rate from the panel's probabilities (π_ref against itself within its interval of ½),
     the pool-restricted gap with its interval and the cyclic share; the final policies'
@@ -288,7 +318,7 @@ def test_panel_compare_measures_the_pool_gap_and_cross_play(page, tokenizer):
     from inpo.layout import completion_logps
     from inpo.tasks.panel import PanelOracle, panel_prompts
 
-    root = page / "runs/panel"
+    root = panel / "runs/panel"
     stamps = {
         json.loads((root / a / "reference/evaluate/manifest.json").read_text())["finished_at"]
         for a in ("inpo", "dpo")

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         load_run_config,
         preflight,
     )
-    from inpo.pipeline.run import run_pipeline
+    from inpo.pipeline.run import run_pipeline  # deferred: loads torch
 
     if argv and argv[0] in ("-h", "--help"):
         usage = (
