@@ -42,6 +42,7 @@ import numpy as np
 from inpo.console import pulse
 from inpo.data import prompt_text
 from inpo.errors import ConfigError, OracleError
+from inpo.modelparts import keeps_logits
 from inpo.oracles.base import OracleStats, check_lengths
 from inpo.oracles.reward_model import (
     _check_local,
@@ -253,6 +254,8 @@ class PairwisePreferenceOracle:
             self.path, dtype=self.dtype, trust_remote_code=False
         )
         self.model = model.to(self.device).eval()
+        # the verdict is read at the last position: the vocabulary head runs there alone
+        self._last_logits = {"logits_to_keep": 1} if keeps_logits(self.model) else {}
         self._torch = torch
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.stats = OracleStats(extra={"sequences_scored": 0})
@@ -309,6 +312,7 @@ class PairwisePreferenceOracle:
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     position_ids=positions.to(self.device),
+                    **self._last_logits,
                 ).logits[:, -1, :]
             diff = (logits[:, id_a].double() - logits[:, id_b].double()).cpu().numpy()
             if not np.all(np.isfinite(diff)):
