@@ -1,13 +1,14 @@
 """Every command the pages under ``docs/`` show runs, at CPU size.
 
-Each page's commands run in order in one folder, as a newcomer would type them. The scale page
-shows commands for 8 GPUs and several nodes; they run here with only these substitutions
-(:func:`cpu_size`): 8 processes become 2, a free port is named (never torchrun's default
-29500), SLURM's variables get one node's values, ``/shared/`` is the test's folder, and the
-files that page names (``config.yaml``, ``train.yaml``, ``sft/``, ``pairs.jsonl``) are made
-first from a one-iteration ``inpo run``. Lines of a script that are SLURM's own (``#SBATCH``,
-``scontrol``, ``srun``) are not run. A server started with ``&`` is waited for and stopped at
-``kill %1``; port 8000 becomes a free one.
+Each page's commands run in order in one folder, as a newcomer would type them (a page whose
+commands form independent chains runs as parts, :data:`PARTS`, each in its own folder). The
+scale page shows commands for 8 GPUs and several nodes; they run here with only these
+substitutions (:func:`cpu_size`): 8 processes become 2, a free port is named (never torchrun's
+default 29500), SLURM's variables get one node's values, ``/shared/`` is the test's folder, and
+the files that page names (``config.yaml``; ``train.yaml``, ``sft/``, ``pairs.jsonl`` from a
+one-iteration ``inpo run``, for the part that uses them) are made first. Lines of a script that
+are SLURM's own (``#SBATCH``, ``scontrol``, ``srun``) are not run. A server started with ``&``
+is waited for and stopped at ``kill %1``; port 8000 becomes a free one.
 """
 
 from __future__ import annotations
