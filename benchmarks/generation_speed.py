@@ -101,18 +101,13 @@ def _sequences(tok, prompts, samples):
     return seqs, new, heads
 
 
-def _forward(model, seqs, *, sampled_only: int = 0):
-    """One no-grad forward a batch over ``seqs`` (``sampled_only``: keep each sequence's last
-    tokens after its first ``sampled_only[i]`` — passed as a list — i.e. the sampled part)."""
+def forward_batches(model, seqs, rows: int) -> None:
+    """One no-grad forward a batch of ``rows`` sequences (right padding)."""
     import torch
 
-    w0, c0 = time.perf_counter(), time.process_time()
-    rows = BATCH * K
     with torch.no_grad():
         for start in range(0, len(seqs), rows):
             part = seqs[start : start + rows]
-            if sampled_only:
-                part = [q[h:] for q, h in zip(part, sampled_only[start : start + rows])]
             width = max(len(s) for s in part)
             ids = torch.zeros((len(part), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -120,6 +115,15 @@ def _forward(model, seqs, *, sampled_only: int = 0):
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
             model(input_ids=ids, attention_mask=mask)
+
+
+def _forward(model, seqs, *, sampled_only: int = 0):
+    """One no-grad forward a batch over ``seqs`` (``sampled_only``: keep each sequence's last
+    tokens after its first ``sampled_only[i]`` — passed as a list — i.e. the sampled part)."""
+    if sampled_only:
+        seqs = [q[h:] for q, h in zip(seqs, sampled_only)]
+    w0, c0 = time.perf_counter(), time.process_time()
+    forward_batches(model, seqs, BATCH * K)
     return time.perf_counter() - w0, time.process_time() - c0
 
 

@@ -55,22 +55,6 @@ def _commit() -> str:
     return out.stdout.strip() or "?"
 
 
-def _forward(model, seqs, rows):
-    """One no-grad forward a batch of ``rows`` finished sequences (right padding)."""
-    import torch
-
-    with torch.no_grad():
-        for start in range(0, len(seqs), rows):
-            part = seqs[start : start + rows]
-            width = max(len(s) for s in part)
-            ids = torch.zeros((len(part), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, s in enumerate(part):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            model(input_ids=ids, attention_mask=mask)
-
-
 def _sequences(tok, prompts, samples, cut, end_id):
     from inpo.data import encode_prompt
 
@@ -122,6 +106,7 @@ def main() -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from generation_speed import forward_batches
     from inpo.generation import GenerationSettings, generate_chunks
     from inpo.oracles.pairwise import PairwisePreferenceOracle
     from inpo.oracles.reward_model import RewardModelOracle
@@ -163,7 +148,7 @@ def main() -> int:
             reference = (samples, cut)
         assert samples == reference[0], "the samples changed between rounds"
         seqs, new_tokens = _sequences(tok, prompts, samples, cut, end_id)
-        fw, fc, _ = _timed(_forward, model, seqs, args.batch * args.k)
+        fw, fc, _ = _timed(forward_batches, model, seqs, args.batch * args.k)
         a = [row[0] for row in samples]
         b = [row[1] for row in samples]
         pw, pc, _ = _timed(judge.prob_prefers, texts, a, b)

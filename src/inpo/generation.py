@@ -27,6 +27,7 @@ from typing import Any
 
 from inpo.console import pulse
 from inpo.data import encode_prompt
+from inpo.modelparts import keeps_logits
 
 __all__ = [
     "GenerationSettings",
@@ -110,6 +111,7 @@ class GeometricMixture:
         self.model = mix_model
         self.beta = float(beta)
         self.attn = attn  # [rows, prompt length] of the rows being generated
+        self._last_logits = {"logits_to_keep": 1} if keeps_logits(mix_model) else {}
         self.cache = None
         self.mask = None
         self.positions = None
@@ -127,6 +129,7 @@ class GeometricMixture:
                     attention_mask=self.mask,
                     position_ids=pos,
                     use_cache=True,
+                    **self._last_logits,  # only the last position's are read
                 )
                 self.positions = pos[:, -1:]
             else:
