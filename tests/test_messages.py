@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from inpo.config import load_config
+from inpo.training import pairs
 from inpo.training.config import TrainConfig
 from inpo.training.pairs import load_pairs as _load_data
 
@@ -24,7 +25,9 @@ def test_precompute_prints_its_result_once(tmp_path):
     assert both.count("270 pairs") == 1, both
 
 
-def test_a_loss_that_ignores_columns_says_so_once_a_process(tmp_path, caplog):
+def test_a_loss_that_ignores_columns_says_so_once_a_process(tmp_path, caplog, monkeypatch):
+    # a fresh process's memory: another test on this worker may have said it already
+    monkeypatch.setattr(pairs, "_WARNED_IGNORED", set())
     rows = [
         {"prompt": f"p{i}", "chosen": "a", "rejected": "b", "chosen_winrate": 0.7,
          "rejected_winrate": 0.2, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}

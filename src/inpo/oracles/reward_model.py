@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -97,7 +98,8 @@ class Rendered(NamedTuple):
 
 #: A share of unknown tokens above which an oracle is warned it cannot read the text.
 UNKNOWN_SHARE_WARN = 0.25
-_UNKNOWN_CHECKED: set[int] = set()  # tokenizers already checked (each is checked once)
+# tokenizers already checked (each once); weak, since an id() is reused once its object is freed
+_UNKNOWN_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def check_unknown_share(tokenizer: Any, ids: Sequence[int], who: str) -> None:
@@ -105,9 +107,9 @@ def check_unknown_share(tokenizer: Any, ids: Sequence[int], who: str) -> None:
     word-level toy tokenizer reading a real chat model's text): naming the share, since such an
     oracle judges text it cannot see."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None or id(tokenizer) in _UNKNOWN_CHECKED or not ids:
+    if unk is None or tokenizer in _UNKNOWN_CHECKED or not ids:
         return
-    _UNKNOWN_CHECKED.add(id(tokenizer))
+    _UNKNOWN_CHECKED.add(tokenizer)
     unknown = sum(1 for t in ids if t == unk)
     if unknown / len(ids) > UNKNOWN_SHARE_WARN:
         log.warning(
