@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,13 +36,20 @@ import numpy as np
 
 OUT = Path(__file__).parent / "results" / "panel_task.md"
 ALGORITHMS = "inpo,online_ipo,dpo,sppo,nash_md"
+#: Sized for the issue's budget (two seeds in about 30 minutes on two idle cores): 8 fresh
+#: prompts and one optimizer step an iteration, at a learning rate at which the policies move
+#: (KL to π_ref ~0.5-1 nats an iteration; at 5e-6 and 4 steps it stayed under 0.15 in three
+#: iterations). Chosen before these results were seen; the panel is the task's own.
 SETTINGS = [
     "iterations=3",
-    "max_prompts=16",
+    "max_prompts=8",
     "generate.max_new_tokens=32",
-    "evaluate.num_prompts=12",
+    "train.optim.epochs=1",
+    "train.optim.learning_rate=3e-5",
+    "evaluate.num_prompts=8",
     "evaluate.k=2",
 ]
+IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 
 def command(run_dir: Path, seed: int) -> list[str]:
@@ -122,6 +130,28 @@ def main() -> int:
 
         lines.append(f"| {name} | {cell(gaps)} | {cell(cross)} | {cell(win)} | {cell(kl)} | "
                      f"{np.mean(length):.1f} |")  # fmt: skip
+    lines += [
+        "",
+        "Per iteration (in-run evaluation of π_t against π_ref on the held-out prompts; mean over "
+        "seeds, each seed's in brackets; the pool is π_t's and π_ref's answers of that evaluation, "
+        "and π_ref's own gap on the same pool is beside π_t's):",
+        "",
+        "| algorithm | iteration | pool gap | π_ref's gap, same pool | win vs π_ref | KL to π_ref |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        if name == "π_ref":
+            continue
+        for t in range(1, iters + 1):
+            rows_ = [lasts[(s, name, t)] for s in seeds]
+
+            def each(key: str, rows_: list = rows_) -> str:
+                v = [r[key] for r in rows_]
+                return f"{np.mean(v):.3f} [" + ", ".join(f"{x:.3f}" for x in v) + "]"
+
+            lines.append(f"| {name} | {t} | {each('pool_duality_gap')} | "
+                         f"{each('ref_pool_duality_gap')} | {each('win_rate_vs_ref')} | "
+                         f"{each('kl_to_ref')} |")  # fmt: skip
     cyc = [lasts[(s, names[0], 0)].get("cyclic_triples") for s in seeds]
     lines += [
         "",
@@ -129,6 +159,11 @@ def main() -> int:
         "its own held-out answers (iteration 0's evaluation pool).",
         "",
     ]
+    for kind in ("crossplay", "metrics"):  # the first seed's plots, as `inpo compare` drew them
+        shutil.copyfile(root / f"seed{seeds[0]}" / "plots" / f"{kind}.png",
+                        IMG / f"panel_{kind}.png")  # fmt: skip
+    lines += [f"Plots (seed {seeds[0]}): `docs/img/panel_crossplay.png`, "
+              "`docs/img/panel_metrics.png`.", ""]  # fmt: skip
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
