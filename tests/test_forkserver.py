@@ -19,6 +19,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _default_sigint() -> None:
+    """As at a terminal: a test runner started in the background passes SIGINT on ignored (and
+    a command that inherits it ignored keeps ignoring it, served or fresh)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fresh_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "INPO_FORKSERVER_DIR"}
 
@@ -57,7 +63,8 @@ def test_signals_reach_the_command_and_it_dies_with_its_stand_in(tmp_path):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "inpo", "run", f"run_dir={run_dir}", "iterations=2"]
     for sig, code in ((signal.SIGINT, 2), (signal.SIGKILL, -9)):
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)  # fmt: skip
         deadline = time.time() + 120
         while not (run_dir / "config.yaml").exists():  # the run holds its folder
             assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -29,6 +29,33 @@ FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.
            signal.SIGUSR2)  # fmt: skip
 
 
+def effective_env(env: dict[str, str] | os._Environ, args: list[str]) -> dict[str, str]:
+    """``env`` as the command has it when it imports torch and transformers: ``inpo``'s
+    start-up sets the libraries' quiet switches first (``inpo.console.quiet_libraries``,
+    ``TQDM_DISABLE`` for ``-q`` and for ``inpo convert``), which those packages read at import."""
+    from inpo.console import _SWITCHES
+
+    out = dict(env)
+    level, command = 0, None
+    for arg in args:
+        if arg in ("-q", "--quiet"):
+            level = -1
+        elif arg in ("-v", "--verbose"):
+            level = max(level, 0) + 1
+        elif arg == "-vv":
+            level = 2
+        elif command is None and not arg.startswith("-"):
+            command = arg
+    if level >= 1:
+        out["INPO_LIBRARY_PROGRESS"] = "1"
+    elif out.get("INPO_LIBRARY_PROGRESS") != "1":
+        for key, value in _SWITCHES.items():
+            out.setdefault(key, value)
+    if level < 0 or command == "convert":
+        out.setdefault("TQDM_DISABLE", "1")
+    return out
+
+
 def signature(env: dict[str, str] | os._Environ) -> str:
     keys = sorted(k for k in env if k.startswith(IMPORT_TIME) and not k.startswith("TORCHELASTIC"))
     text = json.dumps([sys.executable, [(k, env[k]) for k in keys]])
@@ -61,7 +88,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return buf
 
 
-def _start_server(folder: str, sig: str) -> None:
+def _start_server(folder: str, sig: str, env: dict[str, str]) -> None:
     """Start this signature's server, once (a lock file says one is starting)."""
     try:
         fd = os.open(os.path.join(folder, sig + ".lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -76,22 +103,24 @@ def _start_server(folder: str, sig: str) -> None:
         stderr=open(os.path.join(folder, sig + ".log"), "ab"),
         start_new_session=True,
         close_fds=True,
+        env=env,
     )
 
 
 def run(mode: str, target: str, args: list[str], unbuffered: bool) -> None:
     """Hand the command to the server and exit as it exits; return if no server answers."""
     folder = os.environ["INPO_FORKSERVER_DIR"]
-    sig = signature(os.environ)
+    env = effective_env(os.environ, args)
+    sig = signature(env)
     path = os.path.join(folder, sig + ".sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:
         sock.close()
-        _start_server(folder, sig)
+        _start_server(folder, sig, env)
         return
-    ignored = [int(s) for s in FORWARD if signal.getsignal(s) == signal.SIG_IGN]
+    ignored = [int(s) for s in signal.valid_signals() if _ignored(s)]
     child: list[int] = []
     pending: list[int] = []
 
@@ -108,6 +137,7 @@ def run(mode: str, target: str, args: list[str], unbuffered: bool) -> None:
     send_msg(sock, {
         "mode": mode, "target": target, "args": args, "unbuffered": unbuffered,
         "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(), "ignored": ignored,
+        "rlimits": _rlimits(),
     })  # fmt: skip
     started = recv_msg(sock)
     if not isinstance(started, dict):  # the server went away before forking: run as usual
@@ -129,6 +159,25 @@ def run(mode: str, target: str, args: list[str], unbuffered: bool) -> None:
         signal.signal(num, signal.SIG_DFL)
         os.kill(os.getpid(), num)
     os._exit(int(done.get("exit", 1)))
+
+
+def _ignored(sig: int) -> bool:
+    try:
+        return signal.getsignal(sig) == signal.SIG_IGN
+    except (ValueError, OSError):
+        return False
+
+
+def _rlimits() -> dict[str, list[int]]:
+    """This process's resource limits (a test's ``preexec_fn`` may have set one: a small
+    RLIMIT_FSIZE stands for a full disk)."""
+    import resource
+
+    return {
+        name: list(resource.getrlimit(getattr(resource, name)))
+        for name in dir(resource)
+        if name.startswith("RLIMIT_")
+    }
 
 
 def _umask() -> int:

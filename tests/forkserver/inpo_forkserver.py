@@ -57,7 +57,17 @@ def _child(conn: socket.socket, fds: list[int], req: dict) -> int:
         signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for s in req["ignored"]:
-        signal.signal(s, signal.SIG_IGN)
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except (OSError, ValueError):  # SIGKILL, SIGSTOP
+            pass
+    import resource
+
+    for name, limits in req["rlimits"].items():
+        try:
+            resource.setrlimit(getattr(resource, name), tuple(limits))
+        except (ValueError, OSError):  # above this process's hard limit: keep its own
+            pass
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
         os.close(fd)
