@@ -87,15 +87,10 @@ def _run(name: str, rest: list[str]) -> int | None:
             logging.getLogger("inpo").debug("leaving the process group failed: %s", err)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    if argv[0] in ("-V", "--version"):
-        print(f"inpo {__version__}")
-        return 0
-    level = 0  # -q / -v / -vv, before or after the command
+def split_verbosity(argv: list[str]) -> tuple[int, list[str]]:
+    """``(level, rest)``: the console level ``-q``/``-v``/``-vv`` ask for, before or after the
+    command (:data:`inpo.console.LEVELS`), and the other arguments in order."""
+    level = 0
     kept = []
     for arg in argv:
         if arg in ("-q", "--quiet"):
@@ -106,7 +101,18 @@ def main(argv: list[str] | None = None) -> int:
             level = 2
         else:
             kept.append(arg)
-    argv = kept
+    return level, kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"inpo {__version__}")
+        return 0
+    level, argv = split_verbosity(argv)
     if not argv:
         print(_usage())
         return 0

@@ -33,19 +33,12 @@ def effective_env(env: dict[str, str] | os._Environ, args: list[str]) -> dict[st
     """``env`` as the command has it when it imports torch and transformers: ``inpo``'s
     start-up sets the libraries' quiet switches first (``inpo.console.quiet_libraries``,
     ``TQDM_DISABLE`` for ``-q`` and for ``inpo convert``), which those packages read at import."""
+    from inpo.cli import split_verbosity
     from inpo.console import _SWITCHES
 
     out = dict(env)
-    level, command = 0, None
-    for arg in args:
-        if arg in ("-q", "--quiet"):
-            level = -1
-        elif arg in ("-v", "--verbose"):
-            level = max(level, 0) + 1
-        elif arg == "-vv":
-            level = 2
-        elif command is None and not arg.startswith("-"):
-            command = arg
+    level, rest = split_verbosity(args)
+    command = rest[0] if rest else None
     if level >= 1:
         out["INPO_LIBRARY_PROGRESS"] = "1"
     elif out.get("INPO_LIBRARY_PROGRESS") != "1":
