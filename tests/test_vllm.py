@@ -19,6 +19,7 @@ import pytest
 if importlib.util.find_spec("vllm") is None:  # not imported here: the engine runs in a child
     pytest.skip("vLLM is not installed (make vllm-env)", allow_module_level=True)
 
+from inpo import vllm_backend
 from inpo.data import encode_prompt
 from inpo.generation import GenerationSettings, generate_chunks
 from inpo.tiny import always_say, save_tiny_chat_lm
@@ -60,6 +61,29 @@ def test_prompt_ids_are_ours_with_one_bos_and_seeds_are_per_prompt(chat_model, t
     assert "vllm" not in sys.modules  # the engine ran in its own process, now gone
 
 
+def test_a_kept_engine_loads_other_weights_and_samples_as_a_fresh_one(tmp_path):
+    """One engine for A, then B, then A again (same architecture, other weights): one start,
+    two in-place reloads, and each call's samples are a fresh engine's on those weights (the
+    prefix cache, filled by A's prompts, is not reused for B's)."""
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=8)
+    a = save_tiny_chat_lm(tmp_path / "a", "llama3", seed=1, **SIZES)
+    b = save_tiny_chat_lm(tmp_path / "b", "llama3", seed=2, **SIZES)
+
+    def sample(path, keep):
+        return vllm_generate(path, PROMPTS, [0, 1, 2], 3, settings, seed=7,
+                             work_dir=tmp_path / "w", keep_engine=keep)[0]  # fmt: skip
+
+    fresh = {path: sample(path, False) for path in (a, b)}
+    assert fresh[a] != fresh[b]
+    del vllm_backend.ENGINE_EVENTS[:]
+    kept = [sample(path, True) for path in (a, b, a)]
+    events = [(what, Path(model).name) for what, model, _ in vllm_backend.ENGINE_EVENTS]
+    assert events == [("start", "a"), ("reload", "b"), ("reload", "a")]
+    assert kept == [fresh[a], fresh[b], fresh[a]]
+    vllm_backend.close_engine()
+    assert vllm_backend._ENGINE is None
+
+
 def test_end_tokens_and_truncation_match_the_transformers_backend(tmp_path):
     """An always-``<|eot_id|>`` model stops at once on both backends (``<|eot_id|>`` is named
     only by ``generation_config.json``); an always-``a`` model is truncated on both."""
@@ -82,9 +106,9 @@ def test_end_tokens_and_truncation_match_the_transformers_backend(tmp_path):
 
 
 def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
-    """``inpo run generate.backend=vllm`` end to end (a chat model, a reward-model oracle), and
-    the same run on the transformers backend: the same prompts, K samples each, truncation
-    counted by both."""
+    """``inpo run generate.backend=vllm`` end to end (a chat model, a reward-model oracle, two
+    iterations on one engine), and the same run on the transformers backend: the same
+    prompts, K samples each, truncation counted by both."""
     from inpo.tiny import chat_tokenizer, tiny_reward_model
 
     tok = chat_tokenizer("llama3")
@@ -100,7 +124,7 @@ def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
         f"reference={chat_model}",
         "annotate.oracle=reward_model",
         f"annotate.model={tmp_path / 'rm'}",
-        "iterations=1",
+        "iterations=2",
         "eta=0.5",
         "generate.k=4",
         "generate.max_new_tokens=6",
@@ -117,6 +141,7 @@ def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
                 sys.executable,
                 "-m",
                 "inpo",
+                "-v",
                 "run",
                 f"run_dir={run}",
                 f"generate.backend={backend}",
@@ -131,6 +156,10 @@ def test_inpo_run_with_the_vllm_backend(chat_model, tmp_path):
         manifest = json.loads((run / "iter_000" / "generate" / "manifest.json").read_text())
         assert "truncated" in json.dumps(manifest)
         assert not list((run / "iter_000" / "generate").glob("vllm*"))
+        if backend == "vllm":  # one engine for the run: π_ref's evaluation, 2 × (generate,
+            # evaluate); π_1's and π_2's weights loaded by their evaluation, generate reuses them
+            assert proc.stderr.count("vLLM engine started") == 1, proc.stderr[-3000:]
+            assert proc.stderr.count("vLLM engine loaded the weights") == 2
     v, t = out["vllm"], out["transformers"]
     assert [r["prompt"] for r in v] == [r["prompt"] for r in t]
     assert all(len(r["responses"]) == 4 for r in v)

@@ -14,21 +14,35 @@ The contract is the transformers backend's (:mod:`inpo.generation`):
 * each prompt has its own seed (:func:`inpo.generation.sample_seed` of its index), so its
   samples do not depend on how vLLM batches the requests.
 
-The engine runs in a child process (``python -m inpo.vllm_backend JOB``) that exits when the
-samples are written, so its memory (the GPU's KV cache above all) is released before the next
-stage loads a model in the parent. Under ``torchrun`` every rank starts its own child with the
-torchrun variables removed and, on GPUs, ``CUDA_VISIBLE_DEVICES`` set to that rank's
-``tensor_parallel_size`` devices: one independent engine per rank, each on its own share of
-the prompts (vLLM's ``external_launcher`` would instead share one engine across the torchrun
-ranks, which ties every rank to one tensor-parallel group).
+The engine runs in a child process (``python -m inpo.vllm_backend``) that reads jobs from its
+standard input, so the parent never imports vLLM. Starting an engine is the backend's dearest
+step (the model's load, its compilation and the KV cache's allocation: a minute and more on a
+CPU), and a run samples in several stages of each iteration (π_ref's evaluation, generate,
+evaluate), so with ``keep_engine`` the engine stays up between calls and a call on other weights
+of the same architecture loads them into it (vLLM's in-place ``reload_weights``, then its prefix
+cache is emptied), as peers that colocate vLLM with training do. That is the memory plan on a
+CPU, where the KV cache is a fixed ``VLLM_CPU_KVCACHE_SPACE`` of host memory; on a GPU the
+engine holds ``gpu_memory_utilization`` of the device, which the next stage's model needs, so
+there it leaves after each call, as without ``keep_engine``. A different architecture, dtype or
+engine setting starts a new engine; the parent's exit (or the end of its standard input) ends
+it.
+
+Under ``torchrun`` every rank starts its own child with the torchrun variables removed and, on
+GPUs, ``CUDA_VISIBLE_DEVICES`` set to that rank's ``tensor_parallel_size`` devices: one
+independent engine per rank, each on its own share of the prompts (vLLM's ``external_launcher``
+would instead share one engine across the torchrun ranks, which ties every rank to one
+tensor-parallel group).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +52,24 @@ from inpo.data import encode_prompt
 from inpo.errors import ConfigError, InpoError
 from inpo.generation import end_token_ids, sample_seed
 
-__all__ = ["LAST_GENERATE_SECONDS", "VLLM_MISSING", "check_vllm", "vllm_generate"]
+__all__ = [
+    "ENGINE_EVENTS",
+    "LAST_GENERATE_SECONDS",
+    "VLLM_MISSING",
+    "check_vllm",
+    "close_engine",
+    "vllm_generate",
+]
+
+log = logging.getLogger(__name__)
 
 #: Seconds the last :func:`vllm_generate` spent in ``LLM.generate`` (the engine's start-up
-#: excluded), for benchmarks.
+#: and any weight reload excluded), for benchmarks.
 LAST_GENERATE_SECONDS: float | None = None
+
+#: What this process's engines did, in order: ``("start", model, seconds)`` and
+#: ``("reload", model, seconds)`` (read by tests and benchmarks).
+ENGINE_EVENTS: list[tuple[str, str, float]] = []
 
 VLLM_MISSING = (
     "generate.backend=vllm needs vLLM: `pip install 'inpo[vllm]'` on a CUDA machine, or the "
@@ -61,6 +88,9 @@ _TORCHRUN_VARS = (
     "TORCHELASTIC_RUN_ID",
 )
 
+#: ``config.json`` keys that do not change the engine a model needs (its weights may differ).
+_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version")
+
 
 def check_vllm() -> None:
     """Raise :class:`inpo.errors.ConfigError` unless vLLM can be imported (checked with the
@@ -69,6 +99,85 @@ def check_vllm() -> None:
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(VLLM_MISSING)
+
+
+class _Engine:
+    """One engine process: jobs in on its standard input, one JSON reply line a job out on a
+    pipe of its own (vLLM may print to its standard output); its log in a temporary file."""
+
+    def __init__(self, key: str, env: dict[str, str]):
+        self.key, self.model = key, None
+        fd, self.log_path = tempfile.mkstemp(prefix="inpo-vllm-", suffix=".log")
+        with os.fdopen(fd, "w") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "inpo.vllm_backend"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                text=True,
+            )
+
+    def run(self, model: str, job_file: Path, out_file: Path) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps({"job": str(job_file), "out": str(out_file)}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            code = self.proc.wait()
+            tail = "\n".join(Path(self.log_path).read_text().strip().splitlines()[-15:])
+            self.close()
+            raise InpoError(f"the vLLM engine for '{model}' failed (exit {code}):\n{tail}")
+        self.model = model
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()  # the end of its input: it shuts the engine down
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        Path(self.log_path).unlink(missing_ok=True)
+
+
+_ENGINE: _Engine | None = None
+
+
+def close_engine() -> None:
+    """End this process's kept engine, if any (also done at exit)."""
+    global _ENGINE
+    if _ENGINE is not None:
+        engine, _ENGINE = _ENGINE, None
+        engine.close()
+
+
+atexit.register(close_engine)
+
+
+def _engine_key(model_path: Path, env: dict[str, str], engine_args: dict[str, Any]) -> str:
+    """What an engine is started with, but the weights: the model's architecture and dtype
+    (its ``config.json``), the engine's settings and the environment that places it."""
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {"path": str(model_path)}  # not a plain folder: an engine of its own
+    for name in _NOT_ARCHITECTURE:
+        config.pop(name, None)
+    placed = {k: env.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE")}
+    return json.dumps([config, engine_args, placed], sort_keys=True)
+
+
+def _keep_on_this_machine() -> bool:
+    """The memory plan: an engine may stay between stages on a CPU only (see the module)."""
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def vllm_generate(
@@ -83,30 +192,37 @@ def vllm_generate(
     tensor_parallel_size: int = 1,
     local_rank: int = 0,
     gpu_memory_utilization: float = 0.85,
+    keep_engine: bool = False,
 ) -> tuple[list[list[str]], list[list[bool]], list[list[int]]]:
-    """``k`` samples of each prompt from a fresh vLLM engine in a child process.
+    """``k`` samples of each prompt from a vLLM engine in a child process.
 
     Returns ``(samples, truncated, prompt_ids)``: the completions of each prompt, which of
     them stopped at ``max_new_tokens``, and the token ids vLLM conditioned on (as it reports
-    them), in the order of ``prompts``.
+    them), in the order of ``prompts``. ``keep_engine``: leave the engine up for the next call
+    (on a CPU; see the module), which loads its model's weights into it.
     """
+    global _ENGINE, LAST_GENERATE_SECONDS
     from transformers import AutoTokenizer, GenerationConfig
 
+    model_path = Path(model_path)
     tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
     try:
         gen_cfg = GenerationConfig.from_pretrained(str(model_path))
     except OSError:
         gen_cfg = None
     work_dir.mkdir(parents=True, exist_ok=True)
+    engine_args = {
+        "tensor_parallel_size": int(tensor_parallel_size),
+        "gpu_memory_utilization": float(gpu_memory_utilization),
+    }
     job = {
         "model": str(model_path),
+        "engine": engine_args,
         "k": int(k),
         "temperature": float(settings.temperature),
         "top_p": float(settings.top_p),
         "max_tokens": int(settings.max_new_tokens),
         "stop_token_ids": end_token_ids(tok, gen_cfg, settings.stop_token_ids),
-        "tensor_parallel_size": int(tensor_parallel_size),
-        "gpu_memory_utilization": float(gpu_memory_utilization),
         "requests": [
             {"prompt_token_ids": encode_prompt(tok, p), "seed": sample_seed(seed, i) % 2**31}
             for p, i in zip(prompts, indices, strict=True)
@@ -122,48 +238,54 @@ def vllm_generate(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(
             str(d) for d in range(first, first + tensor_parallel_size)
         )
-    proc = subprocess.run(
-        [sys.executable, "-m", "inpo.vllm_backend", str(job_file), str(out_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise InpoError(
-            f"the vLLM engine for '{model_path}' failed (exit {proc.returncode}):\n{tail}"
-        )
+    key = _engine_key(model_path, env, engine_args)
+    if _ENGINE is not None and (_ENGINE.key != key or _ENGINE.proc.poll() is not None):
+        close_engine()
+    if _ENGINE is None:
+        _ENGINE = _Engine(key, env)
+    try:
+        reply = _ENGINE.run(str(model_path), job_file, out_file)
+    finally:
+        if not (keep_engine and _keep_on_this_machine()):
+            close_engine()
+    for event in ("start", "reload"):
+        if event in reply:
+            ENGINE_EVENTS.append((event, str(model_path), reply[event]))
+            what = "started" if event == "start" else "loaded the weights"
+            log.info("vLLM engine %s for %s in %.1fs", what, model_path, reply[event])
+    LAST_GENERATE_SECONDS = reply["generate"]
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    seconds_file = out_file.with_name(out_file.name + ".seconds")
-    global LAST_GENERATE_SECONDS
-    LAST_GENERATE_SECONDS = json.loads(seconds_file.read_text())["generate"]
-    for f in (job_file, out_file, seconds_file):
+    for f in (job_file, out_file):
         f.unlink()
     tokens = [r["prompt_token_ids"] for r in rows]
     samples = [[tok.decode(ids, skip_special_tokens=True) for ids in r["token_ids"]] for r in rows]
     return samples, [[bool(c) for c in r["truncated"]] for r in rows], tokens
 
 
-def _serve_job(job_file: str, out_file: str) -> int:
-    """The child: one engine, every request, the outputs as JSON lines, then exit."""
+def _start(job: dict[str, Any]) -> Any:
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    job = json.loads(Path(job_file).read_text())
     # The CPU build cannot rewind a seeded request's generator (``CPU Generator does not use
     # offset``), which vLLM does when a prefill is split over steps: on CPU, prefills are whole.
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-    llm = LLM(
+    return LLM(
         **cpu,
         model=job["model"],
         tokenizer=job["model"],
         trust_remote_code=False,
         skip_tokenizer_init=False,
-        tensor_parallel_size=job["tensor_parallel_size"],
-        gpu_memory_utilization=job["gpu_memory_utilization"],
+        tensor_parallel_size=job["engine"]["tensor_parallel_size"],
+        gpu_memory_utilization=job["engine"]["gpu_memory_utilization"],
         generation_config="vllm",  # only the sampling parameters below apply
         seed=0,
     )
+
+
+def _sample(llm: Any, job: dict[str, Any], out_file: str) -> float:
+    """Every request of ``job``, the outputs as JSON lines; the seconds it took."""
+    from vllm import SamplingParams
+
     params = [
         SamplingParams(
             n=job["k"],
@@ -181,7 +303,6 @@ def _serve_job(job_file: str, out_file: str) -> int:
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    Path(out_file + ".seconds").write_text(json.dumps({"generate": seconds}))
     stops = set(job["stop_token_ids"])
     with open(out_file, "w") as fh:
         for out in outputs:
@@ -197,8 +318,34 @@ def _serve_job(job_file: str, out_file: str) -> int:
                 "truncated": [c.finish_reason == "length" for c in out.outputs],
             }
             fh.write(json.dumps(row) + "\n")
+    return seconds
+
+
+def _serve() -> int:
+    """The child: one engine, started by the first job and kept for the next ones (each may
+    name other weights of the same architecture: loaded in place); exits at the end of its
+    input. Replies go to the standard output it was given, which vLLM's prints do not reach."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    llm, loaded = None, None
+    for line in sys.stdin:
+        paths = json.loads(line)
+        job = json.loads(Path(paths["job"]).read_text())
+        reply: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if llm is None:
+            llm = _start(job)
+            reply["start"] = time.perf_counter() - t0
+        elif job["model"] != loaded:
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": job["model"]})
+            llm.reset_prefix_cache()  # its cached prompts were computed with the old weights
+            reply["reload"] = time.perf_counter() - t0
+        loaded = job["model"]
+        reply["generate"] = _sample(llm, job, paths["out"])
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover - the child process
-    sys.exit(_serve_job(sys.argv[1], sys.argv[2]))
+    sys.exit(_serve())

