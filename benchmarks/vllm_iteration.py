@@ -11,12 +11,13 @@ after, the commit and versions in the record):
 1. **Generation.** The same prompts as ``real_model_speed.py`` part 1 (the first 16 held-out
    ``task=panel`` conversations, K = 4, ≤ 48 new tokens, temperature 1): ``inpo.generation`` as
    the transformers backend ships it, then :func:`inpo.vllm_backend.vllm_generate` on a kept
-   engine, called twice: the engine's start-up is reported apart from the seconds in
-   ``LLM.generate``; tokens/s of each backend's sampling (the second vLLM call).
+   engine, called twice, then once on an ``enforce_eager`` engine: each engine's start-up is
+   reported apart from the seconds in ``LLM.generate``; tokens/s of each backend's sampling.
 2. **Whole runs.** ``inpo -v run task=panel`` at ``panel_task.py``'s size for ``--iterations``
-   iterations, three ways, one after another: the transformers backend; vLLM with its engine
-   kept between stages (``generate.reuse_engine=true``, the default since issue 31); vLLM with
-   an engine a stage (``generate.reuse_engine=false``: the backend before). The wall seconds of
+   iterations, four ways, one after another: the transformers backend; vLLM with its engine
+   kept between stages (``generate.reuse_engine=true``, the default since issue 31), compiled
+   (vLLM's default) and ``generate.enforce_eager=true``; vLLM with an engine a stage
+   (``generate.reuse_engine=false``: the backend before). The wall seconds of
    each command, its iterations' stage seconds as the run records them, and the engine starts
    and weight loads it logged.
 """
@@ -72,12 +73,12 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
     hf_tokens = _tokens(tok, samples, cut, end_id)
     del model
     calls = []
-    for _ in range(2):
+    for eager in (False, False, True):  # compiled: a start, then the kept engine; eager: a start
         del vllm_backend.ENGINE_EVENTS[:]
         t0 = time.perf_counter()
         samples, cut, _ = vllm_backend.vllm_generate(
             model_dir, prompts, list(range(len(prompts))), k, settings, seed=0,
-            work_dir=work / "vllm", keep_engine=True,
+            work_dir=work / "vllm", keep_engine=True, enforce_eager=eager,
         )  # fmt: skip
         wall = time.perf_counter() - t0
         start = sum(s for what, _, s in vllm_backend.ENGINE_EVENTS if what == "start")
@@ -140,11 +141,12 @@ def main() -> int:
     for name, extra in (
         ("transformers", ["generate.backend=transformers"]),
         ("vLLM, engine kept (after)", ["generate.backend=vllm"]),
+        ("vLLM, engine kept, enforce_eager", ["generate.backend=vllm",
+                                              "generate.enforce_eager=true"]),
         ("vLLM, an engine a stage (before)", ["generate.backend=vllm",
                                               "generate.reuse_engine=false"]),
     ):  # fmt: skip
-        runs[name] = _run(model_dir, work / name.split(",")[0].split(" ")[0] / str(len(runs)),
-                          args.iterations, extra)  # fmt: skip
+        runs[name] = _run(model_dir, work / str(len(runs)), args.iterations, extra)
         print(name, json.dumps(runs[name]), flush=True)
     load_after = os.getloadavg()
 
@@ -159,7 +161,7 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d')}.",
     ]
     if gen is not None:
-        first, second = gen["vllm"]
+        first, second, eager = gen["vllm"]
         hf_rate = gen["hf_tokens"] / gen["hf_seconds"]
         v_rate = second["tokens"] / second["generate"]
         lines += [
@@ -175,6 +177,9 @@ def main() -> int:
             f"{first['wall']:.1f} | {first['tokens']} | {first['tokens'] / first['generate']:.0f} |",
             f"| vLLM, second call (kept engine) | – | {second['generate']:.1f} | "
             f"{second['wall']:.1f} | {second['tokens']} | {v_rate:.0f} |",
+            f"| vLLM, `enforce_eager` (a new engine) | {eager['start']:.1f} | "
+            f"{eager['generate']:.1f} | {eager['wall']:.1f} | {eager['tokens']} | "
+            f"{eager['tokens'] / eager['generate']:.0f} |",
             "",
             f"vLLM samples **{v_rate / hf_rate:.2f}×** the transformers backend's tokens a "
             f"second; its engine start ({first['start']:.0f} s) is paid once per run when kept.",
@@ -187,18 +192,22 @@ def main() -> int:
         f"`{base['cmd']}` (the backend settings of each row added).",
         "",
         "| backend | command s | vs transformers | engine starts | weight loads | "
-        "each iteration's s (generate + evaluate) |",
-        "|---|---|---|---|---|---|",
+        "each iteration's s (generate + evaluate) | last iteration vs transformers |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def seconds(it: dict) -> float:
+        return sum(v for v in it.values() if isinstance(v, int | float))
+
     for name, r in runs.items():
         per = ", ".join(
-            f"{sum(v for v in it.values() if isinstance(v, int | float)):.0f} "
-            f"({it.get('generate', 0):.0f} + {it.get('evaluate', 0):.0f})"
+            f"{seconds(it):.1f} ({it.get('generate', 0):.1f} + {it.get('evaluate', 0):.1f})"
             for it in r["iterations"]
         )
+        last = seconds(base["iterations"][-1]) / seconds(r["iterations"][-1])
         lines.append(
             f"| {name} | {r['wall']:.1f} | {base['wall'] / r['wall']:.2f}× | {r['starts']} | "
-            f"{r['loads']} | {per} |"
+            f"{r['loads']} | {per} | {last:.2f}× |"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -794,3 +794,25 @@ def test_pi_refs_evaluation_is_redone_when_its_judge_or_sampling_changes(tmp_pat
     assert settings("annotate.judge_model=another-judge") != same
     cfg = load_run_config(None, [f"run_dir={tmp_path / 'd'}"])
     assert "reads" not in evaluate.settings(cfg, DefaultWorkload(cfg))
+
+
+def test_the_generate_hash_ignores_how_vllms_engine_is_kept_and_keeps_old_runs_hashes(tmp_path):
+    """``generate.reuse_engine`` changes no sample: not hashed. ``generate.enforce_eager``
+    (added later) is hashed only when set, so a run made before it resumes its stages."""
+    from dataclasses import asdict
+
+    from inpo.pipeline.preflight import load_run_config
+    from inpo.pipeline.stages import generate
+    from inpo.pipeline.workloads import DefaultWorkload
+
+    def settings(*extra):
+        cfg = load_run_config(None, [f"run_dir={tmp_path / 'd'}", *extra])
+        return generate.settings(cfg, DefaultWorkload(cfg), 0, "")
+
+    same = settings()
+    before = asdict(load_run_config(None, [f"run_dir={tmp_path / 'd'}"]).generate)
+    del before["reuse_engine"], before["enforce_eager"]
+    assert same["generate"] == before  # the hash of a run made before either setting
+    assert settings("generate.reuse_engine=false") == same
+    assert settings("generate.enforce_eager=true") != same
+    assert settings("generate.temperature=0.7") != same

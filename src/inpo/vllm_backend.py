@@ -192,6 +192,7 @@ def vllm_generate(
     tensor_parallel_size: int = 1,
     local_rank: int = 0,
     gpu_memory_utilization: float = 0.85,
+    enforce_eager: bool = False,
     keep_engine: bool = False,
 ) -> tuple[list[list[str]], list[list[bool]], list[list[int]]]:
     """``k`` samples of each prompt from a vLLM engine in a child process.
@@ -199,7 +200,8 @@ def vllm_generate(
     Returns ``(samples, truncated, prompt_ids)``: the completions of each prompt, which of
     them stopped at ``max_new_tokens``, and the token ids vLLM conditioned on (as it reports
     them), in the order of ``prompts``. ``keep_engine``: leave the engine up for the next call
-    (on a CPU; see the module), which loads its model's weights into it.
+    (on a CPU; see the module), which loads its model's weights into it. ``enforce_eager``:
+    vLLM's own (no ``torch.compile``: a faster start, slower sampling).
     """
     global _ENGINE, LAST_GENERATE_SECONDS
     from transformers import AutoTokenizer, GenerationConfig
@@ -214,6 +216,7 @@ def vllm_generate(
     engine_args = {
         "tensor_parallel_size": int(tensor_parallel_size),
         "gpu_memory_utilization": float(gpu_memory_utilization),
+        "enforce_eager": bool(enforce_eager),
     }
     job = {
         "model": str(model_path),
@@ -277,6 +280,7 @@ def _start(job: dict[str, Any]) -> Any:
         skip_tokenizer_init=False,
         tensor_parallel_size=job["engine"]["tensor_parallel_size"],
         gpu_memory_utilization=job["engine"]["gpu_memory_utilization"],
+        enforce_eager=job["engine"]["enforce_eager"],
         generation_config="vllm",  # only the sampling parameters below apply
         seed=0,
     )

@@ -404,7 +404,8 @@ class PromptFileWorkload(Workload):
         if a.oracle == "pairwise":
             judge["pairwise_format"] = a.pairwise_format
         sampling = {"temperature": g.temperature, "top_p": g.top_p,
-                    "max_new_tokens": g.max_new_tokens, "backend": g.backend}  # fmt: skip
+                    "max_new_tokens": g.max_new_tokens, "backend": g.backend,
+                    **({"enforce_eager": True} if g.enforce_eager else {})}  # fmt: skip
         return {"judge": judge, "sampling": sampling}
 
     def reference_model(self, run_dir: Path) -> Path:
@@ -435,6 +436,7 @@ class PromptFileWorkload(Workload):
                     path, prompts, list(range(len(prompts))), k, settings, seed=seed,
                     work_dir=Path(tmp), tensor_parallel_size=g.tensor_parallel_size,
                     gpu_memory_utilization=g.gpu_memory_utilization,
+                    enforce_eager=g.enforce_eager,
                     keep_engine=g.reuse_engine,
                 )  # fmt: skip
             return samples, cut

@@ -26,6 +26,17 @@ __all__ = ["inputs", "merge", "settings", "work"]
 
 #: Generate settings that change no sample (how vLLM's engine is kept).
 _NOT_HASHED = ("reuse_engine",)
+#: Settings added after runs were made, with their defaults: hashed only when set otherwise,
+#: so an earlier run's stage keeps its hash (and resumes instead of sampling again).
+_HASHED_WHEN_SET = {"enforce_eager": False}
+
+
+def _generate_hash_part(g: Any) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in asdict(g).items()
+        if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])
+    }
 
 
 def settings(cfg: Any, workload: Any, iteration: int, seeds: str) -> dict[str, Any]:
@@ -39,7 +50,7 @@ def settings(cfg: Any, workload: Any, iteration: int, seeds: str) -> dict[str, A
         else workload.describe()
     )
     return {
-        "generate": {k: v for k, v in asdict(cfg.generate).items() if k not in _NOT_HASHED},
+        "generate": _generate_hash_part(cfg.generate),
         "seed": cfg.seed,
         "prompts": prompts,
         "max_prompts": cfg.max_prompts,
@@ -106,6 +117,7 @@ def work(
             tensor_parallel_size=g.tensor_parallel_size,
             local_rank=dist.local_rank,
             gpu_memory_utilization=g.gpu_memory_utilization,
+            enforce_eager=g.enforce_eager,
             keep_engine=g.reuse_engine,
         )
         with open(own, "a") as fh:
