@@ -13,7 +13,7 @@ after, the commit and versions in the record):
    the transformers backend ships it, then :func:`inpo.vllm_backend.vllm_generate` on a kept
    engine, called twice, then once on an ``enforce_eager`` engine: each engine's start-up is
    reported apart from the seconds in ``LLM.generate``; tokens/s of each backend's sampling.
-2. **Whole runs.** ``inpo -v run task=panel`` at ``panel_task.py``'s size for ``--iterations``
+2. **Whole runs.** ``inpo -v run task=panel`` at :data:`SIZE` for ``--iterations``
    iterations, four ways, one after another: the transformers backend; vLLM with its engine
    kept between stages (``generate.reuse_engine=true``, the default since issue 31), compiled
    (vLLM's default) and ``generate.enforce_eager=true``; vLLM with an engine a stage
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "vllm_iteration.md"
 
 
@@ -88,12 +87,21 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
     return {"hf_seconds": hf_seconds, "hf_tokens": hf_tokens, "vllm": calls}
 
 
-def _run(model_dir: Path, run_dir: Path, iterations: int, extra: list[str]) -> dict:
-    from panel_task import SETTINGS  # the recorded comparison's size
+#: The whole runs' size: ``panel_task.py``'s of the record of 2026-12-07 morning (8 prompts,
+#: one optimizer step an iteration), fixed here so that this record reproduces.
+SIZE = [
+    "max_prompts=8",
+    "generate.max_new_tokens=32",
+    "train.optim.epochs=1",
+    "train.optim.learning_rate=3e-5",
+    "evaluate.num_prompts=8",
+    "evaluate.k=2",
+]
 
-    size = [s for s in SETTINGS if not s.startswith("iterations=")]
+
+def _run(model_dir: Path, run_dir: Path, iterations: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "inpo", "-v", "run", f"run_dir={run_dir}", "task=panel",
-           f"reference={model_dir}", f"iterations={iterations}", *size, *extra]  # fmt: skip
+           f"reference={model_dir}", f"iterations={iterations}", *SIZE, *extra]  # fmt: skip
     w0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - w0
