@@ -58,6 +58,7 @@ __all__ = [
     "VLLM_MISSING",
     "check_vllm",
     "close_engine",
+    "engine_options",
     "vllm_generate",
 ]
 
@@ -171,6 +172,17 @@ def _engine_key(model_path: Path, env: dict[str, str], engine_args: dict[str, An
         config.pop(name, None)
     placed = {k: env.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE")}
     return json.dumps([config, engine_args, placed], sort_keys=True)
+
+
+def engine_options(generate: Any) -> dict[str, Any]:
+    """The :func:`vllm_generate` keywords a run's ``generate`` section sets (one place for
+    every stage that samples)."""
+    return {
+        "tensor_parallel_size": generate.tensor_parallel_size,
+        "gpu_memory_utilization": generate.gpu_memory_utilization,
+        "enforce_eager": generate.enforce_eager,
+        "keep_engine": generate.reuse_engine,
+    }
 
 
 def _keep_on_this_machine() -> bool:

@@ -47,7 +47,7 @@ from inpo.tasks.default import DefaultTask, DefaultTaskConfig, default_cache_dir
 from inpo.tasks.evaluate import PolicyTable, evaluate_tables
 from inpo.tasks.panel import PanelOracle, cyclic_share, panel_prompts, pool_game
 from inpo.tasks.sft import cache_problem
-from inpo.vllm_backend import vllm_generate
+from inpo.vllm_backend import engine_options, vllm_generate
 
 __all__ = [
     "RUN_DEFAULTS",
@@ -434,10 +434,7 @@ class PromptFileWorkload(Workload):
             with tempfile.TemporaryDirectory(prefix="inpo-eval-") as tmp:
                 samples, cut, _ = vllm_generate(
                     path, prompts, list(range(len(prompts))), k, settings, seed=seed,
-                    work_dir=Path(tmp), tensor_parallel_size=g.tensor_parallel_size,
-                    gpu_memory_utilization=g.gpu_memory_utilization,
-                    enforce_eager=g.enforce_eager,
-                    keep_engine=g.reuse_engine,
+                    work_dir=Path(tmp), **engine_options(g),
                 )  # fmt: skip
             return samples, cut
 

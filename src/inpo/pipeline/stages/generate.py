@@ -20,7 +20,7 @@ from inpo.errors import DataError
 from inpo.generation import GenerationSettings, generate_chunks
 from inpo.pipeline.faults import fault
 from inpo.pipeline.runtime import Ctx, load_model
-from inpo.vllm_backend import vllm_generate
+from inpo.vllm_backend import engine_options, vllm_generate
 
 __all__ = ["inputs", "merge", "settings", "work"]
 
@@ -114,11 +114,8 @@ def work(
             settings,
             seed=seed,
             work_dir=folder / f"vllm.rank{dist.rank:03d}",
-            tensor_parallel_size=g.tensor_parallel_size,
             local_rank=dist.local_rank,
-            gpu_memory_utilization=g.gpu_memory_utilization,
-            enforce_eager=g.enforce_eager,
-            keep_engine=g.reuse_engine,
+            **engine_options(g),
         )
         with open(own, "a") as fh:
             for i, responses, cut in zip(todo, samples, truncated):
