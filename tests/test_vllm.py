@@ -203,3 +203,53 @@ def test_one_engine_a_rank_under_torchrun_gives_the_same_samples(chat_model, tmp
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = (run / "iter_000" / "generate" / "samples.jsonl").read_bytes()
     assert runs[1] == runs[2]
+
+
+_ENGINE_LOGPROBS = """
+import json, sys
+from vllm import SamplingParams
+from inpo import vllm_backend
+job = json.loads(sys.argv[1])
+llm = vllm_backend._start(job)
+params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=3, logprobs=0)
+[out] = llm.generate([{"prompt_token_ids": job["ids"]}], params, use_tqdm=False)
+rows = [[list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
+        for c in out.outputs]
+print(json.dumps({"dtype": str(llm.llm_engine.model_config.dtype), "rows": rows}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_samples_the_policy_in_the_dtype_its_weights_were_saved_in(tmp_path, dtype):
+    """vLLM's ``auto`` samples a float32 model in bfloat16: another policy than the one the
+    transformers backend samples, trains and scores. The engine takes the saved weights'
+    dtype, and the log-probability it gives each sampled token is the transformers model's
+    (loaded as saved) to float precision."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_chat_lm(tmp_path / dtype, "llama3", seed=4, **SIZES)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.save_pretrained(path)  # the weights and config.json's dtype
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = encode_prompt(tok, PROMPTS[0])
+    job = {"model": str(path), "ids": ids,
+           "engine": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.5,
+                      "enforce_eager": True}}  # fmt: skip
+    env = {**os.environ, **vllm_backend._CHILD_ENV}
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_LOGPROBS, json.dumps(job)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reply["dtype"] == f"torch.{dtype}"
+    model = AutoModelForCausalLM.from_pretrained(path)  # as the transformers backend loads it
+    assert model.dtype == getattr(torch, dtype)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    for tokens, engine_logps in reply["rows"]:
+        seq = torch.tensor([ids + tokens])
+        with torch.no_grad():
+            logits = model(seq).logits[0, len(ids) - 1 : -1].float()
+        hf = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        assert torch.allclose(hf, torch.tensor(engine_logps), atol=tol), (hf, engine_logps)

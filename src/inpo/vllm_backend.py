@@ -16,8 +16,8 @@ The contract is the transformers backend's (:mod:`inpo.generation`):
 
 The engine runs in a child process (``python -m inpo.vllm_backend``) that reads jobs from its
 standard input, so the parent never imports vLLM. Starting an engine is the backend's dearest
-step (the model's load, its compilation and the KV cache's allocation: a minute and more on a
-CPU), and a run samples in several stages of each iteration (π_ref's evaluation, generate,
+step (vLLM's import, the model's load, its compilation and the KV cache's allocation: ~9 s on
+two CPU cores uncompiled, ~20 s compiled from the cache, ~55 s compiling), and a run samples in several stages of each iteration (π_ref's evaluation, generate,
 evaluate), so with ``keep_engine`` the engine stays up between calls and a call on other weights
 of the same architecture loads them into it (vLLM's in-place ``reload_weights``, then its prefix
 cache is emptied), as peers that colocate vLLM with training do. That is the memory plan on a
@@ -161,6 +161,34 @@ def close_engine() -> None:
 atexit.register(close_engine)
 
 
+#: The engine child's environment, unless the user's sets these. The CPU build takes most of
+#: the machine's memory for its KV cache unless told (GiB). The engine core runs in the child
+#: itself, not in a process of its own (with ``distributed_executor_backend="uni"`` below, so
+#: does its one worker): each extra process imports vLLM again (~6 s on a CPU) and busy-polls
+#: the others for work, which costs a two-core machine its sampling speed and its training
+#: the CPU the poll takes (measured in ``benchmarks/results/vllm_iteration.md``). vLLM's
+#: ahead-of-time compile cache does not load back on this vLLM and torch ("'function' object
+#: has no attribute 'finalize_loading'", so each start compiled again, ~50 s); without it
+#: the inductor cache serves a later start.
+_CHILD_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_USE_AOT_COMPILE": "0",
+}
+
+
+def _weights_dtype(model_path: str) -> str:
+    """The dtype the weights were saved in (``config.json``), which the transformers backend
+    samples in too; vLLM's ``auto`` would sample a float32 model in bfloat16, another policy
+    than the one trained and scored."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = config.get("dtype") or config.get("torch_dtype") or "auto"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
 def _engine_key(model_path: Path, env: dict[str, str], engine_args: dict[str, Any]) -> str:
     """What an engine is started with, but the weights: the model's architecture and dtype
     (its ``config.json``), the engine's settings and the environment that places it."""
@@ -246,8 +274,7 @@ def vllm_generate(
     job_file, out_file = work_dir / "vllm_job.json", work_dir / "vllm_out.jsonl"
     job_file.write_text(json.dumps(job))
     env = {k_: v for k_, v in os.environ.items() if k_ not in _TORCHRUN_VARS}
-    # the CPU build takes most of the machine's memory for its KV cache unless told (GiB)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.update({k_: v for k_, v in _CHILD_ENV.items() if k_ not in env})
     if "CUDA_VISIBLE_DEVICES" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         first = local_rank * tensor_parallel_size
         env["CUDA_VISIBLE_DEVICES"] = ",".join(
@@ -284,13 +311,16 @@ def _start(job: dict[str, Any]) -> Any:
     # The CPU build cannot rewind a seeded request's generator (``CPU Generator does not use
     # offset``), which vLLM does when a prefill is split over steps: on CPU, prefills are whole.
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+    tp = job["engine"]["tensor_parallel_size"]
     return LLM(
         **cpu,
+        **({"distributed_executor_backend": "uni"} if tp == 1 else {}),
         model=job["model"],
+        dtype=_weights_dtype(job["model"]),
         tokenizer=job["model"],
         trust_remote_code=False,
         skip_tokenizer_init=False,
-        tensor_parallel_size=job["engine"]["tensor_parallel_size"],
+        tensor_parallel_size=tp,
         gpu_memory_utilization=job["engine"]["gpu_memory_utilization"],
         enforce_eager=job["engine"]["enforce_eager"],
         generation_config="vllm",  # only the sampling parameters below apply
