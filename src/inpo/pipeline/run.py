@@ -48,6 +48,7 @@ from inpo.pipeline.runtime import Ctx, stage_seed
 from inpo.pipeline.stages import annotate, evaluate, generate, logps, train
 from inpo.pipeline.tracking import start_run_trackers
 from inpo.pipeline.workloads import get_workload
+from inpo.vllm_backend import engine_options, start_engine
 
 __all__ = ["run_pipeline"]
 
@@ -140,6 +141,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: Any, log: Any, task: Any) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         # answers a killed multi-process run left in its rank files join the shared cache
         merge_rank_caches(run_dir / "oracle_cache.sqlite")
+    if cfg.generate.backend == "vllm":  # vLLM's import, while the run sets itself up
+        start_engine(local_rank=dist.local_rank, **engine_options(cfg.generate))
     workload = task or get_workload(cfg)
     plan = getattr(workload, "data_plan", lambda: None)()
     if plan:
