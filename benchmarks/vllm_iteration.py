@@ -73,8 +73,10 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
     hf_tokens = _tokens(tok, samples, cut, end_id)
     del model
     calls = []
-    # vLLM's compile cache in a new folder: the first start compiles, the third reads it back
+    # vLLM's and inductor's compile caches in new folders: the first start compiles from
+    # nothing, the third reads them back
     os.environ["VLLM_CACHE_ROOT"] = str(work / "vllm-cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
     for eager, fresh in ((False, True), (False, False), (False, True), (True, True)):
         if fresh:
             vllm_backend.close_engine()
@@ -89,7 +91,7 @@ def _generation(model_dir: Path, work: Path, prompts, k: int, new: int) -> dict:
         calls.append({"wall": wall, "start": start, "generate": vllm_backend.LAST_GENERATE_SECONDS,
                       "tokens": _tokens(tok, samples, cut, end_id)})  # fmt: skip
     vllm_backend.close_engine()
-    del os.environ["VLLM_CACHE_ROOT"]
+    del os.environ["VLLM_CACHE_ROOT"], os.environ["TORCHINDUCTOR_CACHE_DIR"]
     return {"hf_seconds": hf_seconds, "hf_tokens": hf_tokens, "vllm": calls}
 
 
@@ -190,9 +192,9 @@ def main() -> int:
             "|---|---|---|---|---|---|",
             f"| transformers | – | {gen['hf_seconds']:.1f} | {gen['hf_seconds']:.1f} | "
             f"{gen['hf_tokens']} | {hf_rate:.0f} |",
-            row("vLLM, a new engine, empty compile cache", cold),
+            row("vLLM, a new engine, empty compile caches", cold),
             row("vLLM, the same engine again (kept)", second, start=False),
-            row("vLLM, a new engine, compile cache filled", warm),
+            row("vLLM, a new engine, compile caches filled", warm),
             row("vLLM, `enforce_eager` (a new engine)", eager),
             "",
             f"vLLM samples **{v_rate / hf_rate:.2f}×** the transformers backend's tokens a "

@@ -166,7 +166,10 @@ atexit.register(close_engine)
 
 
 #: The engine child's environment, unless the user's sets these. The CPU build takes most of
-#: the machine's memory for its KV cache unless told (GiB). The engine core runs in the child
+#: the machine's memory for its KV cache unless told (GiB): 1 GiB holds ~23k tokens of
+#: SmolLM2 in float32 (a ``task=panel`` iteration samples ~10k), and an idle engine holding
+#: 2 GiB slowed the parent's training by 10–30% on a two-core VM, 1 GiB by 1–2% (measured;
+#: the cause is not known: the idle child takes ~1% of a core). The engine core runs in the child
 #: itself, not in a process of its own (with ``distributed_executor_backend="uni"`` below, so
 #: does its one worker): each extra process imports vLLM again (~6 s on a CPU) and busy-polls
 #: the others for work, which costs a two-core machine its sampling speed and its training
@@ -175,7 +178,7 @@ atexit.register(close_engine)
 #: has no attribute 'finalize_loading'", so each start compiled again, ~50 s); without it
 #: the inductor cache serves a later start.
 _CHILD_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_USE_AOT_COMPILE": "0",
 }
