@@ -16,8 +16,9 @@ The contract is the transformers backend's (:mod:`inpo.generation`):
 
 The engine runs in a child process (``python -m inpo.vllm_backend``) that reads jobs from its
 standard input, so the parent never imports vLLM. Starting an engine is the backend's dearest
-step (vLLM's import, the model's load, its compilation and the KV cache's allocation: ~9 s on
-two CPU cores uncompiled, ~20 s compiled from the cache, ~55 s compiling), and a run samples in several stages of each iteration (π_ref's evaluation, generate,
+step (vLLM's import, ~6 s on two CPU cores, then the model's load, its compilation and the KV
+cache's allocation: ~4 s uncompiled, ~20 s compiled from the cache, ~65 s compiling), and a
+run samples in several stages of each iteration (π_ref's evaluation, generate,
 evaluate), so with ``keep_engine`` the engine stays up between calls and a call on other weights
 of the same architecture loads them into it (vLLM's in-place ``reload_weights``, then its prefix
 cache is emptied), as peers that colocate vLLM with training do. That is the memory plan on a
