@@ -176,7 +176,7 @@ atexit.register(close_engine)
 #: the others for work, which costs a two-core machine its sampling speed and its training
 #: the CPU the poll takes (measured in ``benchmarks/results/vllm_iteration.md``). vLLM's
 #: ahead-of-time compile cache does not load back on this vLLM and torch ("'function' object
-#: has no attribute 'finalize_loading'", so each start compiled again, ~50 s); without it
+#: has no attribute 'finalize_loading'", so each start compiled again, ~65 s); without it
 #: the inductor cache serves a later start.
 _CHILD_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
